@@ -1,0 +1,28 @@
+# Both targets build their own virtual environment on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow bench ablations clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m jaxdml.main --config=configs/sketchy_rtl.py:demo --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS) tests
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed
+	$(PY) -m jaxdml.bench --config=configs/sketchy_rtl.py:demo
+
+clean:
+	rm -rf $(VENV) workdirs
