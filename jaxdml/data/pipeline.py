@@ -1,0 +1,274 @@
+"""Grain input pipelines: training batches and evaluation sets.
+
+One code path for every data set: `sources.open_splits` turns the embedded
+synthetic set and the prepared TFDS sets alike into random-access sources;
+samplers pick rows as pure functions of (seed, step); grain maps each
+example position to its augmented example on a thread pool and batches.
+The batch for step `s` therefore depends only on `(seed, s)` (and the data
+config): resuming at `start_step=s` replays an uninterrupted run exactly,
+whatever the thread count or process count.
+
+Images leave the pipeline as uint8; `jaxdml.data.normalize` runs on device.
+"""
+import functools
+
+import ml_collections
+import numpy as np
+
+from jaxdml.data import augment
+from jaxdml.data import samplers
+from jaxdml.data import sources
+from jaxdml.data import synthetic
+
+_AUG = 201  # RNG stream tag of the augmentations
+_NUM_STEPS = 2**40  # the iterator is endless in practice
+
+
+def default_data_config():
+  """Defaults for `config.data`; recipes start from this and override."""
+  gen = {k: v for k, v in synthetic.generate.__kwdefaults__.items()}
+  return ml_collections.ConfigDict({
+      "name": sources.SYNTHETIC,
+      "data_dir": ml_collections.config_dict.placeholder(str),  # TFDS data dir
+      "cache_dir": ml_collections.config_dict.placeholder(str),  # synthetic cache
+      "image_size": 64,
+      "synthetic": gen,
+      "m_per_class": 4,
+      "augment": {
+          "random_resized_crop": True,
+          "scale": (0.2, 1.0),
+          "ratio": (3 / 4, 4 / 3),
+          "flip": True,
+          # None/0: off; float x: (x, x, x, 0); or (b, c, s, hue). Untyped
+          # (None) so recipes may set a float or a tuple.
+          "color_jitter": None,
+      },
+      "views": None,  # RAML: dict(num=8, hi=448, lo=224)
+      "num_threads": 8,
+      "prefetch": 2,  # batches buffered ahead
+  })
+
+
+def _get(cfg, key, default=None):
+  value = cfg.get(key, default) if cfg is not None else default
+  return default if value is None and default is not None else value
+
+
+def _open(data_config):
+  return sources.open_splits(
+      _get(data_config, "name", sources.SYNTHETIC), data_dir=_get(data_config, "data_dir"),
+      cache_dir=_get(data_config, "cache_dir"), synthetic_kwargs=_get(data_config, "synthetic", {}))
+
+
+def _single_split(data_config, splits):
+  """(train source, its labels) for the single-tower task.
+
+  Sketch/photo sets (synthetic, Sketchy) train on their train photos with
+  *category* labels (our choice; sketches are not used in this mode).
+  """
+  if sources.kind(_get(data_config, "name", sources.SYNTHETIC)) == "sbir":
+    return splits["train_photos"], splits["train_photos"].field("category")
+  return splits["train"], splits["train"].field("label")
+
+
+def _augment_kwargs(data_config):
+  a = _get(data_config, "augment", {}) or {}
+  return {"random_resized_crop": bool(_get(a, "random_resized_crop", True)),
+          "scale": tuple(_get(a, "scale", (0.2, 1.0))),
+          "ratio": tuple(_get(a, "ratio", (3 / 4, 4 / 3))),
+          "flip": bool(_get(a, "flip", True)),
+          "color_jitter": _get(a, "color_jitter", None)}
+
+
+def _sbir_plan(data_config, splits, batch_size, seed):
+  photos, sketches = splits["train_photos"], splits["train_sketches"]
+  ids = photos.field("photo_id")
+  sorter = np.argsort(ids)
+  sk_ids = sketches.field("photo_id")
+  pos = np.minimum(np.searchsorted(ids, sk_ids, sorter=sorter), len(ids) - 1)
+  sk_rows = sorter[pos]
+  if np.any(ids[sk_rows] != sk_ids):
+    bad = np.unique(sk_ids[ids[sk_rows] != sk_ids])[:5]
+    raise ValueError(f"train sketches refer to photo ids missing from train_photos (e.g. "
+                     f"{bad.tolist()}); rebuild the data set.")
+  groups = samplers.group_rows(sk_rows, len(ids))
+  eligible = np.flatnonzero(groups[2] > 0)  # photos without sketches cannot pair
+  size, aug = _get(data_config, "image_size"), _augment_kwargs(data_config)
+  flip = aug.pop("flip")
+
+  def indices(step):
+    return samplers.pair_batch_indices(eligible, groups, batch_size=batch_size, seed=seed, step=step)
+
+  def example(idx, row, rng):
+    p, s = idx[0][row], idx[1][row]
+    # One flip for the pair: the instance's pose must match across modalities.
+    flipped = flip and rng.random() < 0.5
+    photo = augment.train_transform(photos.image(p), rng, size=size, flip=False, **aug)
+    sketch = augment.train_transform(sketches.image(s), rng, size=size, flip=False, **aug)
+    if flipped:
+      photo, sketch = photo[:, ::-1], sketch[:, ::-1]
+    return {"sketch": np.ascontiguousarray(sketch), "photo": np.ascontiguousarray(photo),
+            "label": np.int32(ids[p])}
+
+  return indices, example, np.stack
+
+
+def _single_plan(data_config, splits, batch_size, seed):
+  source, labels = _single_split(data_config, splits)
+  groups = samplers.group_rows(labels)
+  m = int(_get(data_config, "m_per_class", 4))
+  size, aug, views = _get(data_config, "image_size"), _augment_kwargs(data_config), _get(data_config, "views")
+
+  def indices(step):
+    return samplers.m_per_class_batch_indices(labels, m=m, batch_size=batch_size, seed=seed,
+                                              step=step, label_groups=groups)
+
+  if views:
+    num, hi, lo = int(views["num"]), int(views["hi"]), int(views["lo"])
+    aug.pop("random_resized_crop")
+
+    def example(idx, row, rng):
+      i = idx[row]
+      image_hi, image_lo = augment.coupled_views(source.image(i), rng, num_views=num, hi=hi, lo=lo, **aug)
+      return {"image_hi": image_hi, "image_lo": image_lo, "label": np.full(num, labels[i], np.int32)}
+
+    return indices, example, np.concatenate  # views of an image stay contiguous
+
+  def example(idx, row, rng):  # pylint: disable=function-redefined
+    i = idx[row]
+    return {"image": augment.train_transform(source.image(i), rng, size=size, **aug),
+            "label": np.int32(labels[i])}
+
+  return indices, example, np.stack
+
+
+def train_batches(data_config, *, seed, global_batch_size, start_step, process_index=0,
+                  process_count=1, task):
+  """Per-process training batches for steps start_step, start_step + 1, ...
+
+  Args:
+    data_config: `default_data_config()`-like ConfigDict or dict.
+    seed: data seed; the batch for step s is a pure function of (seed, s).
+    global_batch_size: examples per step over all processes. With
+      `data_config.views` it counts *images*; each yields `views.num` rows.
+    start_step: first step to produce (resume at s: pass s).
+    process_index, process_count: this process takes rows
+      `[p*B/n, (p+1)*B/n)` of each global batch.
+    task: "sbir" -> `{"sketch", "photo", "label"}` (label: photo id; pairs
+      of distinct photos), or "single" -> `{"image", "label"}` (m-per-class
+      batches) or, with views, `{"image_hi", "image_lo", "label"}` with the
+      `views.num` views of an image in consecutive rows.
+
+  Returns:
+    an iterator of dicts of numpy arrays (uint8 images, int32 labels).
+  """
+  if task not in ("sbir", "single"):
+    raise ValueError(f"task must be 'sbir' or 'single'; got {task!r}.")
+  name = _get(data_config, "name", sources.SYNTHETIC)
+  if task == "sbir" and sources.kind(name) != "sbir":
+    raise ValueError(f"task 'sbir' needs a sketch/photo data set ({sources.SYNTHETIC!r} or "
+                     f"'jaxdml_sketchy'); got {name!r}.")
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                     f"process_count {process_count}.")
+  splits = _open(data_config)
+  plan = _sbir_plan if task == "sbir" else _single_plan
+  indices, example, collate = plan(data_config, splits, global_batch_size, seed)
+  b = global_batch_size // process_count
+  cached_indices = functools.lru_cache(maxsize=256)(indices)
+  cached_indices(start_step)  # sampler errors (batch too big, ...) raise here, not in a worker
+
+  def make(pos):
+    step, j = divmod(pos, b)
+    row = process_index * b + j  # global row: augmentation ignores the process layout
+    rng = np.random.default_rng([seed, _AUG, step, row])
+    return example(cached_indices(step), row, rng)
+
+  def batch_fn(examples):
+    return {k: collate([e[k] for e in examples]) for k in examples[0]}
+
+  threads = int(_get(data_config, "num_threads", 8))
+  prefetch = int(_get(data_config, "prefetch", 2))
+  # Imported here: training on accelerators without grain still benchmarks.
+  import grain  # pylint: disable=g-import-not-at-top
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch * b))
+  ds = grain.MapDataset.range(start_step * b, _NUM_STEPS * b).map(make)
+  ds = ds.to_iter_dataset(read).batch(b, batch_fn=batch_fn)
+  return iter(ds)
+
+
+class LazyImages:
+  """Array-like eval images decoded and transformed on access.
+
+  Supports `len`, `.shape`, `.dtype`, integer/slice/array indexing (which
+  return numpy arrays) and `np.asarray` (decodes everything). Keeps large
+  real test sets (e.g. SOP's 60k images) out of memory until batched.
+  """
+
+  def __init__(self, source, transform, size, num_threads=8):
+    self._source, self._transform, self._threads = source, transform, num_threads
+    self.shape, self.dtype = (len(source), size, size, 3), np.dtype(np.uint8)
+
+  def __len__(self):
+    return self.shape[0]
+
+  def __getitem__(self, key):
+    if isinstance(key, (int, np.integer)):
+      return self._transform(self._source.image(int(key)))
+    rows = np.arange(len(self))[key]
+    from concurrent import futures  # pylint: disable=g-import-not-at-top
+    with futures.ThreadPoolExecutor(self._threads) as pool:
+      out = list(pool.map(lambda i: self._transform(self._source.image(int(i))), rows))
+    return np.stack(out) if out else np.zeros((0,) + self.shape[1:], np.uint8)
+
+  def __array__(self, dtype=None, copy=None):
+    out = self[:]
+    return out.astype(dtype) if dtype is not None else out
+
+
+def _eval_images(source, size, threads):
+  if isinstance(source, sources.ArraySource):
+    images = source.images()
+    if images.shape[1:3] == (size, size):  # the synthetic set is made at size
+      return images
+    # Synthetic images are whole objects: resize, no 8/7 crop.
+    return np.stack([augment.resize_center_crop(im, size=size) for im in images])
+  return LazyImages(source, functools.partial(augment.eval_transform, size=size), size, threads)
+
+
+def eval_sets(data_config, *, task, image_size=None):
+  """Query and gallery sets for evaluation.
+
+  Returns `{"query": q, "gallery": g}` with each `{"images": uint8
+  [N, S, S, 3] (numpy, or `LazyImages` for TFDS sets), "labels": int32 [N],
+  "categories": int32 [N]}`; `gallery` is None when the query set is its own
+  gallery (leave-one-out: CUB, Cars196, SOP; synthetic in single mode).
+  SBIR: queries are the test sketches, labels = photo id (hit = own photo),
+  categories = class; the gallery is the test photos. Real images get the
+  eval transform (shorter side to S*8/7, centre crop); `image_size`
+  overrides `data_config.image_size` (e.g. RAML's 448 px database side).
+  """
+  if task not in ("sbir", "single"):
+    raise ValueError(f"task must be 'sbir' or 'single'; got {task!r}.")
+  name = _get(data_config, "name", sources.SYNTHETIC)
+  kind = sources.kind(name)
+  if task == "sbir" and kind != "sbir":
+    raise ValueError(f"task 'sbir' needs a sketch/photo data set; got {name!r}.")
+  size = int(image_size or _get(data_config, "image_size"))
+  threads = int(_get(data_config, "num_threads", 8))
+  splits = _open(data_config)
+
+  def pack(source, label_field, category_field):
+    return {"images": _eval_images(source, size, threads),
+            "labels": source.field(label_field).astype(np.int32),
+            "categories": source.field(category_field).astype(np.int32)}
+
+  if kind == "sbir":
+    if task == "sbir":
+      return {"query": pack(splits["test_sketches"], "photo_id", "category"),
+              "gallery": pack(splits["test_photos"], "photo_id", "category")}
+    return {"query": pack(splits["test_photos"], "category", "category"), "gallery": None}
+  if kind == "same":
+    return {"query": pack(splits["test"], "label", "label"), "gallery": None}
+  return {"query": pack(splits["query"], "label", "label"),
+          "gallery": pack(splits["gallery"], "label", "label")}

@@ -1,0 +1,161 @@
+"""Random-access sources: the embedded synthetic set and prepared TFDS sets.
+
+A source is a sequence of records with `len(source)`, `source.image(i)`
+(uint8 [H, W, 3|1]) and `source.field(name)` (an int array over all records,
+e.g. `label`, `photo_id`, `category`). `open_splits` returns one source per
+split, so the pipeline runs the same code on synthetic and on real data.
+
+Real data sets are the TFDS data sets built by `data_prep` (ArrayRecord
+format, read with `tfds.data_source`); tensorflow_datasets is imported only
+when one is opened.
+"""
+import functools
+import os
+
+import numpy as np
+
+from jaxdml.data import synthetic
+
+SYNTHETIC = "synthetic_sketchy"
+# name -> kind: "sbir" (sketch/photo splits), "same" (train/test, the test
+# set is both query and gallery), "query_gallery" (train/query/gallery).
+DATASETS = {
+    "jaxdml_sketchy": "sbir",
+    "jaxdml_cub": "same",
+    "jaxdml_cars196": "same",
+    "jaxdml_sop": "same",
+    "jaxdml_inshop": "query_gallery",
+    "jaxdml_deepfashion2": "query_gallery",
+}
+SPLITS = {
+    "sbir": ("train_photos", "train_sketches", "test_photos", "test_sketches"),
+    "same": ("train", "test"),
+    "query_gallery": ("train", "query", "gallery"),
+}
+
+
+class ArraySource:
+  """In-memory records: images [N, H, W, C] plus int fields [N]."""
+
+  def __init__(self, images, **fields):
+    self._images = images
+    self._fields = {k: np.asarray(v, np.int32) for k, v in fields.items()}
+    for k, v in self._fields.items():
+      if len(v) != len(images):
+        raise ValueError(f"field {k!r} has {len(v)} rows, images have {len(images)}.")
+
+  def __len__(self):
+    return len(self._images)
+
+  def image(self, i):
+    return self._images[i]
+
+  def images(self):
+    """All images as one array (only in-memory sources have this)."""
+    return self._images
+
+  def field(self, name):
+    if name not in self._fields:
+      raise KeyError(f"source has no field {name!r}; it has {sorted(self._fields)}.")
+    return self._fields[name]
+
+
+class TfdsSource:
+  """One split of a prepared TFDS data set, read lazily with `tfds.data_source`."""
+
+  def __init__(self, name, split, data_dir):
+    self.name, self.split, self.data_dir = name, split, data_dir
+
+  @functools.cached_property
+  def _ds(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
+
+  @functools.cached_property
+  def _meta(self):
+    # One pass over the records without decoding images: labels for samplers.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+    records = [ds[i] for i in range(len(ds))]
+    keys = [k for k, v in (records[0].items() if records else ())
+            if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.integer)]
+    return {k: np.asarray([r[k] for r in records], np.int32) for k in keys}
+
+  def __len__(self):
+    return len(self._ds)
+
+  def image(self, i):
+    return np.asarray(self._ds[int(i)]["image"])
+
+  def field(self, name):
+    if name not in self._meta:
+      raise KeyError(f"{self.name}/{self.split} has no integer field {name!r}; it has "
+                     f"{sorted(self._meta)}.")
+    return self._meta[name]
+
+
+def canonical_name(name):
+  """`sop` / `jaxdml_sop` -> `jaxdml_sop` (a `/config` suffix is kept, e.g.
+  `deepfashion2/crop`); the synthetic set keeps its name."""
+  if name == SYNTHETIC:
+    return name
+  base, sep, config = name.partition("/")
+  full = base if base.startswith("jaxdml_") else f"jaxdml_{base}"
+  if full not in DATASETS:
+    raise ValueError(f"unknown data set {name!r}; known: {SYNTHETIC!r} and "
+                     f"{sorted(DATASETS)} (the jaxdml_ prefix is optional).")
+  return full + sep + config
+
+
+def kind(name):
+  """"sbir", "same" or "query_gallery" (the synthetic set is "sbir")."""
+  name = canonical_name(name)
+  return "sbir" if name == SYNTHETIC else DATASETS[name.partition("/")[0]]
+
+
+def resolve_data_dir(data_dir):
+  """The TFDS data dir: the argument, else `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`."""
+  return os.path.expanduser(str(data_dir or os.environ.get("TFDS_DATA_DIR")
+                            or os.path.join("~", "tensorflow_datasets")))
+
+
+def _check_prepared(name, data_dir):
+  from etils import epath  # pylint: disable=g-import-not-at-top  (tfds's path library: GCS too)
+  root = epath.Path(data_dir) / name
+  found = root.exists() and any(root.glob("*/dataset_info.json"))
+  if not found:
+    short = name[len("jaxdml_"):].partition("/")[0]
+    raise FileNotFoundError(
+        f"TFDS data set {name!r} is not prepared in data_dir {data_dir!r} (looked for "
+        f"{data_dir}/{name}/<version>/dataset_info.json). The data cannot be downloaded by jaxdml: "
+        f"download {short} by hand, then build it with\n"
+        f"  python -m data_prep.build {short} --manual_dir=/path/to/your/download "
+        f"--data_dir={data_dir}\n"
+        f"and pass the same data_dir (config.data.data_dir). For a run with no download, "
+        f"use the embedded data: a config's `:demo` or `:smoke` argument (e.g. "
+        f"configs/...py:demo), or data.name='{SYNTHETIC}'.")
+
+
+def synthetic_splits(cache_dir=None, **generate_kwargs):
+  """The embedded set as Sketchy-style splits (photo_id = global photo row)."""
+  d = synthetic.load_or_generate(cache_dir, **generate_kwargs)
+  out = {}
+  for split_id, split in enumerate(("train", "test")):
+    rows = np.flatnonzero(d["photo_split"] == split_id)
+    out[f"{split}_photos"] = ArraySource(d["photos"][rows], photo_id=rows,
+                                         category=d["photo_category"][rows])
+    sk = np.flatnonzero(np.isin(d["sketch_photo"], rows))
+    out[f"{split}_sketches"] = ArraySource(d["sketches"][sk], photo_id=d["sketch_photo"][sk],
+                                           category=d["sketch_category"][sk])
+  return out
+
+
+def open_splits(name, *, data_dir=None, cache_dir=None, synthetic_kwargs=None):
+  """All splits of a data set as `{split: source}` (see `SPLITS[kind(name)]`)."""
+  name = canonical_name(name)
+  if name == SYNTHETIC:
+    return synthetic_splits(cache_dir, **dict(synthetic_kwargs or {}))
+  data_dir = resolve_data_dir(data_dir)
+  _check_prepared(name, data_dir)
+  return {s: TfdsSource(name, s, data_dir) for s in SPLITS[kind(name)]}

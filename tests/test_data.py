@@ -1,0 +1,364 @@
+"""Tests for jaxdml.data: generator, samplers, augmentations, sources, pipeline."""
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from jaxdml import data
+from jaxdml.data import augment, samplers, sources, synthetic
+
+SMALL = dict(num_categories=6, photos_per_category=8, sketches_per_photo=2,
+             test_photos_per_category=2, image_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("synthetic_cache"))
+
+
+@pytest.fixture(scope="module")
+def small(cache_dir):
+  return synthetic.load_or_generate(cache_dir, **SMALL)
+
+
+def _config(cache_dir, **overrides):
+  cfg = data.default_data_config()
+  cfg.cache_dir = cache_dir
+  cfg.synthetic = dict(SMALL)
+  cfg.image_size = 32
+  cfg.num_threads = 4
+  for k, v in overrides.items():
+    setattr(cfg, k, v) if "." not in k else setattr(cfg.augment, k.split(".")[1], v)
+  return cfg
+
+
+# ---------------------------------------------------------------- generator
+def test_generate_shapes_dtypes_and_splits(small):
+  c, p, s, t = 6, 8, 2, 2
+  assert small["photos"].shape == (c * p, 32, 32, 3) and small["photos"].dtype == np.uint8
+  assert small["sketches"].shape == (c * p * s, 32, 32, 3) and small["sketches"].dtype == np.uint8
+  assert small["photo_category"].dtype == np.int32 and small["sketch_photo"].dtype == np.int32
+  assert small["photo_split"].dtype == np.int8
+  np.testing.assert_array_equal(np.bincount(small["photo_category"]), [p] * c)
+  assert small["photo_split"].sum() == c * t
+  for cat in range(c):  # the split is per category
+    assert small["photo_split"][small["photo_category"] == cat].sum() == t
+  np.testing.assert_array_equal(np.bincount(small["sketch_photo"]), [s] * (c * p))
+  np.testing.assert_array_equal(small["sketch_category"], small["photo_category"][small["sketch_photo"]])
+
+
+def test_generate_is_deterministic_and_seeded(small):
+  again = synthetic.generate(**SMALL)
+  for k in small:
+    np.testing.assert_array_equal(small[k], again[k])
+  other = synthetic.generate(**{**SMALL, "seed": 1, "num_categories": 2})
+  assert not np.array_equal(other["photos"], small["photos"][:16])
+  # Each photo has its own seed stream: more photos leave earlier ones alone.
+  more = synthetic.generate(**{**SMALL, "num_categories": 1, "photos_per_category": 9})
+  np.testing.assert_array_equal(more["photos"][:8], small["photos"][:8])
+
+
+def test_images_are_not_blank_and_sketches_look_like_sketches(small):
+  photos, sketches = small["photos"].astype(float), small["sketches"].astype(float)
+  assert (photos.reshape(len(photos), -1).std(1) > 10).all()
+  ink = (sketches[..., 0] < 200).mean((1, 2))  # dark strokes on white
+  assert (ink > 0.01).all() and (ink < 0.35).all(), (ink.min(), ink.max())
+  assert (np.median(sketches, axis=(1, 2, 3)) > 240).all()
+  assert (sketches[..., 0] == sketches[..., 1]).all()  # grey strokes
+  own = photos[small["sketch_photo"]]
+  assert np.abs(own - sketches).mean() > 40
+
+
+def test_sketches_carry_their_photos_instance_geometry(small):
+  # Nearest neighbour among the sketches of a category (blurred stroke maps):
+  # mostly a sibling of the same photo, so instance retrieval is learnable.
+  ink = (255 - small["sketches"][..., 0].astype(np.float32)) / 255
+  k = np.ones(5) / 5
+  blur = np.apply_along_axis(lambda r: np.convolve(r, k, "same"), 1, ink)
+  blur = np.apply_along_axis(lambda r: np.convolve(r, k, "same"), 2, blur).reshape(len(ink), -1)
+  blur /= np.linalg.norm(blur, axis=1, keepdims=True)
+  sim = blur @ blur.T
+  np.fill_diagonal(sim, -np.inf)
+  same_cat = small["sketch_category"][:, None] == small["sketch_category"][None]
+  sim[~same_cat] = -np.inf
+  hit = small["sketch_photo"][sim.argmax(1)] == small["sketch_photo"]
+  assert hit.mean() > 0.6, hit.mean()  # chance within a category: 1/15
+
+
+def test_bad_generator_arguments_raise():
+  with pytest.raises(ValueError, match="num_categories"):
+    synthetic.generate(num_categories=99)
+  with pytest.raises(ValueError, match="test_photos_per_category"):
+    synthetic.generate(photos_per_category=4, test_photos_per_category=4)
+
+
+def test_load_or_generate_caches_atomically(tmp_path):
+  kw = dict(num_categories=2, photos_per_category=3, sketches_per_photo=1,
+            test_photos_per_category=1, image_size=16)
+  first = synthetic.load_or_generate(str(tmp_path), **kw)
+  files = os.listdir(tmp_path)
+  assert len(files) == 1 and files[0].endswith(".npz") and "tmp" not in files[0]
+  second = synthetic.load_or_generate(str(tmp_path), **kw)
+  for k in first:
+    np.testing.assert_array_equal(first[k], second[k])
+  synthetic.load_or_generate(str(tmp_path), **{**kw, "seed": 3})
+  assert len(os.listdir(tmp_path)) == 2  # the key includes every argument
+  with pytest.raises(TypeError, match="unknown synthetic"):
+    synthetic.load_or_generate(str(tmp_path), colour="red")
+
+
+# ---------------------------------------------------------------- samplers
+def test_pair_batches_distinct_photos_own_sketches_and_epochs():
+  sketch_photo = np.repeat(np.arange(50), 3)
+  groups = samplers.group_rows(sketch_photo)
+  eligible = np.flatnonzero(np.arange(50) % 5)  # 40 photos
+  n, b = 40, 12
+  seen = []
+  for step in range(10):  # 120 positions = exactly 3 epochs, 3 seams inside batches
+    photos, sketches = samplers.pair_batch_indices(eligible, groups, batch_size=b, seed=7, step=step)
+    assert len(np.unique(photos)) == b and np.isin(photos, eligible).all()
+    np.testing.assert_array_equal(sketch_photo[sketches], photos)
+    seen.append(photos)
+  seen = np.concatenate(seen)
+  for e in range(3):  # every epoch visits every eligible photo once
+    np.testing.assert_array_equal(np.sort(seen[e * n:(e + 1) * n]), eligible)
+  again = samplers.pair_batch_indices(eligible, groups, batch_size=b, seed=7, step=4)
+  np.testing.assert_array_equal(again[0], seen[48:60])
+  other = samplers.pair_batch_indices(eligible, groups, batch_size=b, seed=8, step=4)
+  assert not np.array_equal(other[0], seen[48:60])
+  with pytest.raises(ValueError, match="2\\*batch_size"):
+    samplers.pair_batch_indices(eligible, groups, batch_size=21, seed=0, step=0)
+
+
+def test_pair_batches_stay_distinct_at_many_seams():
+  groups = samplers.group_rows(np.arange(23))
+  for b in (5, 8, 11):
+    for step in range(300):
+      photos, _ = samplers.pair_batch_indices(np.arange(23), groups, batch_size=b, seed=1, step=step)
+      assert len(np.unique(photos)) == b, (b, step)
+
+
+def test_m_per_class_structure_and_errors():
+  labels = np.repeat(np.arange(10), [2, 7, 5, 4, 9, 3, 6, 8, 5, 4]) + 100
+  groups = samplers.group_rows(labels)
+  counts = np.zeros(110)
+  for step in range(400):
+    idx = samplers.m_per_class_batch_indices(labels, m=4, batch_size=16, seed=3, step=step,
+                                             label_groups=groups)
+    lab = labels[idx].reshape(4, 4)
+    assert (lab == lab[:, :1]).all() and len(np.unique(lab[:, 0])) == 4
+    for row, cls in zip(idx.reshape(4, 4), lab[:, 0]):
+      n_in_class = (labels == cls).sum()  # no repeats unless the class is too small
+      assert len(np.unique(row)) == 4 if n_in_class >= 4 else len(np.unique(row)) <= n_in_class
+    counts[lab[:, 0]] += 1
+  freq = counts[100:] / counts.sum()
+  assert np.abs(freq - 0.1).max() < 0.04  # classes drawn uniformly
+  same = samplers.m_per_class_batch_indices(labels, m=4, batch_size=16, seed=3, step=5)
+  np.testing.assert_array_equal(same, samplers.m_per_class_batch_indices(
+      labels, m=4, batch_size=16, seed=3, step=5, label_groups=groups))
+  with pytest.raises(ValueError, match="multiple"):
+    samplers.m_per_class_batch_indices(labels, m=3, batch_size=16, seed=0, step=0)
+  with pytest.raises(ValueError, match="only 10 classes"):
+    samplers.m_per_class_batch_indices(labels, m=1, batch_size=16, seed=0, step=0)
+
+
+def test_m_per_class_matches_pytorch_metric_learning_semantics():
+  pml_samplers = pytest.importorskip("pytorch_metric_learning.samplers")
+  labels = np.repeat(np.arange(12), [2, 7, 5, 4, 9, 3, 6, 8, 5, 4, 6, 6])
+  pml = pml_samplers.MPerClassSampler(labels, m=4, batch_size=16, length_before_new_iter=400)
+  assert len(pml) == samplers.m_per_class_steps_per_epoch(16, 400) * 16
+  ours = np.concatenate([samplers.m_per_class_batch_indices(labels, m=4, batch_size=16, seed=0, step=s)
+                         for s in range(25)])
+  for rows in (np.asarray(list(iter(pml))), ours):  # the same batch structure in both
+    lab = labels[rows].reshape(-1, 4, 4)
+    assert (lab == lab[..., :1]).all()
+    assert all(len(np.unique(batch[:, 0])) == 4 for batch in lab)
+    big = np.bincount(labels)[labels[rows.reshape(-1, 4)[:, 0]]] >= 4
+    assert all(len(np.unique(r)) == 4 for r in rows.reshape(-1, 4)[big])
+
+
+def test_process_rows_concatenate_to_global_batch():
+  batch = {"a": np.arange(24), "b": np.arange(48).reshape(24, 2)}
+  parts = [samplers.process_rows(batch, process_index=p, process_count=4) for p in range(4)]
+  for k in batch:
+    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), batch[k])
+  with pytest.raises(ValueError, match="divisible"):
+    samplers.process_rows(batch, process_index=0, process_count=5)
+
+
+# ---------------------------------------------------------------- augment
+def _smooth_image(size=200):
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  img = np.stack([128 + 100 * np.sin(6 * xx), 128 + 100 * np.cos(5 * yy), 255 * xx * yy], -1)
+  return img.astype(np.uint8)
+
+
+def test_random_resized_crop_box_ranges():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    left, top, w, h = augment.random_resized_crop_box(rng, 120, 200, scale=(0.2, 1.0))
+    assert 0 <= left and left + w <= 200 and 0 <= top and top + h <= 120
+    assert 0.19 <= w * h / (120 * 200) <= 1.0 and 0.7 <= w / h <= 1.4
+  # An impossible ratio falls back to the largest centred crop, as torchvision.
+  assert augment.random_resized_crop_box(rng, 100, 100, ratio=(3.0, 4.0)) == (0, 33, 100, 33)
+
+
+def test_coupled_views_downscale_matches_low_resolution():
+  hi, lo = augment.coupled_views(_smooth_image(), np.random.default_rng(1), num_views=6, hi=96,
+                                 lo=48, color_jitter=(0.4, 0.4, 0.4, 0.1))
+  assert hi.shape == (6, 96, 96, 3) and lo.shape == (6, 48, 48, 3) and hi.dtype == np.uint8
+  from PIL import Image
+  for h, l in zip(hi, lo):
+    down = np.asarray(Image.fromarray(h).resize((48, 48), Image.BILINEAR)).astype(float)
+    err = np.abs(down - l).mean()
+    assert err < 4.0, err
+    flipped = np.abs(down[:, ::-1] - l).mean()  # a flip mismatch would be far off
+    assert flipped > 3 * err + 1 or np.allclose(l, l[:, ::-1], atol=8)
+
+
+def test_color_jitter_neutral_factors_and_eval_transform():
+  img = _smooth_image(64)
+  ident = ((3, 0, 1, 2), (1.0, 1.0, 1.0, None))
+  np.testing.assert_array_equal(augment.apply_color_jitter(img, ident), img)
+  assert np.abs(augment.adjust_hue(img, 0.0).astype(int) - img).max() <= 8  # 8-bit HSV round trip
+  assert np.abs(augment.adjust_hue(img, 0.5).astype(int) - img).mean() > 40
+  red = np.array([[[200, 50, 50]]], np.uint8)  # known values: a third of a turn
+  np.testing.assert_allclose(augment.adjust_hue(red, 1 / 3), [[[50, 200, 50]]], atol=3)
+  back = augment.adjust_hue(augment.adjust_hue(img, 0.25), -0.25)
+  assert np.abs(back.astype(int) - img).mean() < 2
+  ev = augment.eval_transform(np.zeros((300, 400, 3), np.uint8), size=224)
+  assert ev.shape == (224, 224, 3)
+  assert augment.jitter_strengths(0.4) == (0.4, 0.4, 0.4, 0.0)
+  with pytest.raises(ValueError, match="color_jitter"):
+    augment.jitter_strengths((0.4, 0.4))
+
+
+def test_normalize_known_values():
+  x = np.array([[[0, 255, 128]]], np.uint8)
+  out = np.asarray(data.normalize(x))
+  expect = (np.array([0, 1, 128 / 255]) - np.array(data.MEAN)) / np.array(data.STD)
+  np.testing.assert_allclose(out[0, 0], expect, rtol=1e-6)
+  assert out.dtype == np.float32
+
+
+# ---------------------------------------------------------------- pipeline
+def _take(it, n):
+  return list(itertools.islice(it, n))
+
+
+def test_sbir_batches_pair_sketches_with_their_photos(cache_dir, small):
+  cfg = _config(cache_dir, **{"augment.random_resized_crop": False, "augment.flip": False})
+  batch = next(data.train_batches(cfg, seed=0, global_batch_size=8, start_step=0, task="sbir"))
+  assert batch["sketch"].shape == (8, 32, 32, 3) and batch["photo"].dtype == np.uint8
+  assert batch["label"].dtype == np.int32 and len(np.unique(batch["label"])) == 8
+  assert (small["photo_split"][batch["label"]] == 0).all()  # train photos only
+  np.testing.assert_array_equal(batch["photo"], small["photos"][batch["label"]])
+  for sk, pid in zip(batch["sketch"], batch["label"]):
+    own = small["sketches"][small["sketch_photo"] == pid]
+    assert any(np.array_equal(sk, o) for o in own)
+
+
+def test_resume_and_processes_reproduce_the_uninterrupted_run(cache_dir):
+  cfg = _config(cache_dir, **{"augment.color_jitter": 0.3})
+  kw = dict(seed=5, global_batch_size=8, task="sbir")
+  full = _take(data.train_batches(cfg, start_step=0, **kw), 6)
+  resumed = _take(data.train_batches(cfg, start_step=4, **kw), 2)
+  cfg.num_threads = 1
+  shares = [_take(data.train_batches(cfg, start_step=2, process_index=p, process_count=2, **kw), 2)
+            for p in range(2)]
+  for k in full[0]:
+    for got, want in zip(resumed, full[4:]):
+      np.testing.assert_array_equal(got[k], want[k])
+    for s in range(2):  # augmentations depend on the global row, not the process
+      np.testing.assert_array_equal(np.concatenate([shares[0][s][k], shares[1][s][k]]), full[2 + s][k])
+  assert not np.array_equal(full[0]["photo"], full[1]["photo"])
+
+
+def test_single_and_views_batches(cache_dir):
+  cfg = _config(cache_dir, m_per_class=2)
+  batch = next(data.train_batches(cfg, seed=0, global_batch_size=8, start_step=0, task="single"))
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+  lab = batch["label"].reshape(4, 2)
+  assert (lab == lab[:, :1]).all() and len(np.unique(lab[:, 0])) == 4 and lab.max() < 6
+  cfg.views = dict(num=3, hi=32, lo=16)
+  batch = next(data.train_batches(cfg, seed=0, global_batch_size=4, start_step=0, task="single"))
+  assert batch["image_hi"].shape == (12, 32, 32, 3) and batch["image_lo"].shape == (12, 16, 16, 3)
+  lab = batch["label"].reshape(4, 3)
+  assert (lab == lab[:, :1]).all()
+
+
+def test_eval_sets_synthetic(cache_dir, small):
+  cfg = _config(cache_dir)
+  ev = data.eval_sets(cfg, task="sbir")
+  q, g = ev["query"], ev["gallery"]
+  test_rows = np.flatnonzero(small["photo_split"] == 1)
+  np.testing.assert_array_equal(g["labels"], test_rows)
+  np.testing.assert_array_equal(g["images"], small["photos"][test_rows])
+  assert q["images"].shape == (len(test_rows) * 2, 32, 32, 3) and q["labels"].dtype == np.int32
+  assert np.isin(q["labels"], g["labels"]).all()
+  np.testing.assert_array_equal(q["categories"], small["photo_category"][q["labels"]])
+  single = data.eval_sets(cfg, task="single")
+  assert single["gallery"] is None
+  np.testing.assert_array_equal(single["query"]["labels"], small["photo_category"][test_rows])
+  assert data.eval_sets(cfg, task="single", image_size=48)["query"]["images"].shape[1:] == (48, 48, 3)
+
+
+def test_bad_task_and_dataset_names():
+  cfg = data.default_data_config()
+  with pytest.raises(ValueError, match="task"):
+    data.train_batches(cfg, seed=0, global_batch_size=8, start_step=0, task="pairs")
+  cfg.name = "cub"
+  with pytest.raises(ValueError, match="sketch/photo"):
+    data.eval_sets(cfg, task="sbir")
+  with pytest.raises(ValueError, match="unknown data set"):
+    sources.canonical_name("imagenet")
+
+
+# ---------------------------------------------------------------- TFDS sources
+def test_missing_tfds_dataset_error_names_the_build_command(tmp_path):
+  with pytest.raises(FileNotFoundError) as err:
+    sources.open_splits("sop", data_dir=str(tmp_path))
+  msg = str(err.value)
+  assert "jaxdml_sop" in msg and str(tmp_path) in msg
+  assert f"python -m data_prep.build sop --manual_dir=/path/to/your/download --data_dir={tmp_path}" in msg
+  assert "demo" in msg and "synthetic_sketchy" in msg
+
+
+def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class JaxdmlCub(tfds.core.GeneratorBasedBuilder):  # a stand-in under the real name
+    VERSION = tfds.core.Version("0.0.1")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.Scalar(np.int64), "name": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(0, 8), "test": self._generate_examples(10, 4)}
+
+    def _generate_examples(self, offset, n):
+      for i in range(n):
+        yield i, {"image": np.full((20 + i, 30, 3), 10 * i + offset, np.uint8),
+                  "label": offset + i // 2, "name": f"x{i}"}
+
+  JaxdmlCub(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  splits = sources.open_splits("jaxdml_cub", data_dir=str(tmp_path))
+  train = splits["train"]
+  assert len(train) == 8 and sorted(train.field("label")) == [0, 0, 1, 1, 2, 2, 3, 3]
+  for i in range(8):  # decoded image i belongs to its record's label
+    assert train.image(i)[0, 0, 0] // 20 == train.field("label")[i]
+  cfg = data.default_data_config()
+  cfg.name, cfg.data_dir, cfg.image_size, cfg.m_per_class, cfg.num_threads = "cub", str(tmp_path), 16, 2, 2
+  batch = next(data.train_batches(cfg, seed=0, global_batch_size=4, start_step=0, task="single"))
+  assert batch["image"].shape == (4, 16, 16, 3)
+  for im, lab in zip(batch["image"], batch["label"]):
+    assert int(np.median(im)) // 20 == lab
+  ev = data.eval_sets(cfg, task="single")
+  assert ev["gallery"] is None and ev["query"]["images"].shape == (4, 16, 16, 3)
+  imgs = np.asarray(ev["query"]["images"])
+  i = imgs[:, 0, 0, 0].astype(int) // 10 - 1  # test image i has value 10 * i + 10
+  np.testing.assert_array_equal(10 + i // 2, ev["query"]["labels"])
