@@ -1,0 +1,167 @@
+"""Throughput benchmark: train step and inference images/s, FLOPs and MFU.
+
+    python -m jaxdml.bench --config=configs/sketchy_rtl.py:demo [--batch_size=64] [--steps=20]
+
+Prints one JSON object per measurement. Steady state only: compilation is
+timed separately and every timed call ends in `block_until_ready`. FLOPs
+come from XLA's cost analysis of the compiled executable; MFU is achieved
+FLOP/s over the device's peak (dense bf16 for accelerators, a measured
+float32 matmul rate on CPU). Needs only jax/flax/optax/orbax/ml_collections:
+batches are random arrays, not the data pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
+flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
+flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_list("measure", ["train", "inference"], "What to measure.")
+
+# Dense bf16 peak FLOP/s per device, from vendor data sheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "A100": 312e12, "H100": 989e12, "H200": 989e12,
+}
+
+
+def device_peak_flops(device=None) -> tuple[float, str]:
+  """Peak FLOP/s of one device and where the figure comes from."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if name.lower() in kind.lower():
+      return PEAK_FLOPS[name], "datasheet_bf16"
+  if device.platform == "cpu":
+    return measured_matmul_flops(device), "measured_f32_matmul"
+  return float("nan"), "unknown"
+
+
+def measured_matmul_flops(device, n: int = 2048, repeats: int = 5) -> float:
+  """A float32 matmul rate on one device: the practical CPU peak."""
+  x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    matmul(x).block_until_ready()
+  return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def compiled_flops(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", float("nan")))
+
+
+def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict:
+  size = int(config.data.image_size)
+  image = lambda: rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+  labels = np.repeat(np.arange(batch_size // 2), 2)[:batch_size].astype(np.int32)
+  if config.task == "sbir":
+    return {"sketch": image(), "photo": image(), "label": np.arange(batch_size, dtype=np.int32)}
+  return {"image": image(), "label": labels}
+
+
+def _time(fn, steps: int, warmup: int):
+  for _ in range(warmup):
+    fn()
+  start = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / steps
+
+
+def _record(kind, config, batch_size, images_per_step, seconds, flops, compile_s, peak):
+  n_dev = jax.device_count()
+  achieved = flops / seconds
+  return {
+      "measurement": kind, "model": config.model.to_dict(), "task": config.task,
+      "image_size": int(config.data.image_size), "batch_size": batch_size,
+      "images_per_sec": images_per_step / seconds, "step_time_ms": 1e3 * seconds,
+      "flops_per_image": flops / images_per_step, "achieved_flops": achieved,
+      "mfu": achieved / (peak[0] * n_dev), "peak_flops_per_device": peak[0],
+      "peak_source": peak[1], "compile_s": compile_s,
+      "device_kind": jax.devices()[0].device_kind, "device_count": n_dev,
+      "jax_version": jax.__version__,
+  }
+
+
+def bench_train(config, batch_size: int, steps: int, warmup: int, peak) -> dict:
+  from jaxdml import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh.to_dict() if "mesh" in config else None)
+  sharding.check_batch_size(batch_size, mesh)
+  model = train.build_model(config)
+  tx, schedule = optim.make_optimizer(config.optimizer, int(config.total_steps))
+  state, shardings = train.create_train_state(config, model, tx, mesh)
+  step_fn = train.make_train_step(config, model, tx, mesh, shardings, schedule)
+  batch = sharding.global_batch(random_batch(config, batch_size, np.random.default_rng(0)), mesh)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  flops = compiled_flops(compiled)
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics["loss"]
+
+  seconds = _time(one_step, steps, warmup)
+  images = batch_size * (2 if config.task == "sbir" else 1)
+  return _record("train_step", config, batch_size, images, seconds, flops, compile_s, peak)
+
+
+def bench_inference(config, batch_size: int, steps: int, warmup: int, peak) -> dict:
+  from jaxdml import data as data_lib, sharding, train  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config.mesh.to_dict() if "mesh" in config else None)
+  model = train.build_model(config)
+  size = int(config.data.image_size)
+  from jaxdml import tasks  # pylint: disable=g-import-not-at-top
+  variables = jax.jit(lambda r: model.init(r, *tasks.dummy_inputs(config)),
+                      out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+  method = "embed_gallery" if config.task == "sbir" else None
+
+  def embed(v, images):
+    out, _ = model.apply(v, data_lib.normalize(images), method=method)
+    return out
+
+  fn = jax.jit(embed, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
+  images = sharding.global_batch(
+      {"x": np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)},
+      mesh)["x"]
+  start = time.perf_counter()
+  compiled = fn.lower(variables, images).compile()
+  compile_s = time.perf_counter() - start
+  seconds = _time(lambda: compiled(variables, images), steps, warmup)
+  return _record("inference", config, batch_size, batch_size, seconds,
+                 compiled_flops(compiled), compile_s, peak)
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  batch_size = flags.FLAGS.batch_size or int(config.batch_size)
+  peak = device_peak_flops()
+  runners = {"train": bench_train, "inference": bench_inference}
+  for name in flags.FLAGS.measure:
+    if name not in runners:
+      raise app.UsageError(f"--measure={name}: expected one of {sorted(runners)}.")
+    record = runners[name](config, batch_size, flags.FLAGS.steps, flags.FLAGS.warmup, peak)
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,85 @@
+"""Checkpoints: orbax CheckpointManager, atomic async saves, exact resume.
+
+The whole train state (params, optimizer, batch statistics, memory, teacher,
+step, RNG) is one pytree saved as one item. The data position needs no extra
+item: the batch of step `s` is a pure function of `(seed, s)`, so restoring
+`step` restores the iterator. Beside the state, a small JSON item records
+what model the checkpoint belongs to, so a workdir reused for another model
+fails with a clear message instead of a shape error deep inside orbax.
+Orbax writes each step to a temporary directory and renames it when complete,
+so an interrupted save never leaves a half checkpoint that a rerun would load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _fingerprint(abstract_state) -> dict:
+  """Shapes of the parameters: what must match for a restore to make sense."""
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_state.get("params", {}))
+  return {jax.tree_util.keystr(p): list(x.shape) for p, x in leaves}
+
+
+class Checkpointer:
+  """Saves and restores the train state under `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000,
+               model_config=None, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.every = int(every)
+    self.model_description = json.loads(model_config.to_json()) if hasattr(
+        model_config, "to_json") else (model_config or {})
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def should_save(self, step: int, total_steps: int) -> bool:
+    return step == total_steps or (self.every > 0 and step % self.every == 0)
+
+  def save(self, step: int, state, *, force: bool = False) -> None:
+    meta = {"step": int(step), "model": self.model_description,
+            "param_shapes": _fingerprint(state)}
+    self.manager.save(
+        int(step),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                meta=ocp.args.JsonSave(meta)),
+        force=force)
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores onto `abstract_state` (ShapeDtypeStructs with shardings)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    meta = self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    expected = _fingerprint(abstract_state)
+    if meta.get("param_shapes") != expected:
+      saved_model = json.dumps(meta.get("model"), sort_keys=True)
+      wanted = json.dumps(self.model_description, sort_keys=True)
+      diff = sorted(set(meta.get("param_shapes", {})) ^ set(expected))[:3]
+      if not diff:
+        diff = [k for k in expected if meta["param_shapes"].get(k) != expected[k]][:3]
+      raise ValueError(
+          f"The workdir's checkpoint ({self.directory}, step {step}) belongs to "
+          f"another model: saved model {saved_model}, this config builds "
+          f"{wanted}; first differing parameters: {diff}. Use a new --workdir "
+          "or remove the old checkpoints.")
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,107 @@
+"""Config helpers: big_vision-style `file.py:ARG` parsing and validation.
+
+A recipe is `configs/NAME.py` with `get_config(arg=None) -> ConfigDict`.
+`arg` is a comma-separated list of flags and `key=value` pairs
+(`smoke`, `demo,seed=3`), parsed by `parse_arg` against declared defaults so
+a typo in the argument is an error, not a silently ignored word.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+
+import ml_collections
+
+# Every field the trainer reads at the top level of a config. A field outside
+# this set is almost always a typo (`optimzer`), so `validate` rejects it.
+TOP_LEVEL_FIELDS = {
+    "seed": "int: seeds parameters, data order and per-step RNG",
+    "task": "'sbir' (two towers, sketch -> photo) or 'single' (one encoder)",
+    "batch_size": "int: global batch size, split over all devices",
+    "total_steps": "int: number of train steps",
+    "log_every": "int: steps between metrics.jsonl lines",
+    "eval_every": "int: steps between evaluations (0: only at the end)",
+    "checkpoint_every": "int: steps between checkpoints",
+    "keep_checkpoints": "int: how many checkpoints to keep",
+    "mesh": "dict axis -> size (-1: all remaining devices), e.g. {'data': -1}",
+    "sharding": "'replicated' or 'fsdp': how parameters are laid out",
+    "model": "encoder config, see jaxdml.models",
+    "loss": "loss name and hyperparameters, see jaxdml.losses",
+    "regularizers": "list of extra loss terms: dicts with name and weight",
+    "optimizer": "optimizer, schedule, clipping, weight decay",
+    "data": "data set and pipeline, see jaxdml.data.default_data_config",
+    "eval": "retrieval evaluation settings",
+    "memory": "cross-batch memory: size, start_step, adapt",
+    "teacher": "distillation teacher: workdir, loss, weight",
+}
+
+
+def parse_arg(arg: str | None, *, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
+  """Parses `"smoke,seed=3"` into a ConfigDict with the declared defaults.
+
+  Each keyword of `spec` declares a key and its default; values in `arg` are
+  converted to the default's type. A bare word sets a bool to True.
+  `lazy=True` accepts undeclared keys (strings, or Python literals).
+  """
+  result = ml_collections.ConfigDict(dict(spec))
+  for item in filter(None, (arg or "").split(",")):
+    key, has_value, value = item.partition("=")
+    key = key.strip()
+    if key not in spec and not lazy:
+      raise ValueError(
+          f"Unknown config argument {key!r}; this config accepts "
+          f"{sorted(spec)}{_did_you_mean(key, spec)}.")
+    if not has_value:
+      result[key] = True
+      continue
+    default = spec.get(key)
+    result[key] = _convert(value, default, key)
+  return result
+
+
+def _convert(value: str, default, key: str):
+  if isinstance(default, bool):
+    if value.lower() in ("1", "true", "yes"):
+      return True
+    if value.lower() in ("0", "false", "no"):
+      return False
+    raise ValueError(f"Config argument {key}={value!r}: expected a bool.")
+  if isinstance(default, (int, float)) and not isinstance(default, bool):
+    try:
+      return type(default)(value)
+    except ValueError:
+      raise ValueError(
+          f"Config argument {key}={value!r}: expected {type(default).__name__}."
+      ) from None
+  if default is None:
+    try:
+      return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      return value
+  return value
+
+
+def _did_you_mean(word: str, candidates) -> str:
+  close = difflib.get_close_matches(word, list(candidates), n=1)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming any unknown or missing top-level field."""
+  for key in config.keys():
+    if key not in TOP_LEVEL_FIELDS:
+      raise ValueError(
+          f"Unknown config field {key!r}{_did_you_mean(key, TOP_LEVEL_FIELDS)}. "
+          f"Known fields: {sorted(TOP_LEVEL_FIELDS)}.")
+  required = ("seed", "task", "batch_size", "total_steps", "model", "loss",
+              "optimizer", "data")
+  missing = [k for k in required if k not in config]
+  if missing:
+    raise ValueError(f"Config is missing required fields {missing}.")
+  if config.task not in ("sbir", "single"):
+    raise ValueError(
+        f"config.task={config.task!r}: expected 'sbir' or 'single'.")
+  for key in ("batch_size", "total_steps"):
+    if int(config[key]) <= 0:
+      raise ValueError(f"config.{key} must be positive, got {config[key]}.")

@@ -1,0 +1,41 @@
+"""jaxdml command line: train, evaluate or export a recipe.
+
+    python -m jaxdml.main --config=configs/sketchy_rtl.py:demo --workdir=workdirs/demo
+    python -m jaxdml.main --config=configs/sketchy_rtl.py:demo --workdir=workdirs/demo --mode=eval
+    python -m jaxdml.main --config=configs/sketchy_rtl.py --config.batch_size=64 ...
+
+`--config=FILE.py:ARG` calls `get_config(ARG)`; `--config.FIELD=VALUE`
+overrides one field of the (locked) config, so a typo is an error. This
+module only parses flags and calls library functions.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file(
+    "config", None, "Recipe file, e.g. configs/sketchy_rtl.py:demo.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Imported here so that `--help` answers without starting JAX.
+  from jaxdml import train  # pylint: disable=g-import-not-at-top
+  logging.info("Config:\n%s", FLAGS.config)
+  if FLAGS.mode == "train":
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    results = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    print({k: v for k, v in results.items()})
+  else:
+    from jaxdml import export  # pylint: disable=g-import-not-at-top
+    path = export.export_saved_model(FLAGS.config, FLAGS.workdir)
+    print(f"SavedModel written to {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

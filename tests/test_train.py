@@ -1,0 +1,157 @@
+"""The spine: end-to-end runs, sharding equality, exact resume, clear errors."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdml import checkpoint, metrics_writer, tasks, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load_config(name, arg="smoke"):
+  path = os.path.join(ROOT, "configs", name)
+  spec = importlib.util.spec_from_file_location(name[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def losses_of(workdir):
+  return [row["loss"] for row in metrics_writer.read_metrics(workdir) if "loss" in row]
+
+
+def final_params(workdir, config):
+  mesh, model, tx, _, ckpt = train.setup(config, workdir)
+  state, _ = train.restore_or_create(config, model, tx, mesh, ckpt)
+  ckpt.close()
+  return jax.tree.map(np.asarray, jax.device_get(state["params"]))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_smoke_runs_end_to_end(path, tmp_path):
+  config = load_config(os.path.basename(path))
+  config.total_steps = 1
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = metrics_writer.read_metrics(str(tmp_path))
+  assert rows[0]["step"] == 1 and np.isfinite(rows[0]["loss"])
+  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 1
+
+
+def test_smoke_evaluates_and_draws_the_picture(tmp_path):
+  config = load_config("sketchy_rtl.py")
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= results["recall@1"] <= 1.0
+  assert "category/recall@1" in results
+  assert os.path.exists(tmp_path / f"retrieval_{config.total_steps}.png")
+  evaluated = train.evaluate_checkpoint(config, str(tmp_path))
+  assert evaluated == pytest.approx(results)
+
+
+def test_one_device_and_eight_devices_take_the_same_steps(tmp_path):
+  runs = {}
+  for n in (1, 8):
+    config = load_config("sketchy_rtl.py")
+    config.total_steps = 3
+    config.eval.enabled = False
+    config.mesh.data = n
+    workdir = str(tmp_path / f"dev{n}")
+    train.train_and_evaluate(config, workdir)
+    runs[n] = (losses_of(workdir), final_params(workdir, config))
+  np.testing.assert_allclose(runs[1][0], runs[8][0], rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               runs[1][1], runs[8][1])
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+  config = load_config("sketchy_rtl.py")
+  config.total_steps = 4
+  config.checkpoint_every = 100
+  config.eval.enabled = False
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(config, straight)
+  train.train_and_evaluate(config, resumed, stop_after=2)
+  assert checkpoint.Checkpointer(resumed).latest_step() == 2
+  train.train_and_evaluate(config, resumed)
+  assert losses_of(straight) == pytest.approx(losses_of(resumed), abs=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               final_params(straight, config), final_params(resumed, config))
+
+
+def test_batch_size_not_divisible_by_devices_names_both_numbers(tmp_path):
+  config = load_config("sketchy_rtl.py")
+  config.batch_size = 12
+  with pytest.raises(ValueError, match=r"batch_size=12 .* 8 devices"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unknown_config_field_is_named(tmp_path):
+  config = load_config("sketchy_rtl.py")
+  config.unlock()
+  config.optimzer = config.optimizer
+  with pytest.raises(ValueError, match="'optimzer'.*did you mean 'optimizer'"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_cli_override_of_unknown_field_fails_naming_it(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxdml.main", "--config=configs/sketchy_rtl.py:smoke",
+       f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "lrr" in result.stderr
+
+
+def test_unknown_config_argument_is_named():
+  with pytest.raises(ValueError, match="'smok'.*did you mean 'smoke'"):
+    load_config("sketchy_rtl.py", "smok")
+
+
+def test_missing_data_set_names_the_data_prep_command(tmp_path):
+  config = load_config("sketchy_rtl.py", "smoke")
+  config.data.name = "sketchy"
+  config.data.data_dir = str(tmp_path / "no_data_here")
+  with pytest.raises(FileNotFoundError, match="python -m data_prep.build sketchy"):
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+  config = load_config("sketchy_rtl.py")
+  config.total_steps = 1
+  config.eval.enabled = False
+  train.train_and_evaluate(config, str(tmp_path))
+  other = load_config("sketchy_rtl.py")
+  other.model.query.embed_dim = 24
+  other.model.gallery.embed_dim = 24
+  with pytest.raises(ValueError, match="belongs to another model"):
+    train.train_and_evaluate(other, str(tmp_path))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  real = tasks.compute_loss
+
+  def nan_from_step_two(config, outputs, batch, memory, step):
+    loss, aux, memory = real(config, outputs, batch, memory, step)
+    return jnp.where(step >= 2, jnp.nan, loss), aux, memory
+
+  monkeypatch.setattr(tasks, "compute_loss", nan_from_step_two)
+  config = load_config("sketchy_rtl.py")
+  config.total_steps = 5
+  config.checkpoint_every = 1
+  config.eval.enabled = False
+  with pytest.raises(train.NonFiniteLossError, match="Non-finite loss or gradient at step 3"):
+    train.train_and_evaluate(config, str(tmp_path))
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert ckpt.latest_step() == 2
+  ckpt.close()
+  monkeypatch.setattr(tasks, "compute_loss", real)
+  params = final_params(str(tmp_path), config)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
