@@ -1,0 +1,88 @@
+"""Pure, jit- and grad-safe metric-learning losses behind one call contract.
+
+  fn = jaxdml.losses.get("triplet")
+  loss, aux = fn(embeddings=E, labels=y, ref_embeddings=None, ref_labels=None,
+                 ref_valid=None, **hparams)
+
+Every loss takes keyword arguments only, so a misspelt hyperparameter raises
+TypeError. `loss` is a scalar, `aux` a dict of scalar arrays for logging.
+No Python control flow depends on array values.
+
+Pairs and the reference set (ranking losses: triplet, relative_triplet,
+contrastive, contrastive_koleo, multi_similarity):
+- Without `ref_embeddings`, pairs are formed within the batch, never an
+  anchor with itself (PML's default).
+- With `ref_embeddings` [R, D] and `ref_labels` [R], pairs are formed between
+  `embeddings` (anchors) and the reference set *only*, exactly as PML's
+  `ref_emb` / `ref_labels`. `ref_valid` (bool [R]) masks empty memory slots:
+  what they hold changes nothing.
+- Recipes that also want in-batch pairs (XBM, XBN) put the batch inside the
+  reference set (e.g. concatenated with the memory) and pass
+  `ref_self_index` (int [B]): for anchor i, the index of its own copy in the
+  reference set, or -1; that entry is dropped from anchor i's positives and
+  negatives. With ref = batch and ref_self_index = arange(B) every loss
+  equals its in-batch value.
+The distillation/regulariser losses (koleo, embedding_distill, raml, obd_sd)
+accept the same arguments, ignore `labels`, and raise ValueError when given a
+reference set.
+
+Distances (`distance=`): "cosine" (similarity of L2-normalised rows, PML
+`CosineSimilarity`), "euclidean" and "squared_euclidean" (raw rows; PML's
+default `LpDistance` L2-normalises first, so feed normalised embeddings to
+reproduce it). Distances use a safe sqrt: no NaN gradient at distance 0.
+
+Reductions follow PML's defaults so numbers compare directly:
+AvgNonZeroReducer for triplet and contrastive (contrastive reduces its
+positive and negative parts separately, then sums), MeanReducer over anchors
+for multi_similarity; `reduction="mean"` is available for all three.
+
+Registered names: triplet, relative_triplet, contrastive, contrastive_koleo,
+multi_similarity, koleo, embedding_distill, raml, obd_sd. See each function's
+docstring for its hyperparameters and the choices that are ours.
+"""
+# Modules, not functions, are imported: `jaxdml.losses.triplet` stays the
+# module that `relative_triplet` builds on.
+from jaxdml.losses import contrastive
+from jaxdml.losses import distill
+from jaxdml.losses import koleo
+from jaxdml.losses import multi_similarity
+from jaxdml.losses import obd_sd
+from jaxdml.losses import relative_triplet
+from jaxdml.losses import triplet
+
+_REGISTRY = {
+    "triplet": triplet.triplet,
+    "relative_triplet": relative_triplet.relative_triplet,
+    "contrastive": contrastive.contrastive,
+    "contrastive_koleo": koleo.contrastive_koleo,
+    "multi_similarity": multi_similarity.multi_similarity,
+    "koleo": koleo.koleo,
+    "embedding_distill": distill.embedding_distill,
+    "raml": distill.raml,
+    "obd_sd": obd_sd.obd_sd,
+}
+
+
+def names():
+  """Sorted names of the registered losses."""
+  return tuple(sorted(_REGISTRY))
+
+
+def get(name):
+  """The loss function registered under `name`; ValueError if unknown."""
+  try:
+    return _REGISTRY[name]
+  except KeyError:
+    raise ValueError(
+        f"Unknown loss {name!r}; registered losses: {', '.join(names())}."
+    ) from None
+
+
+def register(name, fn):
+  """Adds `fn` under `name`. Re-registering a taken name is a ValueError."""
+  if not callable(fn):
+    raise ValueError(f"register({name!r}, ...): fn must be callable.")
+  if name in _REGISTRY:
+    raise ValueError(
+        f"A loss named {name!r} is already registered; pick another name.")
+  _REGISTRY[name] = fn

@@ -1,0 +1,86 @@
+"""Multi-Similarity loss and miner (Wang et al. 2019), as pytorch-metric-learning.
+
+Per anchor i, with s the (cosine) similarity:
+  (1/alpha) log(1 + sum_pos exp(-alpha (s - base)))
+  + (1/beta) log(1 + sum_neg exp(beta (s - base)))
+averaged over all anchors (PML's MeanReducer for this loss; anchors without
+pairs contribute 0 and still count).
+
+`miner_epsilon` set = PML `MultiSimilarityMiner(epsilon)`: a positive is kept
+when s_ap - eps < max_neg s_an, a negative when s_an + eps > min_pos s_ap, per
+anchor; when the whole batch has no positive pair or no negative pair the
+miner returns nothing and the loss is 0. Like PML's GenericPairLoss the loss
+is also 0 when at most one positive and one negative pair remain. Other
+distances follow PML's `distance.margin` sign convention.
+"""
+import jax
+import jax.numpy as jnp
+
+from jaxdml.losses import distances
+from jaxdml.losses import pairs
+
+
+def _log1p_sum_exp(x, mask):
+  """log(1 + sum_{mask} exp(x)) per row, stable, 0 for empty rows."""
+  x = jnp.where(mask, x, -jnp.inf)
+  x = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+  return jax.nn.logsumexp(x, axis=1)
+
+
+def mine(dis, pos, neg, epsilon):
+  """PML MultiSimilarityMiner on a "smaller is closer" matrix -> (pos, neg)."""
+  dis = jax.lax.stop_gradient(dis)
+  min_neg = jnp.min(jnp.where(neg, dis, jnp.inf), axis=1, keepdims=True)
+  max_pos = jnp.max(jnp.where(pos, dis, -jnp.inf), axis=1, keepdims=True)
+  any_pairs = jnp.any(pos) & jnp.any(neg)
+  hard_pos = pos & (dis + epsilon > min_neg) & any_pairs
+  hard_neg = neg & (dis - epsilon < max_pos) & any_pairs
+  return hard_pos, hard_neg
+
+
+def multi_similarity(*, embeddings, labels, ref_embeddings=None,
+                     ref_labels=None, ref_valid=None, ref_self_index=None,
+                     alpha=2.0, beta=50.0, base=0.5, miner_epsilon=None,
+                     distance="cosine", reduction="mean"):
+  """Multi-Similarity loss; defaults are PML's `MultiSimilarityLoss()`.
+
+  Args:
+    embeddings: float [B, D] anchors.
+    labels: int [B].
+    ref_embeddings, ref_labels, ref_valid, ref_self_index: optional reference
+      set; see the `jaxdml.losses` docstring.
+    alpha, beta, base: PML's names (positive scale, negative scale, the
+      similarity offset lambda of the paper).
+    miner_epsilon: None (all pairs) or the MS miner's epsilon.
+    distance: "cosine" (default, as PML) | "euclidean" | "squared_euclidean".
+    reduction: "mean" over anchors (PML default) | "avg_nonzero".
+
+  Returns:
+    (loss, aux) with aux `num_pos_pairs`, `num_neg_pairs` (after mining),
+    `pos_loss`, `neg_loss` (anchor means of the two terms).
+  """
+  p = pairs.prepare(embeddings=embeddings, labels=labels,
+                    ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+                    ref_valid=ref_valid, ref_self_index=ref_self_index,
+                    loss_name="multi_similarity")
+  mat = distances.pairwise(p.query, p.ref, distance=distance)
+  pos, neg = p.pos, p.neg
+  if miner_epsilon is not None:
+    pos, neg = mine(distances.dissimilarity(mat, distance=distance), pos, neg,
+                    miner_epsilon)
+  sim = distances.is_similarity(distance)
+  pos_exp = base - mat if sim else mat - base
+  neg_exp = mat - base if sim else base - mat
+  pos_term = _log1p_sum_exp(alpha * pos_exp, pos) / alpha
+  neg_term = _log1p_sum_exp(beta * neg_exp, neg) / beta
+  n_pos, n_neg = pairs.count(pos), pairs.count(neg)
+  per_anchor = pos_term + neg_term
+  loss = pairs.reduce(per_anchor, jnp.ones(per_anchor.shape, bool), reduction)
+  loss = jnp.where((n_pos <= 1) & (n_neg <= 1), 0.0, loss)
+  aux = {
+      "num_pos_pairs": n_pos,
+      "num_neg_pairs": n_neg,
+      "pos_loss": jnp.mean(pos_term),
+      "neg_loss": jnp.mean(neg_term),
+  }
+  return loss, aux

@@ -1,0 +1,126 @@
+"""Anchor/reference pair masks, input checks and reductions for ranking losses.
+
+Every ranking loss compares anchors (`embeddings`, [B, D]) with a reference
+set: the batch itself when `ref_embeddings` is None (an anchor is never paired
+with itself, as in PML), otherwise `ref_embeddings` ([R, D]) only, as PML's
+`ref_emb`. `ref_valid` (bool [R]) drops empty memory slots and
+`ref_self_index` (int [B], -1 for none) drops each anchor's own copy when the
+batch is part of the reference set. Masks are static-shape [B, R] booleans, so
+everything stays jit-safe.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxdml.losses import distances
+
+REDUCTIONS = ("avg_nonzero", "mean")
+
+
+class Pairs(NamedTuple):
+  query: jax.Array  # float [B, D] anchors
+  ref: jax.Array  # float [R, D] candidates
+  pos: jax.Array  # bool [B, R] same label, valid, not self
+  neg: jax.Array  # bool [B, R] different label, valid
+
+
+def check_reduction(reduction):
+  if reduction not in REDUCTIONS:
+    raise ValueError(
+        f"reduction={reduction!r} is not supported; use one of {REDUCTIONS}.")
+
+
+def _check_2d(name, x, loss_name):
+  if x.ndim != 2:
+    raise ValueError(
+        f"{loss_name}: {name} must be [N, D], got shape {x.shape}.")
+
+
+def _check_labels(name, y, n, loss_name):
+  if y.shape != (n,):
+    raise ValueError(
+        f"{loss_name}: {name} must have shape ({n},) to match the embeddings,"
+        f" got {y.shape}.")
+  if not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(
+        f"{loss_name}: {name} must be integer class ids, got {y.dtype}.")
+
+
+def prepare(*, embeddings, labels, ref_embeddings, ref_labels, ref_valid,
+            ref_self_index, loss_name):
+  """Checks shapes and returns the anchors, candidates and pair masks."""
+  query = distances.as_float(embeddings)
+  _check_2d("embeddings", query, loss_name)
+  if labels is None:
+    raise ValueError(f"{loss_name}: labels are required.")
+  labels = jnp.asarray(labels)
+  b = query.shape[0]
+  _check_labels("labels", labels, b, loss_name)
+
+  if ref_embeddings is None:
+    for name, v in (("ref_labels", ref_labels), ("ref_valid", ref_valid),
+                    ("ref_self_index", ref_self_index)):
+      if v is not None:
+        raise ValueError(
+            f"{loss_name}: {name} was given without ref_embeddings; pass the"
+            " reference set too, or drop it for in-batch pairs.")
+    same = labels[:, None] == labels[None, :]
+    eye = jnp.eye(b, dtype=bool)
+    return Pairs(query, query, same & ~eye, ~same)
+
+  ref = distances.as_float(ref_embeddings)
+  _check_2d("ref_embeddings", ref, loss_name)
+  if ref.shape[1] != query.shape[1]:
+    raise ValueError(
+        f"{loss_name}: ref_embeddings have dim {ref.shape[1]} but embeddings"
+        f" have dim {query.shape[1]}.")
+  r = ref.shape[0]
+  if ref_labels is None:
+    raise ValueError(f"{loss_name}: ref_embeddings need ref_labels.")
+  ref_labels = jnp.asarray(ref_labels)
+  _check_labels("ref_labels", ref_labels, r, loss_name)
+  valid = jnp.ones((b, r), bool)
+  if ref_valid is not None:
+    ref_valid = jnp.asarray(ref_valid)
+    if ref_valid.shape != (r,) or ref_valid.dtype != jnp.bool_:
+      raise ValueError(
+          f"{loss_name}: ref_valid must be bool [{r}], got {ref_valid.dtype}"
+          f" {ref_valid.shape}.")
+    valid = valid & ref_valid[None, :]
+  if ref_self_index is not None:
+    ref_self_index = jnp.asarray(ref_self_index)
+    if (ref_self_index.shape != (b,)
+        or not jnp.issubdtype(ref_self_index.dtype, jnp.integer)):
+      raise ValueError(
+          f"{loss_name}: ref_self_index must be int [{b}] (-1 for none), got"
+          f" {ref_self_index.dtype} {ref_self_index.shape}.")
+    valid = valid & (jnp.arange(r)[None, :] != ref_self_index[:, None])
+  same = labels[:, None] == ref_labels[None, :]
+  return Pairs(query, ref, same & valid, ~same & valid)
+
+
+def reject_ref(loss_name, **refs):
+  """For losses defined on the batch alone: a reference set is a config bug."""
+  given = [k for k, v in refs.items() if v is not None]
+  if given:
+    raise ValueError(
+        f"{loss_name} is computed on the batch alone and takes no reference"
+        f" set, but got {', '.join(given)}; drop the memory for this loss.")
+
+
+def reduce(losses, mask, reduction):
+  """PML AvgNonZeroReducer ("avg_nonzero") or MeanReducer ("mean").
+
+  Both average over the entries where `mask` holds ("avg_nonzero" also drops
+  entries whose loss is not > 0) and give 0 when none is left, as PML does.
+  """
+  check_reduction(reduction)
+  keep = mask & (losses > 0) if reduction == "avg_nonzero" else mask
+  total = jnp.sum(jnp.where(keep, losses, 0.0))
+  count = jnp.sum(keep)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def count(mask):
+  return jnp.sum(mask).astype(jnp.float32)
