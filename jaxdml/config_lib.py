@@ -105,3 +105,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "total_steps"):
     if int(config[key]) <= 0:
       raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Calls `get_config(arg)` of the recipe file at `path` (as `--config` does)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No recipe file {path!r}.")
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"jaxdml_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -23,6 +23,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   # Imported here so that `--help` answers without starting JAX.
   from jaxdml import train  # pylint: disable=g-import-not-at-top
   logging.info("Config:\n%s", FLAGS.config)

@@ -79,6 +79,8 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step):
     else:
       loss, aux = loss_fn(embeddings=embeddings, labels=labels, **hparams)
   aux = {f"loss/{k}": v for k, v in aux.items()}
+  if uses_memory(config) and config.task != "sbir":
+    aux["memory_fill"] = jnp.mean(memory["valid"].astype(jnp.float32))
   for reg in config.get("regularizers", None) or ():
     reg_name, reg_hparams = loss_hparams(reg)
     value, _ = losses.get(reg_name)(embeddings=embeddings, labels=labels, **reg_hparams)
@@ -109,5 +111,4 @@ def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step):
   # part, own copy excluded). XBM's code enqueues first and adds a separate
   # in-batch term, which counts in-batch pairs twice; the pairs are the same.
   memory = memory_lib.enqueue(memory, jax.lax.stop_gradient(embeddings), labels)
-  aux = dict(aux, memory_fill=jnp.mean(memory["valid"].astype(jnp.float32)))
   return loss, aux, memory

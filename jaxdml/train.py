@@ -9,7 +9,6 @@ laid out on the mesh. `make_train_step` returns the one jitted step.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import jax
@@ -158,7 +157,8 @@ def setup(config, workdir: str):
 def restore_or_create(config, model, tx, mesh, ckpt):
   target, shardings = abstract_state(config, model, tx, mesh)
   if ckpt.latest_step() is not None:
-    logging.info("Resuming from %s step %d", ckpt.directory, ckpt.latest_step())
+    if jax.process_index() == 0:
+      print(f"Resuming from {ckpt.directory}, step {ckpt.latest_step()}.")
     return ckpt.restore(target), shardings
   state, shardings = create_train_state(config, model, tx, mesh)
   return state, shardings

@@ -1,7 +1,6 @@
 """The spine: end-to-end runs, sharding equality, exact resume, clear errors."""
 
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,29 +10,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdml import checkpoint, metrics_writer, tasks, train
+from jaxdml import checkpoint, config_lib, metrics_writer, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
 def load_config(name, arg="smoke"):
-  path = os.path.join(ROOT, "configs", name)
-  spec = importlib.util.spec_from_file_location(name[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config(os.path.join(ROOT, "configs", name), arg)
 
 
 def losses_of(workdir):
   return [row["loss"] for row in metrics_writer.read_metrics(workdir) if "loss" in row]
 
 
-def final_params(workdir, config):
+def final_state(workdir, config):
   mesh, model, tx, _, ckpt = train.setup(config, workdir)
   state, _ = train.restore_or_create(config, model, tx, mesh, ckpt)
   ckpt.close()
-  return jax.tree.map(np.asarray, jax.device_get(state["params"]))
+  return jax.tree.map(np.asarray, jax.device_get(state))
+
+
+def final_params(workdir, config):
+  return final_state(workdir, config)["params"]
+
+
+# The SBIR recipe, and a memory recipe whose Kalman-adapted memory is in use
+# from the second step: both must shard and resume exactly.
+EQUALITY_CASES = [("sketchy_rtl.py", "smoke"), ("sop_xbn.py", "smoke,adapt=kalman")]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -56,23 +60,25 @@ def test_smoke_evaluates_and_draws_the_picture(tmp_path):
   assert evaluated == pytest.approx(results)
 
 
-def test_one_device_and_eight_devices_take_the_same_steps(tmp_path):
+@pytest.mark.parametrize("name,arg", EQUALITY_CASES)
+def test_one_device_and_eight_devices_take_the_same_steps(tmp_path, name, arg):
   runs = {}
   for n in (1, 8):
-    config = load_config("sketchy_rtl.py")
+    config = load_config(name, arg)
     config.total_steps = 3
     config.eval.enabled = False
     config.mesh.data = n
     workdir = str(tmp_path / f"dev{n}")
     train.train_and_evaluate(config, workdir)
-    runs[n] = (losses_of(workdir), final_params(workdir, config))
+    runs[n] = (losses_of(workdir), final_state(workdir, config))
   np.testing.assert_allclose(runs[1][0], runs[8][0], rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                runs[1][1], runs[8][1])
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-  config = load_config("sketchy_rtl.py")
+@pytest.mark.parametrize("name,arg", EQUALITY_CASES)
+def test_resume_equals_uninterrupted_run(tmp_path, name, arg):
+  config = load_config(name, arg)
   config.total_steps = 4
   config.checkpoint_every = 100
   config.eval.enabled = False
@@ -82,8 +88,20 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   assert checkpoint.Checkpointer(resumed).latest_step() == 2
   train.train_and_evaluate(config, resumed)
   assert losses_of(straight) == pytest.approx(losses_of(resumed), abs=1e-6)
+  # Everything: parameters, optimizer, BatchNorm statistics, memory, RNG.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               final_params(straight, config), final_params(resumed, config))
+               final_state(straight, config), final_state(resumed, config))
+
+
+def test_memory_is_filled_and_used_in_the_step(tmp_path):
+  config = load_config("sop_xbn.py", "smoke")
+  config.total_steps = 4
+  config.eval.enabled = False
+  train.train_and_evaluate(config, str(tmp_path))
+  memory = final_state(str(tmp_path), config)["memory"]
+  assert memory["valid"].sum() == min(4 * config.batch_size, config.memory.size)
+  rows = [r for r in metrics_writer.read_metrics(str(tmp_path)) if "loss" in r]
+  assert rows[-1]["memory_fill"] == pytest.approx(1.0)
 
 
 def test_batch_size_not_divisible_by_devices_names_both_numbers(tmp_path):

@@ -1,0 +1,119 @@
+"""Shared pieces of the single-encoder recipes in `configs/`.
+
+Every recipe file stays a short `get_config(arg)`; what CUB, Cars, SOP,
+In-Shop and DeepFashion2 recipes have in common (data set, evaluation
+protocol, the `smoke` and `demo` shrinking onto the embedded data) lives here
+once. Numbers are the papers' (`PAPERS.md`); each recipe file says which.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxdml import config_lib
+from jaxdml.data import default_data_config
+
+# Real data sets: TFDS name for jaxdml.data, and the size of the train split
+# (memory sizes "the size of the data set" read it).
+DATASETS = {
+    "cub": dict(train_images=5_864),
+    "cars196": dict(train_images=8_054),
+    "sop": dict(train_images=59_551),
+    "inshop": dict(train_images=25_882),
+    "deepfashion2": dict(train_images=None),
+}
+
+
+def single_task(dataset: str, *, seed: int = 0) -> ml_collections.ConfigDict:
+  """A ResNet-50 single-encoder recipe on `dataset`, to be specialised."""
+  if dataset not in DATASETS:
+    raise ValueError(f"dataset={dataset!r}: expected one of {sorted(DATASETS)}.")
+  c = ml_collections.ConfigDict()
+  c.seed = seed
+  c.task = "single"
+  c.batch_size = 64
+  c.total_steps = 35_000
+  c.log_every = 100
+  c.eval_every = 5_000
+  c.checkpoint_every = 1_000
+  c.keep_checkpoints = 3
+  c.mesh = ml_collections.ConfigDict({"data": -1})
+  c.sharding = "replicated"
+  c.model = ml_collections.ConfigDict(dict(
+      name="resnet50", embed_dim=128, pooling="avg", head_norm="l2"))
+  c.loss = ml_collections.ConfigDict(dict(name="contrastive", distance="cosine",
+                                          pos_margin=1.0, neg_margin=0.5))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", lr=1e-4, weight_decay=5e-4, schedule="constant", warmup_steps=0,
+      grad_clip_norm=None))
+  c.data = default_data_config()
+  c.data.name = dataset
+  c.data.image_size = 224
+  c.data.m_per_class = 4
+  c.eval = ml_collections.ConfigDict(dict(
+      enabled=True, ks=(1, 10, 100) if dataset in ("sop", "inshop") else (1, 2, 4, 8),
+      backend="scann" if dataset in ("sop", "deepfashion2") else "exact",
+      batch_size=256, similarity="cosine", picture=True))
+  c.memory = ml_collections.ConfigDict(dict(size=0, start_step=0, adapt="none",
+                                            adapt_hparams={}))
+  return c
+
+
+def on_embedded_data(c: ml_collections.ConfigDict, *, smoke: bool) -> None:
+  """Moves a recipe onto the embedded synthetic set (photos, category labels).
+
+  `smoke`: a tiny network for tests (seconds). Otherwise `demo` size: a small
+  real CNN at 64 px that learns in minutes on a CPU. Memory sizes and start
+  steps shrink with the run; the ratios of the paper's settings are kept
+  where they matter (memory several times the batch).
+  """
+  c.data.name = "synthetic_sketchy"
+  c.data.augment.random_resized_crop = False
+  c.eval.backend = "exact"
+  c.eval.ks = (1, 2, 4, 8)
+  if smoke:
+    c.model.name = "resnet_tiny"
+    c.model.embed_dim = 16
+    c.data.image_size = 32
+    c.data.synthetic = dict(num_categories=4, photos_per_category=6,
+                            sketches_per_photo=1, test_photos_per_category=2,
+                            image_size=32)
+    c.data.m_per_class = 2
+    c.batch_size = 8
+    c.total_steps = 2
+    c.log_every = 1
+    c.eval_every = 0
+    c.checkpoint_every = 2
+    c.eval.batch_size = 16
+    if c.memory.size:
+      c.memory.size, c.memory.start_step = 24, 1
+  else:
+    c.model.name = "resnet_small"
+    c.data.image_size = 64
+    c.batch_size = 16
+    c.total_steps = 300
+    c.log_every = 25
+    c.eval_every = 150
+    c.checkpoint_every = 150
+    c.eval.batch_size = 128
+    if c.memory.size:
+      c.memory.size, c.memory.start_step = 256, 50
+
+
+def xbn(dataset: str, arg, *, memory_size: int) -> ml_collections.ConfigDict:
+  """XBM/XBN recipe: contrastive loss against an adapted cross-batch memory.
+
+  Arguments: `adapt=none|moments|kalman` (none is XBM), `smoke`, `demo`,
+  `seed=N`. XBM's published SOP settings (PAPERS.md section 2).
+  """
+  arg = config_lib.parse_arg(arg, smoke=False, demo=False, adapt="moments", seed=0)
+  if arg.adapt not in ("none", "moments", "kalman"):
+    raise ValueError(f"adapt={arg.adapt!r}: expected 'none' (XBM), 'moments' "
+                     "(XBN) or 'kalman' (XBN with Kalman-filtered moments).")
+  c = single_task(dataset, seed=arg.seed)
+  c.memory.size = memory_size
+  c.memory.start_step = 1_000
+  c.memory.adapt = arg.adapt
+  if arg.smoke or arg.demo:
+    on_embedded_data(c, smoke=arg.smoke)
+  return c
