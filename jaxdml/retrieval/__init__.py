@@ -1,0 +1,166 @@
+"""Retrieval evaluation: nearest-neighbour search, metrics, pictures.
+
+Protocols:
+- same set, leave-one-out (CUB, Cars, SOP): ``evaluate(emb, labels)``;
+- query -> gallery (In-Shop, DeepFashion2):
+  ``evaluate(q, q_labels, g, g_labels)``;
+- sketch -> photo with instance and category hits (Sketchy): one ``search``,
+  then ``metrics_from_neighbors`` once per label set, with
+  ``count_relevant`` giving each label set's R.
+"""
+import numpy as np
+
+from jaxdml.retrieval import exact
+from jaxdml.retrieval import metrics as metrics_lib
+from jaxdml.retrieval import scann_backend
+from jaxdml.retrieval.metrics import count_relevant
+from jaxdml.retrieval.metrics import metrics_from_neighbors
+from jaxdml.retrieval.picture import save_retrieval_grid
+
+__all__ = ["evaluate", "search", "metrics_from_neighbors", "count_relevant",
+           "save_retrieval_grid", "BACKENDS"]
+
+BACKENDS = ("exact", "scann")
+
+
+def _check_embeddings(name, x):
+  x = np.asarray(x)
+  if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+    raise ValueError(f"{name} must be a numeric [N, D] array, got shape "
+                     f"{x.shape} dtype {x.dtype}.")
+  if x.shape[0] == 0:
+    raise ValueError(f"{name} is empty.")
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"{name} has NaN or inf values; fix the embedding model "
+                     "or drop those rows before retrieval.")
+  return x
+
+
+def search(query, gallery, k, *, exclude_self=False, backend="exact",
+           similarity="cosine", scann_config=None, mesh=None):
+  """Top-k gallery items for each query, best first.
+
+  Args:
+    query: [Q, D] embeddings.
+    gallery: [G, D] embeddings.
+    k: neighbours per query, 1 <= k <= G (G - 1 with ``exclude_self``).
+    exclude_self: queries and gallery are the same set (row i of both is
+      item i): item i is removed from query i's results by index, so exact
+      duplicates of the query are still returned.
+    backend: ``"exact"`` (JAX, blocked and sharded over ``mesh``) or
+      ``"scann"`` (approximate; settings from the gallery size, overridden
+      by ``scann_config``, see ``scann_backend.default_config``).
+    similarity: ``"cosine"`` (rows L2-normalised, then inner product),
+      ``"dot"``, or ``"euclidean"`` (score = minus the squared distance).
+    scann_config: dict of ScaNN settings; ignored by the exact backend, so
+      one config can switch backends.
+    mesh: 1-D mesh with axis ``data`` for the exact backend; default all
+      local devices. The gallery is sharded over it.
+
+  Returns:
+    ``(scores float32 [Q, k], indices int64 [Q, k])`` as numpy; larger score
+    is better. Exact ties go to the lower gallery index (faiss, used by
+    AccuracyCalculator, may order ties differently).
+  """
+  query = _check_embeddings("query", query)
+  gallery = _check_embeddings("gallery", gallery)
+  if query.shape[1] != gallery.shape[1]:
+    raise ValueError(f"query dim {query.shape[1]} != gallery dim "
+                     f"{gallery.shape[1]}; embed both with the same head.")
+  if exclude_self and query.shape[0] != gallery.shape[0]:
+    raise ValueError("exclude_self=True needs query and gallery to be the same "
+                     f"set, got {query.shape[0]} and {gallery.shape[0]} rows.")
+  available = gallery.shape[0] - int(bool(exclude_self))
+  if not 1 <= int(k) <= available:
+    raise ValueError(f"k={k} must be in [1, {available}] (gallery size"
+                     f"{' minus the query itself' if exclude_self else ''}).")
+  if similarity not in exact.SIMILARITIES:
+    raise ValueError(f"similarity={similarity!r}; choose from "
+                     f"{exact.SIMILARITIES}.")
+  if backend == "exact":
+    return exact.search(query, gallery, int(k), exclude_self=exclude_self,
+                        similarity=similarity, mesh=mesh)
+  if backend == "scann":
+    return scann_backend.search(query, gallery, int(k),
+                                exclude_self=exclude_self,
+                                similarity=similarity,
+                                scann_config=scann_config)
+  raise ValueError(f"backend={backend!r}; choose from {BACKENDS}.")
+
+
+def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
+             gallery_labels=None, *, ks=(1, 2, 4, 8), backend="exact",
+             metrics=("recall", "r_precision", "map@r"), scann_config=None,
+             similarity="cosine", mesh=None):
+  """Retrieval metrics of queries against a gallery.
+
+  Args:
+    query_embeddings, query_labels: [Q, D] and int [Q].
+    gallery_embeddings, gallery_labels: [G, D] and int [G]; both None for
+      the same-set leave-one-out protocol (each query excluded from its own
+      results by index), as for CUB, Cars and SOP.
+    ks: the K of ``recall@K``.
+    backend, similarity, scann_config, mesh: as in ``search``.
+    metrics: subset of ``("recall", "r_precision", "map@r", "map")``; see
+      ``metrics_from_neighbors``. ``"map"`` ranks the whole gallery, so it
+      needs ``backend="exact"`` and costs a full sort per query.
+
+  Returns:
+    dict: ``recall@K`` per K, ``r_precision``, ``map@r``, ``map`` as asked,
+    averaged over the queries with at least one relevant gallery item.
+
+  The search depth is k = max(max(ks), max R) with R the relevant count per
+  query (what AccuracyCalculator's ``k="max_bin_count"`` does), capped at
+  the gallery size. There is no further cap: results are consumed block by
+  block, so memory stays at [block, k] whatever the largest class.
+  """
+  metric_names, ks = metrics_lib.check_metrics(metrics, ks)
+  same_set = gallery_embeddings is None
+  if same_set != (gallery_labels is None):
+    raise ValueError("Pass gallery_embeddings and gallery_labels together, or "
+                     "neither for the same-set protocol.")
+  query_embeddings = _check_embeddings("query_embeddings", query_embeddings)
+  query_labels = np.asarray(query_labels)
+  if same_set:
+    gallery_embeddings, gallery_labels = query_embeddings, query_labels
+  gallery_embeddings = _check_embeddings("gallery_embeddings",
+                                         gallery_embeddings)
+  gallery_labels = np.asarray(gallery_labels)
+  for name, emb, lab in (("query", query_embeddings, query_labels),
+                         ("gallery", gallery_embeddings, gallery_labels)):
+    if lab.shape != (emb.shape[0],):
+      raise ValueError(f"{name}_labels must have shape [{emb.shape[0]}] to "
+                       f"match {name}_embeddings, got {lab.shape}.")
+  rel = count_relevant(query_labels, gallery_labels, same_set=same_set)
+  available = gallery_embeddings.shape[0] - int(same_set)
+  if "recall" in metric_names and max(ks) > available:
+    raise ValueError(f"recall@{max(ks)} needs {max(ks)} neighbours but the "
+                     f"gallery offers {available}; lower ks.")
+  if "map" in metric_names:
+    if backend != "exact":
+      raise ValueError("metric 'map' ranks the whole gallery: use "
+                       "backend='exact', or drop 'map' for backend='scann'.")
+    k = available
+  else:
+    need_r = any(m in metrics_lib.NEEDS_R for m in metric_names)
+    k = max(max(ks) if "recall" in metric_names else 1,
+            int(rel.max()) if need_r else 1)
+    k = max(1, min(k, available))
+  if backend == "exact":
+    blocks = exact.search_blocks(query_embeddings, gallery_embeddings, k,
+                                 exclude_self=same_set, similarity=similarity,
+                                 mesh=mesh)
+  else:
+    _, idx = search(query_embeddings, gallery_embeddings, k,
+                    exclude_self=same_set, backend=backend,
+                    similarity=similarity, scann_config=scann_config)
+    blocks = [(0, None, idx)]
+  parts = []
+  for start, _, idx in blocks:
+    end = start + idx.shape[0]
+    values, _ = metrics_lib.per_query(gallery_labels[idx],
+                                      query_labels[start:end], rel[start:end],
+                                      ks, metric_names)
+    parts.append(values)
+  values = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+  return metrics_lib.average(values, rel > 0)
