@@ -1,0 +1,148 @@
+"""Normalisation and pooling layers shared by the encoders, and the embedding head.
+
+`BatchNorm` lives here (not in resnet.py) because both the CNN encoders and the
+"bn" embedding head use it, and the encoders import this module.
+
+Embedding head: pooling ("avg" | "gem" | "cls" | "avgmax") -> optional linear
+projection to `embed_dim` -> `head_norm` ("bn" | "l2" | "none").
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+POOLINGS = ("avg", "gem", "cls", "avgmax")
+HEAD_NORMS = ("bn", "l2", "none")
+# Parameters under this module name are never in torchvision/timm checkpoints;
+# `load_torch_weights` initialises them freshly.
+HEAD_NAME = "embed_head"
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis with torch semantics and a fast training path.
+
+  Training statistics are one-pass (mean and mean of squares, float32) and the
+  affine is folded into one per-channel scale and shift, which measurably
+  speeds up the backward pass on CPU (see shared/anchors/README.md). Running
+  statistics follow torch: momentum 0.1 and the unbiased batch variance.
+  `frozen=True` uses the running statistics in training too (affine still
+  trained), as RAML and OBD-SD do. Statistics are over all leading axes, so a
+  batch sharded over devices gets global (synchronised) statistics under jit.
+  """
+  frozen: bool = False
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    if train and not self.frozen:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axes)
+      var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        n = x.size // c
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
+        unbiased = var * (n / max(n - 1, 1))
+        ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    add = bias - mean * mul
+    return x.astype(self.dtype) * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  """Rows of `x` divided by their L2 norm (float32), safe at zero."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps * eps))
+
+
+def check_head_options(*, pooling, head_norm, num_classes, embed_dim, allowed_pooling):
+  """Raises ValueError naming the bad option; shared by all encoders."""
+  if pooling not in allowed_pooling:
+    raise ValueError(f"pooling={pooling!r} is not supported here; use one of {allowed_pooling}.")
+  if head_norm not in HEAD_NORMS:
+    raise ValueError(f"head_norm={head_norm!r} is unknown; use one of {HEAD_NORMS}.")
+  if num_classes is not None and embed_dim is not None:
+    raise ValueError("num_classes and embed_dim are exclusive: num_classes gives classifier "
+                     "logits (torchvision layout), embed_dim an embedding; set only one.")
+  if num_classes is not None and pooling not in ("avg", "cls"):
+    raise ValueError(f"pooling={pooling!r} with num_classes: the torchvision/timm classifier "
+                     "layout uses 'avg' (CNN) or 'cls' (ViT) pooling.")
+
+
+def pool(local, *, kind: str, cls=None, p=None, eps: float = 1e-6):
+  """Pools local features `[B, N, C]` (CNN positions or ViT patch tokens) to `[B, C]`.
+
+  "avgmax" is the sum of average and max pooling (the Proxy-Anchor/OBD-SD
+  convention; our choice where OBD-SD's text says only "avg+max"), so the width
+  stays C. GeM clamps at `eps` before the power, as in cirtorch.
+  """
+  if kind == "avg":
+    return jnp.mean(local.astype(jnp.float32), axis=1)
+  if kind == "avgmax":
+    lf = local.astype(jnp.float32)
+    return jnp.mean(lf, axis=1) + jnp.max(lf, axis=1)
+  if kind == "gem":
+    x = jnp.maximum(local.astype(jnp.float32), eps)
+    return jnp.mean(x ** p, axis=1) ** (1.0 / p)
+  if kind == "cls":
+    if cls is None:
+      raise ValueError("pooling='cls' needs a CLS token; only ViT encoders have one.")
+    return cls.astype(jnp.float32)
+  raise ValueError(f"unknown pooling {kind!r}; use one of {POOLINGS}.")
+
+
+class EmbeddingHead(nn.Module):
+  """Pooling -> optional Linear(embed_dim) -> head_norm; returns (embedding, pooled).
+
+  "bn" is the SBIR recipe's BatchNorm embedding (BatchNorm1d with affine,
+  torch defaults; our choice where the paper is silent); it keeps its own
+  statistics even when the backbone BN is frozen. GeM's p is a learnable
+  scalar initialised to 3. The embedding is float32 whatever the compute dtype.
+  """
+  pooling: str = "avg"
+  embed_dim: int | None = None
+  head_norm: str = "l2"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, local, cls=None, train: bool = False):
+    p = None
+    if self.pooling == "gem":
+      p = self.param("p", nn.initializers.constant(3.0), (1,), jnp.float32)[0]
+    pooled = pool(local, kind=self.pooling, cls=cls, p=p)
+    z = pooled
+    if self.embed_dim is not None:
+      z = nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(z.astype(self.dtype))
+    if self.head_norm == "bn":
+      z = BatchNorm(dtype=jnp.float32, name="bn")(z.astype(jnp.float32), train)
+    elif self.head_norm == "l2":
+      z = l2_normalize(z)
+    return z.astype(jnp.float32), pooled
+
+
+def encoder_output(local, *, cls=None, num_classes, classifier_name, pooling, embed_dim,
+                   head_norm, dtype, train):
+  """The common end of every encoder, called inside its compact `__call__`.
+
+  With `num_classes`: pooled features -> Dense named `classifier_name` ("fc" in
+  torchvision, "head" in timm), logits out. Otherwise the `EmbeddingHead`.
+  Returns `(output, {"features": pooled})`.
+  """
+  if num_classes is not None:
+    pooled = pool(local, kind=pooling, cls=cls)
+    logits = nn.Dense(num_classes, dtype=dtype, name=classifier_name)(pooled.astype(dtype))
+    return logits.astype(jnp.float32), {"features": pooled}
+  z, pooled = EmbeddingHead(pooling=pooling, embed_dim=embed_dim, head_norm=head_norm,
+                            dtype=dtype, name=HEAD_NAME)(local, cls, train)
+  return z, {"features": pooled}
