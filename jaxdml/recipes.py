@@ -68,7 +68,8 @@ def on_embedded_data(c: ml_collections.ConfigDict, *, smoke: bool) -> None:
   where they matter (memory several times the batch).
   """
   c.data.name = "synthetic_sketchy"
-  c.data.augment.random_resized_crop = False
+  # Category retrieval on a few hundred photos overfits without augmentation.
+  c.data.augment.scale = (0.5, 1.0)
   c.eval.backend = "exact"
   c.eval.ks = (1, 2, 4, 8)
   if smoke:
@@ -90,6 +91,13 @@ def on_embedded_data(c: ml_collections.ConfigDict, *, smoke: bool) -> None:
   else:
     c.model.name = "resnet_small"
     c.data.image_size = 64
+    # SOP-like: many classes of ~4 images (a photo and its 3 sketches).
+    c.data.single_labels = "instance"
+    c.data.synthetic = dict(num_categories=16, photos_per_category=24,
+                            sketches_per_photo=3, test_photos_per_category=6,
+                            image_size=64)
+    # From scratch, not fine-tuning a pretrained network: a larger step.
+    c.optimizer.lr = 1e-3
     c.batch_size = 16
     c.total_steps = 300
     c.log_every = 25

@@ -44,6 +44,9 @@ def default_data_config():
           "color_jitter": None,
       },
       "views": None,  # RAML: dict(num=8, hi=448, lo=224)
+      # Sketch/photo sets with one encoder: "category" classes of photos, or
+      # "instance": a photo and its sketches form a class.
+      "single_labels": "category",
       "num_threads": 8,
       "prefetch": 2,  # batches buffered ahead
   })
@@ -64,11 +67,23 @@ def _single_split(data_config, splits):
   """(train source, its labels) for the single-tower task.
 
   Sketch/photo sets (synthetic, Sketchy) train on their train photos with
-  *category* labels (our choice; sketches are not used in this mode).
+  *category* labels, or with `single_labels="instance"` on photos and
+  sketches together, one class per photo (like SOP: many small classes).
   """
   if sources.kind(_get(data_config, "name", sources.SYNTHETIC)) == "sbir":
-    return splits["train_photos"], splits["train_photos"].field("category")
+    source, label = _sketch_photo_single(data_config, splits, "train")
+    return source, source.field(label)
   return splits["train"], splits["train"].field("label")
+
+
+def _sketch_photo_single(data_config, splits, split):
+  """(source, label field) of a sketch/photo set used by one encoder."""
+  labels = _get(data_config, "single_labels", "category")
+  if labels == "category":
+    return splits[f"{split}_photos"], "category"
+  if labels == "instance":
+    return sources.ConcatSource(splits[f"{split}_photos"], splits[f"{split}_sketches"]), "photo_id"
+  raise ValueError(f"config.data.single_labels={labels!r}: expected 'category' or 'instance'.")
 
 
 def _augment_kwargs(data_config):
@@ -227,7 +242,8 @@ class LazyImages:
 
 
 def _eval_images(source, size, threads):
-  if isinstance(source, sources.ArraySource):
+  if isinstance(source, sources.ArraySource) or (
+      isinstance(source, sources.ConcatSource) and source.in_memory()):
     images = source.images()
     if images.shape[1:3] == (size, size):  # the synthetic set is made at size
       return images
@@ -267,7 +283,8 @@ def eval_sets(data_config, *, task, image_size=None):
     if task == "sbir":
       return {"query": pack(splits["test_sketches"], "photo_id", "category"),
               "gallery": pack(splits["test_photos"], "photo_id", "category")}
-    return {"query": pack(splits["test_photos"], "category", "category"), "gallery": None}
+    source, label = _sketch_photo_single(data_config, splits, "test")
+    return {"query": pack(source, label, "category"), "gallery": None}
   if kind == "same":
     return {"query": pack(splits["test"], "label", "label"), "gallery": None}
   return {"query": pack(splits["query"], "label", "label"),

@@ -60,6 +60,30 @@ class ArraySource:
     return self._fields[name]
 
 
+class ConcatSource:
+  """Several sources read as one: rows of the first, then of the second, ..."""
+
+  def __init__(self, *parts):
+    self._parts = parts
+    self._starts = np.cumsum([0] + [len(p) for p in parts])
+
+  def __len__(self):
+    return int(self._starts[-1])
+
+  def image(self, i):
+    part = int(np.searchsorted(self._starts, i, side="right")) - 1
+    return self._parts[part].image(int(i) - int(self._starts[part]))
+
+  def field(self, name):
+    return np.concatenate([p.field(name) for p in self._parts])
+
+  def in_memory(self):
+    return all(isinstance(p, ArraySource) for p in self._parts)
+
+  def images(self):
+    return np.concatenate([p.images() for p in self._parts])
+
+
 class TfdsSource:
   """One split of a prepared TFDS data set, read lazily with `tfds.data_source`."""
 
