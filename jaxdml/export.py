@@ -1,0 +1,228 @@
+"""TF SavedModel export of trained encoders, via jax2tf.
+
+    python -m jaxdml.main --config=... --workdir=DIR --mode=export
+
+writes `DIR/export/` from the latest checkpoint: signatures take `images`
+(uint8 [batch, H, W, 3], any batch size and any H, W) and return
+`embeddings` (float32). `serving_default` is the gallery encoder; two-tower
+models (SBIR) also get `query`, the sketch encoder. Resizing to the
+config's image size (bilinear, no antialiasing, in TF: jax.image.resize
+needs static H, W) and normalisation (in the converted JAX function) happen
+inside the graph. The image size is saved as the variable `image_size` and,
+with the step, platforms and config, in `export/jaxdml_export.json`.
+`load_embed_fn` rebuilds the JAX function the export was made from (from
+the checkpoint the manifest names) so anyone can check parity.
+
+The converted function is lowered for cpu, cuda and tpu at once (one
+SavedModel for all three); a platform some op has no lowering for is dropped
+with a warning, and the manifest's `platforms` lists what each signature
+kept. Export runs in one process on one device: it needs only the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxdml import checkpoint as checkpoint_lib
+from jaxdml import config_lib, data as data_lib, optim
+
+EXPORT_DIR = "export"
+MANIFEST = "jaxdml_export.json"
+# Lowered for all three so one SavedModel serves on CPU, GPU and TPU.
+PLATFORMS = ("cpu", "cuda", "tpu")
+_KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+_TOWERS = {"gallery": "serving_default", "query": "query"}
+
+
+def _towers(config) -> dict:
+  """Signature name -> model method (None: `__call__`)."""
+  if config.task == "sbir":
+    return {"serving_default": "embed_gallery", "query": "embed_query"}
+  return {"serving_default": None}
+
+
+def _restore_variables(config, workdir: str, step: int | None = None):
+  """`(model, numpy variables, step)` from the workdir's checkpoint."""
+  from jaxdml import train  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  # Checked before the Checkpointer, which would create the directory.
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    raise FileNotFoundError(
+        f"No checkpoint in {directory}: train first (--mode=train) with the "
+        "same --workdir, then export.")
+  model = train.build_model(config)
+  tx, _ = optim.make_optimizer(config.optimizer, int(config.total_steps))
+  # One local device: the parameters are replicated, so any layout restores.
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))
+  ckpt = checkpoint_lib.Checkpointer(workdir, model_config=config.model,
+                                     async_save=False)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(
+          f"No checkpoint in {ckpt.directory}: train first (--mode=train) with "
+          "the same --workdir, then export.")
+    if step is not None and int(step) not in ckpt.manager.all_steps():
+      raise FileNotFoundError(
+          f"No checkpoint for step {step} in {ckpt.directory}; it has steps "
+          f"{sorted(ckpt.manager.all_steps())}. Pass one of those or step=None "
+          "(the latest).")
+    target, _ = train.abstract_state(config, model, tx, mesh)
+    state = ckpt.restore(target, step)
+  finally:
+    ckpt.close()
+  variables = {"params": state["params"]}
+  if jax.tree.leaves(state["batch_stats"]):
+    variables["batch_stats"] = state["batch_stats"]
+  return model, jax.device_get(variables), int(jax.device_get(state["step"]))
+
+
+def _embed_fn(model, method):
+  """float32 images in [0, 255] at the model size -> float32 embeddings."""
+  def embed(variables, images):
+    normalised = data_lib.normalize(images)
+    out, _ = model.apply(variables, normalised, train=False, method=method)
+    return out.astype(jnp.float32)
+  return embed
+
+
+def _platforms_that_lower(embed, variables, size: int, platforms) -> tuple:
+  """The platforms, of those whose joint lowering failed, that lower alone.
+
+  Failing ones are dropped with a warning, so a CPU/GPU export still comes
+  out when, say, one op has no TPU lowering; none at all is an error.
+  """
+  b, = jax.export.symbolic_shape("b")
+  args = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables),
+          jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32))
+  errors = {}
+  for platform in platforms:
+    try:
+      jax.export.export(jax.jit(embed), platforms=(platform,))(*args)
+    except Exception as err:  # pylint: disable=broad-except
+      errors[platform] = str(err)[:500]
+  ok = tuple(p for p in platforms if p not in errors)
+  if not ok:
+    raise ValueError(f"The encoder does not lower for any of the platforms "
+                     f"{platforms}: {errors}")
+  logging.warning("Export: dropping platforms %s, which do not lower: %s",
+                  sorted(errors), errors)
+  return ok
+
+
+def _serving_fn(tf, converted, variables, size: int):
+  """A tf.function `images (uint8) -> {"embeddings": ...}` for one tower."""
+  def serve(images):
+    resized = tf.image.resize(tf.cast(images, tf.float32), (size, size),
+                              method="bilinear", antialias=False)
+    return {"embeddings": converted(variables, resized)}
+  return tf.function(serve, autograph=False, input_signature=[
+      tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+
+
+def export_saved_model(config, workdir: str, *, step: int | None = None,
+                       platforms=PLATFORMS) -> str:
+  """Writes the SavedModel of `workdir`'s checkpoint to `workdir/export`.
+
+  `step` picks a checkpoint (default: the latest); `platforms` are those the
+  converted function is lowered for (a platform it cannot be lowered for is
+  dropped with a warning; the manifest lists those kept). The directory is
+  replaced only once the new export is complete. Returns its path.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+
+  platforms = tuple(platforms)
+  unknown = [p for p in platforms if p not in _KNOWN_PLATFORMS]
+  if unknown or not platforms:
+    raise ValueError(f"platforms={platforms}: each must be one of "
+                     f"{_KNOWN_PLATFORMS}, e.g. platforms=('cpu', 'cuda').")
+  model, variables, step = _restore_variables(config, workdir, step)
+  size = int(config.data.image_size)
+  module = tf.Module()
+  # Parameters as tf.Variables: stored once, shared by both signatures. The
+  # tree stays a plain dict (a tracked module attribute would be wrapped,
+  # which JAX's tree functions do not see through); the flat list is tracked.
+  tf_variables = jax.tree.map(lambda x: tf.Variable(x, trainable=False), variables)
+  module.flat_variables = jax.tree.leaves(tf_variables)
+  module.image_size = tf.Variable(size, trainable=False, dtype=tf.int32)
+  signatures, lowered = {}, {}
+  for signature, method in _towers(config).items():
+    embed = _embed_fn(model, method)
+
+    def make(subset, embed=embed):
+      converted = jax2tf.convert(
+          embed, with_gradient=False,
+          polymorphic_shapes=[None, f"(b, {size}, {size}, 3)"],
+          native_serialization_platforms=subset)
+      fn = _serving_fn(tf, converted, tf_variables, size)
+      return fn, fn.get_concrete_function()  # Lowers here.
+
+    try:
+      fn, concrete = make(platforms)
+      lowered[signature] = platforms
+    except Exception:  # pylint: disable=broad-except
+      # One multi-platform lowering is the common case; only on failure are
+      # the platforms tried one by one.
+      lowered[signature] = _platforms_that_lower(embed, variables, size, platforms)
+      fn, concrete = make(lowered[signature])
+    setattr(module, signature, fn)
+    signatures[signature] = concrete
+  path = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
+  tmp = path + ".tmp"
+  if tf.io.gfile.exists(tmp):
+    tf.io.gfile.rmtree(tmp)
+  tf.saved_model.save(module, tmp, signatures=signatures)
+  manifest = {"step": step, "image_size": size, "workdir": os.path.abspath(workdir),
+              "signatures": {k: v or "__call__" for k, v in _towers(config).items()},
+              "platforms": lowered, "config": json.loads(config.to_json())}
+  with tf.io.gfile.GFile(os.path.join(tmp, MANIFEST), "w") as f:
+    f.write(json.dumps(manifest, indent=2))
+  # Swap in the new export only when it is complete.
+  if tf.io.gfile.exists(path):
+    tf.io.gfile.rmtree(path)
+  tf.io.gfile.rename(tmp, path)
+  return path
+
+
+def load_embed_fn(export_dir: str, tower: str = "gallery"):
+  """The JAX function an export was made from: uint8 images -> embeddings.
+
+  Restores the exported step from the checkpoint the manifest names (so it
+  needs that workdir) and applies the same resize (bilinear, no antialias,
+  here `jax.image.resize`) and normalisation. `tower` is `"gallery"`
+  (`serving_default`) or, for two-tower models, `"query"`.
+  """
+  manifest_path = os.path.join(export_dir, MANIFEST)
+  if not os.path.exists(manifest_path):
+    raise FileNotFoundError(
+        f"{manifest_path} not found: {export_dir} is not a jaxdml export; "
+        "make one with --mode=export.")
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  config = ml_collections.ConfigDict(manifest["config"])
+  towers = _towers(config)
+  if tower not in _TOWERS or _TOWERS[tower] not in towers:
+    names = [t for t, s in _TOWERS.items() if s in towers]
+    raise ValueError(f"tower={tower!r}: this export has the towers {names}; "
+                     "'query' exists only for two-tower (sbir) models.")
+  model, variables, _ = _restore_variables(config, manifest["workdir"], manifest["step"])
+  size = int(manifest["image_size"])
+  embed = jax.jit(_embed_fn(model, towers[_TOWERS[tower]]))
+
+  def fn(images):
+    images = jnp.asarray(np.asarray(images), jnp.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"expected images [batch, H, W, 3], got {images.shape}.")
+    if images.shape[1:3] != (size, size):
+      images = jax.image.resize(images, (images.shape[0], size, size, 3),
+                                method="bilinear", antialias=False)
+    return embed(variables, images)
+  return fn

@@ -1,0 +1,65 @@
+"""One process of `tests/test_multiprocess.py`, started by the test with
+`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` and
+4 fake CPU devices in its environment.
+
+    python tests/multiprocess_worker.py train WORKDIR STOP_AFTER
+        trains the smoke config (`mp_config()`) for STOP_AFTER steps, as
+        `python -m jaxdml.main` would (sharding.maybe_initialize_distributed
+        runs inside train.setup).
+    python tests/multiprocess_worker.py batch WORKDIR
+        assembles a global batch from per-process rows and writes what the
+        jitted computation saw to WORKDIR/batch_<process>.json.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def mp_config():
+  """The smoke SBIR config, eval off, 4 steps, checkpoints at 3 and 4."""
+  spec = importlib.util.spec_from_file_location(
+      "sketchy_rtl", os.path.join(ROOT, "configs", "sketchy_rtl.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke")
+  config.total_steps = 4
+  config.checkpoint_every = 3
+  config.eval.enabled = False
+  return config
+
+
+def train(workdir, stop_after):
+  from jaxdml import train as train_lib  # pylint: disable=g-import-not-at-top
+  train_lib.train_and_evaluate(mp_config(), workdir, stop_after=int(stop_after))
+
+
+def batch(workdir):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxdml import sharding  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()
+  mesh = sharding.make_mesh()
+  # Process p holds global rows 4p .. 4p+3, as the data pipeline hands them out.
+  rows = 8 // jax.process_count()
+  local = {"x": np.arange(rows * jax.process_index(), rows * (jax.process_index() + 1),
+                          dtype=np.float32)}
+  x = sharding.global_batch(local, mesh)["x"]
+  total = jax.jit(lambda v: (v * np.arange(1, 9, dtype=np.float32)).sum(),
+                  out_shardings=sharding.replicated(mesh))(x)
+  result = {"process_count": jax.process_count(),
+            "device_count": jax.device_count(),
+            "local_device_count": jax.local_device_count(),
+            "global_shape": list(x.shape),
+            "weighted_sum": float(sharding.to_host(total)),
+            "gathered": sharding.to_host(x).tolist()}
+  with open(os.path.join(workdir, f"batch_{jax.process_index()}.json"), "w") as f:
+    json.dump(result, f)
+
+
+if __name__ == "__main__":
+  {"train": train, "batch": batch}[sys.argv[1]](*sys.argv[2:])

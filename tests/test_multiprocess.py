@@ -1,0 +1,124 @@
+"""Two jax.distributed processes on localhost, 4 fake CPU devices each.
+
+The pair must see one 8-device mesh, train exactly like one process with 8
+devices, write metrics.jsonl once (process 0), and leave a checkpoint that
+one process restores and continues from as if nothing had happened. Every
+child runs under a timeout and is killed on it, so a hung collective fails
+the test instead of hanging it.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdml import metrics_writer, train
+from test_train import ROOT
+
+import multiprocess_worker
+
+pytestmark = pytest.mark.multiprocess
+WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_pair(*args, workdir, timeout):
+  """Runs the worker as processes 0 and 1; fails with their logs on error."""
+  port = free_port()
+  os.makedirs(workdir, exist_ok=True)
+  procs, logs = [], []
+  for i in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+    env.pop("JAXDML_NO_DISTRIBUTED", None)
+    log = open(os.path.join(workdir, f"process_{i}.log"), "w+")
+    logs.append(log)
+    procs.append(subprocess.Popen([sys.executable, WORKER, *args], cwd=ROOT, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT))
+  deadline = time.monotonic() + timeout
+  try:
+    # A process that fails leaves its peer blocked in a collective: stop
+    # waiting as soon as one fails, not at the deadline.
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+      if any(p.poll() not in (None, 0) for p in procs):
+        break
+      time.sleep(0.2)
+  finally:
+    killed = [i for i, p in enumerate(procs) if p.poll() is None]
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  tails = []
+  for i, log in enumerate(logs):
+    log.seek(0)
+    tails.append(f"--- process {i} (rc={procs[i].returncode}) ---\n"
+                 + log.read()[-3000:])
+    log.close()
+  why = f"killed processes {killed} (timeout {timeout}s or a failed peer)\n" if killed else ""
+  assert all(p.returncode == 0 for p in procs), why + "\n".join(tails)
+
+
+def test_global_batch_spans_both_processes(tmp_path):
+  run_pair("batch", str(tmp_path), workdir=str(tmp_path), timeout=180)
+  for i in range(2):
+    with open(tmp_path / f"batch_{i}.json") as f:
+      seen = json.load(f)
+    assert seen["process_count"] == 2 and seen["device_count"] == 8
+    assert seen["local_device_count"] == 4 and seen["global_shape"] == [8]
+    # Process 0's rows come first, as the data pipeline numbers them.
+    assert seen["gathered"] == list(range(8))
+    assert seen["weighted_sum"] == sum(i * (i + 1) for i in range(8))
+
+
+def params_at(workdir, config, step):
+  mesh, model, tx, _, ckpt = train.setup(config, workdir)
+  target, _ = train.abstract_state(config, model, tx, mesh)
+  state = ckpt.restore(target, step)
+  ckpt.close()
+  return jax.tree.map(np.asarray, jax.device_get(state["params"]))
+
+
+def assert_params_close(a, b):
+  def check(path, x, y):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  jax.tree_util.tree_map_with_path(check, a, b)
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics_writer.read_metrics(workdir) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_one_process_resumes(tmp_path):
+  config = multiprocess_worker.mp_config()  # 4 steps, checkpoints at 3 and 4.
+  pair, single = str(tmp_path / "pair"), str(tmp_path / "single")
+  run_pair("train", pair, "3", workdir=pair, timeout=540)
+  # One line per step: only process 0 writes metrics.
+  assert [r["step"] for r in metrics_writer.read_metrics(pair)] == [1, 2, 3]
+
+  train.train_and_evaluate(config, single)  # One process, 8 devices, 4 steps.
+  straight = losses(single)
+  assert sorted(straight) == [1, 2, 3, 4]
+  np.testing.assert_allclose([losses(pair)[s] for s in (1, 2, 3)],
+                             [straight[s] for s in (1, 2, 3)], rtol=1e-5, atol=1e-5)
+  assert_params_close(params_at(pair, config, 3), params_at(single, config, 3))
+
+  # The pair's checkpoint, restored by one process, continues like the
+  # uninterrupted run.
+  train.train_and_evaluate(config, pair)
+  np.testing.assert_allclose(losses(pair)[4], straight[4], rtol=1e-5, atol=1e-5)
+  assert_params_close(params_at(pair, config, 4), params_at(single, config, 4))
