@@ -325,8 +325,13 @@ def test_missing_tfds_dataset_error_names_the_build_command(tmp_path):
   assert "demo" in msg and "synthetic_sketchy" in msg
 
 
-def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path):
+def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path, monkeypatch):
   tfds = pytest.importorskip("tensorflow_datasets")
+  from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
+  # The stand-in takes the real builder's name for this test only: a private
+  # registry copy, restored afterwards, so data_prep's builder is unaffected.
+  monkeypatch.setattr(registered, "_DATASET_REGISTRY", {
+      k: v for k, v in registered._DATASET_REGISTRY.items() if k != "jaxdml_cub"})
 
   class JaxdmlCub(tfds.core.GeneratorBasedBuilder):  # a stand-in under the real name
     VERSION = tfds.core.Version("0.0.1")

@@ -123,7 +123,10 @@ class EmbeddingHead(nn.Module):
     pooled = pool(local, kind=self.pooling, cls=cls, p=p)
     z = pooled
     if self.embed_dim is not None:
-      z = nn.Dense(self.embed_dim, dtype=self.dtype, name="proj")(z.astype(self.dtype))
+      # A bias before BatchNorm is cancelled by it: its true gradient is zero,
+      # and Adam would turn float noise in that gradient into lr-sized steps.
+      z = nn.Dense(self.embed_dim, use_bias=self.head_norm != "bn", dtype=self.dtype,
+                   name="proj")(z.astype(self.dtype))
     if self.head_norm == "bn":
       z = BatchNorm(dtype=jnp.float32, name="bn")(z.astype(jnp.float32), train)
     elif self.head_norm == "l2":
