@@ -102,7 +102,6 @@ def losses(workdir):
   return {r["step"]: r["loss"] for r in metrics_writer.read_metrics(workdir) if "loss" in r}
 
 
-@pytest.mark.slow
 def test_two_processes_train_like_one_and_one_process_resumes(tmp_path):
   config = multiprocess_worker.mp_config()  # 4 steps, checkpoints at 3 and 4.
   pair, single = str(tmp_path / "pair"), str(tmp_path / "single")
