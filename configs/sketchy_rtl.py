@@ -22,7 +22,7 @@ dimension, so distances scale with sqrt(dim)), AdamW 1e-4 with warmup + cosine.
 
 import ml_collections
 
-from jaxdml import config_lib
+from jaxdml import config_lib, recipes
 from jaxdml.data import default_data_config
 
 
@@ -33,17 +33,8 @@ def get_config(arg=None):
     raise ValueError(f"ablation={arg.ablation!r}: expected 'rtl' or 'triplet'.")
   if arg.embedding not in ("bn", "l2"):
     raise ValueError(f"embedding={arg.embedding!r}: expected 'bn' or 'l2'.")
-  c = ml_collections.ConfigDict()
-  c.seed = arg.seed
-  c.task = "sbir"
-  c.batch_size = 64
-  c.total_steps = 30_000
-  c.log_every = 50
-  c.eval_every = 2_000
-  c.checkpoint_every = 1_000
-  c.keep_checkpoints = 3
-  c.mesh = ml_collections.ConfigDict({"data": -1})
-  c.sharding = "replicated"
+  c = recipes.loop(seed=arg.seed, task="sbir", batch_size=64, total_steps=30_000,
+                   log_every=50, eval_every=2_000)
 
   embed_dim = 512
   head = dict(embed_dim=embed_dim, head_norm=arg.embedding)

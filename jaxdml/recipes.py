@@ -24,21 +24,29 @@ DATASETS = {
 }
 
 
-def single_task(dataset: str, *, seed: int = 0) -> ml_collections.ConfigDict:
-  """A ResNet-50 single-encoder recipe on `dataset`, to be specialised."""
-  if dataset not in DATASETS:
-    raise ValueError(f"dataset={dataset!r}: expected one of {sorted(DATASETS)}.")
+def loop(*, seed: int, task: str, batch_size: int, total_steps: int, log_every: int,
+         eval_every: int) -> ml_collections.ConfigDict:
+  """The fields every recipe sets: task, cadence, devices."""
   c = ml_collections.ConfigDict()
   c.seed = seed
-  c.task = "single"
-  c.batch_size = 64
-  c.total_steps = 35_000
-  c.log_every = 100
-  c.eval_every = 5_000
+  c.task = task
+  c.batch_size = batch_size
+  c.total_steps = total_steps
+  c.log_every = log_every
+  c.eval_every = eval_every
   c.checkpoint_every = 1_000
   c.keep_checkpoints = 3
   c.mesh = ml_collections.ConfigDict({"data": -1})
   c.sharding = "replicated"
+  return c
+
+
+def single_task(dataset: str, *, seed: int = 0) -> ml_collections.ConfigDict:
+  """A ResNet-50 single-encoder recipe on `dataset`, to be specialised."""
+  if dataset not in DATASETS:
+    raise ValueError(f"dataset={dataset!r}: expected one of {sorted(DATASETS)}.")
+  c = loop(seed=seed, task="single", batch_size=64, total_steps=35_000,
+           log_every=100, eval_every=5_000)
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50", embed_dim=128, pooling="avg", head_norm="l2"))
   c.loss = ml_collections.ConfigDict(dict(name="contrastive", distance="cosine",
