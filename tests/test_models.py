@@ -338,3 +338,41 @@ def test_two_tower():
   np.testing.assert_allclose(q, out["query"], atol=1e-6)
   with pytest.raises(ValueError, match="'name'"):
     models.get("two_tower", query=dict(embed_dim=8), gallery=dict(name="resnet_tiny"))
+
+
+@pytest.mark.parametrize("stride,size", [(1, 9), (2, 9), (2, 8)])
+def test_fast_conv_and_pool_match_xla_ops_in_value_and_gradient(stride, size):
+  """The CPU-fast rewrites (depthwise as shifted multiply-adds, im2col stems,
+  separable max pool) must equal the XLA ops they replace, gradients too."""
+  import flax.linen as nn
+  from jax import lax
+  from jaxdml.models import resnet as resnet_lib
+  rng = np.random.default_rng(stride * 10 + size)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 6)), jnp.float32)
+  dw = jnp.asarray(rng.normal(size=(3, 3, 6)), jnp.float32)
+  stem = jnp.asarray(rng.normal(size=(7, 7, 6, 4)), jnp.float32)
+  dims = ("NHWC", "HWIO", "NHWC")
+  pairs = {
+      "depthwise": (
+          lambda x, k: resnet_lib.depthwise_conv(x, k, strides=stride, padding=1),
+          lambda x, k: lax.conv_general_dilated(
+              x, k[:, :, None, :], (stride, stride), [(1, 1)] * 2,
+              dimension_numbers=dims, feature_group_count=6), dw),
+      "im2col": (
+          lambda x, k: resnet_lib._im2col_conv(x, k, strides=stride, padding=3),
+          lambda x, k: lax.conv_general_dilated(x, k, (stride, stride), [(3, 3)] * 2,
+                                                dimension_numbers=dims), stem),
+  }
+  for name, (fast, reference, kernel) in pairs.items():
+    np.testing.assert_allclose(fast(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5,
+                               err_msg=name)
+    loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(x, k))))
+    for g_fast, g_ref in zip(jax.grad(loss(fast), (0, 1))(x, kernel),
+                             jax.grad(loss(reference), (0, 1))(x, kernel)):
+      np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4, err_msg=name)
+  # Continuous random inputs have no ties, so max pooling's gradient is unique.
+  pool_ref = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_allclose(resnet_lib.max_pool_3x3_s2(x), pool_ref(x), atol=1e-6)
+  np.testing.assert_allclose(
+      jax.grad(lambda x: jnp.sum(jnp.sin(resnet_lib.max_pool_3x3_s2(x))))(x),
+      jax.grad(lambda x: jnp.sum(jnp.sin(pool_ref(x))))(x), atol=1e-5)

@@ -24,6 +24,9 @@ class Conv(nn.Module):
 
   A 1x1 convolution is a strided slice plus one matmul: XLA's CPU convolution
   path is slower than its dot path for these, mostly in the backward pass.
+  A depthwise convolution (groups == in == out) is k*k shifted multiply-adds:
+  XLA CPU runs `feature_group_count` convolutions 10-20x slower than that,
+  forward and backward (ShuffleNet's train step was dominated by them).
   """
   features: int
   kernel_size: int
@@ -43,9 +46,66 @@ class Conv(nn.Module):
         x = x[:, ::s, ::s, :]
       return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
     p = self.padding
+    if self.groups == cin == self.features and cin > 1:
+      return depthwise_conv(x, kernel[:, :, 0], strides=s, padding=p)
+    if self.groups == 1 and cin * k * k <= _IM2COL_MAX_DEPTH:
+      return _im2col_conv(x, kernel, strides=s, padding=p)
     return jax.lax.conv_general_dilated(
         x, kernel, (s, s), ((p, p), (p, p)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+
+
+# Stems (3 input channels) run as one matmul over k*k*cin patch features: XLA
+# CPU's convolution reaches ~5 GFLOP/s there (a ShuffleNet stem took 58 ms).
+_IM2COL_MAX_DEPTH = 160
+
+
+def _shifted(x, i, j, ho, wo, s):
+  return x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+
+
+def _im2col_conv(x, kernel, *, strides: int, padding: int):
+  kh, kw, cin, out = kernel.shape
+  b, h, w, _ = x.shape
+  p, s = padding, strides
+  x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+  cols = jnp.concatenate([_shifted(x, i, j, ho, wo, s) for i in range(kh) for j in range(kw)], -1)
+  return jnp.einsum("bhwk,kd->bhwd", cols, kernel.reshape(kh * kw * cin, out))
+
+
+def max_pool_3x3_s2(x):
+  """NHWC 3x3 max pooling, stride 2, padding 1 (the ResNet/ShuffleNet stem), as `nn.max_pool`.
+
+  Separable (rows, then columns) on a [.., h/2, 2, w/2, 2, ..] view, so every
+  slice is contiguous: its backward is a few selects and plain pads, ~3x faster
+  on CPU than JAX's select-and-scatter emulation (a reduce-window over
+  value/index pairs) or strided slices (pads with interior padding). Ties split
+  the gradient evenly where torch picks one; ties come only from equal inputs
+  (e.g. zeros after a ReLU, whose gradient the ReLU drops anyway).
+  """
+  b, h, w, c = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  x = jnp.pad(x, ((0, 0), (1, 2 * ho + 1 - h), (1, 2 * wo + 1 - w), (0, 0)),
+              constant_values=-jnp.inf).reshape(b, ho + 1, 2, wo + 1, 2, c)
+  # Padded index 2*o + k for window offset k = 0, 1, 2 is (block o, phase k) or (o + 1, 0).
+  r = jnp.maximum(jnp.maximum(x[:, :, :, :wo, 0], x[:, :, :, :wo, 1]), x[:, :, :, 1:, 0])
+  return jnp.maximum(jnp.maximum(r[:, :ho, 0], r[:, :ho, 1]), r[:, 1:, 0])
+
+
+def depthwise_conv(x, kernel, *, strides: int, padding: int):
+  """Depthwise NHWC convolution with `kernel [kh, kw, C]` as kh*kw shifted multiply-adds."""
+  kh, kw, _ = kernel.shape
+  b, h, w, c = x.shape
+  p, s = padding, strides
+  x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = _shifted(x, i, j, ho, wo, s) * kernel[i, j]
+      out = term if out is None else out + term
+  return out
 
 
 class BasicBlock(nn.Module):
@@ -125,7 +185,7 @@ class ResNet(nn.Module):
       block_cls = nn.remat(block_cls, static_argnums=(2,))
     x = Conv(self.stem_width, 7, 2, 3, dtype=self.dtype, name="conv1")(images)
     x = nn.relu(heads.BatchNorm(frozen=self.frozen_bn, dtype=self.dtype, name="bn1")(x, train))
-    x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    x = max_pool_3x3_s2(x)
     for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(n):
         strides = 2 if i > 0 and j == 0 else 1

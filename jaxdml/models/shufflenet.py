@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdml.models import heads
-from jaxdml.models.resnet import Conv
+from jaxdml.models.resnet import Conv, max_pool_3x3_s2
 
 
 def channel_shuffle(x, groups: int = 2):
@@ -81,7 +81,7 @@ class ShuffleNetV2(nn.Module):
     ch = self.stage_out_channels
     x = Conv(ch[0], 3, 2, 1, dtype=self.dtype, name="conv1_0")(images)
     x = nn.relu(bn(name="conv1_1")(x, train))
-    x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    x = max_pool_3x3_s2(x)
     for i, (n, c) in enumerate(zip(self.stage_repeats, ch[1:4])):
       for j in range(n):
         x = block_cls(c, 2 if j == 0 else 1, self.frozen_bn, self.dtype,
