@@ -87,12 +87,7 @@ def get_config(arg=None):
     c.data.synthetic = dict(num_categories=4, photos_per_category=6,
                             sketches_per_photo=2, test_photos_per_category=2,
                             image_size=32)
-    c.batch_size = 8
-    c.total_steps = 2
-    c.log_every = 1
-    c.eval_every = 0
-    c.checkpoint_every = 2
-    c.eval.batch_size = 16
+    recipes.smoke_cadence(c)
     c.optimizer.warmup_steps = 1
   # BN embeddings have unit variance per dimension: scale the margin with
   # sqrt(dim). L2 embeddings live on the unit sphere: the margin as is.

@@ -67,6 +67,16 @@ def single_task(dataset: str, *, seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
+def smoke_cadence(c: ml_collections.ConfigDict) -> None:
+  """Two steps of batch 8, logged each step, checkpointed at the end."""
+  c.batch_size = 8
+  c.total_steps = 2
+  c.log_every = 1
+  c.eval_every = 0
+  c.checkpoint_every = 2
+  c.eval.batch_size = 16
+
+
 def on_embedded_data(c: ml_collections.ConfigDict, *, smoke: bool) -> None:
   """Moves a recipe onto the embedded synthetic set (photos, category labels).
 
@@ -88,12 +98,7 @@ def on_embedded_data(c: ml_collections.ConfigDict, *, smoke: bool) -> None:
                             sketches_per_photo=1, test_photos_per_category=2,
                             image_size=32)
     c.data.m_per_class = 2
-    c.batch_size = 8
-    c.total_steps = 2
-    c.log_every = 1
-    c.eval_every = 0
-    c.checkpoint_every = 2
-    c.eval.batch_size = 16
+    smoke_cadence(c)
     if c.memory.size:
       c.memory.size, c.memory.start_step = 24, 1
   else:
