@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from jaxdml import checkpoint as checkpoint_lib
-from jaxdml import config_lib, data as data_lib, optim
+from jaxdml import config_lib, data as data_lib, optim, tasks
 
 EXPORT_DIR = "export"
 MANIFEST = "jaxdml_export.json"
@@ -78,9 +78,7 @@ def _restore_variables(config, workdir: str, step: int | None = None):
     state = ckpt.restore(target, step)
   finally:
     ckpt.close()
-  variables = {"params": state["params"]}
-  if jax.tree.leaves(state["batch_stats"]):
-    variables["batch_stats"] = state["batch_stats"]
+  variables = tasks.model_variables(state)
   return model, jax.device_get(variables), int(jax.device_get(state["step"]))
 
 

@@ -26,6 +26,14 @@ def loss_hparams(cfg) -> tuple[str, dict]:
   return name, d
 
 
+def model_variables(state: dict) -> dict:
+  """The Flax variables of the train state's model (no empty batch_stats)."""
+  variables = {"params": state["params"]}
+  if jax.tree.leaves(state["batch_stats"]):
+    variables["batch_stats"] = state["batch_stats"]
+  return variables
+
+
 def model_inputs(task: str, batch: dict) -> tuple:
   """Normalised float images in the order the model's __call__ takes them."""
   if task == "sbir":

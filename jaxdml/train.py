@@ -46,23 +46,25 @@ def _init_fn(config, model, tx):
   return init
 
 
-def create_train_state(config, model, tx, mesh):
-  """Returns `(state, shardings)`, the state created directly on the mesh."""
+def _abstract(config, model, tx, mesh):
+  """`(init, abstract state, shardings)`: init traced once, shapes only."""
   init = _init_fn(config, model, tx)
-  rng = jax.random.key(int(config.seed))
-  abstract = jax.eval_shape(init, rng)
+  abstract = jax.eval_shape(init, jax.random.key(int(config.seed)))
   shardings = sharding.state_shardings(
       abstract, mesh, config.get("sharding", "replicated"))
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  return init, abstract, shardings
+
+
+def create_train_state(config, model, tx, mesh):
+  """Returns `(state, shardings)`, the state created directly on the mesh."""
+  init, _, shardings = _abstract(config, model, tx, mesh)
+  state = jax.jit(init, out_shardings=shardings)(jax.random.key(int(config.seed)))
   return state, shardings
 
 
 def abstract_state(config, model, tx, mesh):
   """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
-  init = _init_fn(config, model, tx)
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.state_shardings(
-      abstract, mesh, config.get("sharding", "replicated"))
+  _, abstract, shardings = _abstract(config, model, tx, mesh)
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, shardings), shardings
@@ -83,9 +85,7 @@ def make_train_step(config, model, tx, mesh, state_shardings, schedule=None):
     has_bn = bool(jax.tree.leaves(state["batch_stats"]))
 
     def loss_fn(params):
-      variables = {"params": params}
-      if has_bn:
-        variables["batch_stats"] = state["batch_stats"]
+      variables = tasks.model_variables(dict(state, params=params))
       (outputs, _), updates = model.apply(
           variables, *tasks.model_inputs(task, batch), train=True,
           mutable=["batch_stats"] if has_bn else [], rngs={"dropout": rng})
@@ -155,13 +155,12 @@ def setup(config, workdir: str):
 
 
 def restore_or_create(config, model, tx, mesh, ckpt):
-  target, shardings = abstract_state(config, model, tx, mesh)
   if ckpt.latest_step() is not None:
     if jax.process_index() == 0:
       print(f"Resuming from {ckpt.directory}, step {ckpt.latest_step()}.")
+    target, shardings = abstract_state(config, model, tx, mesh)
     return ckpt.restore(target), shardings
-  state, shardings = create_train_state(config, model, tx, mesh)
-  return state, shardings
+  return create_train_state(config, model, tx, mesh)
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:

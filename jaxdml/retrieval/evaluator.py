@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from jaxdml import data as data_lib
+from jaxdml import tasks
 from jaxdml import sharding as sharding_lib
 from jaxdml.retrieval import count_relevant, metrics_from_neighbors, search
 from jaxdml.retrieval.picture import save_retrieval_grid
@@ -91,14 +92,8 @@ class Evaluator:
                batch_size=cfg.get("batch_size", 256), workdir=workdir,
                picture=cfg.get("picture", True))
 
-  def _variables(self, state):
-    variables = {"params": state["params"]}
-    if jax.tree.leaves(state["batch_stats"]):
-      variables["batch_stats"] = state["batch_stats"]
-    return variables
-
   def run(self, state, step: int) -> dict:
-    variables = self._variables(state)
+    variables = tasks.model_variables(state)
     q = embed_all(self.predict_fns["query"], variables, self.query["images"],
                   self.batch_size, self.mesh)
     same_set = self.gallery is None
