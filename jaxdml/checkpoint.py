@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -29,13 +30,13 @@ class Checkpointer:
   """Saves and restores the train state under `workdir/checkpoints`."""
 
   def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000,
-               model_config=None, async_save: bool = True):
+               model_config=None, async_save: bool = True, create: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.every = int(every)
     self.model_description = json.loads(model_config.to_json()) if hasattr(
         model_config, "to_json") else (model_config or {})
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=create, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
 
@@ -56,11 +57,8 @@ class Checkpointer:
 
   def restore(self, abstract_state, step: int | None = None):
     """Restores onto `abstract_state` (ShapeDtypeStructs with shardings)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    meta = self.manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    step = self._existing(step)
+    meta = self.meta(step)
     expected = _fingerprint(abstract_state)
     if meta.get("param_shapes") != expected:
       saved_model = json.dumps(meta.get("model"), sort_keys=True)
@@ -76,6 +74,46 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
+
+  def meta(self, step: int | None = None) -> dict:
+    """The JSON written beside the state: step, model config, param shapes."""
+    step = self._existing(step)
+    return self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_subset(self, shardings: dict, step: int | None = None) -> dict:
+    """Top-level entries of a saved state (e.g. `params`, `batch_stats`).
+
+    `shardings` maps each wanted entry to a pytree of shardings; shapes and
+    dtypes come from the checkpoint, nothing else of the state is read.
+    """
+    step = self._existing(step)
+    # Orbax warns that a StandardSave item has no metadata file; the tree
+    # metadata it needs is there.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+      saved = ocp.PyTreeCheckpointer().metadata(
+          os.path.join(self.directory, str(step), "state")).item_metadata.tree
+    finally:
+      logging.set_verbosity(verbosity)
+    missing = sorted(set(shardings) - set(saved))
+    if missing:
+      raise ValueError(f"The checkpoint {self.directory} (step {step}) has no {missing}.")
+    target = jax.tree.map(
+        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+        {k: saved[k] for k in shardings}, shardings)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return dict(restored["state"])
+
+  def _existing(self, step: int | None) -> int:
+    step = self.latest_step() if step is None else int(step)
+    if step is None or step not in self.manager.all_steps():
+      raise FileNotFoundError(f"No checkpoint of step {step} in {self.directory}; "
+                              f"it has steps {list(self.manager.all_steps())}.")
+    return step
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -64,8 +64,16 @@ def decay_mask_fn(no_decay_regex: str | None):
 
 
 def make_optimizer(cfg, total_steps: int):
-  """Returns `(optax.GradientTransformation, schedule)`."""
-  schedule = make_schedule(cfg, total_steps)
+  """Returns `(optax.GradientTransformation, schedule)`.
+
+  `total_steps` counts train steps (batches). With `accumulate_steps` k the
+  parameters change every k steps, so the schedule (and `warmup_steps`)
+  runs in updates, total_steps // k of them; the returned schedule still
+  takes the train step, for logging.
+  """
+  accumulate = int(cfg.get("accumulate_steps", 1))
+  per_update = make_schedule(cfg, max(1, total_steps // max(accumulate, 1)))
+  schedule = per_update if accumulate <= 1 else (lambda step: per_update(step // accumulate))
   name = cfg.get("name", "adamw")
   wd = float(cfg.get("weight_decay", 0.0))
   mask = decay_mask_fn(cfg.get("no_decay", r"(pos_embed|cls_token|gem)"))
@@ -73,16 +81,16 @@ def make_optimizer(cfg, total_steps: int):
   if cfg.get("grad_clip_norm"):
     chain.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
   if name == "adamw":
-    chain.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+    chain.append(optax.adamw(per_update, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
                              weight_decay=wd, mask=mask))
   elif name == "adam":
     if wd:
       chain.append(optax.add_decayed_weights(wd, mask=mask))
-    chain.append(optax.adam(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999)))
+    chain.append(optax.adam(per_update, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999)))
   elif name == "sgd":
     if wd:
       chain.append(optax.add_decayed_weights(wd, mask=mask))
-    chain.append(optax.sgd(schedule, momentum=cfg.get("momentum", 0.9), nesterov=True))
+    chain.append(optax.sgd(per_update, momentum=cfg.get("momentum", 0.9), nesterov=True))
   else:
     raise ValueError(
         f"config.optimizer.name={name!r}: expected 'adamw', 'adam' or 'sgd'.")
@@ -92,7 +100,6 @@ def make_optimizer(cfg, total_steps: int):
     labels = lambda params: _mask(
         params, lambda name, _: "frozen" if frozen.search(name) else "train")
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-  accumulate = int(cfg.get("accumulate_steps", 1))
   if accumulate > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
   return tx, schedule

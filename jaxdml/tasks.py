@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml import data as data_lib
-from jaxdml import losses, memory as memory_lib
+from jaxdml import losses, memory as memory_lib, teacher as teacher_lib
 
 
 def loss_hparams(cfg) -> tuple[str, dict]:
@@ -34,16 +34,22 @@ def model_variables(state: dict) -> dict:
   return variables
 
 
-def model_inputs(task: str, batch: dict) -> tuple:
-  """Normalised float images in the order the model's __call__ takes them."""
+def model_inputs(task: str, batch: dict, images: str = "same") -> tuple:
+  """Normalised float images in the order the model's __call__ takes them.
+
+  Batches of coupled views (RAML) carry `image_lo` for the student and
+  `image_hi` for a teacher that asks for them (`images="image_hi"`).
+  """
   if task == "sbir":
     return (data_lib.normalize(batch["sketch"]), data_lib.normalize(batch["photo"]))
-  return (data_lib.normalize(batch["image"]),)
+  if images == "image_hi":
+    return (data_lib.normalize(batch["image_hi"]),)
+  return (data_lib.normalize(batch["image_lo"] if "image_lo" in batch else batch["image"]),)
 
 
-def dummy_inputs(config) -> tuple:
+def dummy_inputs(config, size: int | None = None) -> tuple:
   """One fake image per model input, for `model.init`."""
-  size = int(config.data.image_size)
+  size = int(size or config.data.image_size)
   image = jnp.zeros((1, size, size, 3), jnp.uint8)
   if config.task == "sbir":
     return model_inputs("sbir", {"sketch": image, "photo": image})
@@ -68,9 +74,36 @@ def init_memory(config, dim: int) -> dict:
   return memory_lib.init(int(config.memory.size), dim)
 
 
-def compute_loss(config, outputs, batch: dict, memory: dict, step):
-  """Returns `(loss, aux, new_memory)` for the model outputs of one batch."""
+def _teacher_kwargs(config, name: str, teacher_embeddings, step) -> dict:
+  """What a distillation loss takes beyond the ranking-loss contract."""
+  if name not in losses.NEEDS_TEACHER:
+    return {}
+  if teacher_embeddings is None:
+    raise ValueError(f"loss {name!r} distils a teacher, but the config has none: set "
+                     "config.teacher (see jaxdml.teacher).")
+  kwargs = {"teacher_embeddings": teacher_embeddings}
+  if name == "obd_sd":
+    kwargs["progress"] = teacher_lib.progress(config, step)
+  return kwargs
+
+
+def _flat(task: str, outputs):
+  """Every embedding of the batch as one [N, D] array (both towers for SBIR)."""
+  if task == "sbir":
+    return jnp.concatenate([outputs["query"], outputs["gallery"]])
+  return outputs
+
+
+def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outputs=None):
+  """Returns `(loss, aux, new_memory)` for the model outputs of one batch.
+
+  `teacher_outputs`: the teacher's outputs on the same batch (no gradient),
+  or None. They feed a distillation loss (as the recipe's loss, RAML, or as
+  `config.teacher.loss`, SBIR KD and OBD-SD) and, with
+  `config.teacher.feeds_memory`, the cross-batch memory.
+  """
   name, hparams = loss_hparams(config.loss)
+  hparams.update(_teacher_kwargs(config, name, teacher_outputs, step))
   loss_fn = losses.get(name)
   labels = batch["label"]
   aux = {}
@@ -82,8 +115,10 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step):
   else:
     embeddings = outputs
     if uses_memory(config):
-      loss, aux, memory = _memory_loss(config, loss_fn, hparams, embeddings,
-                                       labels, memory, step)
+      feeds = teacher_outputs is not None and config.teacher.get("feeds_memory", False)
+      loss, aux, memory = _memory_loss(config, loss_fn, hparams, embeddings, labels,
+                                       memory, step,
+                                       batch_keys=teacher_outputs if feeds else embeddings)
     else:
       loss, aux = loss_fn(embeddings=embeddings, labels=labels, **hparams)
   aux = {f"loss/{k}": v for k, v in aux.items()}
@@ -94,20 +129,30 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step):
     value, _ = losses.get(reg_name)(embeddings=embeddings, labels=labels, **reg_hparams)
     aux[f"reg/{reg_name}"] = value
     loss = loss + float(reg.get("weight", 1.0)) * value
+  distill = config.teacher.get("loss") if teacher_lib.uses_teacher(config) else None
+  if distill:
+    d_name, d_hparams = loss_hparams(distill)
+    d_hparams.update(_teacher_kwargs(config, d_name, _flat(config.task, teacher_outputs), step))
+    value, d_aux = losses.get(d_name)(embeddings=_flat(config.task, outputs), **d_hparams)
+    aux[f"distill/{d_name}"] = value
+    aux.update({f"distill/{k}": v for k, v in d_aux.items()})
+    loss = loss + float(distill.get("weight", 1.0)) * value
   return loss, aux, memory
 
 
-def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step):
+def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, batch_keys):
   """Batch vs (batch + adapted memory) pairs, then enqueue the new batch.
 
-  Before `memory.start_step` the memory slots are masked out rather than
-  skipped, so the step compiles once and its shapes never change.
+  `batch_keys` are the batch's entries in the reference set and what is
+  enqueued: the embeddings themselves, or a momentum encoder's. Before
+  `memory.start_step` the memory slots are masked out rather than skipped,
+  so the step compiles once and its shapes never change.
   """
   cfg = config.memory
   adapt_hparams = dict(cfg.get("adapt_hparams", None) or {})
-  adapted, memory = memory_lib.adapt(memory, embeddings, method=cfg.get("adapt", "none"),
+  adapted, memory = memory_lib.adapt(memory, batch_keys, method=cfg.get("adapt", "none"),
                                      **adapt_hparams)
-  ref = memory_lib.reference_set(memory, adapted, embeddings, labels)
+  ref = memory_lib.reference_set(memory, adapted, batch_keys, labels)
   batch_size = embeddings.shape[0]
   active = step >= int(cfg.get("start_step", 0))
   ref_valid = ref["ref_valid"].at[batch_size:].set(ref["ref_valid"][batch_size:] & active)
@@ -118,5 +163,5 @@ def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step):
   # Enqueued after the loss, so the batch meets itself once (in the batch
   # part, own copy excluded). XBM's code enqueues first and adds a separate
   # in-batch term, which counts in-batch pairs twice; the pairs are the same.
-  memory = memory_lib.enqueue(memory, jax.lax.stop_gradient(embeddings), labels)
+  memory = memory_lib.enqueue(memory, jax.lax.stop_gradient(batch_keys), labels)
   return loss, aux, memory

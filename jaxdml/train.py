@@ -19,21 +19,35 @@ import tqdm
 
 from jaxdml import checkpoint as checkpoint_lib
 from jaxdml import config_lib, data as data_lib, models, optim, sharding, tasks
+from jaxdml import pretrained, teacher as teacher_lib
 from jaxdml.metrics_writer import MetricsWriter
 
 
 def build_model(config):
   """The encoder of `config.model` (`name` plus constructor keywords)."""
-  kwargs = config.model.to_dict()
+  kwargs = pretrained.model_kwargs(config.model)
   return models.get(kwargs.pop("name"), **kwargs)
 
 
+def build_teacher(config, model):
+  """The teacher's module (`None` without a teacher); see jaxdml.teacher."""
+  return teacher_lib.build_model(config, model) if teacher_lib.uses_teacher(config) else None
+
+
 def _init_fn(config, model, tx):
+  teacher_model = build_teacher(config, model)
+
   def init(rng):
     params_rng, run_rng = jax.random.split(rng)
     variables = model.init(params_rng, *tasks.dummy_inputs(config), train=False)
     params = variables["params"]
     dim = tasks.embedding_dim(model, config) if tasks.uses_memory(config) else 0
+    teacher = {}
+    if teacher_model is not None:
+      teacher = teacher_lib.init_variables(
+          config, teacher_model, tasks.model_variables(
+              {"params": params, "batch_stats": variables.get("batch_stats", {})}),
+          tasks.dummy_inputs(config, teacher_lib.image_size(config)))
     return {
         "params": params,
         "batch_stats": variables.get("batch_stats", {}),
@@ -41,7 +55,7 @@ def _init_fn(config, model, tx):
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(run_rng),
         "memory": tasks.init_memory(config, dim),
-        "teacher": {},
+        "teacher": teacher,
     }
   return init
 
@@ -56,9 +70,20 @@ def _abstract(config, model, tx, mesh):
 
 
 def create_train_state(config, model, tx, mesh):
-  """Returns `(state, shardings)`, the state created directly on the mesh."""
+  """Returns `(state, shardings)`, the state created directly on the mesh.
+
+  Pretrained weights (`model.init_file`) and a frozen teacher are read
+  here, once: from then on they are part of this run's checkpoints.
+  """
   init, _, shardings = _abstract(config, model, tx, mesh)
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(int(config.seed)))
+  if pretrained.init_files(config.model):
+    state = pretrained.load_into(config, state, shardings)
+  if teacher_lib.uses_teacher(config):
+    if config.teacher.kind == "frozen":
+      state["teacher"] = teacher_lib.load_frozen(config, shardings["teacher"])
+    else:  # the student's copy, taken after the pretrained weights went in
+      state["teacher"] = jax.tree.map(jnp.copy, tasks.model_variables(state))
   return state, shardings
 
 
@@ -79,18 +104,28 @@ def make_train_step(config, model, tx, mesh, state_shardings, schedule=None):
   loop stops the run on it, so the last checkpoint stays a good one.
   """
   task = config.task
+  teacher_model = build_teacher(config, model)
+
+  def teacher_outputs(state, batch):
+    if teacher_model is None:
+      return None
+    out, _ = teacher_model.apply(
+        state["teacher"], *tasks.model_inputs(task, batch, config.teacher.get("images", "same")),
+        train=False)
+    return jax.lax.stop_gradient(out)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(sharding.as_key(state["rng"]), state["step"])
     has_bn = bool(jax.tree.leaves(state["batch_stats"]))
+    teacher_out = teacher_outputs(state, batch)
 
     def loss_fn(params):
       variables = tasks.model_variables(dict(state, params=params))
       (outputs, _), updates = model.apply(
           variables, *tasks.model_inputs(task, batch), train=True,
           mutable=["batch_stats"] if has_bn else [], rngs={"dropout": rng})
-      loss, aux, memory = tasks.compute_loss(config, outputs, batch,
-                                             state["memory"], state["step"])
+      loss, aux, memory = tasks.compute_loss(config, outputs, batch, state["memory"],
+                                             state["step"], teacher_out)
       return loss, (aux, updates.get("batch_stats", {}), memory)
 
     (loss, (aux, batch_stats, memory)), grads = jax.value_and_grad(
@@ -100,6 +135,9 @@ def make_train_step(config, model, tx, mesh, state_shardings, schedule=None):
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updated = dict(state, params=optax.apply_updates(state["params"], updates),
                    opt=opt, batch_stats=batch_stats, memory=memory)
+    if teacher_model is not None:
+      updated["teacher"] = teacher_lib.update(
+          config, state["teacher"], tasks.model_variables(updated), state["step"])
     new_state = jax.lax.cond(finite, lambda: updated, lambda: dict(state))
     new_state["step"] = state["step"] + 1
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
@@ -137,7 +175,8 @@ def _make_evaluator(config, model, mesh, workdir):
   if config.get("eval") is None or not config.eval.get("enabled", True):
     return None
   from jaxdml.retrieval import evaluator  # pylint: disable=g-import-not-at-top
-  return evaluator.Evaluator.from_config(config, model, mesh, workdir)
+  return evaluator.Evaluator.from_config(config, model, mesh, workdir,
+                                         teacher_model=build_teacher(config, model))
 
 
 def setup(config, workdir: str):

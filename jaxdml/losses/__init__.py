@@ -62,6 +62,10 @@ _REGISTRY = {
     "obd_sd": obd_sd.obd_sd,
 }
 
+# Distillation losses: they take `teacher_embeddings=` (the train step passes
+# the teacher's outputs on the same batch) and ignore labels.
+NEEDS_TEACHER = frozenset({"embedding_distill", "raml", "obd_sd"})
+
 
 def names():
   """Sorted names of the registered losses."""
