@@ -22,6 +22,16 @@ def load_config(name, arg="smoke"):
   return config_lib.load_config(os.path.join(ROOT, "configs", name), arg)
 
 
+def train_teacher_of(config, workdir):
+  """Trains the smoke teacher a frozen-teacher recipe names; sets its workdir."""
+  file, _, arg = config.teacher.recipe.partition(":")
+  teacher_config = config_lib.load_config(os.path.join(ROOT, file), arg)
+  teacher_config.total_steps = 1
+  teacher_config.eval.enabled = False
+  train.train_and_evaluate(teacher_config, workdir)
+  config.teacher.workdir = workdir
+
+
 def losses_of(workdir):
   return [row["loss"] for row in metrics_writer.read_metrics(workdir) if "loss" in row]
 
@@ -46,10 +56,13 @@ EQUALITY_CASES = [("sketchy_rtl.py", "smoke"), ("sop_xbn.py", "smoke,adapt=kalma
 def test_every_config_smoke_runs_end_to_end(path, tmp_path):
   config = load_config(os.path.basename(path))
   config.total_steps = 1
-  train.train_and_evaluate(config, str(tmp_path))
-  rows = metrics_writer.read_metrics(str(tmp_path))
+  if config.get("teacher") and config.teacher.kind == "frozen":
+    train_teacher_of(config, str(tmp_path / "teacher"))
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  rows = metrics_writer.read_metrics(workdir)
   assert rows[0]["step"] == 1 and np.isfinite(rows[0]["loss"])
-  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 1
+  assert checkpoint.Checkpointer(workdir).latest_step() == 1
 
 
 def test_smoke_evaluates_and_draws_the_picture(tmp_path):

@@ -184,3 +184,9 @@ def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 /
         v = v[:, ::-1]
       out.append(apply_color_jitter(np.ascontiguousarray(v), params))
   return np.stack(out_hi), np.stack(out_lo)
+
+
+def blend(a, b, lam):
+  """`lam * a + (1 - lam) * b` of uint8 images, rounded back to uint8 (mixup)."""
+  mixed = lam * a.astype(np.float32) + (1.0 - lam) * b.astype(np.float32)
+  return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)

@@ -43,7 +43,9 @@ def default_data_config():
           # (None) so recipes may set a float or a tuple.
           "color_jitter": None,
       },
-      "views": None,  # RAML: dict(num=8, hi=448, lo=224)
+      # RAML: dict(num=8, hi=448, lo=224, mixup=0.2); mixup is the Beta
+      # parameter of view-wise mixup with another image (0: off).
+      "views": None,
       # Sketch/photo sets with one encoder: "category" classes of photos, or
       # "instance": a photo and its sketches form a class.
       "single_labels": "category",
@@ -140,11 +142,19 @@ def _single_plan(data_config, splits, batch_size, seed):
 
   if views:
     num, hi, lo = int(views["num"]), int(views["hi"]), int(views["lo"])
+    mixup = float(_get(views, "mixup", 0.0) or 0.0)
     aug.pop("random_resized_crop")
 
     def example(idx, row, rng):
       i = idx[row]
       image_hi, image_lo = augment.coupled_views(source.image(i), rng, num_views=num, hi=hi, lo=lo, **aug)
+      if mixup > 0:
+        # RAML mixes every view with a view of another image, by the same
+        # amount at both resolutions; its loss has no labels to mix.
+        other = augment.coupled_views(source.image(int(rng.integers(len(source)))), rng,
+                                      num_views=num, hi=hi, lo=lo, **aug)
+        lam = rng.beta(mixup, mixup, size=(num, 1, 1, 1))
+        image_hi, image_lo = (augment.blend(a, b, lam) for a, b in zip((image_hi, image_lo), other))
       return {"image_hi": image_hi, "image_lo": image_lo, "label": np.full(num, labels[i], np.int32)}
 
     return indices, example, np.concatenate  # views of an image stay contiguous

@@ -1,4 +1,4 @@
-"""Shared pieces of the single-encoder recipes in `configs/`.
+"""Shared pieces of the recipes in `configs/`.
 
 Every recipe file stays a short `get_config(arg)`; what CUB, Cars, SOP,
 In-Shop and DeepFashion2 recipes have in common (data set, evaluation
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdml import config_lib
 from jaxdml.data import default_data_config
 
 # Real data sets: TFDS name for jaxdml.data, and the size of the train split
@@ -119,22 +118,3 @@ def on_embedded_data(c: ml_collections.ConfigDict, *, smoke: bool) -> None:
     c.eval.batch_size = 128
     if c.memory.size:
       c.memory.size, c.memory.start_step = 256, 50
-
-
-def xbn(dataset: str, arg, *, memory_size: int) -> ml_collections.ConfigDict:
-  """XBM/XBN recipe: contrastive loss against an adapted cross-batch memory.
-
-  Arguments: `adapt=none|moments|kalman` (none is XBM), `smoke`, `demo`,
-  `seed=N`. XBM's published SOP settings (PAPERS.md section 2).
-  """
-  arg = config_lib.parse_arg(arg, smoke=False, demo=False, adapt="moments", seed=0)
-  if arg.adapt not in ("none", "moments", "kalman"):
-    raise ValueError(f"adapt={arg.adapt!r}: expected 'none' (XBM), 'moments' "
-                     "(XBN) or 'kalman' (XBN with Kalman-filtered moments).")
-  c = single_task(dataset, seed=arg.seed)
-  c.memory.size = memory_size
-  c.memory.start_step = 1_000
-  c.memory.adapt = arg.adapt
-  if arg.smoke or arg.demo:
-    on_embedded_data(c, smoke=arg.smoke)
-  return c

@@ -1,0 +1,16 @@
+"""RAML teacher on Cars196: ResNet-50 GeM 512-d at 448 px, triplet loss.
+
+Suma & Tolias, WACV 2023 (PAPERS.md section 3). Train it before
+`configs/cars_raml.py`, whose student distils it:
+
+    python -m jaxdml.main --config=configs/cars_raml_teacher.py \\
+        --config.model.init_file=resnet50_imagenet.safetensors --workdir=workdirs/cars_raml_teacher
+
+Arguments: `smoke`, `demo` (embedded data), `seed=N`.
+"""
+
+from jaxdml import recipes
+
+
+def get_config(arg=None):
+  return recipes.raml_teacher("cars196", arg)

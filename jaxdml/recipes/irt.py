@@ -1,0 +1,53 @@
+"""IRT recipes (PAPERS.md section 5): `configs/{sop,cub,inshop}_irt.py`.
+
+El-Nouby et al. 2021. DeiT-S, the L2-normalised CLS token as the 384-d
+embedding, contrastive loss (beta 0.5) in-batch and against a cross-batch
+memory, plus the KoLeo regulariser (weight 0.7).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxdml import config_lib, teacher
+from jaxdml.recipes.common import DATASETS, on_embedded_data, single_task
+
+# data set -> (iterations, memory size as a fraction of the train set).
+HPARAMS = {"sop": (35_000, 1.0), "cub": (2_000, 1.0), "inshop": (35_000, 0.2)}
+
+
+def irt(dataset: str, arg) -> ml_collections.ConfigDict:
+  """AdamW lr 3e-5, wd 5e-4, batch 64; resize 256, random 224 crop, flip.
+
+  In-Shop's memory is 0.2 of the data set, filled by a momentum encoder
+  (0.999). Arguments: `smoke`, `demo`, `koleo=W` (0: no KoLeo, for the
+  ablation), `seed=N`.
+  """
+  arg = config_lib.parse_arg(arg, smoke=False, demo=False, koleo=0.7, seed=0)
+  if dataset not in HPARAMS:
+    raise ValueError(f"IRT has settings for {sorted(HPARAMS)}, not {dataset!r}.")
+  steps, memory_fraction = HPARAMS[dataset]
+  c = single_task(dataset, seed=arg.seed)
+  c.total_steps = steps
+  c.model = ml_collections.ConfigDict(dict(
+      name="vit_s16", pooling="cls", embed_dim=None, head_norm="l2", init_file=None))
+  c.loss = ml_collections.ConfigDict(dict(
+      name="contrastive_koleo", distance="cosine", pos_margin=1.0, neg_margin=0.5,
+      koleo_weight=arg.koleo))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-5, weight_decay=5e-4, schedule="constant", grad_clip_norm=None))
+  # Resize to 256 x 256 then a random 224 crop: a fixed-size, fixed-shape box.
+  c.data.augment.scale = ((224 / 256) ** 2,) * 2
+  c.data.augment.ratio = (1.0, 1.0)
+  c.memory.size = int(memory_fraction * DATASETS[dataset]["train_images"])
+  c.memory.start_step = 0
+  if memory_fraction < 1.0:
+    c.teacher = teacher.teacher_config("momentum", momentum=0.999, feeds_memory=True)
+  if arg.smoke or arg.demo:
+    on_embedded_data(c, smoke=arg.smoke)
+    c.model.name = "vit_tiny" if arg.smoke else "vit_small_demo"
+    c.model.embed_dim = None
+    c.data.augment.scale = (0.5, 1.0)
+    c.data.augment.ratio = (3 / 4, 4 / 3)
+    c.memory.start_step = 0
+  return c

@@ -1,0 +1,101 @@
+"""RAML recipes (PAPERS.md section 3): `configs/{cub,cars,sop}_raml{_teacher,}.py`.
+
+Suma & Tolias, WACV 2023. A 448 px teacher is trained first; the 224 px
+student then learns from it on coupled views and is evaluated asymmetrically
+(student queries, teacher database) beside the symmetric protocol.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxdml import config_lib, teacher
+from jaxdml.recipes.common import on_embedded_data, single_task
+
+# data set -> (lr, lambda1, lambda2), the paper's tuned values.
+HPARAMS = {
+    "cub": (1.4025e-4, 0.7718, 0.6684),
+    "cars196": (1.1692e-4, 0.6371, 0.7731),
+    "sop": (1.7579e-4, 0.7482, 0.6778),
+}
+CONFIG_NAMES = {"cub": "cub", "cars196": "cars", "sop": "sop"}
+
+
+def _common(dataset: str, arg) -> tuple[ml_collections.ConfigDict, float]:
+  if dataset not in HPARAMS:
+    raise ValueError(f"RAML has hyperparameters for {sorted(HPARAMS)}, not {dataset!r}.")
+  lr = HPARAMS[dataset][0]
+  c = single_task(dataset, seed=arg.seed)
+  # ResNet-50 -> GeM (learnable p, init 3) -> Linear(2048, 512) -> L2, BN frozen.
+  c.model = ml_collections.ConfigDict(dict(
+      name="resnet50", pooling="gem", embed_dim=512, head_norm="l2", frozen_bn=True,
+      init_file=None))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=lr, weight_decay=1e-6, schedule="one_cycle", grad_clip_norm=None,
+      accumulate_steps=1))
+  c.data.augment.color_jitter = (0.4, 0.4, 0.4, 0.1)
+  c.memory.size = 0
+  return c, lr
+
+
+def _embedded(c: ml_collections.ConfigDict, smoke: bool) -> None:
+  on_embedded_data(c, smoke=smoke)
+  # From scratch, BatchNorm must learn its statistics: only a pretrained
+  # backbone has statistics worth freezing.
+  c.model.frozen_bn = False
+  c.model.pooling = "gem"
+  c.data.augment.color_jitter = None
+
+
+def raml_teacher(dataset: str, arg) -> ml_collections.ConfigDict:
+  """The 448 px teacher: triplet loss, margin 0.7, hardest negatives.
+
+  The paper gives only the teacher's loss; its schedule here (the student's
+  optimizer and lr, 64 images of 4 per class, 20k steps) is our choice.
+  Arguments: `smoke`, `demo`, `seed=N`.
+  """
+  arg = config_lib.parse_arg(arg, smoke=False, demo=False, seed=0)
+  c, _ = _common(dataset, arg)
+  c.data.image_size = 448
+  c.total_steps = 20_000
+  c.loss = ml_collections.ConfigDict(dict(
+      name="triplet", margin=0.7, distance="euclidean", mining="hard"))
+  if arg.smoke or arg.demo:
+    _embedded(c, arg.smoke)
+  return c
+
+
+def raml(dataset: str, arg) -> ml_collections.ConfigDict:
+  """The 224 px student distilled from the frozen 448 px teacher.
+
+  200 epochs of 8,000 images, 8 images x 8 coupled views per batch,
+  gradients accumulated over 25 batches, AdamW wd 1e-6, one-cycle, colour
+  jitter and mixup Beta(0.2, 0.2) identical at both resolutions.
+  Arguments: `smoke`, `demo`, `seed=N`; the teacher comes from
+  `--config.teacher.workdir`, trained by the matching `_raml_teacher.py`.
+  """
+  arg = config_lib.parse_arg(arg, smoke=False, demo=False, seed=0)
+  c, _ = _common(dataset, arg)
+  _, lambda1, lambda2 = HPARAMS[dataset]
+  views = 8
+  c.batch_size = 8  # images; each gives `views` rows
+  c.data.image_size = 224
+  c.data.views = dict(num=views, hi=448, lo=224, mixup=0.2)
+  c.optimizer.accumulate_steps = 25
+  c.total_steps = 200 * 8_000 // c.batch_size
+  c.loss = ml_collections.ConfigDict(dict(
+      name="raml", views_per_image=views, lambda1=lambda1, lambda2=lambda2))
+  size = "smoke" if arg.smoke else "demo" if arg.demo else ""
+  recipe = f"configs/{CONFIG_NAMES[dataset]}_raml_teacher.py" + (f":{size}" if size else "")
+  c.teacher = teacher.teacher_config("frozen", images="image_hi", recipe=recipe)
+  c.eval.asymmetric = True
+  if size:
+    _embedded(c, arg.smoke)
+    hi = c.data.image_size  # the teacher's size on the embedded data
+    views = 2 if arg.smoke else 4
+    c.data.image_size = hi // 2
+    c.data.views = dict(num=views, hi=hi, lo=hi // 2, mixup=0.2)
+    c.loss.views_per_image = views
+    c.optimizer.accumulate_steps = 1
+    c.batch_size = 8
+  return c

@@ -1,0 +1,27 @@
+"""XBM / XBN recipes (PAPERS.md section 2): `configs/{sop,inshop,deepfashion2}_xbn.py`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxdml import config_lib
+from jaxdml.recipes.common import on_embedded_data, single_task
+
+
+def xbn(dataset: str, arg, *, memory_size: int) -> ml_collections.ConfigDict:
+  """XBM/XBN recipe: contrastive loss against an adapted cross-batch memory.
+
+  Arguments: `adapt=none|moments|kalman` (none is XBM), `smoke`, `demo`,
+  `seed=N`. XBM's published SOP settings (PAPERS.md section 2).
+  """
+  arg = config_lib.parse_arg(arg, smoke=False, demo=False, adapt="moments", seed=0)
+  if arg.adapt not in ("none", "moments", "kalman"):
+    raise ValueError(f"adapt={arg.adapt!r}: expected 'none' (XBM), 'moments' "
+                     "(XBN) or 'kalman' (XBN with Kalman-filtered moments).")
+  c = single_task(dataset, seed=arg.seed)
+  c.memory.size = memory_size
+  c.memory.start_step = 1_000
+  c.memory.adapt = arg.adapt
+  if arg.smoke or arg.demo:
+    on_embedded_data(c, smoke=arg.smoke)
+  return c
