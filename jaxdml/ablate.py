@@ -1,16 +1,20 @@
 """Ablations on the embedded data: each paper's claim as a small table.
 
     python -m jaxdml.ablate --study=memory --seeds=3 --workdir=workdirs/ablations
+    python -m jaxdml.ablate --study=all     # every study, one table each (make ablations)
 
 Every variant is a recipe config (`file.py:ARG` plus field overrides) trained
 from scratch per seed with `train_and_evaluate`; the table reports the final
-evaluation's metric as mean +- std over seeds, and every run's figures go
+evaluation's metrics as mean +- std over seeds, and every run's figures go
 to `WORKDIR/STUDY.jsonl`. Runs already in that file are not redone, so an
-interrupted study resumes.
+interrupted study resumes. A variant may distil another variant's run of
+the same seed (`teacher`), or read another metric of a run it shares
+(`run`), as RAML's asymmetric and symmetric protocols do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -19,34 +23,72 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# study -> (metric, [(variant name, config file, arg, overrides)])
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  config: str  # "file.py:ARG" under configs/
+  overrides: dict = dataclasses.field(default_factory=dict)
+  teacher: str | None = None  # a variant whose run (same seed) is the frozen teacher
+  run: str | None = None  # share another variant's run (default: its own)
+  metric_prefix: str = ""  # e.g. "asym/": read "asym/recall@1" for "recall@1"
+
+  @property
+  def run_name(self) -> str:
+    return (self.run or self.name).replace(" ", "_")
+
+
+# study -> (metrics, variants, total_steps override or None)
 STUDIES = {
-    "rtl": ("recall@1", [
-        ("triplet", "sketchy_rtl.py", "demo,ablation=triplet", {}),
-        ("rtl", "sketchy_rtl.py", "demo", {}),
-    ]),
-    "embedding": ("recall@1", [
-        ("l2", "sketchy_rtl.py", "demo,embedding=l2", {}),
-        ("bn", "sketchy_rtl.py", "demo", {}),
-    ]),
-    "memory": ("recall@1", [
-        ("no memory", "sop_xbn.py", "demo,adapt=none", {"memory.size": 0}),
-        ("XBM", "sop_xbn.py", "demo,adapt=none", {}),
-        ("XBN", "sop_xbn.py", "demo,adapt=moments", {}),
-        ("XBN kalman", "sop_xbn.py", "demo,adapt=kalman", {}),
-    ]),
+    "rtl": (("recall@1",), [
+        Variant("triplet", "sketchy_rtl.py:demo,ablation=triplet"),
+        Variant("rtl", "sketchy_rtl.py:demo"),
+    ], 200),
+    "embedding": (("recall@1",), [
+        Variant("l2", "sketchy_rtl.py:demo,embedding=l2"),
+        Variant("bn", "sketchy_rtl.py:demo"),
+    ], 200),
+    "kd": (("recall@1",), [
+        Variant("teacher (ResNet pair)", "sketchy_rtl.py:demo"),
+        Variant("ShuffleNet 0.5x alone", "sketchy_rtl_kd.py:demo,distill=off"),
+        Variant("ShuffleNet 0.5x + KD", "sketchy_rtl_kd.py:demo",
+                teacher="teacher (ResNet pair)"),
+    ], 200),
+    "memory": (("recall@1",), [
+        Variant("no memory", "sop_xbn.py:demo,adapt=none", {"memory.size": 0}),
+        Variant("XBM", "sop_xbn.py:demo,adapt=none"),
+        Variant("XBN", "sop_xbn.py:demo,adapt=moments"),
+        Variant("XBN kalman", "sop_xbn.py:demo,adapt=kalman"),
+    ], None),
+    "raml": (("recall@1", "map@r"), [
+        Variant("teacher 64 px (sym)", "cub_raml_teacher.py:demo"),
+        Variant("student 32 px, sym", "cub_raml.py:demo", teacher="teacher 64 px (sym)",
+                run="student"),
+        Variant("student 32 px vs teacher db, asym", "cub_raml.py:demo",
+                teacher="teacher 64 px (sym)", run="student", metric_prefix="asym/"),
+    ], None),
+    "obdsd": (("recall@1", "map@r"), [
+        Variant("MS", "cub_obdsd.py:demo,distill=False"),
+        Variant("MS + OBD-SD", "cub_obdsd.py:demo"),
+    ], None),
+    "koleo": (("nn_distance", "recall@1"), [
+        Variant("contrastive", "sop_irt.py:demo,koleo=0"),
+        Variant("contrastive + KoLeo", "sop_irt.py:demo"),
+    ], None),
 }
 
-flags.DEFINE_enum("study", None, sorted(STUDIES), "Which claim to test.")
+flags.DEFINE_enum("study", None, sorted(STUDIES) + ["all"], "Which claim to test.")
 flags.DEFINE_integer("seeds", 3, "Seeds per variant.")
 flags.DEFINE_string("workdir", "workdirs/ablations", "Where runs and results go.")
 flags.DEFINE_integer("total_steps", None, "Override every variant's total_steps.")
 
 
-def load_config(file: str, arg: str, seed: int, overrides: dict, total_steps=None):
+def load_config(variant: Variant, seed: int, total_steps=None):
   from jaxdml import config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config(os.path.join(ROOT, "configs", file), f"{arg},seed={seed}")
-  for path, value in overrides.items():
+  file, _, arg = variant.config.partition(":")
+  config = config_lib.load_config(os.path.join(ROOT, "configs", file),
+                                  f"{arg},seed={seed}" if arg else f"seed={seed}")
+  for path, value in variant.overrides.items():
     *parents, leaf = path.split(".")
     node = config
     for p in parents:
@@ -58,47 +100,68 @@ def load_config(file: str, arg: str, seed: int, overrides: dict, total_steps=Non
   return config
 
 
-def run_study(study: str, seeds: int, workdir: str, total_steps=None) -> list[dict]:
-  from jaxdml import train  # pylint: disable=g-import-not-at-top
-  metric, variants = STUDIES[study]
-  os.makedirs(workdir, exist_ok=True)
-  results_path = os.path.join(workdir, f"{study}.jsonl")
+def _read_done(path: str) -> dict:
   done = {}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
+  if os.path.exists(path):
+    with open(path) as f:
       for line in f:
         row = json.loads(line)
-        done[(row["variant"], row["seed"])] = row
-  for name, file, arg, overrides in variants:
-    for seed in range(seeds):
-      if (name, seed) in done:
+        done[(row["run"], row["seed"])] = row
+  return done
+
+
+def run_study(study: str, seeds: int, workdir: str, total_steps=None, spec=None) -> dict:
+  """Trains what is missing; returns `{(run name, seed): results}`."""
+  from jaxdml import train  # pylint: disable=g-import-not-at-top
+  _, variants, default_steps = spec or STUDIES[study]
+  total_steps = total_steps or default_steps
+  os.makedirs(workdir, exist_ok=True)
+  results_path = os.path.join(workdir, f"{study}.jsonl")
+  done = _read_done(results_path)
+  by_name = {v.name: v for v in variants}
+  run_dir = lambda v, seed: os.path.join(workdir, study, v.run_name, f"seed{seed}")
+  for seed in range(seeds):
+    for v in variants:
+      if (v.run_name, seed) in done:
         continue
-      config = load_config(file, arg, seed, overrides, total_steps)
-      run_dir = os.path.join(workdir, study, name.replace(" ", "_"), f"seed{seed}")
-      results = train.train_and_evaluate(config, run_dir)
-      row = {"variant": name, "seed": seed, "metric": metric, "value": results[metric],
-             "results": results}
-      done[(name, seed)] = row
+      config = load_config(v, seed, total_steps)
+      if v.teacher:
+        config.teacher.workdir = run_dir(by_name[v.teacher], seed)
+      results = train.train_and_evaluate(config, run_dir(v, seed))
+      row = {"run": v.run_name, "seed": seed, "config": v.config, "results": results}
+      done[(v.run_name, seed)] = row
       with open(results_path, "a") as f:
         f.write(json.dumps(row) + "\n")
-  return [done[(name, seed)] for name, *_ in variants for seed in range(seeds)]
+  return {key: row["results"] for key, row in done.items()}
 
 
-def table(study: str, rows: list[dict]) -> str:
-  metric, variants = STUDIES[study]
-  lines = [f"| {study} variant | {metric} (mean +- std) | per seed |", "|---|---|---|"]
-  for name, *_ in variants:
-    values = [100 * r["value"] for r in rows if r["variant"] == name]
-    lines.append(f"| {name} | {np.mean(values):.1f} +- {np.std(values):.1f} | "
-                 + ", ".join(f"{v:.1f}" for v in values) + " |")
+def table(study: str, results: dict, seeds: int, spec=None) -> str:
+  metrics, variants, _ = spec or STUDIES[study]
+  lines = [f"| {study} variant | " + " | ".join(f"{m} (mean +- std)" for m in metrics)
+           + " | per seed |", "|---" * (len(metrics) + 2) + "|"]
+  scale = lambda m: 1.0 if m == "nn_distance" else 100.0
+  for v in variants:
+    cells, per_seed = [], []
+    for m in metrics:
+      values = [scale(m) * results[(v.run_name, s)][v.metric_prefix + m] for s in range(seeds)
+                if (v.run_name, s) in results]
+      cells.append(f"{np.mean(values):.{3 if scale(m) == 1 else 1}f} +- "
+                   f"{np.std(values):.{3 if scale(m) == 1 else 1}f}")
+      if m == metrics[0]:
+        per_seed = values
+    lines.append(f"| {v.name} | " + " | ".join(cells) + " | "
+                 + ", ".join(f"{x:.{3 if scale(metrics[0]) == 1 else 1}f}" for x in per_seed)
+                 + " |")
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
-  rows = run_study(f.study, f.seeds, f.workdir, f.total_steps)
-  print(table(f.study, rows))
+  studies = sorted(STUDIES) if f.study == "all" else [f.study]
+  for study in studies:
+    results = run_study(study, f.seeds, f.workdir, f.total_steps)
+    print(table(study, results, f.seeds), flush=True)
 
 
 if __name__ == "__main__":
