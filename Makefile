@@ -21,6 +21,11 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
 
+# Every paper's claim on the embedded data, 3 seeds each (about an hour on
+# 2 CPU cores); resumable, tables printed at the end (docs/ablations.md).
+ablations: $(VENV)/.installed
+	$(PY) -m jaxdml.ablate --study=all --seeds=3 --workdir=workdirs/ablations
+
 bench: $(VENV)/.installed
 	$(PY) -m jaxdml.bench --config=configs/sketchy_rtl.py:demo
 

@@ -38,10 +38,11 @@ def get_config(arg=None):
 
   embed_dim = 512
   head = dict(embed_dim=embed_dim, head_norm=arg.embedding)
+  # init_file: ImageNet weights per tower (e.g. timm's ViT-S/16 and ViT-B/16).
   c.model = ml_collections.ConfigDict(dict(
       name="two_tower",
-      query=dict(name="vit_s16", pooling="cls", **head),
-      gallery=dict(name="vit_b16", pooling="cls", **head)))
+      query=dict(name="vit_s16", pooling="cls", init_file=None, **head),
+      gallery=dict(name="vit_b16", pooling="cls", init_file=None, **head)))
 
   c.loss = ml_collections.ConfigDict(dict(
       name="relative_triplet", margin=0.2, distance="euclidean",

@@ -7,9 +7,10 @@ Every variant is a recipe config (`file.py:ARG` plus field overrides) trained
 from scratch per seed with `train_and_evaluate`; the table reports the final
 evaluation's metrics as mean +- std over seeds, and every run's figures go
 to `WORKDIR/STUDY.jsonl`. Runs already in that file are not redone, so an
-interrupted study resumes. A variant may distil another variant's run of
-the same seed (`teacher`), or read another metric of a run it shares
-(`run`), as RAML's asymmetric and symmetric protocols do.
+interrupted study resumes. A variant may build on another variant's run of
+the same seed (`from_runs`: its workdir fills a config field, e.g. the
+frozen teacher or the weights to fine-tune), or read another metric of a
+run it shares (`run`), as RAML's asymmetric and symmetric protocols do.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class Variant:
   name: str
   config: str  # "file.py:ARG" under configs/
   overrides: dict = dataclasses.field(default_factory=dict)
-  teacher: str | None = None  # a variant whose run (same seed) is the frozen teacher
+  # config field -> variant whose run (same seed) it names, e.g.
+  # {"teacher.workdir": "teacher"}; that variant runs first.
+  from_runs: dict = dataclasses.field(default_factory=dict)
   run: str | None = None  # share another variant's run (default: its own)
   metric_prefix: str = ""  # e.g. "asym/": read "asym/recall@1" for "recall@1"
 
@@ -52,7 +55,7 @@ STUDIES = {
         Variant("teacher (ResNet pair)", "sketchy_rtl.py:demo"),
         Variant("ShuffleNet 0.5x alone", "sketchy_rtl_kd.py:demo,distill=off"),
         Variant("ShuffleNet 0.5x + KD", "sketchy_rtl_kd.py:demo",
-                teacher="teacher (ResNet pair)"),
+                from_runs={"teacher.workdir": "teacher (ResNet pair)"}),
     ], 200),
     "memory": (("recall@1",), [
         Variant("no memory", "sop_xbn.py:demo,adapt=none", {"memory.size": 0}),
@@ -60,12 +63,25 @@ STUDIES = {
         Variant("XBN", "sop_xbn.py:demo,adapt=moments"),
         Variant("XBN kalman", "sop_xbn.py:demo,adapt=kalman"),
     ], None),
+    # XBM's own regime: memory on a pretrained network whose embeddings
+    # drift slowly (here: the no-memory demo run, then fine-tuning at lr 1e-4).
+    "memory_finetune": (("recall@1",), [
+        Variant("pretrain (no memory)", "sop_xbn.py:demo,adapt=none", {"memory.size": 0}),
+    ] + [
+        Variant(name, f"sop_xbn.py:demo,adapt={adapt}",
+                {"optimizer.lr": 1e-4, "memory.start_step": 0, **extra},
+                from_runs={"model.init_file": "pretrain (no memory)"})
+        for name, adapt, extra in (("+ no memory", "none", {"memory.size": 0}),
+                                   ("+ XBM", "none", {}), ("+ XBN", "moments", {}),
+                                   ("+ XBN kalman", "kalman", {}))
+    ], None),
     "raml": (("recall@1", "map@r"), [
         Variant("teacher 64 px (sym)", "cub_raml_teacher.py:demo"),
-        Variant("student 32 px, sym", "cub_raml.py:demo", teacher="teacher 64 px (sym)",
-                run="student"),
+        Variant("student 32 px, sym", "cub_raml.py:demo",
+                from_runs={"teacher.workdir": "teacher 64 px (sym)"}, run="student"),
         Variant("student 32 px vs teacher db, asym", "cub_raml.py:demo",
-                teacher="teacher 64 px (sym)", run="student", metric_prefix="asym/"),
+                from_runs={"teacher.workdir": "teacher 64 px (sym)"}, run="student",
+                metric_prefix="asym/"),
     ], None),
     "obdsd": (("recall@1", "map@r"), [
         Variant("MS", "cub_obdsd.py:demo,distill=False"),
@@ -89,15 +105,19 @@ def load_config(variant: Variant, seed: int, total_steps=None):
   config = config_lib.load_config(os.path.join(ROOT, "configs", file),
                                   f"{arg},seed={seed}" if arg else f"seed={seed}")
   for path, value in variant.overrides.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    _set(config, path, value)
   if total_steps:
     config.total_steps = total_steps
     config.eval_every = 0
   return config
+
+
+def _set(config, path: str, value) -> None:
+  *parents, leaf = path.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
 
 
 def _read_done(path: str) -> dict:
@@ -125,8 +145,8 @@ def run_study(study: str, seeds: int, workdir: str, total_steps=None, spec=None)
       if (v.run_name, seed) in done:
         continue
       config = load_config(v, seed, total_steps)
-      if v.teacher:
-        config.teacher.workdir = run_dir(by_name[v.teacher], seed)
+      for field, source in v.from_runs.items():
+        _set(config, field, run_dir(by_name[source], seed))
       results = train.train_and_evaluate(config, run_dir(v, seed))
       row = {"run": v.run_name, "seed": seed, "config": v.config, "results": results}
       done[(v.run_name, seed)] = row

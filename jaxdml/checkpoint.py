@@ -26,6 +26,11 @@ def _fingerprint(abstract_state) -> dict:
   return {jax.tree_util.keystr(p): list(x.shape) for p, x in leaves}
 
 
+def meta_model(ckpt, step) -> str:
+  """The saved model description, for error messages."""
+  return json.dumps(ckpt.meta(step).get("model"), sort_keys=True)
+
+
 class Checkpointer:
   """Saves and restores the train state under `workdir/checkpoints`."""
 
@@ -100,6 +105,10 @@ class Checkpointer:
     missing = sorted(set(shardings) - set(saved))
     if missing:
       raise ValueError(f"The checkpoint {self.directory} (step {step}) has no {missing}.")
+    for key in shardings:
+      if jax.tree.structure(saved[key]) != jax.tree.structure(shardings[key]):
+        raise ValueError(f"The checkpoint {self.directory} (step {step}) holds {key} of "
+                         f"another model (saved: {meta_model(self, step)}).")
     target = jax.tree.map(
         lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
         {k: saved[k] for k in shardings}, shardings)

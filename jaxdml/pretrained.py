@@ -1,18 +1,23 @@
-"""`model.init_file`: start a run from torchvision/timm ImageNet weights.
+"""`model.init_file`: start a run from ImageNet weights or from another run.
 
 A recipe (or `--config.model.init_file=resnet50.safetensors`) names a
-state dict for the encoder; two-tower models take one per tower
-(`model.query.init_file`, `model.gallery.init_file`). The weights are read
-once, when a fresh run creates its state (a resumed run has them in its
-checkpoint), with `jaxdml.models.load_torch_weights`: every backbone key must
-match, the ImageNet classifier is dropped, the embedding head starts fresh.
+torchvision/timm state dict for the encoder; two-tower models take one per
+tower (`model.query.init_file`, `model.gallery.init_file`). It is read with
+`jaxdml.models.load_torch_weights`: every backbone key must match, the
+ImageNet classifier is dropped, the embedding head starts fresh. A jaxdml
+workdir instead (fine-tuning a run of the same model) gives the encoder's
+params and BatchNorm statistics of its latest checkpoint, head included.
+Either is read once, when a fresh run creates its state; a resumed run has
+the weights in its own checkpoint.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 
-from jaxdml import models
+from jaxdml import checkpoint, models
 
 INIT_FILE = "init_file"
 
@@ -43,12 +48,30 @@ def init_files(model_config) -> dict[tuple, tuple[str, dict, str]]:
 def load_into(config, state: dict, shardings: dict) -> dict:
   """`state` with the encoders' params and batch_stats from their init files."""
   for path, (name, kwargs, file) in init_files(config.model).items():
-    loaded = models.load_torch_weights(name, file, seed=int(config.seed), **kwargs)
+    pick = (lambda t, p=path: t[p[0]]) if path else (lambda t: t)
+    if os.path.isdir(file):
+      loaded = _from_workdir(file, path, {k: shardings[k] for k in ("params", "batch_stats")
+                                          if jax.tree.leaves(state[k])})
+    else:
+      loaded = models.load_torch_weights(name, file, seed=int(config.seed), **kwargs)
     for collection, tree in loaded.items():
-      pick = (lambda t: t[path[0]]) if path else (lambda t: t)
       if jax.tree.structure(pick(state[collection])) != jax.tree.structure(tree):
         raise ValueError(f"{file}: its {collection} do not fit model {name!r} at "
                          f"{'/'.join(path) or 'the top'}; check config.model.")
       placed = jax.device_put(tree, pick(shardings[collection]))
       state[collection] = dict(state[collection], **{path[0]: placed}) if path else placed
   return state
+
+
+def _from_workdir(workdir: str, path: tuple, shardings: dict) -> dict:
+  """The encoder's variables at `path` of another run's latest checkpoint."""
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
+  try:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"model.init_file={workdir!r} is a directory without "
+                              "checkpoints; give a trained run's workdir or a weights file.")
+    if path:  # one tower of a two-tower run: restore the whole model, keep the tower
+      return {k: v[path[0]] for k, v in ckpt.restore_subset(shardings).items()}
+    return ckpt.restore_subset(shardings)
+  finally:
+    ckpt.close()

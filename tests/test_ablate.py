@@ -8,9 +8,10 @@ from jaxdml import ablate, train
 
 SPEC = (("recall@1",), [
     ablate.Variant("teacher", "cub_raml_teacher.py:smoke"),
-    ablate.Variant("sym", "cub_raml.py:smoke", teacher="teacher", run="student"),
-    ablate.Variant("asym", "cub_raml.py:smoke", teacher="teacher", run="student",
-                   metric_prefix="asym/"),
+    ablate.Variant("sym", "cub_raml.py:smoke", from_runs={"teacher.workdir": "teacher"},
+                   run="student"),
+    ablate.Variant("asym", "cub_raml.py:smoke", from_runs={"teacher.workdir": "teacher"},
+                   run="student", metric_prefix="asym/"),
 ], 1)
 
 

@@ -143,6 +143,24 @@ def test_init_file_loads_the_backbone_and_the_teacher_copies_it(tmp_path):
     train.create_train_state(config, model, tx, mesh)
 
 
+def test_init_file_may_be_another_runs_workdir(tmp_path):
+  config = load_config("cub_obdsd.py", "smoke,distill=False")
+  config.eval.enabled = False
+  train.train_and_evaluate(config, str(tmp_path / "pretrained"))
+  config.model.init_file = str(tmp_path / "pretrained")
+  mesh, model, tx, _, ckpt = train.setup(config, str(tmp_path / "finetune"))
+  state, _ = train.restore_or_create(config, model, tx, mesh, ckpt)
+  ckpt.close()
+  want = saved_state(str(tmp_path / "pretrained"), config)
+  jax.tree.map(np.testing.assert_array_equal, dict(state["params"]), want["params"])
+  jax.tree.map(np.testing.assert_array_equal, dict(state["batch_stats"]), want["batch_stats"])
+  assert int(state["step"]) == 0
+  os.makedirs(tmp_path / "nothing")
+  config.model.init_file = str(tmp_path / "nothing")
+  with pytest.raises(FileNotFoundError, match="without checkpoints"):
+    train.create_train_state(config, model, tx, mesh)
+
+
 def test_checkpoint_subset_restore_reads_only_what_is_asked(tmp_path):
   config = load_config("sketchy_rtl.py")
   config.total_steps = 1
