@@ -246,6 +246,43 @@ def test_frozen_bn_keeps_running_stats_and_trains_affine():
   assert not np.allclose(upd["batch_stats"]["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
 
 
+@pytest.mark.parametrize("name", ["resnet18", "shufflenet_v2_x0_5"])
+def test_train_mode_gradients_match_torch(name):
+  """Gradients in training mode (batch statistics) equal torch's on the same weights.
+
+  Parameters whose true gradient is zero (a BatchNorm bias followed by a
+  linear layer and another BatchNorm, in ShuffleNet) hold only float noise
+  on both sides and are skipped.
+  """
+  import flax
+  from jaxdml.models import torch_import
+  import copy
+  cached, sd = _torch_model(name)
+  ref = copy.deepcopy(cached).train()  # training mode moves running stats: not the cached one
+  x = _images(64, batch=4)
+  torch.sin(ref(torch.from_numpy(x.transpose(0, 3, 1, 2)))).sum().backward()
+  variables = models.load_torch_weights(name, sd, num_classes=1000)
+  model = models.get(name, num_classes=1000)
+
+  def loss(params):
+    (out, _), _ = model.apply(dict(variables, params=params), jnp.asarray(x), train=True,
+                              mutable=["batch_stats"])
+    return jnp.sum(jnp.sin(out))
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  torch_grads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
+  checked = 0
+  for path, got in flax.traverse_util.flatten_dict(grads).items():
+    want = torch_grads[torch_import.torch_key(("params",) + path)]
+    if np.max(np.abs(want)) < 1e-3:
+      continue
+    got = np.asarray(got)
+    if path[-1] == "kernel":
+      got = got.transpose(3, 2, 0, 1) if got.ndim == 4 else got.T
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.max(np.abs(want)), err_msg=str(path))
+    checked += 1
+  assert checked > 0.8 * len(torch_grads)
+
+
 def test_batchnorm_matches_torch_training_step():
   x = np.random.default_rng(0).normal(2.0, 3.0, size=(6, 5, 5, 4)).astype(np.float32)
   bn = heads.BatchNorm()
