@@ -35,7 +35,7 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
       name="contrastive_koleo", distance="cosine", pos_margin=1.0, neg_margin=0.5,
       koleo_weight=arg.koleo))
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", lr=3e-5, weight_decay=5e-4, schedule="constant", grad_clip_norm=None))
+      name="adamw", lr=3e-5, weight_decay=5e-4, schedule="constant", warmup_steps=0, grad_clip_norm=None))
   # Resize to 256 x 256 then a random 224 crop: a fixed-size, fixed-shape box.
   c.data.augment.scale = ((224 / 256) ** 2,) * 2
   c.data.augment.ratio = (1.0, 1.0)

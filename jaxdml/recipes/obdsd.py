@@ -38,7 +38,7 @@ def obdsd(dataset: str, arg) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       name="multi_similarity", alpha=2.0, beta=40.0, base=0.5, miner_epsilon=0.1))
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adam", lr=1e-5, weight_decay=4e-4, schedule="constant", grad_clip_norm=None))
+      name="adam", lr=1e-5, weight_decay=4e-4, schedule="constant", warmup_steps=0, grad_clip_norm=None))
   c.batch_size = 112
   c.data.m_per_class = 2
   c.memory.size = 0

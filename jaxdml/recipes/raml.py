@@ -31,7 +31,7 @@ def _common(dataset: str, arg) -> tuple[ml_collections.ConfigDict, float]:
       name="resnet50", pooling="gem", embed_dim=512, head_norm="l2", frozen_bn=True,
       init_file=None))
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", lr=lr, weight_decay=1e-6, schedule="one_cycle", grad_clip_norm=None,
+      name="adamw", lr=lr, weight_decay=1e-6, schedule="one_cycle", warmup_steps=0, grad_clip_norm=None,
       accumulate_steps=1))
   c.data.augment.color_jitter = (0.4, 0.4, 0.4, 0.1)
   c.memory.size = 0
