@@ -47,9 +47,11 @@ def final_params(workdir, config):
   return final_state(workdir, config)["params"]
 
 
-# The SBIR recipe, and a memory recipe whose Kalman-adapted memory is in use
-# from the second step: both must shard and resume exactly.
-EQUALITY_CASES = [("sketchy_rtl.py", "smoke"), ("sop_xbn.py", "smoke,adapt=kalman")]
+# The SBIR recipe, a memory recipe whose Kalman-adapted memory is in use from
+# the second step, and OBD-SD, whose previous-epoch teacher lives in the
+# state: all must shard and resume exactly.
+EQUALITY_CASES = [("sketchy_rtl.py", "smoke"), ("sop_xbn.py", "smoke,adapt=kalman"),
+                  ("cub_obdsd.py", "smoke")]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -103,7 +105,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, name, arg):
   assert checkpoint.Checkpointer(resumed).latest_step() == 2
   train.train_and_evaluate(config, resumed)
   assert losses_of(straight) == pytest.approx(losses_of(resumed), abs=1e-6)
-  # Everything: parameters, optimizer, BatchNorm statistics, memory, RNG.
+  # Everything: parameters, optimizer, BatchNorm statistics, memory, teacher, RNG.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                final_state(straight, config), final_state(resumed, config))
 
