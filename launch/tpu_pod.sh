@@ -67,7 +67,8 @@ fi
 
 # Ship this checkout (not a pip release) so every worker runs the same code.
 tarball="/tmp/jaxdml-${NAME}.tar.gz"
-run tar -C "$repo_dir" --exclude=.venv --exclude=.git --exclude=workdirs -czf "$tarball" .
+run tar -C "$repo_dir" --exclude=.venv --exclude=.git --exclude=workdirs --exclude=.pytest_cache \
+  --exclude=__pycache__ -czf "$tarball" .
 run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:~/jaxdml.tar.gz" \
     --zone="$ZONE" --worker=all "${project_flag[@]}"
 

@@ -173,8 +173,8 @@ def test_workdir_of_another_model_is_refused(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   real = tasks.compute_loss
 
-  def nan_from_step_two(config, outputs, batch, memory, step):
-    loss, aux, memory = real(config, outputs, batch, memory, step)
+  def nan_from_step_two(config, outputs, batch, memory, step, teacher_outputs=None):
+    loss, aux, memory = real(config, outputs, batch, memory, step, teacher_outputs)
     return jnp.where(step >= 2, jnp.nan, loss), aux, memory
 
   monkeypatch.setattr(tasks, "compute_loss", nan_from_step_two)
