@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdml import checkpoint, config_lib, metrics_writer, models, teacher, train
+from jaxdml import checkpoint, config_lib, data, metrics_writer, models, teacher, train
 from jaxdml.models import torch_import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +92,31 @@ def test_previous_epoch_teacher_in_a_run_is_the_student_after_each_epoch(tmp_pat
   rows = [r for r in metrics_writer.read_metrics(str(tmp_path)) if "loss" in r]
   # progress is 0 in the first epoch, so the OBD-SD term starts at exactly 0.
   assert rows[0]["distill/obd_sd"] == 0.0 and rows[1]["distill/obd_sd"] > 0.0
+
+
+def test_momentum_teacher_fills_the_memory_with_its_own_embeddings(tmp_path):
+  config = load_config("inshop_irt.py")  # In-Shop: 0.999 momentum encoder feeds the memory
+  assert config.teacher.kind == "momentum" and config.teacher.feeds_memory
+  config.teacher.momentum = 1.0  # the teacher stays the initial weights: checkable
+  config.total_steps = 1
+  config.eval.enabled = False
+  mesh, model, tx, _, _ = train.setup(config, str(tmp_path / "unused"))
+  initial, _ = train.create_train_state(config, model, tx, mesh)
+  initial = jax.device_get(initial)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  state = saved_state(str(tmp_path / "run"), config)
+  jax.tree.map(np.testing.assert_array_equal, state["teacher"]["params"], initial["params"])
+  batch = next(data.train_batches(config.data, seed=int(config.seed),
+                                  global_batch_size=int(config.batch_size), start_step=0,
+                                  task=config.task))
+  keys, _ = model.apply(initial["teacher"], data.normalize(batch["image"]), train=False)
+  memory = state["memory"]
+  assert memory["valid"].sum() == config.batch_size
+  np.testing.assert_allclose(memory["embeddings"][:config.batch_size], keys, atol=1e-5)
+  np.testing.assert_array_equal(memory["labels"][:config.batch_size], batch["label"])
+  # The student moved; its own embeddings of the batch are not what was stored.
+  student, _ = model.apply({"params": state["params"]}, data.normalize(batch["image"]))
+  assert np.max(np.abs(np.asarray(student) - np.asarray(keys))) > 1e-3
 
 
 def test_asymmetric_evaluation_equals_symmetric_when_the_teacher_is_the_student(tmp_path):
