@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
 
-# Every paper's claim on the embedded data, 3 seeds each (about an hour on
+# Every paper's claim on the embedded data, 3 seeds each (about 2 hours on
 # 2 CPU cores); resumable, tables printed at the end (docs/ablations.md).
 ablations: $(VENV)/.installed
 	$(PY) -m jaxdml.ablate --study=all --seeds=3 --workdir=workdirs/ablations
