@@ -258,7 +258,11 @@ def test_train_mode_gradients_match_torch(name):
   from jaxdml.models import torch_import
   import copy
   cached, sd = _torch_model(name)
-  ref = copy.deepcopy(cached).train()  # training mode moves running stats: not the cached one
+  # A copy holding exactly `sd`: training mode moves running statistics, and
+  # the cached module is shared with the other parity tests.
+  ref = copy.deepcopy(cached)
+  ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+  ref.train()
   x = _images(64, batch=4)
   torch.sin(ref(torch.from_numpy(x.transpose(0, 3, 1, 2)))).sum().backward()
   variables = models.load_torch_weights(name, sd, num_classes=1000)
@@ -270,7 +274,7 @@ def test_train_mode_gradients_match_torch(name):
     return jnp.sum(jnp.sin(out))
   grads = jax.jit(jax.grad(loss))(variables["params"])
   torch_grads = {k: p.grad.numpy() for k, p in ref.named_parameters()}
-  errors = {}
+  errors, sq_diff, sq_norm = {}, 0.0, 0.0
   for path, got in flax.traverse_util.flatten_dict(grads).items():
     want = torch_grads[torch_import.torch_key(("params",) + path)]
     if np.max(np.abs(want)) < 1e-3:
@@ -279,12 +283,14 @@ def test_train_mode_gradients_match_torch(name):
     if path[-1] == "kernel":
       got = got.transpose(3, 2, 0, 1) if got.ndim == 4 else got.T
     errors[path] = np.linalg.norm(got - want) / np.linalg.norm(want)
+    sq_diff += np.sum((got - want) ** 2)
+    sq_norm += np.sum(want ** 2)
   assert len(errors) > 0.8 * len(torch_grads)
   # float32 rounding grows along the backward pass through many training-mode
-  # BatchNorms: typically 0.1-0.4 % (the stem's bias has seen 2 %), varying
-  # with XLA's threading; a wrong rule is O(1).
-  assert max(errors.values()) < 0.05, max(errors.items(), key=lambda kv: kv[1])
-  assert np.median(list(errors.values())) < 0.01
+  # BatchNorms: from 0.1 % to 2.5 % for the stem's tensors between runs of
+  # the suite (XLA's threading changes the rounding); a wrong rule is O(1).
+  assert max(errors.values()) < 0.1, max(errors.items(), key=lambda kv: kv[1])
+  assert np.sqrt(sq_diff / sq_norm) < 0.01
 
 
 def test_batchnorm_matches_torch_training_step():
