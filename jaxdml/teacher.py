@@ -5,7 +5,9 @@ Three kinds (`config.teacher.kind`), one code path in the train step:
   `config.teacher.workdir` names that run; its latest checkpoint's `params`
   and `batch_stats` (or those of `teacher.step`) are read once, when a fresh
   run creates its state, and are then part of the student's checkpoints.
-  The teacher's architecture is read from that checkpoint's metadata.
+  The teacher's architecture is read from that checkpoint's metadata, or
+  from `teacher.model` when set (a resumed run whose teacher's workdir is
+  gone).
 - `previous_epoch`: the student's own weights, copied every `epoch_steps`
   steps (OBD-SD's progressive self-distillation).
 - `momentum`: an exponential moving average of the student's weights
@@ -43,7 +45,7 @@ def teacher_config(kind: str, *, loss: dict | None = None, recipe: str = "",
       kind=kind, workdir=ml_collections.config_dict.placeholder(str),
       step=ml_collections.config_dict.placeholder(int), recipe=recipe, images=images,
       epoch_steps=int(epoch_steps), momentum=float(momentum),
-      feeds_memory=bool(feeds_memory), loss=loss))
+      feeds_memory=bool(feeds_memory), loss=loss, model=None))
 
 
 def uses_teacher(config) -> bool:
@@ -73,6 +75,9 @@ def build_model(config, student_model):
   """The teacher's module: the student's own, or the frozen run's model."""
   if config.teacher.kind != "frozen":
     return student_model
+  if config.teacher.get("model"):
+    description = pretrained.model_kwargs(config.teacher.model)
+    return models.get(description.pop("name"), **description)
   ckpt = _frozen_checkpointer(config)
   try:
     description = pretrained.model_kwargs(ckpt.meta(config.teacher.get("step"))["model"])

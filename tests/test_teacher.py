@@ -46,6 +46,12 @@ def test_frozen_teacher_is_the_teachers_checkpoint_and_never_moves(tmp_path):
   assert jax.tree.structure(student) != jax.tree.structure(got["params"])
   rows = [r for r in metrics_writer.read_metrics(str(tmp_path / "student")) if "loss" in r]
   assert all(r["distill/embedding_distill"] > 0 for r in rows)
+  # The teacher lives in the student's checkpoint: with its model given, the
+  # student restores without the teacher's workdir.
+  config.teacher.workdir = str(tmp_path / "deleted")
+  config.teacher.model = teacher_config.model.to_dict()
+  again = saved_state(str(tmp_path / "student"), config)["teacher"]
+  jax.tree.map(np.testing.assert_array_equal, again["params"], want["params"])
 
 
 def test_frozen_teacher_without_a_workdir_names_the_command(tmp_path):
