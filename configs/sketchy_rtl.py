@@ -37,7 +37,7 @@ def get_config(arg=None):
                    log_every=50, eval_every=2_000)
 
   embed_dim = 512
-  head = dict(embed_dim=embed_dim, head_norm=arg.embedding)
+  head = dict(embed_dim=embed_dim, head_norm=arg.embedding, dtype="float32")
   # init_file: ImageNet weights per tower (e.g. timm's ViT-S/16 and ViT-B/16).
   c.model = ml_collections.ConfigDict(dict(
       name="two_tower",
@@ -69,7 +69,7 @@ def get_config(arg=None):
   if arg.demo:
     # A real small CNN pair, a few minutes on a 2-core CPU.
     embed_dim = 128
-    head = dict(embed_dim=embed_dim, head_norm=arg.embedding, pooling="avg")
+    head = dict(embed_dim=embed_dim, head_norm=arg.embedding, pooling="avg", dtype="float32")
     c.model.query = dict(name="resnet_small", **head)
     c.model.gallery = dict(name="resnet_small", **head)
     c.batch_size = 48
@@ -81,7 +81,7 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 40
   if arg.smoke:
     embed_dim = 16
-    head = dict(embed_dim=embed_dim, head_norm=arg.embedding, pooling="avg")
+    head = dict(embed_dim=embed_dim, head_norm=arg.embedding, pooling="avg", dtype="float32")
     c.model.query = dict(name="resnet_tiny", **head)
     c.model.gallery = dict(name="resnet_tiny", **head)
     c.data.image_size = 32

@@ -30,7 +30,8 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
   c = single_task(dataset, seed=arg.seed)
   c.total_steps = steps
   c.model = ml_collections.ConfigDict(dict(
-      name="vit_s16", pooling="cls", embed_dim=None, head_norm="l2", init_file=None))
+      name="vit_s16", pooling="cls", embed_dim=None, head_norm="l2", init_file=None,
+      dtype="float32"))
   c.loss = ml_collections.ConfigDict(dict(
       name="contrastive_koleo", distance="cosine", pos_margin=1.0, neg_margin=0.5,
       koleo_weight=arg.koleo))

@@ -34,7 +34,7 @@ def obdsd(dataset: str, arg) -> ml_collections.ConfigDict:
   c = single_task(dataset, seed=arg.seed)
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50", pooling="avg", embed_dim=128, head_norm="l2", frozen_bn=True,
-      init_file=None))
+      init_file=None, dtype="float32"))
   c.loss = ml_collections.ConfigDict(dict(
       name="multi_similarity", alpha=2.0, beta=40.0, base=0.5, miner_epsilon=0.1))
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -29,7 +29,7 @@ def _common(dataset: str, arg) -> tuple[ml_collections.ConfigDict, float]:
   # ResNet-50 -> GeM (learnable p, init 3) -> Linear(2048, 512) -> L2, BN frozen.
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50", pooling="gem", embed_dim=512, head_norm="l2", frozen_bn=True,
-      init_file=None))
+      init_file=None, dtype="float32"))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=lr, weight_decay=1e-6, schedule="one_cycle", warmup_steps=0, grad_clip_norm=None,
       accumulate_steps=1))
