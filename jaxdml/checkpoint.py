@@ -26,9 +26,9 @@ def _fingerprint(abstract_state) -> dict:
   return {jax.tree_util.keystr(p): list(x.shape) for p, x in leaves}
 
 
-def meta_model(ckpt, step) -> str:
+def _model_of(meta: dict) -> str:
   """The saved model description, for error messages."""
-  return json.dumps(ckpt.meta(step).get("model"), sort_keys=True)
+  return json.dumps(meta.get("model"), sort_keys=True)
 
 
 class Checkpointer:
@@ -66,7 +66,7 @@ class Checkpointer:
     meta = self.meta(step)
     expected = _fingerprint(abstract_state)
     if meta.get("param_shapes") != expected:
-      saved_model = json.dumps(meta.get("model"), sort_keys=True)
+      saved_model = _model_of(meta)
       wanted = json.dumps(self.model_description, sort_keys=True)
       diff = sorted(set(meta.get("param_shapes", {})) ^ set(expected))[:3]
       if not diff:
@@ -108,7 +108,7 @@ class Checkpointer:
     for key in shardings:
       if jax.tree.structure(saved[key]) != jax.tree.structure(shardings[key]):
         raise ValueError(f"The checkpoint {self.directory} (step {step}) holds {key} of "
-                         f"another model (saved: {meta_model(self, step)}).")
+                         f"another model (saved: {_model_of(self.meta(step))}).")
     target = jax.tree.map(
         lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
         {k: saved[k] for k in shardings}, shardings)

@@ -23,6 +23,7 @@ recipe's loss; `None` for a teacher that only feeds the memory.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -52,12 +53,11 @@ def uses_teacher(config) -> bool:
   return config.get("teacher") is not None and bool(config.teacher.get("kind"))
 
 
-def _frozen_checkpointer(config) -> checkpoint_lib.Checkpointer:
-  cfg = config.teacher
-  workdir = cfg.get("workdir")
-  hint = (f"train it first, e.g. python -m jaxdml.main --config={cfg.recipe} "
+def _frozen_checkpointer(workdir: str | None, recipe: str) -> checkpoint_lib.Checkpointer:
+  """The frozen teacher's checkpoints; errors say how to train the teacher."""
+  hint = (f"train it first, e.g. python -m jaxdml.main --config={recipe} "
           "--workdir=TEACHER_DIR, then pass --config.teacher.workdir=TEACHER_DIR"
-          if cfg.get("recipe") else "pass --config.teacher.workdir=TEACHER_DIR "
+          if recipe else "pass --config.teacher.workdir=TEACHER_DIR "
           "(a trained run's --workdir)")
   if not workdir:
     raise ValueError(f"config.teacher.workdir is not set: this recipe distils a trained "
@@ -75,15 +75,26 @@ def build_model(config, student_model):
   """The teacher's module: the student's own, or the frozen run's model."""
   if config.teacher.kind != "frozen":
     return student_model
-  if config.teacher.get("model"):
-    description = pretrained.model_kwargs(config.teacher.model)
-    return models.get(description.pop("name"), **description)
-  ckpt = _frozen_checkpointer(config)
+  saved = config.teacher.get("model") or _saved_model(config)
+  description = pretrained.model_kwargs(saved)
+  return models.get(description.pop("name"), **description)
+
+
+def _saved_model(config) -> dict:
+  """The frozen run's model config, from its checkpoint's metadata."""
+  cfg = config.teacher
+  return dict(_read_saved_model(cfg.get("workdir"), cfg.get("step"), cfg.get("recipe") or ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_saved_model(workdir, step, recipe):
+  # Start-up builds the teacher for the state, the step and the evaluator:
+  # the workdir is read once, not three times.
+  ckpt = _frozen_checkpointer(workdir, recipe)
   try:
-    description = pretrained.model_kwargs(ckpt.meta(config.teacher.get("step"))["model"])
+    return ckpt.meta(step)["model"]
   finally:
     ckpt.close()
-  return models.get(description.pop("name"), **description)
 
 
 def image_size(config) -> int:
@@ -108,7 +119,7 @@ def init_variables(config, teacher_model, student_variables, dummy_inputs):
 
 def load_frozen(config, shardings: dict) -> dict:
   """The frozen teacher's variables from its workdir, laid out as `shardings`."""
-  ckpt = _frozen_checkpointer(config)
+  ckpt = _frozen_checkpointer(config.teacher.get("workdir"), config.teacher.get("recipe") or "")
   try:
     return ckpt.restore_subset(shardings, config.teacher.get("step"))
   finally:

@@ -77,13 +77,13 @@ def create_train_state(config, model, tx, mesh):
   """
   init, _, shardings = _abstract(config, model, tx, mesh)
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(int(config.seed)))
+  uses_teacher = teacher_lib.uses_teacher(config)
   if pretrained.init_files(config.model):
     state = pretrained.load_into(config, state, shardings)
-  if teacher_lib.uses_teacher(config):
-    if config.teacher.kind == "frozen":
-      state["teacher"] = teacher_lib.load_frozen(config, shardings["teacher"])
-    else:  # the student's copy, taken after the pretrained weights went in
+    if uses_teacher and config.teacher.kind != "frozen":  # init copied the random weights
       state["teacher"] = jax.tree.map(jnp.copy, tasks.model_variables(state))
+  if uses_teacher and config.teacher.kind == "frozen":
+    state["teacher"] = teacher_lib.load_frozen(config, shardings["teacher"])
   return state, shardings
 
 

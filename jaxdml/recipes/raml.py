@@ -21,7 +21,7 @@ HPARAMS = {
 CONFIG_NAMES = {"cub": "cub", "cars196": "cars", "sop": "sop"}
 
 
-def _common(dataset: str, arg) -> tuple[ml_collections.ConfigDict, float]:
+def _common(dataset: str, arg) -> ml_collections.ConfigDict:
   if dataset not in HPARAMS:
     raise ValueError(f"RAML has hyperparameters for {sorted(HPARAMS)}, not {dataset!r}.")
   lr = HPARAMS[dataset][0]
@@ -35,7 +35,7 @@ def _common(dataset: str, arg) -> tuple[ml_collections.ConfigDict, float]:
       accumulate_steps=1))
   c.data.augment.color_jitter = (0.4, 0.4, 0.4, 0.1)
   c.memory.size = 0
-  return c, lr
+  return c
 
 
 def _embedded(c: ml_collections.ConfigDict, smoke: bool) -> None:
@@ -55,7 +55,7 @@ def raml_teacher(dataset: str, arg) -> ml_collections.ConfigDict:
   Arguments: `smoke`, `demo`, `seed=N`.
   """
   arg = config_lib.parse_arg(arg, smoke=False, demo=False, seed=0)
-  c, _ = _common(dataset, arg)
+  c = _common(dataset, arg)
   c.data.image_size = 448
   c.total_steps = 20_000
   c.loss = ml_collections.ConfigDict(dict(
@@ -82,7 +82,7 @@ def raml(dataset: str, arg) -> ml_collections.ConfigDict:
   `--config.teacher.workdir`, trained by the matching `_raml_teacher.py`.
   """
   arg = config_lib.parse_arg(arg, smoke=False, demo=False, seed=0)
-  c, _ = _common(dataset, arg)
+  c = _common(dataset, arg)
   _, lambda1, lambda2 = HPARAMS[dataset]
   views = 8
   c.batch_size = 8  # images; each gives `views` rows
