@@ -16,6 +16,8 @@ config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/sketchy_rtl.py:demo.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to do.")
+flags.DEFINE_string("cpu_devices", "auto", "JAX devices to split a CPU into (data parallel "
+                    "over cores): 'auto' or a count; 1 keeps one device. No effect on GPU/TPU.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -26,7 +28,8 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   # Imported here so that `--help` answers without starting JAX.
-  from jaxdml import train  # pylint: disable=g-import-not-at-top
+  from jaxdml import sharding, train  # pylint: disable=g-import-not-at-top
+  sharding.use_cpu_cores_as_devices(FLAGS.cpu_devices, int(FLAGS.config.batch_size))
   logging.info("Config:\n%s", FLAGS.config)
   if FLAGS.mode == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
