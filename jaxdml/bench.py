@@ -21,12 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
-flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
-flags.DEFINE_integer("steps", 10, "Timed steps per measurement (the median is reported).")
-flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-flags.DEFINE_list("measure", ["train", "inference"], "What to measure.")
-flags.DEFINE_string("cpu_devices", "auto", "As jaxdml.main: CPU devices ('auto' or a count).")
+
+def define_flags():
+  """Command-line flags, defined only when run as a program: tests import
+  this module beside others that define `--config` too."""
+  config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
+  flags.DEFINE_integer("batch_size", None, "Global batch size (default: the config's).")
+  flags.DEFINE_integer("steps", 10, "Timed steps per measurement (the median is reported).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_list("measure", ["train", "inference"], "What to measure.")
+  flags.DEFINE_string("cpu_devices", "auto", "As jaxdml.main: CPU devices ('auto' or a count).")
+  flags.mark_flags_as_required(["config"])
+
 
 # Dense bf16 peak FLOP/s per device, from vendor data sheets.
 PEAK_FLOPS = {
@@ -182,5 +188,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  define_flags()
   app.run(main)
