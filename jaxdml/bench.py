@@ -103,8 +103,9 @@ def _time(fn, steps: int, warmup: int) -> list[float]:
   return seconds
 
 
-def _record(kind, config, batch_size, images_per_step, step_seconds, flops, compile_s, peak):
-  n_dev = jax.device_count()
+def _record(kind, config, batch_size, images_per_step, step_seconds, flops, compile_s, peak,
+            n_dev):
+  """One JSON record; `n_dev` is the mesh's size, the devices the step ran on."""
   seconds = float(np.median(step_seconds))
   achieved = flops / seconds
   # A measured CPU peak is the whole host's, however many devices split it.
@@ -143,7 +144,8 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, peak) -> dict:
 
   seconds = _time(one_step, steps, warmup)
   images = batch_size * (2 if config.task == "sbir" else 1)
-  return _record("train_step", config, batch_size, images, seconds, flops, compile_s, peak)
+  return _record("train_step", config, batch_size, images, seconds, flops, compile_s, peak,
+                 mesh.size)
 
 
 def bench_inference(config, batch_size: int, steps: int, warmup: int, peak) -> dict:
@@ -169,7 +171,7 @@ def bench_inference(config, batch_size: int, steps: int, warmup: int, peak) -> d
   compile_s = time.perf_counter() - start
   seconds = _time(lambda: compiled(variables, images), steps, warmup)
   return _record("inference", config, batch_size, batch_size, seconds,
-                 compiled_flops(compiled, mesh.size), compile_s, peak)
+                 compiled_flops(compiled, mesh.size), compile_s, peak, mesh.size)
 
 
 def main(argv):

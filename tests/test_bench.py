@@ -23,7 +23,7 @@ def test_flops_are_counted_over_all_devices():
   peak = (1e9, "test")
   one, eight = (bench.bench_train(smoke_config(n), 16, steps=2, warmup=0, peak=peak)
                 for n in (1, -1))
-  assert (one["device_count"], one["batch_size"]) == (8, 16)
+  assert (one["device_count"], eight["device_count"], one["batch_size"]) == (1, 8, 16)
   # Each device computes the (replicated) loss over the gathered batch: a
   # little more work in total, never 8x less.
   assert 0.95 < eight["flops_per_image"] / one["flops_per_image"] < 1.3
@@ -42,6 +42,6 @@ def test_median_ignores_one_slow_step(monkeypatch):
   monkeypatch.setattr(bench.time, "perf_counter", lambda: next(calls))
   seconds = bench._time(lambda: np.zeros(()), steps=5, warmup=0)
   assert seconds == [1.0, 10.0, 1.0, 1.0, 1.0]
-  record = bench._record("train_step", smoke_config(1), 16, 16, seconds, 16e9, 0.0, (1e9, "x"))
+  record = bench._record("train_step", smoke_config(1), 16, 16, seconds, 16e9, 0.0, (1e9, "x"), 1)
   assert record["step_time_ms"] == 1e3
   assert record["step_time_ms_range"] == [1e3, 1e4]
