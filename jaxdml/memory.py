@@ -273,3 +273,37 @@ def reference_set(memory, adapted_embeddings, batch_embeddings, batch_labels):
           [jnp.ones((batch,), bool), memory["valid"]], axis=0),
       "ref_self_index": jnp.arange(batch, dtype=jnp.int32),
   }
+
+
+def enqueued_reference_set(memory, adapted_embeddings, batch_embeddings, batch_labels):
+  """The memory as XBM's code pairs the batch with it: the batch enqueued first.
+
+  XBM (msight-tech/research-xbm, `engine/trainer.py`) writes the detached
+  batch into the memory and then pairs the batch with the whole memory. Here
+  the stale slots hold `adapted_embeddings` (`adapt` measured their moments
+  before the batch went in; the batch's own rows are current and need no
+  adapting) and the batch's copies, stop_gradient'ed, overwrite the oldest
+  slots exactly as `enqueue` writes them. Returns the keyword arguments of a
+  `jaxdml.losses` function: `ref_embeddings` [size, dim] (batch dtype),
+  `ref_labels`, `ref_valid` and `ref_self_index` [B], the slot of each
+  anchor's own copy (-1 where a batch larger than the memory left none), so
+  the loss drops the anchor-with-itself pair as XBM's `s < 1 - 1e-5` does.
+  """
+  _check_memory(memory, batch_embeddings)
+  if adapted_embeddings.shape != memory["embeddings"].shape:
+    raise ValueError(
+        f"adapted_embeddings must have the memory's shape "
+        f"{memory['embeddings'].shape}, got {adapted_embeddings.shape}; pass "
+        "the first output of memory.adapt.")
+  view = enqueue({**memory, "embeddings": adapted_embeddings}, batch_embeddings,
+                 batch_labels)
+  size, batch = memory["embeddings"].shape[0], batch_embeddings.shape[0]
+  rows = jnp.arange(batch, dtype=jnp.int32)
+  slot = (memory["pointer"] + rows) % size
+  return {
+      "ref_embeddings": jax.lax.stop_gradient(view["embeddings"]).astype(
+          batch_embeddings.dtype),
+      "ref_labels": view["labels"],
+      "ref_valid": view["valid"],
+      "ref_self_index": jnp.where(rows >= batch - min(batch, size), slot, -1),
+  }

@@ -140,28 +140,54 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outpu
   return loss, aux, memory
 
 
-def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, batch_keys):
-  """Batch vs (batch + adapted memory) pairs, then enqueue the new batch.
+MEMORY_TERMS = ("joint", "xbm")
 
+
+def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, batch_keys):
+  """The ranking loss with the cross-batch memory; returns (loss, aux, memory).
+
+  `config.memory.terms` says how the memory's pairs enter the loss:
+  - "joint": one loss over batch-vs-(batch + adapted memory) pairs, the batch
+    enqueued after it (PML's `CrossBatchMemory` shape: one reduction over all
+    pairs).
+  - "xbm": XBM's code (`engine/trainer.py`): the batch term (batch vs batch)
+    plus `memory.weight` times the memory term (batch vs the adapted memory
+    with the batch already enqueued, its own copy dropped). In-batch pairs
+    thus count twice, once through the memory's detached copies. As in XBM,
+    nothing is enqueued before `memory.start_step`.
   `batch_keys` are the batch's entries in the reference set and what is
   enqueued: the embeddings themselves, or a momentum encoder's. Before
   `memory.start_step` the memory slots are masked out rather than skipped,
   so the step compiles once and its shapes never change.
   """
   cfg = config.memory
+  terms = cfg.get("terms", "joint")
+  if terms not in MEMORY_TERMS:
+    raise ValueError(f"config.memory.terms={terms!r}: expected one of {MEMORY_TERMS} "
+                     "(see jaxdml.tasks._memory_loss).")
   adapt_hparams = dict(cfg.get("adapt_hparams", None) or {})
-  adapted, memory = memory_lib.adapt(memory, batch_keys, method=cfg.get("adapt", "none"),
-                                     **adapt_hparams)
-  ref = memory_lib.reference_set(memory, adapted, batch_keys, labels)
+  adapted, adapted_memory = memory_lib.adapt(memory, batch_keys, method=cfg.get("adapt", "none"),
+                                             **adapt_hparams)
   batch_size = embeddings.shape[0]
   active = step >= int(cfg.get("start_step", 0))
+  keys = jax.lax.stop_gradient(batch_keys)
+  if terms == "xbm":
+    loss, aux = loss_fn(embeddings=embeddings, labels=labels, **hparams)
+    ref = memory_lib.enqueued_reference_set(adapted_memory, adapted, keys, labels)
+    ref["ref_valid"] = ref["ref_valid"] & active
+    memory_loss, memory_aux = loss_fn(embeddings=embeddings, labels=labels, **ref, **hparams)
+    aux = {**aux, "batch_term": loss, "memory_term": memory_loss,
+           **{f"memory/{k}": v for k, v in memory_aux.items()}}
+    enqueued = memory_lib.enqueue(adapted_memory, keys, labels)
+    memory = jax.tree.map(lambda new, old: jnp.where(active, new, old), enqueued, adapted_memory)
+    return loss + float(cfg.get("weight", 1.0)) * memory_loss, aux, memory
+  ref = memory_lib.reference_set(adapted_memory, adapted, batch_keys, labels)
   ref_valid = ref["ref_valid"].at[batch_size:].set(ref["ref_valid"][batch_size:] & active)
   loss, aux = loss_fn(embeddings=embeddings, labels=labels,
                       ref_embeddings=ref["ref_embeddings"], ref_labels=ref["ref_labels"],
                       ref_valid=ref_valid, ref_self_index=ref["ref_self_index"],
                       **hparams)
   # Enqueued after the loss, so the batch meets itself once (in the batch
-  # part, own copy excluded). XBM's code enqueues first and adds a separate
-  # in-batch term, which counts in-batch pairs twice; the pairs are the same.
-  memory = memory_lib.enqueue(memory, jax.lax.stop_gradient(batch_keys), labels)
+  # part, own copy excluded).
+  memory = memory_lib.enqueue(adapted_memory, keys, labels)
   return loss, aux, memory

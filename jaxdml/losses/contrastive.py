@@ -5,10 +5,18 @@ With a distance d: positives pay [d - pos_margin]_+, negatives
 in PML: positives pay [pos_margin - s]_+, negatives [s - neg_margin]_+. The
 IRT / XBM loss is cosine with pos_margin=1 (so 1 - s) and neg_margin=0.5.
 
-Reduction is PML's: the positive and negative parts are each reduced on their
-own (AvgNonZeroReducer by default: mean over pairs with a positive loss) and
-then summed. PML also returns 0 when there is at most one positive and at
-most one negative pair; reproduced so numbers compare on tiny batches.
+Reduction, by default, is PML's: the positive and negative parts are each
+reduced on their own (AvgNonZeroReducer: mean over pairs with a positive
+loss) and then summed. PML also returns 0 when there is at most one positive
+and at most one negative pair; reproduced so numbers compare on tiny batches.
+
+`reduction="per_anchor_sum"` is XBM's code (msight-tech/research-xbm,
+`ContrastiveLoss`) and IRT's equation: each anchor's positive and negative
+pair losses are summed and the sums averaged over the anchors, so the
+thousands of extra pairs a cross-batch memory brings add to the loss instead
+of being averaged away. XBM's code charges an active negative s rather than
+s - neg_margin: the same gradient, a value higher by neg_margin per active
+negative / B (IRT writes [s - beta]_+, as here). No degenerate-batch rule.
 """
 import jax
 import jax.numpy as jnp
@@ -30,7 +38,8 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
       set; see the `jaxdml.losses` docstring.
     pos_margin, neg_margin: margins (see module docstring for the direction).
     distance: "cosine" | "euclidean" | "squared_euclidean".
-    reduction: "avg_nonzero" (PML default) | "mean", applied to each part.
+    reduction: "avg_nonzero" (PML default) | "mean", applied to each part, or
+      "per_anchor_sum" (XBM's code, IRT's paper; see the module docstring).
 
   Returns:
     (loss, aux) with aux `pos_loss`, `neg_loss` (the reduced parts),
@@ -51,7 +60,8 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
   pos_loss = pairs.reduce(pos_l, p.pos, reduction)
   neg_loss = pairs.reduce(neg_l, p.neg, reduction)
   n_pos, n_neg = pairs.count(p.pos), pairs.count(p.neg)
-  degenerate = (n_pos <= 1) & (n_neg <= 1)
+  degenerate = ((n_pos <= 1) & (n_neg <= 1)
+                & (reduction != pairs.PER_ANCHOR_SUM))
   loss = jnp.where(degenerate, 0.0, pos_loss + neg_loss)
   aux = {
       "pos_loss": pos_loss,

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from jaxdml.losses import distances
 
 REDUCTIONS = ("avg_nonzero", "mean")
+# XBM's code and IRT's equation: each anchor's pair losses summed, then the
+# mean over anchors (anchors without pairs count as 0). Pair losses only.
+PER_ANCHOR_SUM = "per_anchor_sum"
 
 
 class Pairs(NamedTuple):
@@ -25,10 +28,10 @@ class Pairs(NamedTuple):
   neg: jax.Array  # bool [B, R] different label, valid
 
 
-def check_reduction(reduction):
-  if reduction not in REDUCTIONS:
+def check_reduction(reduction, allowed=REDUCTIONS):
+  if reduction not in allowed:
     raise ValueError(
-        f"reduction={reduction!r} is not supported; use one of {REDUCTIONS}.")
+        f"reduction={reduction!r} is not supported; use one of {allowed}.")
 
 
 def _check_2d(name, x, loss_name):
@@ -110,12 +113,16 @@ def reject_ref(loss_name, **refs):
 
 
 def reduce(losses, mask, reduction):
-  """PML AvgNonZeroReducer ("avg_nonzero") or MeanReducer ("mean").
+  """PML AvgNonZeroReducer ("avg_nonzero"), MeanReducer ("mean") or XBM's sum.
 
-  Both average over the entries where `mask` holds ("avg_nonzero" also drops
-  entries whose loss is not > 0) and give 0 when none is left, as PML does.
+  The PML two average over the entries where `mask` holds ("avg_nonzero"
+  also drops entries whose loss is not > 0) and give 0 when none is left, as
+  PML does. "per_anchor_sum" sums each row of [B, R] `losses` over `mask`
+  and averages the B sums, so more pairs (a larger memory) weigh more.
   """
-  check_reduction(reduction)
+  check_reduction(reduction, REDUCTIONS + (PER_ANCHOR_SUM,))
+  if reduction == PER_ANCHOR_SUM:
+    return jnp.sum(jnp.where(mask, losses, 0.0)) / losses.shape[0]
   keep = mask & (losses > 0) if reduction == "avg_nonzero" else mask
   total = jnp.sum(jnp.where(keep, losses, 0.0))
   count = jnp.sum(keep)

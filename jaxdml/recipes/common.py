@@ -62,8 +62,10 @@ def single_task(dataset: str, *, seed: int = 0) -> ml_collections.ConfigDict:
       enabled=True, ks=(1, 10, 100) if dataset in ("sop", "inshop") else (1, 2, 4, 8),
       backend="scann" if dataset in ("sop", "deepfashion2") else "exact",
       batch_size=256, similarity="cosine", picture=True))
+  # terms: "joint" (one reduction over batch + memory pairs) or "xbm" (XBM's
+  # batch term + weight * memory term); see jaxdml.tasks._memory_loss.
   c.memory = ml_collections.ConfigDict(dict(size=0, start_step=0, adapt="none",
-                                            adapt_hparams={}))
+                                            adapt_hparams={}, terms="joint", weight=1.0))
   return c
 
 

@@ -11,6 +11,7 @@ import ml_collections
 
 from jaxdml import config_lib, teacher
 from jaxdml.recipes.common import DATASETS, on_embedded_data, single_task
+from jaxdml.recipes.xbn import use_xbm_loss
 
 # data set -> (iterations, memory size as a fraction of the train set).
 HPARAMS = {"sop": (35_000, 1.0), "cub": (2_000, 1.0), "inshop": (35_000, 0.2)}
@@ -32,9 +33,13 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="vit_s16", pooling="cls", embed_dim=None, head_norm="l2", init_file=None,
       dtype="float32"))
+  # The paper's sum over pairs and mean over the batch (XBM's reduction),
+  # in-batch and against the memory; KoLeo on the batch alone, outside the
+  # ranking loss so the memory term does not count it twice.
   c.loss = ml_collections.ConfigDict(dict(
-      name="contrastive_koleo", distance="cosine", pos_margin=1.0, neg_margin=0.5,
-      koleo_weight=arg.koleo))
+      name="contrastive", distance="cosine", pos_margin=1.0, neg_margin=0.5))
+  use_xbm_loss(c)
+  c.regularizers = [dict(name="koleo", weight=arg.koleo)] if arg.koleo else []
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-5, weight_decay=5e-4, schedule="constant", warmup_steps=0, grad_clip_norm=None))
   # Resize to 256 x 256 then a random 224 crop: a fixed-size, fixed-shape box.

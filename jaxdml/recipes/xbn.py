@@ -8,8 +8,20 @@ from jaxdml import config_lib
 from jaxdml.recipes.common import on_embedded_data, single_task
 
 
+def use_xbm_loss(c: ml_collections.ConfigDict) -> None:
+  """The contrastive loss as XBM's code computes it (IRT's equation too).
+
+  Per-anchor sums of 1 - s over positives and [s - 0.5]_+ over negatives,
+  averaged over anchors; the batch term plus the memory term of weight 1,
+  the batch enqueued first (`jaxdml.tasks._memory_loss`, terms="xbm").
+  """
+  c.loss.reduction = "per_anchor_sum"
+  c.memory.terms = "xbm"
+  c.memory.weight = 1.0
+
+
 def xbn(dataset: str, arg, *, memory_size: int) -> ml_collections.ConfigDict:
-  """XBM/XBN recipe: contrastive loss against an adapted cross-batch memory.
+  """XBM/XBN recipe: XBM's contrastive loss against an adapted cross-batch memory.
 
   Arguments: `adapt=none|moments|kalman` (none is XBM), `smoke`, `demo`,
   `seed=N`. XBM's published SOP settings (PAPERS.md section 2).
@@ -19,6 +31,7 @@ def xbn(dataset: str, arg, *, memory_size: int) -> ml_collections.ConfigDict:
     raise ValueError(f"adapt={arg.adapt!r}: expected 'none' (XBM), 'moments' "
                      "(XBN) or 'kalman' (XBN with Kalman-filtered moments).")
   c = single_task(dataset, seed=arg.seed)
+  use_xbm_loss(c)
   c.memory.size = memory_size
   c.memory.start_step = 1_000
   c.memory.adapt = arg.adapt
