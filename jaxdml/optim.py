@@ -36,10 +36,12 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
         0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
         end_value=end)
   if kind == "one_cycle":
-    # RAML trains with PyTorch's OneCycleLR (default pct_start 0.3).
+    # RAML trains with PyTorch's OneCycleLR (default pct_start 0.3, the
+    # starting lr peak / div_factor, 25 by default, 10 in RAML's code).
     return optax.cosine_onecycle_schedule(
         transition_steps=total_steps, peak_value=lr,
-        pct_start=float(cfg.get("pct_start", 0.3)))
+        pct_start=float(cfg.get("pct_start", 0.3)),
+        div_factor=float(cfg.get("div_factor", 25.0)))
   raise ValueError(
       f"config.optimizer.schedule={kind!r}: expected 'constant', "
       "'warmup_cosine' or 'one_cycle'.")

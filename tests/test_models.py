@@ -340,6 +340,21 @@ def test_pooling_formulas():
   np.testing.assert_allclose(heads.pool(local, kind="gem", p=3.0),
                              np.mean(local ** 3, 1) ** (1 / 3), rtol=1e-5)
   np.testing.assert_allclose(heads.pool(local, kind="gem", p=1.0), local.mean(1), rtol=1e-5)
+  gem = np.mean(local ** 3, 1) ** (1 / 3)
+  np.testing.assert_allclose(heads.pool(local, kind="gem_l2", p=3.0),
+                             gem / np.linalg.norm(gem, axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_gem_l2_head_normalises_before_the_projection():
+  model = models.get("resnet_tiny", embed_dim=8, pooling="gem_l2", head_norm="none")
+  variables, images = _init(model, 32)
+  assert "p" in variables["params"][heads.HEAD_NAME]
+  out, inter = _apply(model, variables, images)
+  np.testing.assert_allclose(np.linalg.norm(inter["features"], axis=1), 1.0, rtol=1e-5)
+  # Scaling every pooled vector would change a plain GeM head's output, not this one.
+  proj = variables["params"][heads.HEAD_NAME]["proj"]
+  np.testing.assert_allclose(out, inter["features"] @ proj["kernel"] + proj["bias"], rtol=1e-4,
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet_tiny", "vit_tiny"])

@@ -23,6 +23,14 @@ def test_accumulated_schedule_runs_in_updates_not_batches():
   assert int(np.argmax([accumulated(s) for s in range(30)])) == 9
 
 
+def test_one_cycle_starts_at_peak_over_div_factor():
+  for div_factor, expected in ((None, 1.0 / 25), (10.0, 1.0 / 10)):
+    extra = {} if div_factor is None else {"div_factor": div_factor}
+    _, schedule = optim.make_optimizer(_cfg(**extra), 100)
+    np.testing.assert_allclose(schedule(0), expected, rtol=1e-6)
+    np.testing.assert_allclose(schedule(30), 1.0, rtol=1e-6)
+
+
 def test_accumulating_k_batches_equals_one_step_on_their_mean_gradient():
   params = {"w": jnp.array([1.0, -2.0, 0.5])}
   grads = [{"w": jnp.array(g)} for g in ([1.0, 0.0, 2.0], [0.0, 3.0, -1.0], [2.0, 1.0, 0.0])]

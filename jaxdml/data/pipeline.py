@@ -149,10 +149,12 @@ def _single_plan(data_config, splits, batch_size, seed):
       i = idx[row]
       image_hi, image_lo = augment.coupled_views(source.image(i), rng, num_views=num, hi=hi, lo=lo, **aug)
       if mixup > 0:
-        # RAML mixes every view with a view of another image, by the same
-        # amount at both resolutions; its loss has no labels to mix.
-        other = augment.coupled_views(source.image(int(rng.integers(len(source)))), rng,
-                                      num_views=num, hi=hi, lo=lo, **aug)
+        # RAML mixes every view with a view of another image drawn for that
+        # view (pavelsuma/raml draws a partner per view), by the same amount
+        # at both resolutions; its loss has no labels to mix.
+        partners = [augment.coupled_views(source.image(int(rng.integers(len(source)))), rng,
+                                          num_views=1, hi=hi, lo=lo, **aug) for _ in range(num)]
+        other = [np.concatenate(side) for side in zip(*partners)]
         lam = rng.beta(mixup, mixup, size=(num, 1, 1, 1))
         image_hi, image_lo = (augment.blend(a, b, lam) for a, b in zip((image_hi, image_lo), other))
       return {"image_hi": image_hi, "image_lo": image_lo, "label": np.full(num, labels[i], np.int32)}

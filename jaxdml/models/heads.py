@@ -3,7 +3,7 @@
 `BatchNorm` lives here (not in resnet.py) because both the CNN encoders and the
 "bn" embedding head use it, and the encoders import this module.
 
-Embedding head: pooling ("avg" | "gem" | "cls" | "avgmax") -> optional linear
+Embedding head: pooling ("avg" | "gem" | "gem_l2" | "cls" | "avgmax") -> optional linear
 projection to `embed_dim` -> `head_norm` ("bn" | "l2" | "none").
 """
 from typing import Any
@@ -12,7 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-POOLINGS = ("avg", "gem", "cls", "avgmax")
+POOLINGS = ("avg", "gem", "gem_l2", "cls", "avgmax")
+# Poolings with GeM's learnable exponent p.
+GEM_POOLINGS = ("gem", "gem_l2")
 HEAD_NORMS = ("bn", "l2", "none")
 # Parameters under this module name are never in torchvision/timm checkpoints;
 # `load_torch_weights` initialises them freshly.
@@ -85,16 +87,19 @@ def pool(local, *, kind: str, cls=None, p=None, eps: float = 1e-6):
 
   "avgmax" is the sum of average and max pooling (the Proxy-Anchor/OBD-SD
   convention; our choice where OBD-SD's text says only "avg+max"), so the width
-  stays C. GeM clamps at `eps` before the power, as in cirtorch.
+  stays C. GeM clamps at `eps` before the power, as in cirtorch. "gem_l2" is
+  GeM followed by L2 normalisation, cirtorch's pooling block, which RAML's
+  code (pavelsuma/raml) puts before its projection.
   """
   if kind == "avg":
     return jnp.mean(local.astype(jnp.float32), axis=1)
   if kind == "avgmax":
     lf = local.astype(jnp.float32)
     return jnp.mean(lf, axis=1) + jnp.max(lf, axis=1)
-  if kind == "gem":
+  if kind in GEM_POOLINGS:
     x = jnp.maximum(local.astype(jnp.float32), eps)
-    return jnp.mean(x ** p, axis=1) ** (1.0 / p)
+    pooled = jnp.mean(x ** p, axis=1) ** (1.0 / p)
+    return l2_normalize(pooled) if kind == "gem_l2" else pooled
   if kind == "cls":
     if cls is None:
       raise ValueError("pooling='cls' needs a CLS token; only ViT encoders have one.")
@@ -118,7 +123,7 @@ class EmbeddingHead(nn.Module):
   @nn.compact
   def __call__(self, local, cls=None, train: bool = False):
     p = None
-    if self.pooling == "gem":
+    if self.pooling in GEM_POOLINGS:
       p = self.param("p", nn.initializers.constant(3.0), (1,), jnp.float32)[0]
     pooled = pool(local, kind=self.pooling, cls=cls, p=p)
     z = pooled

@@ -223,7 +223,7 @@ class ResNet(nn.Module):
   def _check_options(self):
     heads.check_head_options(pooling=self.pooling, head_norm=self.head_norm,
                              num_classes=self.num_classes, embed_dim=self.embed_dim,
-                             allowed_pooling=("avg", "gem", "avgmax"))
+                             allowed_pooling=("avg", *heads.GEM_POOLINGS, "avgmax"))
     if self.block not in ("basic", "bottleneck"):
       raise ValueError(f"block={self.block!r}; use 'basic' or 'bottleneck'.")
 

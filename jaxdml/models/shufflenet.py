@@ -73,7 +73,7 @@ class ShuffleNetV2(nn.Module):
   def __call__(self, images, train: bool = False):
     heads.check_head_options(pooling=self.pooling, head_norm=self.head_norm,
                              num_classes=self.num_classes, embed_dim=self.embed_dim,
-                             allowed_pooling=("avg", "gem", "avgmax"))
+                             allowed_pooling=("avg", *heads.GEM_POOLINGS, "avgmax"))
     bn = functools.partial(heads.BatchNorm, frozen=self.frozen_bn, dtype=self.dtype)
     block_cls = InvertedResidual
     if self.remat:

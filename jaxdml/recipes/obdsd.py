@@ -35,8 +35,11 @@ def obdsd(dataset: str, arg) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50", pooling="avg", embed_dim=128, head_norm="l2", frozen_bn=True,
       init_file=None, dtype="float32"))
+  # The authors' MS loss averages over the anchors that kept a mined pair
+  # (criteria/multisimilarity_obd_sd.py); PML's default averages over all.
   c.loss = ml_collections.ConfigDict(dict(
-      name="multi_similarity", alpha=2.0, beta=40.0, base=0.5, miner_epsilon=0.1))
+      name="multi_similarity", alpha=2.0, beta=40.0, base=0.5, miner_epsilon=0.1,
+      reduction="avg_nonzero"))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", lr=1e-5, weight_decay=4e-4, schedule="constant", warmup_steps=0, grad_clip_norm=None))
   c.batch_size = 112

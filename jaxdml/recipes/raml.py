@@ -26,14 +26,17 @@ def _common(dataset: str, arg) -> ml_collections.ConfigDict:
     raise ValueError(f"RAML has hyperparameters for {sorted(HPARAMS)}, not {dataset!r}.")
   lr = HPARAMS[dataset][0]
   c = single_task(dataset, seed=arg.seed)
-  # ResNet-50 -> GeM (learnable p, init 3) -> Linear(2048, 512) -> L2, BN frozen.
+  # ResNet-50 -> GeM (learnable p, init 3) -> L2 -> Linear(2048, 512) -> L2,
+  # BN frozen: the reference normalises the pooled vector before projecting.
   c.model = ml_collections.ConfigDict(dict(
-      name="resnet50", pooling="gem", embed_dim=512, head_norm="l2", frozen_bn=True,
+      name="resnet50", pooling="gem_l2", embed_dim=512, head_norm="l2", frozen_bn=True,
       init_file=None, dtype="float32"))
+  # The reference's OneCycleLR starts at lr / 10 (torch's default is / 25).
   c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", lr=lr, weight_decay=1e-6, schedule="one_cycle", warmup_steps=0, grad_clip_norm=None,
-      accumulate_steps=1))
+      name="adamw", lr=lr, weight_decay=1e-6, schedule="one_cycle", div_factor=10.0,
+      warmup_steps=0, grad_clip_norm=None, accumulate_steps=1))
   c.data.augment.color_jitter = (0.4, 0.4, 0.4, 0.1)
+  c.data.augment.scale = (0.08, 1.0)  # torchvision's RandomResizedCrop default
   c.memory.size = 0
   return c
 
@@ -43,7 +46,6 @@ def _embedded(c: ml_collections.ConfigDict, smoke: bool) -> None:
   # From scratch, BatchNorm must learn its statistics: only a pretrained
   # backbone has statistics worth freezing.
   c.model.frozen_bn = False
-  c.model.pooling = "gem"
   c.data.augment.color_jitter = None
 
 
@@ -58,8 +60,11 @@ def raml_teacher(dataset: str, arg) -> ml_collections.ConfigDict:
   c = _common(dataset, arg)
   c.data.image_size = 448
   c.total_steps = 20_000
+  # Margin 0.7 on the squared distance, as the reference's code; it mines
+  # distance-weighted negatives from a 20k-image pool, the nearest thing
+  # in-batch is the hardest negative (PAPERS.md).
   c.loss = ml_collections.ConfigDict(dict(
-      name="triplet", margin=0.7, distance="euclidean", mining="hard"))
+      name="triplet", margin=0.7, distance="squared_euclidean", mining="hard"))
   if arg.smoke or arg.demo:
     _embedded(c, arg.smoke)
     # From scratch, hardest-negative triplets collapse the embeddings into a
@@ -68,7 +73,8 @@ def raml_teacher(dataset: str, arg) -> ml_collections.ConfigDict:
     # backbone does not start there; the demo teacher uses the XBM recipe's
     # contrastive loss instead.
     c.loss = ml_collections.ConfigDict(dict(name="contrastive", distance="cosine",
-                                            pos_margin=1.0, neg_margin=0.5))
+                                            pos_margin=1.0, neg_margin=0.5,
+                                            reduction="per_anchor_sum"))
   return c
 
 
@@ -90,8 +96,10 @@ def raml(dataset: str, arg) -> ml_collections.ConfigDict:
   c.data.views = dict(num=views, hi=448, lo=224, mixup=0.2)
   c.optimizer.accumulate_steps = 25
   c.total_steps = 200 * 8_000 // c.batch_size
+  # The reference sums the per-image losses over the batch.
   c.loss = ml_collections.ConfigDict(dict(
-      name="raml", views_per_image=views, lambda1=lambda1, lambda2=lambda2))
+      name="raml", views_per_image=views, lambda1=lambda1, lambda2=lambda2,
+      reduction="sum"))
   size = "smoke" if arg.smoke else "demo" if arg.demo else ""
   recipe = f"configs/{CONFIG_NAMES[dataset]}_raml_teacher.py" + (f":{size}" if size else "")
   c.teacher = teacher.teacher_config("frozen", images="image_hi", recipe=recipe)
