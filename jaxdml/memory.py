@@ -149,25 +149,31 @@ def _adapt_moments(memory, batch_embeddings, *, eps=1e-6):
                 drift_mean, drift_log_std), memory
 
 
-def _adapt_kalman(memory, batch_embeddings, *, process_noise=1e-3,
-                  measurement_noise=1.0, eps=1e-6):
+def _kalman_measurement(memory, batch_embeddings, measurement_noise, eps):
+  """Memory moments, the measured drifts y and their noise variances r."""
   mu_m, var_m, n_m = _moments(memory["embeddings"], memory["valid"])
   mu_b, var_b, n_b = _moments(batch_embeddings)
   sigma_m, sigma_b = jnp.sqrt(var_m + eps), jnp.sqrt(var_b + eps)
-  y_mean = (mu_b - mu_m) / sigma_m
-  y_log_std = jnp.log(sigma_b) - jnp.log(sigma_m)
+  y = {"mean": (mu_b - mu_m) / sigma_m, "log_std": jnp.log(sigma_b) - jnp.log(sigma_m)}
+  # Gaussian sampling theory: Var[log s] ~ 1 / (2 (n - 1)) and, in units of
+  # the memory std, Var[batch mean] = exp(2 l) / n (l: the filtered log-std).
+  r_log_std = measurement_noise / (2.0 * jnp.maximum(n_b - 1.0, 1.0))
+  r_mean = lambda log_std: measurement_noise * jnp.exp(2.0 * log_std) / n_b
+  return (mu_m, sigma_m, n_m), y, r_log_std, r_mean
 
+
+def _adapt_kalman(memory, batch_embeddings, *, process_noise=1e-3,
+                  measurement_noise=1.0, eps=1e-6):
+  (mu_m, sigma_m, n_m), y, r_log_std, r_mean = _kalman_measurement(
+      memory, batch_embeddings, measurement_noise, eps)
   state = memory["kalman"]
   first = state["count"] == 0
-  # Gaussian sampling theory: Var[log s] ~ 1 / (2 (n - 1)) and, in units of
-  # the memory std, Var[batch mean] = exp(2 l) / n.
-  r_log_std = measurement_noise / (2.0 * jnp.maximum(n_b - 1.0, 1.0))
   log_std, log_std_var = _kalman_step(
-      state["log_std"], state["log_std_var"], y_log_std, process_noise,
+      state["log_std"], state["log_std_var"], y["log_std"], process_noise,
       r_log_std, first)
-  r_mean = measurement_noise * jnp.exp(2.0 * log_std) / n_b
   mean, mean_var = _kalman_step(
-      state["mean"], state["mean_var"], y_mean, process_noise, r_mean, first)
+      state["mean"], state["mean_var"], y["mean"], process_noise,
+      r_mean(log_std), first)
 
   # With an empty memory there is nothing to measure: keep the old state.
   has = n_m > 0
@@ -182,6 +188,29 @@ def _adapt_kalman(memory, batch_embeddings, *, process_noise=1e-3,
   adapted = _apply(memory["embeddings"], memory["valid"], mu_m, sigma_m,
                    new_state["mean"], new_state["log_std"])
   return adapted, {**memory, "kalman": new_state}
+
+
+def kalman_innovations(memory, batch_embeddings, *, process_noise=1e-3,
+                       measurement_noise=1.0, eps=1e-6):
+  """The filter's normalised innovation squared (NIS) before this update.
+
+  Per dimension (y - x)^2 / (p + q + r): the squared surprise of the new
+  measurement y against the filter's prediction x, in units of the variance
+  the filter expects it to have. A filter whose noise model fits its data
+  averages 1; well above 1 means the drift moves (or the measurements
+  scatter) more than `process_noise` and `measurement_noise` say, so the
+  filter trusts its stale estimate too much. Returns `{"mean", "log_std"}`,
+  each averaged over dimensions (0 before the first update).
+  """
+  _check_memory(memory, batch_embeddings)
+  memory = jax.lax.stop_gradient(memory)
+  _, y, r_log_std, r_mean = _kalman_measurement(
+      memory, jax.lax.stop_gradient(batch_embeddings), measurement_noise, eps)
+  state = memory["kalman"]
+  ready = (state["count"] > 0) & jnp.any(memory["valid"])
+  nis = lambda k, r: jnp.mean(jnp.square(y[k] - state[k]) / (state[f"{k}_var"] + process_noise + r))
+  return {"mean": jnp.where(ready, nis("mean", r_mean(state["log_std"])), 0.0),
+          "log_std": jnp.where(ready, nis("log_std", r_log_std), 0.0)}
 
 
 # Explicit registry: method name -> (fn, allowed hyperparameters).

@@ -166,8 +166,12 @@ def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, bat
     raise ValueError(f"config.memory.terms={terms!r}: expected one of {MEMORY_TERMS} "
                      "(see jaxdml.tasks._memory_loss).")
   adapt_hparams = dict(cfg.get("adapt_hparams", None) or {})
-  adapted, adapted_memory = memory_lib.adapt(memory, batch_keys, method=cfg.get("adapt", "none"),
-                                             **adapt_hparams)
+  method = cfg.get("adapt", "none")
+  diagnostics = {}
+  if method == "kalman":  # Logged: does the filter's noise model fit training?
+    nis = memory_lib.kalman_innovations(memory, batch_keys, **adapt_hparams)
+    diagnostics = {f"memory/kalman_nis_{k}": v for k, v in nis.items()}
+  adapted, adapted_memory = memory_lib.adapt(memory, batch_keys, method=method, **adapt_hparams)
   batch_size = embeddings.shape[0]
   active = step >= int(cfg.get("start_step", 0))
   keys = jax.lax.stop_gradient(batch_keys)
@@ -180,7 +184,7 @@ def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, bat
            **{f"memory/{k}": v for k, v in memory_aux.items()}}
     enqueued = memory_lib.enqueue(adapted_memory, keys, labels)
     memory = jax.tree.map(lambda new, old: jnp.where(active, new, old), enqueued, adapted_memory)
-    return loss + float(cfg.get("weight", 1.0)) * memory_loss, aux, memory
+    return loss + float(cfg.get("weight", 1.0)) * memory_loss, {**aux, **diagnostics}, memory
   ref = memory_lib.reference_set(adapted_memory, adapted, batch_keys, labels)
   ref_valid = ref["ref_valid"].at[batch_size:].set(ref["ref_valid"][batch_size:] & active)
   loss, aux = loss_fn(embeddings=embeddings, labels=labels,
@@ -190,4 +194,4 @@ def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, bat
   # Enqueued after the loss, so the batch meets itself once (in the batch
   # part, own copy excluded).
   memory = memory_lib.enqueue(adapted_memory, keys, labels)
-  return loss, aux, memory
+  return loss, {**aux, **diagnostics}, memory
