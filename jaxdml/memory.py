@@ -162,18 +162,41 @@ def _kalman_measurement(memory, batch_embeddings, measurement_noise, eps):
   return (mu_m, sigma_m, n_m), y, r_log_std, r_mean
 
 
+def _nis(y, x, p_prior, r):
+  """Normalised innovation squared, averaged over dimensions."""
+  return jnp.mean(jnp.square(y - x) / (p_prior + r))
+
+
+def _kalman_update(x, p, y, q, r, first, adaptive):
+  """`_kalman_step`, with the prior widened when the innovations say so.
+
+  `adaptive`: innovation-based covariance matching, pooled over dimensions
+  (an adaptive fading filter): when this step's NIS exceeds 1, the prior
+  variance grows until the predicted innovation variance, p + q + r, matches
+  the observed one, NIS * (p + q + r). A drift that jumps (training from
+  scratch when the memory term starts) then pulls the gain towards 1 (plain
+  moments) instead of leaving a stale estimate in force for tens of steps;
+  at steady state (NIS <= 1) the filter is the fixed-noise one. Pooling over
+  dimensions makes the estimate stable without extra state.
+  """
+  if adaptive:
+    nis = _nis(y, x, p + q, r)
+    q = q + jnp.maximum(nis - 1.0, 0.0) * (p + q + r)
+  return _kalman_step(x, p, y, q, r, first)
+
+
 def _adapt_kalman(memory, batch_embeddings, *, process_noise=1e-3,
-                  measurement_noise=1.0, eps=1e-6):
+                  measurement_noise=1.0, adaptive=True, eps=1e-6):
   (mu_m, sigma_m, n_m), y, r_log_std, r_mean = _kalman_measurement(
       memory, batch_embeddings, measurement_noise, eps)
   state = memory["kalman"]
   first = state["count"] == 0
-  log_std, log_std_var = _kalman_step(
+  log_std, log_std_var = _kalman_update(
       state["log_std"], state["log_std_var"], y["log_std"], process_noise,
-      r_log_std, first)
-  mean, mean_var = _kalman_step(
+      r_log_std, first, adaptive)
+  mean, mean_var = _kalman_update(
       state["mean"], state["mean_var"], y["mean"], process_noise,
-      r_mean(log_std), first)
+      r_mean(log_std), first, adaptive)
 
   # With an empty memory there is nothing to measure: keep the old state.
   has = n_m > 0
@@ -191,24 +214,26 @@ def _adapt_kalman(memory, batch_embeddings, *, process_noise=1e-3,
 
 
 def kalman_innovations(memory, batch_embeddings, *, process_noise=1e-3,
-                       measurement_noise=1.0, eps=1e-6):
+                       measurement_noise=1.0, adaptive=True, eps=1e-6):
   """The filter's normalised innovation squared (NIS) before this update.
 
   Per dimension (y - x)^2 / (p + q + r): the squared surprise of the new
   measurement y against the filter's prediction x, in units of the variance
-  the filter expects it to have. A filter whose noise model fits its data
-  averages 1; well above 1 means the drift moves (or the measurements
-  scatter) more than `process_noise` and `measurement_noise` say, so the
-  filter trusts its stale estimate too much. Returns `{"mean", "log_std"}`,
-  each averaged over dimensions (0 before the first update).
+  the filter expects it to have (with the fixed `process_noise`, before any
+  adaptive widening). A filter whose noise model fits its data averages 1;
+  well above 1 means the drift moves (or the measurements scatter) more than
+  the noise settings say, so a fixed-noise filter trusts its stale estimate
+  too much. Returns `{"mean", "log_std"}`, averaged over dimensions (0
+  before the first update).
   """
+  del adaptive  # Accepted so `adapt_hparams` can be passed as they are.
   _check_memory(memory, batch_embeddings)
   memory = jax.lax.stop_gradient(memory)
   _, y, r_log_std, r_mean = _kalman_measurement(
       memory, jax.lax.stop_gradient(batch_embeddings), measurement_noise, eps)
   state = memory["kalman"]
   ready = (state["count"] > 0) & jnp.any(memory["valid"])
-  nis = lambda k, r: jnp.mean(jnp.square(y[k] - state[k]) / (state[f"{k}_var"] + process_noise + r))
+  nis = lambda k, r: _nis(y[k], state[k], state[f"{k}_var"] + process_noise, r)
   return {"mean": jnp.where(ready, nis("mean", r_mean(state["log_std"])), 0.0),
           "log_std": jnp.where(ready, nis("log_std", r_log_std), 0.0)}
 
@@ -217,7 +242,7 @@ def kalman_innovations(memory, batch_embeddings, *, process_noise=1e-3,
 _METHODS = {
     "none": (_adapt_none, ()),
     "moments": (_adapt_moments, ("eps",)),
-    "kalman": (_adapt_kalman, ("process_noise", "measurement_noise", "eps")),
+    "kalman": (_adapt_kalman, ("process_noise", "measurement_noise", "adaptive", "eps")),
 }
 
 

@@ -124,8 +124,12 @@ def test_empty_and_tiny_memory_no_nan(method, n):
     assert int(new["kalman"]["count"]) == 0
 
 
-def _numpy_kalman(mems, batches, q, r_scale):
-  """Independent float64 reading of the Kalman design in adapt's docstring."""
+def _numpy_kalman(mems, batches, q, r_scale, adaptive=False):
+  """Independent float64 reading of the Kalman design in adapt's docstring.
+
+  `adaptive`: the prior is widened by (NIS - 1) (p + q + r) when this step's
+  normalised innovation squared, averaged over dimensions, exceeds 1.
+  """
   x = p = None
   for m, b in zip(mems, batches):
     mu_m, sd_m = m.mean(0), np.sqrt(m.var(0, ddof=1) + 1e-6)
@@ -140,17 +144,21 @@ def _numpy_kalman(mems, batches, q, r_scale):
       r = r_scale / (2 * (len(b) - 1)) if i == 0 else (
           r_scale * np.exp(2 * x[0]) / len(b))
       prior = p[i] + q
+      if adaptive:
+        nis = np.mean((y[i] - x[i]) ** 2 / (prior + r))
+        prior = prior + max(nis - 1.0, 0.0) * (prior + r)
       gain = prior / (prior + r)
       x[i] = x[i] + gain * (y[i] - x[i])
       p[i] = (1 - gain) * prior
   return x, p
 
 
-def test_kalman_matches_numpy_reference_and_moments_limits():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_kalman_matches_numpy_reference_and_moments_limits(adaptive):
   dim, size, b, steps = 6, 40, 5, 6
   rng = np.random.default_rng(3)
   mem = xmem.init(size, dim)
-  kal = jax.jit(functools.partial(xmem.adapt, method="kalman",
+  kal = jax.jit(functools.partial(xmem.adapt, method="kalman", adaptive=adaptive,
                                   process_noise=0.05, measurement_noise=2.0))
   mems, batches = [], []
   for t in range(steps):
@@ -168,7 +176,9 @@ def test_kalman_matches_numpy_reference_and_moments_limits():
       np.testing.assert_allclose(adapted, moments, rtol=1e-5, atol=1e-5)
     else:
       assert np.abs(np.asarray(adapted) - np.asarray(moments)).max() > 1e-2
-  x, p = _numpy_kalman(mems, batches, q=0.05, r_scale=2.0)
+  x, p = _numpy_kalman(mems, batches, q=0.05, r_scale=2.0, adaptive=adaptive)
+  if adaptive:  # These batches jump: the widening must have changed the estimate.
+    assert np.abs(x - _numpy_kalman(mems, batches, q=0.05, r_scale=2.0)[0]).max() > 1e-2
   k = mem["kalman"]
   assert int(k["count"]) == steps
   np.testing.assert_allclose(k["log_std"], x[0], rtol=1e-4, atol=1e-5)
