@@ -35,6 +35,9 @@ Reductions follow PML's defaults so numbers compare directly:
 AvgNonZeroReducer for triplet and contrastive (contrastive reduces its
 positive and negative parts separately, then sums), MeanReducer over anchors
 for multi_similarity; `reduction="mean"` is available for all three.
+contrastive also takes `reduction="per_anchor_sum"`, XBM's code and IRT's
+equation (each anchor's pair losses summed, the sums averaged), which the
+XBM/XBN and IRT recipes use.
 
 Registered names: triplet, relative_triplet, contrastive, contrastive_koleo,
 multi_similarity, koleo, embedding_distill, raml, obd_sd. See each function's
