@@ -35,6 +35,10 @@ def xbn(dataset: str, arg, *, memory_size: int) -> ml_collections.ConfigDict:
   c.memory.size = memory_size
   c.memory.start_step = 1_000
   c.memory.adapt = arg.adapt
+  if arg.adapt == "kalman":
+    # The filter's settings spelt out, so --config.memory.adapt_hparams.X=
+    # can override them (jaxdml.memory.adapt documents each).
+    c.memory.adapt_hparams = dict(process_noise=1e-3, measurement_noise=1.0, adaptive=True)
   if arg.smoke or arg.demo:
     on_embedded_data(c, smoke=arg.smoke)
   return c
