@@ -65,6 +65,13 @@ STUDIES = {
         Variant("XBM", "sop_xbn.py:demo,adapt=none"),
         Variant("XBN", "sop_xbn.py:demo,adapt=moments"),
         Variant("XBN kalman", "sop_xbn.py:demo,adapt=kalman"),
+        # The filter before the recipe's process noise followed the measured
+        # BatchNorm shift (adaptive), and before it widened its prior (fixed).
+        Variant("XBN kalman, q 1e-3", "sop_xbn.py:demo,adapt=kalman",
+                {"memory.adapt_hparams.process_noise": 1e-3}),
+        Variant("XBN kalman, q 1e-3, fixed", "sop_xbn.py:demo,adapt=kalman",
+                {"memory.adapt_hparams.process_noise": 1e-3,
+                 "memory.adapt_hparams.adaptive": False}),
     ], None),
     # XBM's own regime: memory on a pretrained network whose embeddings
     # drift slowly (here: the no-memory demo run, then fine-tuning at lr 1e-4).

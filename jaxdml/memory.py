@@ -281,7 +281,8 @@ def adapt(memory, batch_embeddings, method="none", **hparams):
   `measurement_noise=0`. With an empty memory the state is left untouched
   and the count does not advance. The map is
   z_hat = exp(l) * (z - mu_M) + mu_M + d * sigma_M. The defaults are ours:
-  process_noise=1e-3 averages over ~10 batches of 8 at steady state.
+  process_noise=1e-3 averages over ~10 batches of 8 at steady state; the
+  XBN recipe sets 0.1, the variance of the BatchNorm shift measured below.
   `adaptive` widens the prior whenever the innovations are larger than the
   noise model predicts (see `_kalman_update`): in demo training the
   fixed-noise filter (`adaptive=False`) saw a normalised innovation squared

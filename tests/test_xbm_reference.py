@@ -173,7 +173,7 @@ def test_kalman_recipe_spells_out_its_filter_settings():
   """So `--config.memory.adapt_hparams.process_noise=...` has a field to set."""
   config = config_lib.load_config("configs/sop_xbn.py", "demo,adapt=kalman")
   hparams = dict(config.memory.adapt_hparams)
-  assert hparams == {"process_noise": 1e-3, "measurement_noise": 1.0, "adaptive": True}
+  assert hparams == {"process_noise": 0.1, "measurement_noise": 1.0, "adaptive": True}
   memory = memory_lib.init(8, 4)
   adapted, _ = memory_lib.adapt(memory, jnp.ones((4, 4)), method="kalman", **hparams)
   assert adapted.shape == (8, 4)
