@@ -83,7 +83,9 @@ STUDIES = {
                 from_runs={"model.init_file": "pretrain (no memory)"})
         for name, adapt, extra in (("+ no memory", "none", {"memory.size": 0}),
                                    ("+ XBM", "none", {}), ("+ XBN", "moments", {}),
-                                   ("+ XBN kalman", "kalman", {}))
+                                   ("+ XBN kalman", "kalman", {}),
+                                   ("+ XBN kalman, q 1e-3", "kalman",
+                                    {"memory.adapt_hparams.process_noise": 1e-3}))
     ], None),
     "raml": (("recall@1", "map@r"), [
         Variant("teacher 64 px (sym)", "cub_raml_teacher.py:demo"),
