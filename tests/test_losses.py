@@ -648,3 +648,21 @@ def test_bad_arguments():
     losses.get("raml")(embeddings=e, teacher_embeddings=e, views_per_image=3)
   with pytest.raises(ValueError, match="teacher_embeddings"):
     losses.get("embedding_distill")(embeddings=e, teacher_embeddings=e[:2])
+
+
+def test_contrastive_per_anchor_sum_by_hand():
+  """Sums of 1 - s over positives and [s - 0.5]_+ over negatives, mean over anchors."""
+  z = jnp.asarray([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+  y = jnp.asarray([0, 0, 1, 1])
+  s = np.asarray(z @ z.T)
+  per_anchor = []
+  for i in range(4):
+    pos = [1 - s[i, j] for j in range(4) if j != i and y[j] == y[i]]
+    neg = [max(s[i, j] - 0.5, 0.0) for j in range(4) if y[j] != y[i]]
+    per_anchor.append(sum(pos) + sum(neg))
+  loss, aux = losses.get("contrastive")(embeddings=z, labels=y, distance="cosine", pos_margin=1.0,
+                                        neg_margin=0.5, reduction="per_anchor_sum")
+  np.testing.assert_allclose(loss, np.mean(per_anchor), rtol=1e-6)
+  np.testing.assert_allclose(aux["pos_loss"] + aux["neg_loss"], loss, rtol=1e-6)
+  with pytest.raises(ValueError, match="per_anchor_sum"):
+    losses.get("contrastive")(embeddings=z, labels=y, reduction="sum")
