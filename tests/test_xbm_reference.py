@@ -177,3 +177,10 @@ def test_kalman_recipe_spells_out_its_filter_settings():
   memory = memory_lib.init(8, 4)
   adapted, _ = memory_lib.adapt(memory, jnp.ones((4, 4)), method="kalman", **hparams)
   assert adapted.shape == (8, 4)
+
+
+def test_unknown_memory_terms_is_named():
+  config = _xbm_config(8, 0)
+  config.memory.terms = "both"
+  with pytest.raises(ValueError, match=r"memory.terms='both'.*'joint', 'xbm'"):
+    tasks.compute_loss(config, jnp.ones((4, 3)), {"label": jnp.arange(4)}, memory_lib.init(8, 3), 0)
