@@ -367,3 +367,20 @@ def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path, monkeypatch):
   imgs = np.asarray(ev["query"]["images"])
   i = imgs[:, 0, 0, 0].astype(int) // 10 - 1  # test image i has value 10 * i + 10
   np.testing.assert_array_equal(10 + i // 2, ev["query"]["labels"])
+
+
+def test_views_mix_each_view_with_its_own_partner(cache_dir, monkeypatch):
+  """RAML's code draws a mixup partner image per view, not one per image."""
+  calls = []
+  real = augment.coupled_views
+
+  def recording(image, rng, *, num_views, **kw):
+    calls.append(num_views)
+    return real(image, rng, num_views=num_views, **kw)
+
+  monkeypatch.setattr(augment, "coupled_views", recording)
+  cfg = _config(cache_dir, m_per_class=2)
+  cfg.views = dict(num=3, hi=32, lo=16, mixup=0.2)
+  batch = next(data.train_batches(cfg, seed=0, global_batch_size=4, start_step=0, task="single"))
+  assert batch["image_hi"].shape == (12, 32, 32, 3)
+  assert sorted(calls) == [1] * 12 + [3] * 4, calls
