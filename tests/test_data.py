@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxdml import data
-from jaxdml.data import augment, samplers, sources, synthetic
+from jaxdml.data import augment, pipeline, samplers, sources, synthetic
 
 SMALL = dict(num_categories=6, photos_per_category=8, sketches_per_photo=2,
              test_photos_per_category=2, image_size=32, seed=0)
@@ -381,6 +381,9 @@ def test_views_mix_each_view_with_its_own_partner(cache_dir, monkeypatch):
   monkeypatch.setattr(augment, "coupled_views", recording)
   cfg = _config(cache_dir, m_per_class=2)
   cfg.views = dict(num=3, hi=32, lo=16, mixup=0.2)
-  batch = next(data.train_batches(cfg, seed=0, global_batch_size=4, start_step=0, task="single"))
-  assert batch["image_hi"].shape == (12, 32, 32, 3)
-  assert sorted(calls) == [1] * 12 + [3] * 4, calls
+  # One example, built the way train_batches builds each (its threads would
+  # prefetch more while the calls are counted).
+  indices, example, _ = pipeline._single_plan(cfg, pipeline._open(cfg), 4, 0)
+  views = example(indices(0), 0, np.random.default_rng(0))
+  assert views["image_hi"].shape == (3, 32, 32, 3)
+  assert calls == [3, 1, 1, 1], calls
