@@ -60,6 +60,14 @@ def _check_memory(memory, embeddings):
         "embedding dimension of the model.")
 
 
+def _check_adapted(memory, adapted_embeddings):
+  if adapted_embeddings.shape != memory["embeddings"].shape:
+    raise ValueError(
+        f"adapted_embeddings must have the memory's shape "
+        f"{memory['embeddings'].shape}, got {adapted_embeddings.shape}; pass "
+        "the first output of memory.adapt.")
+
+
 def enqueue(memory, embeddings, labels):
   """Writes a batch into the FIFO ring buffer and returns the new memory.
 
@@ -322,11 +330,7 @@ def reference_set(memory, adapted_embeddings, batch_embeddings, batch_labels):
   if batch_labels.shape != (batch,):
     raise ValueError(f"batch_labels must be [{batch}], got "
                      f"{batch_labels.shape}; pass one label per row.")
-  if adapted_embeddings.shape != memory["embeddings"].shape:
-    raise ValueError(
-        f"adapted_embeddings must have the memory's shape "
-        f"{memory['embeddings'].shape}, got {adapted_embeddings.shape}; pass "
-        "the first output of memory.adapt.")
+  _check_adapted(memory, adapted_embeddings)
   mem = jax.lax.stop_gradient(adapted_embeddings).astype(batch_embeddings.dtype)
   return {
       "ref_embeddings": jnp.concatenate([batch_embeddings, mem], axis=0),
@@ -353,11 +357,7 @@ def enqueued_reference_set(memory, adapted_embeddings, batch_embeddings, batch_l
   the loss drops the anchor-with-itself pair as XBM's `s < 1 - 1e-5` does.
   """
   _check_memory(memory, batch_embeddings)
-  if adapted_embeddings.shape != memory["embeddings"].shape:
-    raise ValueError(
-        f"adapted_embeddings must have the memory's shape "
-        f"{memory['embeddings'].shape}, got {adapted_embeddings.shape}; pass "
-        "the first output of memory.adapt.")
+  _check_adapted(memory, adapted_embeddings)
   view = enqueue({**memory, "embeddings": adapted_embeddings}, batch_embeddings,
                  batch_labels)
   size, batch = memory["embeddings"].shape[0], batch_embeddings.shape[0]

@@ -69,6 +69,18 @@ def single_task(dataset: str, *, seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
+def use_xbm_loss(c: ml_collections.ConfigDict) -> None:
+  """The contrastive loss as XBM's code computes it (IRT's equation too).
+
+  Per-anchor sums of 1 - s over positives and [s - 0.5]_+ over negatives,
+  averaged over anchors; the batch term plus the memory term of weight 1,
+  the batch enqueued first (`jaxdml.tasks._memory_loss`, terms="xbm").
+  """
+  c.loss.reduction = "per_anchor_sum"
+  c.memory.terms = "xbm"
+  c.memory.weight = 1.0
+
+
 def smoke_cadence(c: ml_collections.ConfigDict) -> None:
   """Two steps of batch 8, logged each step, checkpointed at the end."""
   c.batch_size = 8

@@ -10,8 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxdml import config_lib, teacher
-from jaxdml.recipes.common import DATASETS, on_embedded_data, single_task
-from jaxdml.recipes.xbn import use_xbm_loss
+from jaxdml.recipes.common import DATASETS, on_embedded_data, single_task, use_xbm_loss
 
 # data set -> (iterations, memory size as a fraction of the train set).
 HPARAMS = {"sop": (35_000, 1.0), "cub": (2_000, 1.0), "inshop": (35_000, 0.2)}

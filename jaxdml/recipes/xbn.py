@@ -5,19 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxdml import config_lib
-from jaxdml.recipes.common import on_embedded_data, single_task
-
-
-def use_xbm_loss(c: ml_collections.ConfigDict) -> None:
-  """The contrastive loss as XBM's code computes it (IRT's equation too).
-
-  Per-anchor sums of 1 - s over positives and [s - 0.5]_+ over negatives,
-  averaged over anchors; the batch term plus the memory term of weight 1,
-  the batch enqueued first (`jaxdml.tasks._memory_loss`, terms="xbm").
-  """
-  c.loss.reduction = "per_anchor_sum"
-  c.memory.terms = "xbm"
-  c.memory.weight = 1.0
+from jaxdml.recipes.common import on_embedded_data, single_task, use_xbm_loss
 
 
 def xbn(dataset: str, arg, *, memory_size: int) -> ml_collections.ConfigDict:
