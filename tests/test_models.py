@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 torch = pytest.importorskip("torch")
 
 from jaxdml import models  # noqa: E402
-from jaxdml.models import heads  # noqa: E402
+from jaxdml.models import heads, layers  # noqa: E402
 import torch_reference as tr  # noqa: E402  (tests/ is on sys.path under pytest)
 
 REQUIRED = ["resnet18", "resnet34", "resnet50", "resnet101", "vit_ti16", "vit_s16", "vit_b16",
@@ -295,7 +295,7 @@ def test_train_mode_gradients_match_torch(name):
 
 def test_batchnorm_matches_torch_training_step():
   x = np.random.default_rng(0).normal(2.0, 3.0, size=(6, 5, 5, 4)).astype(np.float32)
-  bn = heads.BatchNorm()
+  bn = layers.BatchNorm()
   v = bn.init(jax.random.key(0), x)
   y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
   tbn = torch.nn.BatchNorm2d(4).train()
@@ -408,7 +408,6 @@ def test_fast_conv_and_pool_match_xla_ops_in_value_and_gradient(stride, size):
   separable max pool) must equal the XLA ops they replace, gradients too."""
   import flax.linen as nn
   from jax import lax
-  from jaxdml.models import resnet as resnet_lib
   rng = np.random.default_rng(stride * 10 + size)
   x = jnp.asarray(rng.normal(size=(2, size, size, 6)), jnp.float32)
   dw = jnp.asarray(rng.normal(size=(3, 3, 6)), jnp.float32)
@@ -416,12 +415,12 @@ def test_fast_conv_and_pool_match_xla_ops_in_value_and_gradient(stride, size):
   dims = ("NHWC", "HWIO", "NHWC")
   pairs = {
       "depthwise": (
-          lambda x, k: resnet_lib.depthwise_conv(x, k, strides=stride, padding=1),
+          lambda x, k: layers.depthwise_conv(x, k, strides=stride, padding=1),
           lambda x, k: lax.conv_general_dilated(
               x, k[:, :, None, :], (stride, stride), [(1, 1)] * 2,
               dimension_numbers=dims, feature_group_count=6), dw),
       "im2col": (
-          lambda x, k: resnet_lib._im2col_conv(x, k, strides=stride, padding=3),
+          lambda x, k: layers._im2col_conv(x, k, strides=stride, padding=3),
           lambda x, k: lax.conv_general_dilated(x, k, (stride, stride), [(3, 3)] * 2,
                                                 dimension_numbers=dims), stem),
   }
@@ -434,9 +433,9 @@ def test_fast_conv_and_pool_match_xla_ops_in_value_and_gradient(stride, size):
       np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4, err_msg=name)
   # Continuous random inputs have no ties, so max pooling's gradient is unique.
   pool_ref = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-  np.testing.assert_allclose(resnet_lib.max_pool_3x3_s2(x), pool_ref(x), atol=1e-6)
+  np.testing.assert_allclose(layers.max_pool_3x3_s2(x), pool_ref(x), atol=1e-6)
   np.testing.assert_allclose(
-      jax.grad(lambda x: jnp.sum(jnp.sin(resnet_lib.max_pool_3x3_s2(x))))(x),
+      jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool_3x3_s2(x))))(x),
       jax.grad(lambda x: jnp.sum(jnp.sin(pool_ref(x))))(x), atol=1e-5)
 
 
@@ -445,11 +444,10 @@ def test_depthwise_gradient_is_the_transposed_convolution(k, padding, stride):
   """depthwise_conv's hand-written backward, at other kernel sizes, paddings
   and strides than ShuffleNet's 3x3/pad 1, equals autodiff of XLA's grouped conv."""
   from jax import lax
-  from jaxdml.models import resnet as resnet_lib
   rng = np.random.default_rng(k * 100 + padding * 10 + stride)
   x = jnp.asarray(rng.normal(size=(2, 11, 10, 4)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, 4)), jnp.float32)
-  fast = lambda x, w: resnet_lib.depthwise_conv(x, w, strides=stride, padding=padding)
+  fast = lambda x, w: layers.depthwise_conv(x, w, strides=stride, padding=padding)
   reference = lambda x, w: lax.conv_general_dilated(
       x, w[:, :, None, :], (stride, stride), [(padding, padding)] * 2,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4)
@@ -459,4 +457,4 @@ def test_depthwise_gradient_is_the_transposed_convolution(k, padding, stride):
   for g_fast, g_ref in zip(*grads):
     np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="padding 3 exceeds"):
-    resnet_lib.depthwise_conv(x, jnp.ones((3, 3, 4)), strides=1, padding=3)
+    layers.depthwise_conv(x, jnp.ones((3, 3, 4)), strides=1, padding=3)

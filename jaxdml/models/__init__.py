@@ -11,7 +11,8 @@ from typing import Callable
 import flax.linen as nn
 
 from jaxdml.models import resnet, shufflenet, vit
-from jaxdml.models.heads import BatchNorm, EmbeddingHead
+from jaxdml.models.heads import EmbeddingHead
+from jaxdml.models.layers import BatchNorm
 from jaxdml.models.torch_import import load_torch_weights
 from jaxdml.models.two_tower import TwoTower
 

@@ -1,7 +1,4 @@
-"""Normalisation and pooling layers shared by the encoders, and the embedding head.
-
-`BatchNorm` lives here (not in resnet.py) because both the CNN encoders and the
-"bn" embedding head use it, and the encoders import this module.
+"""Pooling, L2 normalisation and the embedding head every encoder ends in.
 
 Embedding head: pooling ("avg" | "gem" | "gem_l2" | "cls" | "avgmax") -> optional linear
 projection to `embed_dim` -> `head_norm` ("bn" | "l2" | "none").
@@ -12,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdml.models.layers import BatchNorm
+
 POOLINGS = ("avg", "gem", "gem_l2", "cls", "avgmax")
 # Poolings with GeM's learnable exponent p.
 GEM_POOLINGS = ("gem", "gem_l2")
@@ -19,47 +18,6 @@ HEAD_NORMS = ("bn", "l2", "none")
 # Parameters under this module name are never in torchvision/timm checkpoints;
 # `load_torch_weights` initialises them freshly.
 HEAD_NAME = "embed_head"
-
-
-class BatchNorm(nn.Module):
-  """BatchNorm over the last axis with torch semantics and a fast training path.
-
-  Training statistics are one-pass (mean and mean of squares, float32) and the
-  affine is folded into one per-channel scale and shift, which measurably
-  speeds up the backward pass on CPU (see shared/anchors/README.md). Running
-  statistics follow torch: momentum 0.1 and the unbiased batch variance.
-  `frozen=True` uses the running statistics in training too (affine still
-  trained), as RAML and OBD-SD do. Statistics are over all leading axes, so a
-  batch sharded over devices gets global (synchronised) statistics under jit.
-  """
-  frozen: bool = False
-  momentum: float = 0.1
-  epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-    if train and not self.frozen:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axes)
-      var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
-      if not self.is_initializing():
-        n = x.size // c
-        m = self.momentum
-        ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
-        unbiased = var * (n / max(n - 1, 1))
-        ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    add = bias - mean * mul
-    return x.astype(self.dtype) * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
 def l2_normalize(x, eps: float = 1e-12):

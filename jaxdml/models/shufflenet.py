@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdml.models import heads
-from jaxdml.models.resnet import Conv, max_pool_3x3_s2
+from jaxdml.models.layers import BatchNorm, Conv, max_pool_3x3_s2
 
 
 def channel_shuffle(x, groups: int = 2):
@@ -30,7 +30,7 @@ class InvertedResidual(nn.Module):
   @nn.compact
   def __call__(self, x, train):
     bf = self.out // 2
-    bn = functools.partial(heads.BatchNorm, frozen=self.frozen_bn, dtype=self.dtype)
+    bn = functools.partial(BatchNorm, frozen=self.frozen_bn, dtype=self.dtype)
     conv = functools.partial(Conv, dtype=self.dtype)
     s = self.strides
     if s == 1 and x.shape[-1] != 2 * bf:
@@ -74,7 +74,7 @@ class ShuffleNetV2(nn.Module):
     heads.check_head_options(pooling=self.pooling, head_norm=self.head_norm,
                              num_classes=self.num_classes, embed_dim=self.embed_dim,
                              allowed_pooling=("avg", *heads.GEM_POOLINGS, "avgmax"))
-    bn = functools.partial(heads.BatchNorm, frozen=self.frozen_bn, dtype=self.dtype)
+    bn = functools.partial(BatchNorm, frozen=self.frozen_bn, dtype=self.dtype)
     block_cls = InvertedResidual
     if self.remat:
       block_cls = nn.remat(block_cls, static_argnums=(2,))

@@ -1,0 +1,194 @@
+"""Layers the encoders share: convolution, depthwise convolution, max pooling, BatchNorm.
+
+Each is written for a fast CPU train step (why, per layer, in its
+docstring) with torch's semantics, so torchvision weights load one-to-one.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision initialises convolutions with kaiming_normal(fan_out, relu).
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Conv(nn.Module):
+  """Bias-free convolution, kernel `[kh, kw, in/groups, out]` (torch `[out, in/groups, kh, kw]`).
+
+  A 1x1 convolution is a strided slice plus one matmul: XLA's CPU convolution
+  path is slower than its dot path for these, mostly in the backward pass.
+  A depthwise convolution (groups == in == out) is k*k shifted multiply-adds:
+  XLA CPU runs `feature_group_count` convolutions 10-20x slower than that,
+  forward and backward (ShuffleNet's train step was dominated by them).
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0
+  groups: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k, s, cin = self.kernel_size, self.strides, x.shape[-1]
+    kernel = self.param("kernel", _conv_init, (k, k, cin // self.groups, self.features),
+                        jnp.float32).astype(self.dtype)
+    x = x.astype(self.dtype)
+    if k == 1 and self.groups == 1 and self.padding == 0:
+      if s > 1:
+        x = x[:, ::s, ::s, :]
+      return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+    p = self.padding
+    if self.groups == cin == self.features and cin > 1:
+      return depthwise_conv(x, kernel[:, :, 0], strides=s, padding=p)
+    if self.groups == 1 and cin * k * k <= _IM2COL_MAX_DEPTH:
+      return _im2col_conv(x, kernel, strides=s, padding=p)
+    return jax.lax.conv_general_dilated(
+        x, kernel, (s, s), ((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+
+
+# Stems (3 input channels) run as one matmul over k*k*cin patch features: XLA
+# CPU's convolution reaches ~5 GFLOP/s there (a ShuffleNet stem took 58 ms).
+_IM2COL_MAX_DEPTH = 160
+
+
+def _shifted(x, i, j, ho, wo, s):
+  return x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :]
+
+
+def _im2col_conv(x, kernel, *, strides: int, padding: int):
+  kh, kw, cin, out = kernel.shape
+  b, h, w, _ = x.shape
+  p, s = padding, strides
+  x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+  cols = jnp.concatenate([_shifted(x, i, j, ho, wo, s) for i in range(kh) for j in range(kw)], -1)
+  return jnp.einsum("bhwk,kd->bhwd", cols, kernel.reshape(kh * kw * cin, out))
+
+
+def max_pool_3x3_s2(x):
+  """NHWC 3x3 max pooling, stride 2, padding 1 (the ResNet/ShuffleNet stem), as `nn.max_pool`.
+
+  Separable (rows, then columns) on a [.., h/2, 2, w/2, 2, ..] view, so every
+  slice is contiguous: its backward is a few selects and plain pads, ~3x faster
+  on CPU than JAX's select-and-scatter emulation (a reduce-window over
+  value/index pairs) or strided slices (pads with interior padding). Ties split
+  the gradient evenly where torch picks one; ties come only from equal inputs
+  (e.g. zeros after a ReLU, whose gradient the ReLU drops anyway).
+  """
+  b, h, w, c = x.shape
+  ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+  x = jnp.pad(x, ((0, 0), (1, 2 * ho + 1 - h), (1, 2 * wo + 1 - w), (0, 0)),
+              constant_values=-jnp.inf).reshape(b, ho + 1, 2, wo + 1, 2, c)
+  # Padded index 2*o + k for window offset k = 0, 1, 2 is (block o, phase k) or (o + 1, 0).
+  r = jnp.maximum(jnp.maximum(x[:, :, :, :wo, 0], x[:, :, :, :wo, 1]), x[:, :, :, 1:, 0])
+  return jnp.maximum(jnp.maximum(r[:, :ho, 0], r[:, :ho, 1]), r[:, 1:, 0])
+
+
+def depthwise_conv(x, kernel, *, strides: int, padding: int):
+  """Depthwise NHWC convolution with `kernel [kh, kw, C]` as kh*kw shifted multiply-adds.
+
+  The backward pass is written by hand (`_depthwise_bwd`): autodiff turns
+  each of the kh*kw shifted slices into its own zero-padded copy of the
+  gradient, where the input gradient is one depthwise correlation of the
+  (dilated) output gradient with the flipped kernel. That halved ShuffleNet's
+  depthwise backward on CPU (e.g. 28x28x116, batch 16: 187 -> 90 ms).
+  """
+  if padding > kernel.shape[0] - 1 or padding > kernel.shape[1] - 1:
+    raise ValueError(f"depthwise_conv: padding {padding} exceeds kernel size - 1 "
+                     f"({kernel.shape[0]}x{kernel.shape[1]} kernel).")
+  return _depthwise(x, kernel, strides, padding)
+
+
+def _depthwise_forward(x, kernel, s: int, p: int):
+  kh, kw, _ = kernel.shape
+  _, h, w, _ = x.shape
+  x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      term = _shifted(x, i, j, ho, wo, s) * kernel[i, j]
+      out = term if out is None else out + term
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, s: int, p: int):
+  return _depthwise_forward(x, kernel, s, p)
+
+
+def _depthwise_fwd(x, kernel, s, p):
+  return _depthwise_forward(x, kernel, s, p), (x, kernel)
+
+
+def _depthwise_bwd(s, p, residuals, dy):
+  x, kernel = residuals
+  kh, kw, _ = kernel.shape
+  _, h, w, _ = x.shape
+  ho, wo = dy.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  d_kernel = jnp.stack([
+      jnp.stack([jnp.sum(_shifted(padded, i, j, ho, wo, s) * dy, (0, 1, 2), dtype=jnp.float32)
+                 for j in range(kw)])
+      for i in range(kh)])
+  # Input row y received output rows o with s*o + i = y + p: dilate dy by the
+  # stride, then pad so that tap i reads row y + kh - 1 - i (negative pads crop).
+  lo_h, lo_w = kh - 1 - p, kw - 1 - p
+  hi_h = h + kh - 1 - lo_h - (s * (ho - 1) + 1)
+  hi_w = w + kw - 1 - lo_w - (s * (wo - 1) + 1)
+  dy = jax.lax.pad(dy, jnp.zeros((), dy.dtype),
+                   ((0, 0, 0), (lo_h, hi_h, s - 1), (lo_w, hi_w, s - 1), (0, 0, 0)))
+  dx = None
+  for i in range(kh):
+    for j in range(kw):
+      term = dy[:, kh - 1 - i:kh - 1 - i + h, kw - 1 - j:kw - 1 - j + w] * kernel[i, j]
+      dx = term if dx is None else dx + term
+  return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis with torch semantics and a fast training path.
+
+  Training statistics are one-pass (mean and mean of squares, float32) and the
+  affine is folded into one per-channel scale and shift, which measurably
+  speeds up the backward pass on CPU (see shared/anchors/README.md). Running
+  statistics follow torch: momentum 0.1 and the unbiased batch variance.
+  `frozen=True` uses the running statistics in training too (affine still
+  trained), as RAML and OBD-SD do. Statistics are over all leading axes, so a
+  batch sharded over devices gets global (synchronised) statistics under jit.
+  """
+  frozen: bool = False
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    if train and not self.frozen:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axes)
+      var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        n = x.size // c
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
+        unbiased = var * (n / max(n - 1, 1))
+        ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    add = bias - mean * mul
+    return x.astype(self.dtype) * mul.astype(self.dtype) + add.astype(self.dtype)
