@@ -100,7 +100,7 @@ STUDIES = {
         Variant("MS + OBD-SD", "cub_obdsd.py:demo"),
         # CUB's lambda (1000) was tuned on a pretrained network at lr 1e-5;
         # from scratch at lr 1e-3 the term dominates. A milder weight:
-        Variant("MS + OBD-SD, lambda 10", "cub_obdsd.py:demo", {"teacher.loss.lambda_": 10.0}),
+        Variant("MS + OBD-SD, lambda 10", "cub_obdsd.py:demo", {"terms.obd_sd.lambda_": 10.0}),
     ], None),
     "koleo": (("nn_distance", "recall@1"), [
         Variant("contrastive", "sop_irt.py:demo,koleo=0"),

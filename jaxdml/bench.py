@@ -124,18 +124,17 @@ def _record(kind, config, batch_size, images_per_step, step_seconds, flops, comp
 
 
 def bench_train(config, batch_size: int, steps: int, warmup: int, peak) -> dict:
-  from jaxdml import optim, sharding, train  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh(config.mesh.to_dict() if "mesh" in config else None)
-  sharding.check_batch_size(batch_size, mesh)
-  model = train.build_model(config)
-  tx, schedule = optim.make_optimizer(config.optimizer, int(config.total_steps))
-  state, shardings = train.create_train_state(config, model, tx, mesh)
-  step_fn = train.make_train_step(config, model, tx, mesh, shardings, schedule)
-  batch = sharding.global_batch(random_batch(config, batch_size, np.random.default_rng(0)), mesh)
+  from jaxdml import build, sharding, train  # pylint: disable=g-import-not-at-top
+  parts = build.build(config)
+  sharding.check_batch_size(batch_size, parts.mesh)
+  state = parts.create_state()
+  step_fn = train.make_train_step(parts)
+  batch = sharding.global_batch(random_batch(config, batch_size, np.random.default_rng(0)),
+                                parts.mesh)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  flops = compiled_flops(compiled, mesh.size)
+  flops = compiled_flops(compiled, parts.mesh.size)
   holder = {"state": state}
 
   def one_step():
@@ -145,24 +144,19 @@ def bench_train(config, batch_size: int, steps: int, warmup: int, peak) -> dict:
   seconds = _time(one_step, steps, warmup)
   images = batch_size * (2 if config.task == "sbir" else 1)
   return _record("train_step", config, batch_size, images, seconds, flops, compile_s, peak,
-                 mesh.size)
+                 parts.mesh.size)
 
 
 def bench_inference(config, batch_size: int, steps: int, warmup: int, peak) -> dict:
-  from jaxdml import data as data_lib, sharding, train  # pylint: disable=g-import-not-at-top
-  mesh = sharding.make_mesh(config.mesh.to_dict() if "mesh" in config else None)
-  model = train.build_model(config)
+  """The gallery tower's embedding function, as evaluation and export run it."""
+  from jaxdml import build, sharding  # pylint: disable=g-import-not-at-top
+  parts = build.build(config)
+  mesh = parts.mesh
   size = int(config.data.image_size)
-  from jaxdml import tasks  # pylint: disable=g-import-not-at-top
-  variables = jax.jit(lambda r: model.init(r, *tasks.dummy_inputs(config)),
+  variables = jax.jit(lambda r: build.model_variables(parts.init(r)),
                       out_shardings=sharding.replicated(mesh))(jax.random.key(0))
-  method = "embed_gallery" if config.task == "sbir" else None
-
-  def embed(v, images):
-    out, _ = model.apply(v, data_lib.normalize(images), method=method)
-    return out
-
-  fn = jax.jit(embed, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
+  fn = jax.jit(parts.tower_fns()["gallery"],
+               in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)))
   images = sharding.global_batch(
       {"x": np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)},
       mesh)["x"]

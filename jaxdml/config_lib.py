@@ -27,13 +27,34 @@ TOP_LEVEL_FIELDS = {
     "mesh": "dict axis -> size (-1: all remaining devices), e.g. {'data': -1}",
     "sharding": "'replicated' or 'fsdp': how parameters are laid out",
     "model": "encoder config, see jaxdml.models",
-    "loss": "loss name and hyperparameters, see jaxdml.losses",
-    "regularizers": "list of extra loss terms: dicts with name and weight",
+    "loss": "the ranking loss, name and hyperparameters (None: terms only), see jaxdml.losses",
+    "terms": "weighted terms added to the loss, name -> {weight, loss (default: the name), "
+             "**hparams}: distillation and regularisers",
+    "epoch_steps": "int: steps per epoch (0: none); previous_epoch teachers and losses that "
+                   "consume training progress use it",
     "optimizer": "optimizer, schedule, clipping, weight decay",
     "data": "data set and pipeline, see jaxdml.data.default_data_config",
     "eval": "retrieval evaluation settings",
     "memory": "cross-batch memory: size, start_step, adapt",
-    "teacher": "distillation teacher: workdir, loss, weight",
+    "teacher": "distillation teacher: kind and that kind's fields, see jaxdml.teacher",
+}
+
+# Fields a config may still carry from before a rename: the error says where
+# they went.
+RENAMED = {
+    "regularizers": "config.terms (name -> dict(weight=..., **hparams))",
+    "teacher.loss": "config.terms.NAME (e.g. config.terms.obd_sd = dict(weight=1.0, ...))",
+    "teacher.epoch_steps": "config.epoch_steps",
+}
+
+# Top-level defaults: `resolve` fills them in, so the resolved config (what
+# --mode=print_config shows) holds every value a run uses.
+DEFAULTS = {
+    "log_every": 50, "eval_every": 0, "checkpoint_every": 1000, "keep_checkpoints": 3,
+    "mesh": {"data": -1}, "sharding": "replicated", "epoch_steps": 0, "terms": {},
+    "teacher": None, "eval": None,
+    "memory": {"size": 0, "start_step": 0, "adapt": "none", "adapt_hparams": {},
+               "terms": "joint", "weight": 1.0},
 }
 
 
@@ -88,7 +109,13 @@ def _did_you_mean(word: str, candidates) -> str:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming any unknown or missing top-level field."""
+  """Raises ValueError naming any unknown, renamed or missing field, an
+  unknown loss, or a teacher kind or field that does not exist."""
+  for old, new in RENAMED.items():
+    parent, _, leaf = old.rpartition(".")
+    holder = config.get(parent) if parent else config
+    if holder is not None and leaf in holder:
+      raise ValueError(f"config.{old} was renamed: use {new}.")
   for key in config.keys():
     if key not in TOP_LEVEL_FIELDS:
       raise ValueError(
@@ -105,6 +132,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "total_steps"):
     if int(config[key]) <= 0:
       raise ValueError(f"config.{key} must be positive, got {config[key]}.")
+  # Imported here: recipe files import this module before JAX is needed.
+  from jaxdml import losses, tasks, teacher  # pylint: disable=g-import-not-at-top
+  if config.loss is None and not tasks.terms(config):
+    raise ValueError("config.loss is None and config.terms is empty: nothing to train.")
+  if config.loss is not None:
+    losses.get(config.loss.name)
+  for term, name, _, _ in tasks.terms(config):
+    try:
+      losses.get(name)
+    except ValueError as e:
+      raise ValueError(f"config.terms.{term}: {e}") from None
+  teacher.validate(config)
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A validated copy of `config` with every default filled in."""
+  resolved = ml_collections.ConfigDict(config.to_dict(preserve_field_references=True))
+  with resolved.unlocked():
+    for key, default in DEFAULTS.items():
+      if key not in resolved:
+        resolved[key] = default
+      elif isinstance(default, dict) and resolved[key] is not None:
+        for sub, value in default.items():
+          if sub not in resolved[key]:
+            resolved[key][sub] = value
+  validate(resolved)
+  return resolved
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -31,37 +31,35 @@ import ml_collections
 import numpy as np
 
 from jaxdml import checkpoint as checkpoint_lib
-from jaxdml import config_lib, data as data_lib, optim, tasks
+from jaxdml import build as build_lib, tasks
 
 EXPORT_DIR = "export"
 MANIFEST = "jaxdml_export.json"
 # Lowered for all three so one SavedModel serves on CPU, GPU and TPU.
 PLATFORMS = ("cpu", "cuda", "tpu")
 _KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-_TOWERS = {"gallery": "serving_default", "query": "query"}
+# Signature -> tower: the gallery tower serves by default; two-tower models
+# (SBIR) also export the query tower.
+_SIGNATURES = {"serving_default": "gallery", "query": "query"}
 
 
-def _towers(config) -> dict:
-  """Signature name -> model method (None: `__call__`)."""
-  if config.task == "sbir":
-    return {"serving_default": "embed_gallery", "query": "embed_query"}
-  return {"serving_default": None}
+def _signatures(config) -> dict:
+  """Signature name -> tower, for the towers this model has."""
+  towers = tasks.towers(config.task)
+  distinct = towers["query"] != towers["gallery"]
+  return {sig: tower for sig, tower in _SIGNATURES.items() if tower == "gallery" or distinct}
 
 
 def _restore_variables(config, workdir: str, step: int | None = None):
-  """`(model, numpy variables, step)` from the workdir's checkpoint."""
-  from jaxdml import train  # pylint: disable=g-import-not-at-top
-  config_lib.validate(config)
+  """`(parts, numpy variables, step)` from the workdir's checkpoint."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   # Checked before the Checkpointer, which would create the directory.
   if not os.path.isdir(directory) or not os.listdir(directory):
     raise FileNotFoundError(
         f"No checkpoint in {directory}: train first (--mode=train) with the "
         "same --workdir, then export.")
-  model = train.build_model(config)
-  tx, _ = optim.make_optimizer(config.optimizer, int(config.total_steps))
   # One local device: the parameters are replicated, so any layout restores.
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("data",))
+  parts = build_lib.build(config, devices=jax.local_devices()[:1])
   ckpt = checkpoint_lib.Checkpointer(workdir, model_config=config.model,
                                      async_save=False)
   try:
@@ -74,21 +72,11 @@ def _restore_variables(config, workdir: str, step: int | None = None):
           f"No checkpoint for step {step} in {ckpt.directory}; it has steps "
           f"{sorted(ckpt.manager.all_steps())}. Pass one of those or step=None "
           "(the latest).")
-    target, _ = train.abstract_state(config, model, tx, mesh)
-    state = ckpt.restore(target, step)
+    state = ckpt.restore(parts.restore_target(), step)
   finally:
     ckpt.close()
-  variables = tasks.model_variables(state)
-  return model, jax.device_get(variables), int(jax.device_get(state["step"]))
-
-
-def _embed_fn(model, method):
-  """float32 images in [0, 255] at the model size -> float32 embeddings."""
-  def embed(variables, images):
-    normalised = data_lib.normalize(images)
-    out, _ = model.apply(variables, normalised, train=False, method=method)
-    return out.astype(jnp.float32)
-  return embed
+  variables = build_lib.model_variables(state)
+  return parts, jax.device_get(variables), int(jax.device_get(state["step"]))
 
 
 def _platforms_that_lower(embed, variables, size: int, platforms) -> tuple:
@@ -142,7 +130,8 @@ def export_saved_model(config, workdir: str, *, step: int | None = None,
   if unknown or not platforms:
     raise ValueError(f"platforms={platforms}: each must be one of "
                      f"{_KNOWN_PLATFORMS}, e.g. platforms=('cpu', 'cuda').")
-  model, variables, step = _restore_variables(config, workdir, step)
+  parts, variables, step = _restore_variables(config, workdir, step)
+  embed_fns = parts.tower_fns()
   size = int(config.data.image_size)
   module = tf.Module()
   # Parameters as tf.Variables: stored once, shared by both signatures. The
@@ -152,8 +141,8 @@ def export_saved_model(config, workdir: str, *, step: int | None = None,
   module.flat_variables = jax.tree.leaves(tf_variables)
   module.image_size = tf.Variable(size, trainable=False, dtype=tf.int32)
   signatures, lowered = {}, {}
-  for signature, method in _towers(config).items():
-    embed = _embed_fn(model, method)
+  for signature, tower in _signatures(config).items():
+    embed = embed_fns[tower]
 
     def make(subset, embed=embed):
       converted = jax2tf.convert(
@@ -179,7 +168,8 @@ def export_saved_model(config, workdir: str, *, step: int | None = None,
     tf.io.gfile.rmtree(tmp)
   tf.saved_model.save(module, tmp, signatures=signatures)
   manifest = {"step": step, "image_size": size, "workdir": os.path.abspath(workdir),
-              "signatures": {k: v or "__call__" for k, v in _towers(config).items()},
+              "signatures": {k: tasks.towers(config.task)[t] or "__call__"
+                             for k, t in _signatures(config).items()},
               "platforms": lowered, "config": json.loads(config.to_json())}
   with tf.io.gfile.GFile(os.path.join(tmp, MANIFEST), "w") as f:
     f.write(json.dumps(manifest, indent=2))
@@ -206,14 +196,13 @@ def load_embed_fn(export_dir: str, tower: str = "gallery"):
   with open(manifest_path) as f:
     manifest = json.load(f)
   config = ml_collections.ConfigDict(manifest["config"])
-  towers = _towers(config)
-  if tower not in _TOWERS or _TOWERS[tower] not in towers:
-    names = [t for t, s in _TOWERS.items() if s in towers]
-    raise ValueError(f"tower={tower!r}: this export has the towers {names}; "
+  towers = list(_signatures(config).values())
+  if tower not in towers:
+    raise ValueError(f"tower={tower!r}: this export has the towers {towers}; "
                      "'query' exists only for two-tower (sbir) models.")
-  model, variables, _ = _restore_variables(config, manifest["workdir"], manifest["step"])
+  parts, variables, _ = _restore_variables(config, manifest["workdir"], manifest["step"])
   size = int(manifest["image_size"])
-  embed = jax.jit(_embed_fn(model, towers[_TOWERS[tower]]))
+  embed = jax.jit(parts.tower_fns()[tower])
 
   def fn(images):
     images = jnp.asarray(np.asarray(images), jnp.float32)

@@ -3,6 +3,7 @@
     python -m jaxdml.main --config=configs/sketchy_rtl.py:demo --workdir=workdirs/demo
     python -m jaxdml.main --config=configs/sketchy_rtl.py:demo --workdir=workdirs/demo --mode=eval
     python -m jaxdml.main --config=configs/sketchy_rtl.py --config.batch_size=64 ...
+    python -m jaxdml.main --config=configs/cub_obdsd.py:demo --mode=print_config
 
 `--config=FILE.py:ARG` calls `get_config(ARG)`; `--config.FIELD=VALUE`
 overrides one field of the (locked) config, so a typo is an error. This
@@ -15,16 +16,24 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/sketchy_rtl.py:demo.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "print_config"],
+                  "What to do; print_config prints the resolved config (every default "
+                  "filled in) and exits.")
 flags.DEFINE_string("cpu_devices", "auto", "JAX devices to split a CPU into (data parallel "
                     "over cores): 'auto' or a count; 1 keeps one device. No effect on GPU/TPU.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.mode == "print_config":
+    from jaxdml import config_lib  # pylint: disable=g-import-not-at-top
+    print(config_lib.resolve(FLAGS.config))
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError(f"--mode={FLAGS.mode} needs --workdir.")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   # Imported here so that `--help` answers without starting JAX.

@@ -4,7 +4,10 @@ Two tasks cover the five recipes:
 - `sbir`: two towers; sketches are anchors, photos the reference set, the
   label of a pair is the photo's instance id (`batch["label"]`).
 - `single`: one encoder; in-batch pairs, optionally against the cross-batch
-  memory (XBM/XBN, IRT), and a teacher (RAML, OBD-SD) from the train state.
+  memory (XBM/XBN, IRT).
+Either may add weighted terms (`config.terms`: distillation, regularisers)
+fed generically with what each loss consumes. No loss or teacher is named
+here: `jaxdml.losses` and `jaxdml.teacher` say what they take.
 The functions here run inside the jitted step: no Python control flow on
 values, only on config.
 """
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml import data as data_lib
-from jaxdml import losses, memory as memory_lib, teacher as teacher_lib
+from jaxdml import losses, memory as memory_lib
 
 
 def loss_hparams(cfg) -> tuple[str, dict]:
@@ -24,14 +27,6 @@ def loss_hparams(cfg) -> tuple[str, dict]:
   name = d.pop("name")
   d.pop("weight", None)
   return name, d
-
-
-def model_variables(state: dict) -> dict:
-  """The Flax variables of the train state's model (no empty batch_stats)."""
-  variables = {"params": state["params"]}
-  if jax.tree.leaves(state["batch_stats"]):
-    variables["batch_stats"] = state["batch_stats"]
-  return variables
 
 
 def model_inputs(task: str, batch: dict, images: str = "same") -> tuple:
@@ -47,21 +42,22 @@ def model_inputs(task: str, batch: dict, images: str = "same") -> tuple:
   return (data_lib.normalize(batch["image_lo"] if "image_lo" in batch else batch["image"]),)
 
 
-def dummy_inputs(config, size: int | None = None) -> tuple:
-  """One fake image per model input, for `model.init`."""
-  size = int(size or config.data.image_size)
-  image = jnp.zeros((1, size, size, 3), jnp.uint8)
-  if config.task == "sbir":
-    return model_inputs("sbir", {"sketch": image, "photo": image})
-  return model_inputs("single", {"image": image})
+def towers(task: str) -> dict:
+  """Tower name -> the model method that embeds one image set with it.
+
+  The one place that knows SBIR's two towers: evaluation, export and the
+  benchmark embed through these. `None` is the model's `__call__`.
+  """
+  if task == "sbir":
+    return {"query": "embed_query", "gallery": "embed_gallery"}
+  return {"query": None, "gallery": None}
 
 
-def embedding_dim(model, config) -> int:
-  """Embedding width, read off the model's output shape (no compute)."""
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
-  out, _ = jax.eval_shape(lambda v: model.apply(v, *dummy_inputs(config)), variables)
-  out = out["gallery"] if isinstance(out, dict) else out
-  return int(out.shape[-1])
+def flat(task: str, tree):
+  """Every row of the batch as one array (both towers' rows for SBIR)."""
+  if task == "sbir":
+    return jnp.concatenate([tree["query"], tree["gallery"]])
+  return tree
 
 
 def uses_memory(config) -> bool:
@@ -74,69 +70,85 @@ def init_memory(config, dim: int) -> dict:
   return memory_lib.init(int(config.memory.size), dim)
 
 
-def _teacher_kwargs(config, name: str, teacher_embeddings, step) -> dict:
-  """What a distillation loss takes beyond the ranking-loss contract."""
-  if name not in losses.NEEDS_TEACHER:
-    return {}
-  if teacher_embeddings is None:
-    raise ValueError(f"loss {name!r} distils a teacher, but the config has none: set "
-                     "config.teacher (see jaxdml.teacher).")
-  kwargs = {"teacher_embeddings": teacher_embeddings}
-  if name == "obd_sd":
-    kwargs["progress"] = teacher_lib.progress(config, step)
-  return kwargs
+def progress(config, step):
+  """Training progress in [0, 1], what losses that consume "progress" get.
+
+  With `config.epoch_steps` (steps per epoch) it is completed epochs over
+  epochs, constant within an epoch (OBD-SD's ramp); without, step / steps.
+  """
+  epoch_steps = int(config.get("epoch_steps", 0) or 0)
+  if epoch_steps <= 0:
+    return jnp.minimum(step / int(config.total_steps), 1.0).astype(jnp.float32)
+  epochs = max(1, int(config.total_steps) // epoch_steps)
+  return jnp.minimum(step // epoch_steps, epochs).astype(jnp.float32) / epochs
 
 
-def _flat(task: str, outputs):
-  """Every embedding of the batch as one [N, D] array (both towers for SBIR)."""
-  if task == "sbir":
-    return jnp.concatenate([outputs["query"], outputs["gallery"]])
-  return outputs
+def terms(config) -> list[tuple[str, str, dict, float]]:
+  """`config.terms` as `(term name, loss name, hparams, weight)`, in order.
+
+  Each entry of `config.terms` (a dict keyed by term name) is a weighted
+  loss added to the ranking loss: `{weight, loss (default: the term's
+  name), **hparams}`.
+  """
+  found = []
+  for term, cfg in (config.get("terms", None) or {}).items():
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    weight = float(d.pop("weight", 1.0))
+    found.append((term, d.pop("loss", term), d, weight))
+  return found
 
 
-def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outputs=None):
+def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outputs=None,
+                 memory_keys=None):
   """Returns `(loss, aux, new_memory)` for the model outputs of one batch.
 
-  `teacher_outputs`: the teacher's outputs on the same batch (no gradient),
-  or None. They feed a distillation loss (as the recipe's loss, RAML, or as
-  `config.teacher.loss`, SBIR KD and OBD-SD) and, with
-  `config.teacher.feeds_memory`, the cross-batch memory.
+  The ranking loss (`config.loss`, may be None) plus every weighted term of
+  `config.terms`. Each loss is given what its registry entry says it
+  consumes (`jaxdml.losses.consumes`) of what the step has: the teacher's
+  outputs on the batch (`teacher_outputs`, or None), the training progress.
+  Terms see every row of the batch (both towers for SBIR) and are logged
+  as `distill/NAME` (they consume the teacher) or `reg/NAME`.
+  `memory_keys`: what the batch enqueues in the cross-batch memory, when not
+  its own embeddings (a teacher that feeds the memory).
   """
-  name, hparams = loss_hparams(config.loss)
-  hparams.update(_teacher_kwargs(config, name, teacher_outputs, step))
-  loss_fn = losses.get(name)
+  names = [n for _, n, _, _ in terms(config)]
+  if config.get("loss", None) is not None:
+    names.append(config.loss.name)
+  consumed = set().union(*(losses.consumes(n) for n in names))
+  available = {"teacher": teacher_outputs,
+               "progress": progress(config, step) if "progress" in consumed else None}
   labels = batch["label"]
-  aux = {}
-  if config.task == "sbir":
-    loss, aux = loss_fn(embeddings=outputs["query"], labels=labels,
-                        ref_embeddings=outputs["gallery"], ref_labels=labels,
-                        **hparams)
-    embeddings = outputs["query"]
-  else:
-    embeddings = outputs
-    if uses_memory(config):
-      feeds = teacher_outputs is not None and config.teacher.get("feeds_memory", False)
-      loss, aux, memory = _memory_loss(config, loss_fn, hparams, embeddings, labels,
-                                       memory, step,
-                                       batch_keys=teacher_outputs if feeds else embeddings)
+  loss, aux = jnp.zeros((), jnp.float32), {}
+  if config.get("loss", None) is not None:
+    name, hparams = loss_hparams(config.loss)
+    hparams.update(losses.inputs_for(name, available))
+    loss_fn = losses.get(name)
+    if config.task == "sbir":
+      loss, aux = loss_fn(embeddings=outputs["query"], labels=labels,
+                          ref_embeddings=outputs["gallery"], ref_labels=labels, **hparams)
+    elif uses_memory(config):
+      if "reference_set" not in losses.consumes(name):
+        raise ValueError(f"config.memory needs a ranking loss that takes a reference set; "
+                         f"{name!r} does not (jaxdml.losses.consumes).")
+      keys = outputs if memory_keys is None else memory_keys
+      loss, aux, memory = _memory_loss(config, loss_fn, hparams, outputs, labels, memory,
+                                       step, batch_keys=keys)
     else:
-      loss, aux = loss_fn(embeddings=embeddings, labels=labels, **hparams)
+      loss, aux = loss_fn(embeddings=outputs, labels=labels, **hparams)
   aux = {f"loss/{k}": v for k, v in aux.items()}
   if uses_memory(config) and config.task != "sbir":
     aux["memory_fill"] = jnp.mean(memory["valid"].astype(jnp.float32))
-  for reg in config.get("regularizers", None) or ():
-    reg_name, reg_hparams = loss_hparams(reg)
-    value, _ = losses.get(reg_name)(embeddings=embeddings, labels=labels, **reg_hparams)
-    aux[f"reg/{reg_name}"] = value
-    loss = loss + float(reg.get("weight", 1.0)) * value
-  distill = config.teacher.get("loss") if teacher_lib.uses_teacher(config) else None
-  if distill:
-    d_name, d_hparams = loss_hparams(distill)
-    d_hparams.update(_teacher_kwargs(config, d_name, _flat(config.task, teacher_outputs), step))
-    value, d_aux = losses.get(d_name)(embeddings=_flat(config.task, outputs), **d_hparams)
-    aux[f"distill/{d_name}"] = value
-    aux.update({f"distill/{k}": v for k, v in d_aux.items()})
-    loss = loss + float(distill.get("weight", 1.0)) * value
+  all_labels = jnp.concatenate([labels, labels]) if config.task == "sbir" else labels
+  flat_available = dict(available, teacher=None if teacher_outputs is None
+                        else flat(config.task, teacher_outputs))
+  for term, name, hparams, weight in terms(config):
+    hparams.update(losses.inputs_for(name, flat_available))
+    value, term_aux = losses.get(name)(embeddings=flat(config.task, outputs),
+                                       labels=all_labels, **hparams)
+    prefix = "distill" if "teacher" in losses.consumes(name) else "reg"
+    aux[f"{prefix}/{term}"] = value
+    aux.update({f"{prefix}/{k}": v for k, v in term_aux.items()})
+    loss = loss + weight * value
   return loss, aux, memory
 
 

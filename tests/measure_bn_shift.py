@@ -17,15 +17,16 @@ import sys
 import jax
 import numpy as np
 
-from jaxdml import config_lib, data, tasks, train
+from jaxdml import build, config_lib, data, tasks, train
 
 
 def main(workdir, recipe="configs/sop_xbn.py:demo"):
   path, _, arg = recipe.partition(":")
   config = config_lib.load_config(path, arg)
-  mesh, model, tx, _, ckpt = train.setup(config, workdir)
-  state, _ = train.restore_or_create(config, model, tx, mesh, ckpt)
-  variables = tasks.model_variables(state)
+  parts, ckpt = train.setup(config, workdir)
+  state = train.restore_or_create(parts, ckpt)
+  model = parts.model
+  variables = build.model_variables(state)
   batches = data.train_batches(config.data, seed=7, global_batch_size=int(config.batch_size),
                                start_step=0, task="single")
   in_train_mode = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0][0])

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdml import checkpoint, data as data_lib, export, optim, train
+from jaxdml import build, checkpoint, data as data_lib, export, train
 from test_train import ROOT, load_config
 
 tf = pytest.importorskip("tensorflow")
@@ -64,9 +64,8 @@ def save_random_checkpoint(config, workdir):
   models for real compiles for ~20 s on a loaded 2-core CPU, and random
   values (BatchNorm statistics included) are a stronger parity check.
   """
-  model = train.build_model(config)
-  tx, _ = optim.make_optimizer(config.optimizer, int(config.total_steps))
-  abstract = jax.eval_shape(train._init_fn(config, model, tx), jax.random.key(0))
+  parts = build.build(config)
+  model, abstract = parts.model, parts.abstract
   rng = np.random.default_rng(0)
   state = jax.tree_util.tree_map_with_path(
       lambda p, x: random_value(p, x, rng), abstract)
@@ -181,8 +180,8 @@ def test_platforms_that_lower_keeps_only_those():
 def test_export_drops_a_platform_without_a_lowering(tmp_path, monkeypatch):
   config = single_config()
   save_random_checkpoint(config, str(tmp_path))
-  real = export._embed_fn
-  monkeypatch.setattr(export, "_embed_fn", lambda m, method: with_eig(real(m, method)))
+  real = build.embed_fn
+  monkeypatch.setattr(build, "embed_fn", lambda m, method=None: with_eig(real(m, method)))
   path = export.export_saved_model(config, str(tmp_path))
   with open(os.path.join(path, export.MANIFEST)) as f:
     assert json.load(f)["platforms"] == {"serving_default": ["cpu"]}

@@ -85,9 +85,8 @@ def test_global_batch_spans_both_processes(tmp_path):
 
 
 def params_at(workdir, config, step):
-  mesh, model, tx, _, ckpt = train.setup(config, workdir)
-  target, _ = train.abstract_state(config, model, tx, mesh)
-  state = ckpt.restore(target, step)
+  parts, ckpt = train.setup(config, workdir)
+  state = ckpt.restore(parts.restore_target(), step)
   ckpt.close()
   return jax.tree.map(np.asarray, jax.device_get(state["params"]))
 

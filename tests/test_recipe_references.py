@@ -77,7 +77,7 @@ def test_obdsd_ranking_loss_equals_authors_code(spread):
 @pytest.mark.parametrize("recipe", ["cub_obdsd.py", "cars_obdsd.py", "sop_obdsd.py"])
 def test_obdsd_distillation_equals_authors_code(recipe):
   config = config_lib.load_config(f"configs/{recipe}")
-  name, hp = _hparams(config.teacher.loss)
+  name, hp = _hparams(dict(config.terms.obd_sd, name="obd_sd"))
   x, y = _clustered(2, 48, 32, 0.8)
   t = x + 0.3 * np.random.default_rng(3).normal(size=x.shape).astype(np.float32)
   progress = 37 / 150
@@ -107,7 +107,7 @@ def raml_reference(s, t, lambda1, lambda2, eps=1e-6):
 @pytest.mark.parametrize("recipe", ["cub_raml.py", "cars_raml.py", "sop_raml.py"])
 def test_raml_loss_equals_authors_code(recipe):
   config = config_lib.load_config(f"configs/{recipe}")
-  name, hp = _hparams(config.loss)
+  name, hp = _hparams(dict(config.terms.raml, name="raml"))
   images, views, dim = config.batch_size, hp["views_per_image"], 64
   rng = np.random.default_rng(0)
   teacher = np.repeat(rng.normal(size=(images, dim)), views, 0) + 0.7 * rng.normal(size=(images * views, dim))

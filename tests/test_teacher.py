@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdml import checkpoint, config_lib, data, metrics_writer, models, teacher, train
+from jaxdml import checkpoint, config_lib, data, metrics_writer, models, tasks, teacher, train
 from jaxdml.models import torch_import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,8 +20,8 @@ def load_config(name, arg="smoke"):
 
 
 def saved_state(workdir, config):
-  mesh, model, tx, _, ckpt = train.setup(config, workdir)
-  state, _ = train.restore_or_create(config, model, tx, mesh, ckpt)
+  parts, ckpt = train.setup(config, workdir)
+  state = train.restore_or_create(parts, ckpt)
   ckpt.close()
   return jax.tree.map(np.asarray, jax.device_get(state))
 
@@ -63,30 +63,24 @@ def test_frozen_teacher_without_a_workdir_names_the_command(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def _teacher_config(**kwargs):
-  c = ml_collections.ConfigDict(dict(total_steps=10))
-  c.teacher = teacher.teacher_config(**kwargs)
-  return c
+def _teacher(kind, epoch_steps=0, **kwargs):
+  c = ml_collections.ConfigDict(dict(total_steps=10, epoch_steps=epoch_steps))
+  c.teacher = teacher.teacher_config(kind, **kwargs)
+  return teacher.build(c, student_model=None)
 
 
 def test_previous_epoch_teacher_copies_the_student_at_the_end_of_each_epoch():
-  config = _teacher_config(kind="previous_epoch", epoch_steps=3)
+  kind = _teacher("previous_epoch", epoch_steps=3)
   old, new = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
   for step, refreshed in ((0, False), (1, False), (2, True), (5, True), (6, False)):
-    got = teacher.update(config, old, new, jnp.asarray(step))
+    got = kind.update(old, new, jnp.asarray(step), None)
     np.testing.assert_array_equal(got["w"], new["w"] if refreshed else old["w"])
 
 
 def test_momentum_teacher_is_an_exponential_moving_average():
-  config = _teacher_config(kind="momentum", momentum=0.9)
-  got = teacher.update(config, {"w": jnp.full(2, 10.0)}, {"w": jnp.zeros(2)}, jnp.asarray(0))
+  kind = _teacher("momentum", momentum=0.9)
+  got = kind.update({"w": jnp.full(2, 10.0)}, {"w": jnp.zeros(2)}, jnp.asarray(0), None)
   np.testing.assert_allclose(got["w"], 9.0)
-
-
-def test_obd_sd_progress_is_epoch_over_epochs():
-  config = _teacher_config(kind="previous_epoch", epoch_steps=3)  # 10 steps: 3 epochs
-  got = [float(teacher.progress(config, jnp.asarray(s))) for s in (0, 2, 3, 6, 9)]
-  np.testing.assert_allclose(got, [0, 0, 1 / 3, 2 / 3, 1])
 
 
 def test_previous_epoch_teacher_in_a_run_is_the_student_after_each_epoch(tmp_path):
@@ -106,8 +100,9 @@ def test_momentum_teacher_fills_the_memory_with_its_own_embeddings(tmp_path):
   config.teacher.momentum = 1.0  # the teacher stays the initial weights: checkable
   config.total_steps = 1
   config.eval.enabled = False
-  mesh, model, tx, _, _ = train.setup(config, str(tmp_path / "unused"))
-  initial, _ = train.create_train_state(config, model, tx, mesh)
+  parts, _ = train.setup(config, str(tmp_path / "unused"))
+  model = parts.model
+  initial = parts.create_state()
   initial = jax.device_get(initial)
   train.train_and_evaluate(config, str(tmp_path / "run"))
   state = saved_state(str(tmp_path / "run"), config)
@@ -128,7 +123,8 @@ def test_momentum_teacher_fills_the_memory_with_its_own_embeddings(tmp_path):
 def test_asymmetric_evaluation_equals_symmetric_when_the_teacher_is_the_student(tmp_path):
   config = load_config("cub_raml.py")
   # The teacher follows the student step by step and sees the same pixels.
-  config.teacher = teacher.teacher_config("previous_epoch", epoch_steps=1, images="image_hi")
+  config.teacher = teacher.teacher_config("previous_epoch", images="image_hi")
+  config.epoch_steps = 1
   config.data.views = dict(num=2, hi=16, lo=16, mixup=0.2)
   results = train.train_and_evaluate(config, str(tmp_path))
   sym = {k: v for k, v in results.items() if not k.startswith("asym/")}
@@ -137,69 +133,53 @@ def test_asymmetric_evaluation_equals_symmetric_when_the_teacher_is_the_student(
     assert results[f"asym/{k}"] == pytest.approx(v, abs=1e-6), k
 
 
-def _as_torch_state_dict(variables):
-  """Flax variables in torchvision's key names and layouts (inverse of the import)."""
-  out = {}
-  for path, value in flax.traverse_util.flatten_dict(variables).items():
-    value = np.asarray(value)
-    if path[-1] == "kernel":
-      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-    out[torch_import.torch_key(path)] = value
-  return out
 
 
-def test_init_file_loads_the_backbone_and_the_teacher_copies_it(tmp_path):
-  imagenet = models.get("resnet_tiny", num_classes=10).init(
-      jax.random.key(5), jnp.zeros((1, 32, 32, 3)), train=False)
-  np.savez(tmp_path / "w.npz", **_as_torch_state_dict(imagenet))
+@teacher.register("test_centred_ema")
+class CentredEma(teacher.Teacher):
+  """A DINO-style kind from outside the package: an EMA of the student whose
+  outputs are centred by a running mean it keeps in its own state."""
+
+  FIELDS = {"momentum": 0.9, "center_momentum": 0.5}
+
+  def init(self, student_variables, dummy_inputs):
+    out, _ = jax.eval_shape(lambda: self.model.apply(student_variables, *dummy_inputs))
+    return {"variables": jax.tree.map(jnp.copy, student_variables),
+            "center": jnp.zeros(out.shape[-1], jnp.float32)}
+
+  def restore(self, subtree, student_variables, shardings):
+    return dict(subtree, variables=jax.tree.map(jnp.copy, student_variables))
+
+  def variables(self, subtree):
+    return subtree["variables"]
+
+  def apply(self, subtree, inputs):
+    return super().apply(subtree, inputs) - subtree["center"]
+
+  def update(self, subtree, student_variables, step, outputs):
+    m, c = float(self.cfg.momentum), float(self.cfg.center_momentum)
+    uncentred = outputs + subtree["center"]
+    return {"variables": jax.tree.map(lambda t, s: m * t + (1 - m) * s, subtree["variables"],
+                                      student_variables),
+            "center": c * subtree["center"] + (1 - c) * jnp.mean(uncentred, 0)}
+
+
+def test_a_new_teacher_kind_with_its_own_state_needs_no_change_elsewhere(tmp_path):
   config = load_config("cub_obdsd.py")
-  config.model.init_file = str(tmp_path / "w.npz")
-  config.total_steps = 1
-  config.eval.enabled = False
-  mesh, model, tx, _, ckpt = train.setup(config, str(tmp_path / "run"))
-  state, _ = train.restore_or_create(config, model, tx, mesh, ckpt)
-  ckpt.close()
-  np.testing.assert_array_equal(state["params"]["conv1"]["kernel"],
-                                imagenet["params"]["conv1"]["kernel"])
-  np.testing.assert_array_equal(state["batch_stats"]["bn1"]["var"],
-                                imagenet["batch_stats"]["bn1"]["var"])
-  assert "fc" not in state["params"] and "embed_head" in state["params"]
-  jax.tree.map(np.testing.assert_array_equal, state["teacher"]["params"], state["params"])
-  config.model.init_file = str(tmp_path / "missing.npz")
-  with pytest.raises((FileNotFoundError, ValueError), match="missing.npz"):
-    train.create_train_state(config, model, tx, mesh)
-
-
-def test_init_file_may_be_another_runs_workdir(tmp_path):
-  config = load_config("cub_obdsd.py", "smoke,distill=False")
-  config.eval.enabled = False
-  train.train_and_evaluate(config, str(tmp_path / "pretrained"))
-  config.model.init_file = str(tmp_path / "pretrained")
-  mesh, model, tx, _, ckpt = train.setup(config, str(tmp_path / "finetune"))
-  state, _ = train.restore_or_create(config, model, tx, mesh, ckpt)
-  ckpt.close()
-  want = saved_state(str(tmp_path / "pretrained"), config)
-  jax.tree.map(np.testing.assert_array_equal, dict(state["params"]), want["params"])
-  jax.tree.map(np.testing.assert_array_equal, dict(state["batch_stats"]), want["batch_stats"])
-  assert int(state["step"]) == 0
-  os.makedirs(tmp_path / "nothing")
-  config.model.init_file = str(tmp_path / "nothing")
-  with pytest.raises(FileNotFoundError, match="without checkpoints"):
-    train.create_train_state(config, model, tx, mesh)
-
-
-def test_checkpoint_subset_restore_reads_only_what_is_asked(tmp_path):
-  config = load_config("sketchy_rtl.py")
-  config.total_steps = 1
+  config.teacher = teacher.teacher_config("test_centred_ema", center_momentum=0.0)
   config.eval.enabled = False
   train.train_and_evaluate(config, str(tmp_path))
-  ckpt = checkpoint.Checkpointer(str(tmp_path), create=False)
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  full = saved_state(str(tmp_path), config)
-  shardings = {"params": jax.tree.map(lambda _: one, full["params"])}
-  got = ckpt.restore_subset(shardings)
-  assert set(got) == {"params"}
-  jax.tree.map(np.testing.assert_array_equal, got["params"], full["params"])
-  with pytest.raises(ValueError, match=r"has no \['nothing'\]"):
-    ckpt.restore_subset({"nothing": one})
-  ckpt.close()
+  state = saved_state(str(tmp_path), config)
+  assert set(state["teacher"]) == {"variables", "center"}
+  # center_momentum 0: the centre is the last batch's mean teacher output,
+  # computed from the EMA weights it had at that step (not the saved ones).
+  center = state["teacher"]["center"]
+  assert center.shape == (config.model.embed_dim,) and np.all(np.isfinite(center))
+  assert np.linalg.norm(center) > 0.1  # L2 embeddings of one batch do not cancel
+  teacher_kernel = state["teacher"]["variables"]["params"]["conv1"]["kernel"]
+  assert not np.allclose(teacher_kernel, state["params"]["conv1"]["kernel"])
+  rows = [r for r in metrics_writer.read_metrics(str(tmp_path)) if "loss" in r]
+  assert rows[1]["distill/obd_sd"] > 0.0
+  config.teacher.bogus = 1
+  with pytest.raises(ValueError, match="'test_centred_ema' teacher takes no field"):
+    train.train_and_evaluate(config, str(tmp_path / "again"))

@@ -37,8 +37,8 @@ def losses_of(workdir):
 
 
 def final_state(workdir, config):
-  mesh, model, tx, _, ckpt = train.setup(config, workdir)
-  state, _ = train.restore_or_create(config, model, tx, mesh, ckpt)
+  parts, ckpt = train.setup(config, workdir)
+  state = train.restore_or_create(parts, ckpt)
   ckpt.close()
   return jax.tree.map(np.asarray, jax.device_get(state))
 
@@ -121,35 +121,6 @@ def test_memory_is_filled_and_used_in_the_step(tmp_path):
   assert rows[-1]["memory_fill"] == pytest.approx(1.0)
 
 
-def test_batch_size_not_divisible_by_devices_names_both_numbers(tmp_path):
-  config = load_config("sketchy_rtl.py")
-  config.batch_size = 12
-  with pytest.raises(ValueError, match=r"batch_size=12 .* 8 devices"):
-    train.train_and_evaluate(config, str(tmp_path))
-
-
-def test_unknown_config_field_is_named(tmp_path):
-  config = load_config("sketchy_rtl.py")
-  config.unlock()
-  config.optimzer = config.optimizer
-  with pytest.raises(ValueError, match="'optimzer'.*did you mean 'optimizer'"):
-    train.train_and_evaluate(config, str(tmp_path))
-
-
-def test_cli_override_of_unknown_field_fails_naming_it(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "jaxdml.main", "--config=configs/sketchy_rtl.py:smoke",
-       f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0
-  assert "lrr" in result.stderr
-
-
-def test_unknown_config_argument_is_named():
-  with pytest.raises(ValueError, match="'smok'.*did you mean 'smoke'"):
-    load_config("sketchy_rtl.py", "smok")
-
-
 def test_missing_data_set_names_the_data_prep_command(tmp_path):
   config = load_config("sketchy_rtl.py", "smoke")
   config.data.name = "sketchy"
@@ -158,23 +129,11 @@ def test_missing_data_set_names_the_data_prep_command(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "work"))
 
 
-def test_workdir_of_another_model_is_refused(tmp_path):
-  config = load_config("sketchy_rtl.py")
-  config.total_steps = 1
-  config.eval.enabled = False
-  train.train_and_evaluate(config, str(tmp_path))
-  other = load_config("sketchy_rtl.py")
-  other.model.query.embed_dim = 24
-  other.model.gallery.embed_dim = 24
-  with pytest.raises(ValueError, match="belongs to another model"):
-    train.train_and_evaluate(other, str(tmp_path))
-
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   real = tasks.compute_loss
 
-  def nan_from_step_two(config, outputs, batch, memory, step, teacher_outputs=None):
-    loss, aux, memory = real(config, outputs, batch, memory, step, teacher_outputs)
+  def nan_from_step_two(config, outputs, batch, memory, step, *args):
+    loss, aux, memory = real(config, outputs, batch, memory, step, *args)
     return jnp.where(step >= 2, jnp.nan, loss), aux, memory
 
   monkeypatch.setattr(tasks, "compute_loss", nan_from_step_two)

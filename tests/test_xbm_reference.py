@@ -156,7 +156,7 @@ def test_memory_recipes_use_xbm_loss(recipe):
 def test_irt_recipe_is_contrastive_sum_plus_koleo_on_the_batch():
   config = config_lib.load_config("configs/sop_irt.py", "smoke")
   assert config.loss.reduction == "per_anchor_sum" and config.memory.terms == "xbm"
-  assert list(config.regularizers) == [{"name": "koleo", "weight": 0.7}]
+  assert config.terms.to_dict() == {"koleo": {"weight": 0.7}}
   rng = np.random.default_rng(0)
   feats, labels = _hidden_batch(rng, 8, 16, 6)
   memory = memory_lib.init(int(config.memory.size), 16)
@@ -166,7 +166,7 @@ def test_irt_recipe_is_contrastive_sum_plus_koleo_on_the_batch():
   np.testing.assert_allclose(loss, parts, rtol=1e-6)
   assert float(aux["loss/memory_term"]) > 0  # the batch's copies are in the memory
   no_koleo = config_lib.load_config("configs/sop_irt.py", "smoke,koleo=0")
-  assert list(no_koleo.regularizers) == []
+  assert no_koleo.terms.to_dict() == {}
 
 
 def test_kalman_recipe_spells_out_its_filter_settings():

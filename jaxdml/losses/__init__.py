@@ -26,6 +26,13 @@ The distillation/regulariser losses (koleo, embedding_distill, raml, obd_sd)
 accept the same arguments, ignore `labels`, and raise ValueError when given a
 reference set.
 
+The registry records what each loss consumes beyond embeddings and labels
+(`consumes(name)`, keys of `INPUTS`): the teacher's outputs, the training
+progress, a reference set. The train step offers what it has and
+`inputs_for(name, available)` picks the loss's keywords, so
+`register("my_distill", fn, consumes=("teacher",))` from outside the
+package is enough for a new distillation term.
+
 Distances (`distance=`): "cosine" (similarity of L2-normalised rows, PML
 `CosineSimilarity`), "euclidean" and "squared_euclidean" (raw rows; PML's
 default `LpDistance` L2-normalises first, so feed normalised embeddings to
@@ -43,6 +50,9 @@ Registered names: triplet, relative_triplet, contrastive, contrastive_koleo,
 multi_similarity, koleo, embedding_distill, raml, obd_sd. See each function's
 docstring for its hyperparameters and the choices that are ours.
 """
+import dataclasses
+from typing import Callable
+
 # Modules, not functions, are imported: `jaxdml.losses.triplet` stays the
 # module that `relative_triplet` builds on.
 from jaxdml.losses import contrastive
@@ -53,21 +63,22 @@ from jaxdml.losses import obd_sd
 from jaxdml.losses import relative_triplet
 from jaxdml.losses import triplet
 
-_REGISTRY = {
-    "triplet": triplet.triplet,
-    "relative_triplet": relative_triplet.relative_triplet,
-    "contrastive": contrastive.contrastive,
-    "contrastive_koleo": koleo.contrastive_koleo,
-    "multi_similarity": multi_similarity.multi_similarity,
-    "koleo": koleo.koleo,
-    "embedding_distill": distill.embedding_distill,
-    "raml": distill.raml,
-    "obd_sd": obd_sd.obd_sd,
+# What a loss consumes beyond `embeddings` and `labels`, and the keyword the
+# train step passes it under (None: the caller passes the reference set).
+INPUTS = {
+    "teacher": "teacher_embeddings",  # the teacher's outputs on the same batch
+    "progress": "progress",  # training progress in [0, 1] (jaxdml.tasks.progress)
+    "reference_set": None,  # ref_embeddings, ref_labels, ref_valid, ref_self_index
 }
 
-# Distillation losses: they take `teacher_embeddings=` (the train step passes
-# the teacher's outputs on the same batch) and ignore labels.
-NEEDS_TEACHER = frozenset({"embedding_distill", "raml", "obd_sd"})
+
+@dataclasses.dataclass(frozen=True)
+class Registered:
+  fn: Callable
+  consumes: frozenset
+
+
+_REGISTRY: dict[str, Registered] = {}
 
 
 def names():
@@ -75,8 +86,7 @@ def names():
   return tuple(sorted(_REGISTRY))
 
 
-def get(name):
-  """The loss function registered under `name`; ValueError if unknown."""
+def _entry(name) -> Registered:
   try:
     return _REGISTRY[name]
   except KeyError:
@@ -85,11 +95,62 @@ def get(name):
     ) from None
 
 
-def register(name, fn):
-  """Adds `fn` under `name`. Re-registering a taken name is a ValueError."""
+def get(name):
+  """The loss function registered under `name`; ValueError if unknown."""
+  return _entry(name).fn
+
+
+def consumes(name) -> frozenset:
+  """What the loss `name` takes beyond embeddings and labels (keys of INPUTS)."""
+  return _entry(name).consumes
+
+
+def inputs_for(name, available: dict) -> dict:
+  """The keywords of `available` (INPUTS key -> value) that loss `name` consumes.
+
+  The train step offers every input it has; a consumed input that is None
+  (no teacher in the config) is an error that says what to configure.
+  """
+  kwargs = {}
+  for need in sorted(consumes(name)):
+    keyword = INPUTS[need]
+    if keyword is None:
+      continue
+    if available.get(need) is None:
+      raise ValueError(f"loss {name!r} consumes {need!r}, which this config does not "
+                       f"provide" + (": set config.teacher (see jaxdml.teacher)."
+                                     if need == "teacher" else "."))
+    kwargs[keyword] = available[need]
+  return kwargs
+
+
+def register(name, fn, *, consumes=("reference_set",)):  # pylint: disable=redefined-outer-name
+  """Adds `fn` under `name`; `consumes` lists the keys of INPUTS it takes.
+
+  A distillation loss says `consumes=("teacher",)` and is given
+  `teacher_embeddings=`; a ranking loss that accepts `ref_*` arguments (and
+  so can work against the cross-batch memory) says "reference_set".
+  Re-registering a taken name is a ValueError.
+  """
   if not callable(fn):
     raise ValueError(f"register({name!r}, ...): fn must be callable.")
   if name in _REGISTRY:
     raise ValueError(
         f"A loss named {name!r} is already registered; pick another name.")
-  _REGISTRY[name] = fn
+  unknown = set(consumes) - set(INPUTS)
+  if unknown:
+    raise ValueError(f"register({name!r}, ...): consumes {sorted(unknown)} unknown; "
+                     f"expected a subset of {sorted(INPUTS)}.")
+  _REGISTRY[name] = Registered(fn, frozenset(consumes))
+
+
+for _name, _fn in (("triplet", triplet.triplet),
+                   ("relative_triplet", relative_triplet.relative_triplet),
+                   ("contrastive", contrastive.contrastive),
+                   ("contrastive_koleo", koleo.contrastive_koleo),
+                   ("multi_similarity", multi_similarity.multi_similarity)):
+  register(_name, _fn)
+register("koleo", koleo.koleo, consumes=())
+register("embedding_distill", distill.embedding_distill, consumes=("teacher",))
+register("raml", distill.raml, consumes=("teacher",))
+register("obd_sd", obd_sd.obd_sd, consumes=("teacher", "progress"))

@@ -37,6 +37,10 @@ def loop(*, seed: int, task: str, batch_size: int, total_steps: int, log_every: 
   c.keep_checkpoints = 3
   c.mesh = ml_collections.ConfigDict({"data": -1})
   c.sharding = "replicated"
+  c.epoch_steps = 0  # steps per epoch; epoch-based parts need it (tasks.progress)
+  # Weighted terms added to the ranking loss, name -> {weight, **hparams}:
+  # distillation (losses that consume the teacher) and regularisers.
+  c.terms = ml_collections.ConfigDict()
   return c
 
 

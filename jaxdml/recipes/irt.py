@@ -38,7 +38,8 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       name="contrastive", distance="cosine", pos_margin=1.0, neg_margin=0.5))
   use_xbm_loss(c)
-  c.regularizers = [dict(name="koleo", weight=arg.koleo)] if arg.koleo else []
+  if arg.koleo:
+    c.terms.koleo = dict(weight=arg.koleo)
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-5, weight_decay=5e-4, schedule="constant", warmup_steps=0, grad_clip_norm=None))
   # Resize to 256 x 256 then a random 224 crop: a fixed-size, fixed-shape box.

@@ -54,8 +54,8 @@ def obdsd(dataset: str, arg) -> ml_collections.ConfigDict:
     # Short "epochs" so the teacher is refreshed and the ramp climbs within
     # the run: 6 epochs of 50 steps (demo), 2 of 1 step (smoke).
     epoch_steps = 1 if arg.smoke else 50
+  c.epoch_steps = epoch_steps
   if arg.distill:
-    c.teacher = teacher.teacher_config(
-        "previous_epoch", epoch_steps=epoch_steps,
-        loss=dict(name="obd_sd", tau=1.0, tau_d=tau_d, omega=omega, lambda_=lambda_))
+    c.teacher = teacher.teacher_config("previous_epoch")
+    c.terms.obd_sd = dict(weight=1.0, tau=1.0, tau_d=tau_d, omega=omega, lambda_=lambda_)
   return c

@@ -96,10 +96,11 @@ def raml(dataset: str, arg) -> ml_collections.ConfigDict:
   c.data.views = dict(num=views, hi=448, lo=224, mixup=0.2)
   c.optimizer.accumulate_steps = 25
   c.total_steps = 200 * 8_000 // c.batch_size
-  # The reference sums the per-image losses over the batch.
-  c.loss = ml_collections.ConfigDict(dict(
-      name="raml", views_per_image=views, lambda1=lambda1, lambda2=lambda2,
-      reduction="sum"))
+  # No ranking loss: the distillation term alone. The reference sums the
+  # per-image losses over the batch.
+  c.loss = None
+  c.terms.raml = dict(weight=1.0, views_per_image=views, lambda1=lambda1, lambda2=lambda2,
+                      reduction="sum")
   size = "smoke" if arg.smoke else "demo" if arg.demo else ""
   recipe = f"configs/{CONFIG_NAMES[dataset]}_raml_teacher.py" + (f":{size}" if size else "")
   c.teacher = teacher.teacher_config("frozen", images="image_hi", recipe=recipe)
@@ -110,7 +111,7 @@ def raml(dataset: str, arg) -> ml_collections.ConfigDict:
     views = 2 if arg.smoke else 4
     c.data.image_size = hi // 2
     c.data.views = dict(num=views, hi=hi, lo=hi // 2, mixup=0.2)
-    c.loss.views_per_image = views
+    c.terms.raml.views_per_image = views
     c.optimizer.accumulate_steps = 1
     c.batch_size = 8
   return c

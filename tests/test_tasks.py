@@ -1,0 +1,86 @@
+"""The loss of a batch: ranking loss, weighted terms fed by what each consumes."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxdml import losses, tasks
+from test_train import load_config
+
+
+def test_progress_is_epoch_over_epochs_or_step_over_steps():
+  config = ml_collections.ConfigDict(dict(total_steps=10, epoch_steps=3))  # 3 epochs
+  got = [float(tasks.progress(config, jnp.asarray(s))) for s in (0, 2, 3, 6, 9)]
+  np.testing.assert_allclose(got, [0, 0, 1 / 3, 2 / 3, 1])
+  config.epoch_steps = 0
+  got = [float(tasks.progress(config, jnp.asarray(s))) for s in (0, 5, 10, 12)]
+  np.testing.assert_allclose(got, [0, 0.5, 1, 1])
+
+
+def _shift_distill(*, embeddings, labels, teacher_embeddings, progress, offset=0.0):
+  """A distillation loss from outside the package: mean squared gap, plus progress."""
+  del labels
+  value = jnp.mean(jnp.square(embeddings - teacher_embeddings - offset)) + progress
+  return value, {"gap_norm": jnp.linalg.norm(embeddings - teacher_embeddings)}
+
+
+losses.register("test_shift_distill", _shift_distill, consumes=("teacher", "progress"))
+
+
+def test_a_registered_term_gets_what_it_consumes_and_is_logged_under_its_name():
+  config = load_config("cub_obdsd.py", "smoke,distill=False")
+  config.terms = ml_collections.ConfigDict(
+      {"mine": dict(loss="test_shift_distill", weight=2.0, offset=0.5)})
+  config.epoch_steps = 5  # progress 0 at step 0
+  rng = np.random.default_rng(0)
+  e, t = (jnp.asarray(rng.normal(size=(8, 4)), jnp.float32) for _ in range(2))
+  labels = jnp.repeat(jnp.arange(4), 2)
+  ranking, _ = losses.get(config.loss.name)(embeddings=e, labels=labels,
+                                            **tasks.loss_hparams(config.loss)[1])
+  loss, aux, _ = tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0),
+                                    teacher_outputs=t)
+  term = float(jnp.mean(jnp.square(e - t - 0.5)))
+  np.testing.assert_allclose(aux["distill/mine"], term, rtol=1e-6)
+  np.testing.assert_allclose(aux["distill/gap_norm"], jnp.linalg.norm(e - t), rtol=1e-6)
+  np.testing.assert_allclose(loss, ranking + 2.0 * term, rtol=1e-6)
+  with pytest.raises(ValueError, match="consumes 'teacher'.*set config.teacher"):
+    tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))
+
+
+def test_sbir_terms_see_both_towers_and_the_ranking_loss_pairs_query_with_gallery():
+  config = load_config("sketchy_rtl_kd.py")
+  rng = np.random.default_rng(1)
+  out = {k: jnp.asarray(rng.normal(size=(4, 16)), jnp.float32) for k in ("query", "gallery")}
+  teacher = {k: jnp.asarray(rng.normal(size=(4, 16)), jnp.float32) for k in ("query", "gallery")}
+  labels = jnp.arange(4)
+  loss, aux, _ = tasks.compute_loss(config, out, {"label": labels}, {}, jnp.asarray(0),
+                                    teacher_outputs=teacher)
+  [(_, _, hp, weight)] = tasks.terms(config)
+  flat = lambda d: jnp.concatenate([d["query"], d["gallery"]])
+  want, _ = losses.get("embedding_distill")(embeddings=flat(out), teacher_embeddings=flat(teacher),
+                                            **hp)
+  np.testing.assert_allclose(aux["distill/embedding_distill"], want, rtol=1e-6)
+  rank_name, rank_hp = tasks.loss_hparams(config.loss)
+  ranking, _ = losses.get(rank_name)(embeddings=out["query"], labels=labels,
+                                     ref_embeddings=out["gallery"], ref_labels=labels, **rank_hp)
+  np.testing.assert_allclose(loss, ranking + weight * want, rtol=1e-6)
+
+
+def test_memory_needs_a_loss_that_takes_a_reference_set():
+  config = load_config("sop_xbn.py")
+  config.loss = ml_collections.ConfigDict(dict(name="koleo"))
+  from jaxdml import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="ranking loss that takes a reference set; 'koleo'"):
+    tasks.compute_loss(config, jnp.ones((4, 3)), {"label": jnp.arange(4)},
+                       memory_lib.init(8, 3), jnp.asarray(0))
+
+
+def test_towers_are_the_one_sbir_map():
+  assert tasks.towers("sbir") == {"query": "embed_query", "gallery": "embed_gallery"}
+  assert tasks.towers("single") == {"query": None, "gallery": None}
+  tree = {"query": jnp.zeros((2, 3)), "gallery": jnp.ones((2, 3))}
+  np.testing.assert_array_equal(tasks.flat("sbir", tree), jnp.concatenate([tree["query"],
+                                                                           tree["gallery"]]))
+  jax.tree.map(np.testing.assert_array_equal, tasks.flat("single", tree), tree)
