@@ -32,7 +32,7 @@ def get_config(arg=None):
   c.data.name = "synthetic_sketchy"
   c.data.single_labels = "instance"
   if arg.smoke:
-    recipes.on_embedded_data(c, smoke=True)
-    c.model.name = "vit_tiny" if vit else "resnet_tiny"
-    c.model.embed_dim = None if vit else 16
+    recipes.on_embedded_data(c, smoke=True, recipe={
+        "model.name": "vit_tiny" if vit else "resnet_tiny",
+        "model.embed_dim": None if vit else 16})
   return c

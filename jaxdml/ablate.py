@@ -1,7 +1,15 @@
-"""Ablations on the embedded data: each paper's claim as a small table.
+"""The ablation runner: studies of recipe variants as tables over seeds.
 
     python -m jaxdml.ablate --study=memory --seeds=3 --workdir=workdirs/ablations
     python -m jaxdml.ablate --study=all     # every study, one table each (make ablations)
+    python -m jaxdml.ablate --studies=my_studies.py --configs=/path/to/configs --study=mine
+
+The studies themselves (`STUDIES = {name: (metrics, [Variant, ...],
+total_steps or None)}`) are data, not library: `--studies` names the file
+(default `benchmarks/ablation_studies.py`, docs/ablations.md's tables) and
+`--configs` the recipe directory its variants name (default `configs`),
+both relative to the working directory, so an installed jaxdml runs a
+checkout's studies or anyone's own.
 
 Every variant is a recipe config (`file.py:ARG` plus field overrides) trained
 from scratch per seed with `train_and_evaluate`; the table reports the final
@@ -16,13 +24,13 @@ run it shares (`run`), as RAML's asymmetric and symmetric protocols do.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 
 from absl import app, flags
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,88 +49,38 @@ class Variant:
     return (self.run or self.name).replace(" ", "_")
 
 
-CNN_TRUNK = {"model.name": "resnet_small", "model.pooling": "avg"}
-
-# study -> (metrics, variants, total_steps override or None)
-STUDIES = {
-    "rtl": (("recall@1",), [
-        Variant("triplet", "sketchy_rtl.py:demo,ablation=triplet"),
-        Variant("rtl", "sketchy_rtl.py:demo"),
-    ], 200),
-    "embedding": (("recall@1",), [
-        Variant("l2", "sketchy_rtl.py:demo,embedding=l2"),
-        Variant("bn", "sketchy_rtl.py:demo"),
-    ], 200),
-    # The demo's student is a half-width ResNet pair (sketchy_rtl_kd.py says why).
-    "kd": (("recall@1",), [
-        Variant("teacher (ResNet pair)", "sketchy_rtl.py:demo"),
-        Variant("half-width student alone", "sketchy_rtl_kd.py:demo,distill=off"),
-        Variant("half-width student + KD", "sketchy_rtl_kd.py:demo",
-                from_runs={"teacher.workdir": "teacher (ResNet pair)"}),
-    ], 200),
-    "memory": (("recall@1",), [
-        Variant("no memory", "sop_xbn.py:demo,adapt=none", {"memory.size": 0}),
-        Variant("XBM", "sop_xbn.py:demo,adapt=none"),
-        Variant("XBN", "sop_xbn.py:demo,adapt=moments"),
-        Variant("XBN kalman", "sop_xbn.py:demo,adapt=kalman"),
-        # The filter before the recipe's process noise followed the measured
-        # BatchNorm shift (adaptive), and before it widened its prior (fixed).
-        Variant("XBN kalman, q 1e-3", "sop_xbn.py:demo,adapt=kalman",
-                {"memory.adapt_hparams.process_noise": 1e-3}),
-        Variant("XBN kalman, q 1e-3, fixed", "sop_xbn.py:demo,adapt=kalman",
-                {"memory.adapt_hparams.process_noise": 1e-3,
-                 "memory.adapt_hparams.adaptive": False}),
-    ], None),
-    # XBM's own regime: memory on a pretrained network whose embeddings
-    # drift slowly (here: the no-memory demo run, then fine-tuning at lr 1e-4).
-    "memory_finetune": (("recall@1",), [
-        Variant("pretrain (no memory)", "sop_xbn.py:demo,adapt=none", {"memory.size": 0}),
-    ] + [
-        Variant(name, f"sop_xbn.py:demo,adapt={adapt}",
-                {"optimizer.lr": 1e-4, "memory.start_step": 0, **extra},
-                from_runs={"model.init_file": "pretrain (no memory)"})
-        for name, adapt, extra in (("+ no memory", "none", {"memory.size": 0}),
-                                   ("+ XBM", "none", {}), ("+ XBN", "moments", {}),
-                                   ("+ XBN kalman", "kalman", {}),
-                                   ("+ XBN kalman, q 1e-3", "kalman",
-                                    {"memory.adapt_hparams.process_noise": 1e-3}))
-    ], None),
-    "raml": (("recall@1", "map@r"), [
-        Variant("teacher 64 px (sym)", "cub_raml_teacher.py:demo"),
-        Variant("student 32 px, sym", "cub_raml.py:demo",
-                from_runs={"teacher.workdir": "teacher 64 px (sym)"}, run="student"),
-        Variant("student 32 px vs teacher db, asym", "cub_raml.py:demo",
-                from_runs={"teacher.workdir": "teacher 64 px (sym)"}, run="student",
-                metric_prefix="asym/"),
-    ], None),
-    "obdsd": (("recall@1", "map@r"), [
-        Variant("MS", "cub_obdsd.py:demo,distill=False"),
-        Variant("MS + OBD-SD", "cub_obdsd.py:demo"),
-        # CUB's lambda (1000) was tuned on a pretrained network at lr 1e-5;
-        # from scratch at lr 1e-3 the term dominates. A milder weight:
-        Variant("MS + OBD-SD, lambda 10", "cub_obdsd.py:demo", {"terms.obd_sd.lambda_": 10.0}),
-    ], None),
-    "koleo": (("nn_distance", "recall@1"), [
-        Variant("contrastive", "sop_irt.py:demo,koleo=0"),
-        Variant("contrastive + KoLeo", "sop_irt.py:demo"),
-        # The demo ViT does not learn retrieval from scratch on 1.5k images
-        # (R@1 near chance either way); the same loss on the demo CNN does.
-        Variant("contrastive, CNN", "sop_irt.py:demo,koleo=0", CNN_TRUNK),
-        Variant("contrastive + KoLeo, CNN", "sop_irt.py:demo", CNN_TRUNK),
-    ], None),
-}
-
-flags.DEFINE_enum("study", None, sorted(STUDIES) + ["all"], "Which claim to test.")
-flags.DEFINE_integer("seeds", 3, "Seeds per variant.")
-flags.DEFINE_string("workdir", "workdirs/ablations", "Where runs and results go.")
-flags.DEFINE_integer("total_steps", None, "Override every variant's total_steps.")
+def define_flags():
+  """Flags, defined only when run as a program: a studies file imports this
+  module (for Variant) while `python -m jaxdml.ablate` runs it as __main__."""
+  flags.DEFINE_string("study", None, "Which study of the studies file to run, or 'all'.")
+  flags.DEFINE_string("studies", "benchmarks/ablation_studies.py",
+                      "Python file defining STUDIES (name -> (metrics, variants, total_steps)).")
+  flags.DEFINE_string("configs", "configs", "Directory of the recipe files variants name.")
+  flags.DEFINE_integer("seeds", 3, "Seeds per variant.")
+  flags.DEFINE_string("workdir", "workdirs/ablations", "Where runs and results go.")
+  flags.DEFINE_integer("total_steps", None, "Override every variant's total_steps.")
 
 
-def load_config(variant: Variant, seed: int, total_steps=None):
+def load_studies(path: str) -> dict:
+  """The `STUDIES` dict of a studies file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"--studies={path!r} does not exist: run from a jaxdml checkout (it has "
+        "benchmarks/ablation_studies.py) or pass --studies=FILE defining STUDIES.")
+  spec = importlib.util.spec_from_file_location("jaxdml_ablation_studies", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.STUDIES
+
+
+def load_config(variant: Variant, seed: int, configs_dir: str, total_steps=None):
   from jaxdml import config_lib  # pylint: disable=g-import-not-at-top
   file, _, arg = variant.config.partition(":")
-  config = config_lib.load_config(os.path.join(ROOT, "configs", file),
-                                  f"{arg},seed={seed}" if arg else f"seed={seed}")
+  path = os.path.join(configs_dir, file)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"variant {variant.name!r}: no recipe {path!r}; pass "
+                            "--configs=DIR, the directory of the recipe files.")
+  config = config_lib.load_config(path, f"{arg},seed={seed}" if arg else f"seed={seed}")
   for path, value in variant.overrides.items():
     _set(config, path, value)
   if total_steps:
@@ -149,10 +107,12 @@ def _read_done(path: str) -> dict:
   return done
 
 
-def run_study(study: str, seeds: int, workdir: str, total_steps=None, spec=None) -> dict:
-  """Trains what is missing; returns `{(run name, seed): results}`."""
+def run_study(study: str, spec, seeds: int, workdir: str, *, configs_dir: str = "configs",
+              total_steps=None) -> dict:
+  """Trains what is missing of `spec` (metrics, variants, total_steps);
+  returns `{(run name, seed): results}`."""
   from jaxdml import train  # pylint: disable=g-import-not-at-top
-  _, variants, default_steps = spec or STUDIES[study]
+  _, variants, default_steps = spec
   total_steps = total_steps or default_steps
   os.makedirs(workdir, exist_ok=True)
   results_path = os.path.join(workdir, f"{study}.jsonl")
@@ -163,7 +123,7 @@ def run_study(study: str, seeds: int, workdir: str, total_steps=None, spec=None)
     for v in variants:
       if (v.run_name, seed) in done:
         continue
-      config = load_config(v, seed, total_steps)
+      config = load_config(v, seed, configs_dir, total_steps)
       for field, source in v.from_runs.items():
         _set(config, field, run_dir(by_name[source], seed))
       results = train.train_and_evaluate(config, run_dir(v, seed))
@@ -174,8 +134,8 @@ def run_study(study: str, seeds: int, workdir: str, total_steps=None, spec=None)
   return {key: row["results"] for key, row in done.items()}
 
 
-def table(study: str, results: dict, seeds: int, spec=None) -> str:
-  metrics, variants, _ = spec or STUDIES[study]
+def table(study: str, spec, results: dict, seeds: int) -> str:
+  metrics, variants, _ = spec
   lines = [f"| {study} variant | " + " | ".join(f"{m} (mean +- std)" for m in metrics)
            + " | per seed |", "|---" * (len(metrics) + 2) + "|"]
   scale = lambda m: 1.0 if m == "nn_distance" else 100.0
@@ -197,12 +157,16 @@ def table(study: str, results: dict, seeds: int, spec=None) -> str:
 def main(argv):
   del argv
   f = flags.FLAGS
-  studies = sorted(STUDIES) if f.study == "all" else [f.study]
-  for study in studies:
-    results = run_study(study, f.seeds, f.workdir, f.total_steps)
-    print(table(study, results, f.seeds), flush=True)
+  studies = load_studies(f.studies)
+  if f.study != "all" and f.study not in studies:
+    raise app.UsageError(f"--study={f.study}: {f.studies} defines {sorted(studies)} (or 'all').")
+  for study in sorted(studies) if f.study == "all" else [f.study]:
+    results = run_study(study, studies[study], f.seeds, f.workdir, configs_dir=f.configs,
+                        total_steps=f.total_steps)
+    print(table(study, studies[study], results, f.seeds), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["study"])
   app.run(main)

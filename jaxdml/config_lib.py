@@ -53,9 +53,16 @@ DEFAULTS = {
     "log_every": 50, "eval_every": 0, "checkpoint_every": 1000, "keep_checkpoints": 3,
     "mesh": {"data": -1}, "sharding": "replicated", "epoch_steps": 0, "terms": {},
     "teacher": None, "eval": None,
-    "memory": {"size": 0, "start_step": 0, "adapt": "none", "adapt_hparams": {},
-               "terms": "joint", "weight": 1.0},
 }
+
+
+def _section_defaults() -> dict:
+  """Defaults of the sub-configs, kept by the modules that read them."""
+  # Imported here: recipe files import this module before JAX is needed.
+  from jaxdml import optim, tasks  # pylint: disable=g-import-not-at-top
+  from jaxdml.retrieval import evaluator  # pylint: disable=g-import-not-at-top
+  return {"optimizer": optim.DEFAULTS, "memory": tasks.MEMORY_DEFAULTS,
+          "eval": evaluator.DEFAULTS}
 
 
 def parse_arg(arg: str | None, *, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
@@ -153,8 +160,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, default in DEFAULTS.items():
       if key not in resolved:
         resolved[key] = default
-      elif isinstance(default, dict) and resolved[key] is not None:
-        for sub, value in default.items():
+    for key, defaults in _section_defaults().items():
+      if key not in resolved:
+        resolved[key] = defaults
+      elif resolved[key] is not None:
+        for sub, value in defaults.items():
           if sub not in resolved[key]:
             resolved[key][sub] = value
   validate(resolved)

@@ -20,11 +20,34 @@ import jax
 import optax
 
 
+# Every `config.optimizer` field and its default (`config_lib.resolve` fills
+# them in; b1/b2 are Adam's, momentum SGD's, pct_start/div_factor one_cycle's).
+DEFAULTS = {
+    "name": "adamw", "lr": None, "schedule": "constant", "warmup_steps": 0,
+    "end_lr_factor": 0.0, "pct_start": 0.3, "div_factor": 25.0, "weight_decay": 0.0,
+    "no_decay": r"(pos_embed|cls_token|gem)", "grad_clip_norm": None, "b1": 0.9, "b2": 0.999,
+    "momentum": 0.9, "frozen": None, "accumulate_steps": 1,
+}
+
+
+def settings(cfg) -> dict:
+  """`cfg` over DEFAULTS; an unknown field is an error naming the known ones."""
+  given = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  unknown = sorted(set(given) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"config.optimizer: unknown field(s) {unknown}; known: {sorted(DEFAULTS)}.")
+  merged = {**DEFAULTS, **given}
+  if merged["lr"] is None:
+    raise ValueError("config.optimizer.lr is not set.")
+  return merged
+
+
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
-  kind = cfg.get("schedule", "constant")
-  lr = float(cfg.lr)
-  warmup = int(cfg.get("warmup_steps", 0))
-  end = lr * float(cfg.get("end_lr_factor", 0.0))
+  cfg = settings(cfg)
+  kind = cfg["schedule"]
+  lr = float(cfg["lr"])
+  warmup = int(cfg["warmup_steps"])
+  end = lr * float(cfg["end_lr_factor"])
   if kind == "constant":
     if warmup:
       return optax.join_schedules(
@@ -40,8 +63,7 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     # starting lr peak / div_factor, 25 by default, 10 in RAML's code).
     return optax.cosine_onecycle_schedule(
         transition_steps=total_steps, peak_value=lr,
-        pct_start=float(cfg.get("pct_start", 0.3)),
-        div_factor=float(cfg.get("div_factor", 25.0)))
+        pct_start=float(cfg["pct_start"]), div_factor=float(cfg["div_factor"]))
   raise ValueError(
       f"config.optimizer.schedule={kind!r}: expected 'constant', "
       "'warmup_cosine' or 'one_cycle'.")
@@ -73,32 +95,33 @@ def make_optimizer(cfg, total_steps: int):
   runs in updates, total_steps // k of them; the returned schedule still
   takes the train step, for logging.
   """
-  accumulate = int(cfg.get("accumulate_steps", 1))
+  cfg = settings(cfg)
+  accumulate = int(cfg["accumulate_steps"])
   per_update = make_schedule(cfg, max(1, total_steps // max(accumulate, 1)))
   schedule = per_update if accumulate <= 1 else (lambda step: per_update(step // accumulate))
-  name = cfg.get("name", "adamw")
-  wd = float(cfg.get("weight_decay", 0.0))
-  mask = decay_mask_fn(cfg.get("no_decay", r"(pos_embed|cls_token|gem)"))
+  name = cfg["name"]
+  wd = float(cfg["weight_decay"])
+  mask = decay_mask_fn(cfg["no_decay"])
   chain = []
-  if cfg.get("grad_clip_norm"):
-    chain.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
+  if cfg["grad_clip_norm"]:
+    chain.append(optax.clip_by_global_norm(float(cfg["grad_clip_norm"])))
   if name == "adamw":
-    chain.append(optax.adamw(per_update, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
-                             weight_decay=wd, mask=mask))
+    chain.append(optax.adamw(per_update, b1=cfg["b1"], b2=cfg["b2"], weight_decay=wd,
+                             mask=mask))
   elif name == "adam":
     if wd:
       chain.append(optax.add_decayed_weights(wd, mask=mask))
-    chain.append(optax.adam(per_update, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999)))
+    chain.append(optax.adam(per_update, b1=cfg["b1"], b2=cfg["b2"]))
   elif name == "sgd":
     if wd:
       chain.append(optax.add_decayed_weights(wd, mask=mask))
-    chain.append(optax.sgd(per_update, momentum=cfg.get("momentum", 0.9), nesterov=True))
+    chain.append(optax.sgd(per_update, momentum=cfg["momentum"], nesterov=True))
   else:
     raise ValueError(
         f"config.optimizer.name={name!r}: expected 'adamw', 'adam' or 'sgd'.")
   tx = optax.chain(*chain)
-  if cfg.get("frozen"):
-    frozen = re.compile(cfg.frozen)
+  if cfg["frozen"]:
+    frozen = re.compile(cfg["frozen"])
     labels = lambda params: _mask(
         params, lambda name, _: "frozen" if frozen.search(name) else "train")
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

@@ -60,14 +60,25 @@ def flat(task: str, tree):
   return tree
 
 
+# Every `config.memory` field and its default (`config_lib.resolve` fills them in).
+MEMORY_DEFAULTS = {"size": 0, "start_step": 0, "adapt": "none", "adapt_hparams": {},
+                   "terms": "joint", "weight": 1.0}
+
+
+def memory_settings(config) -> dict:
+  """`config.memory` over MEMORY_DEFAULTS."""
+  cfg = config.get("memory", None) or {}
+  return {**MEMORY_DEFAULTS, **(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))}
+
+
 def uses_memory(config) -> bool:
-  return "memory" in config and int(config.memory.get("size", 0)) > 0
+  return int(memory_settings(config)["size"]) > 0
 
 
 def init_memory(config, dim: int) -> dict:
   if not uses_memory(config):
     return {}
-  return memory_lib.init(int(config.memory.size), dim)
+  return memory_lib.init(int(memory_settings(config)["size"]), dim)
 
 
 def progress(config, step):
@@ -172,20 +183,20 @@ def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, bat
   `memory.start_step` the memory slots are masked out rather than skipped,
   so the step compiles once and its shapes never change.
   """
-  cfg = config.memory
-  terms = cfg.get("terms", "joint")
+  cfg = memory_settings(config)
+  terms = cfg["terms"]
   if terms not in MEMORY_TERMS:
     raise ValueError(f"config.memory.terms={terms!r}: expected one of {MEMORY_TERMS} "
                      "(see jaxdml.tasks._memory_loss).")
-  adapt_hparams = dict(cfg.get("adapt_hparams", None) or {})
-  method = cfg.get("adapt", "none")
+  adapt_hparams = dict(cfg["adapt_hparams"] or {})
+  method = cfg["adapt"]
   diagnostics = {}
   if method == "kalman":  # Logged: does the filter's noise model fit training?
     nis = memory_lib.kalman_innovations(memory, batch_keys, **adapt_hparams)
     diagnostics = {f"memory/kalman_nis_{k}": v for k, v in nis.items()}
   adapted, adapted_memory = memory_lib.adapt(memory, batch_keys, method=method, **adapt_hparams)
   batch_size = embeddings.shape[0]
-  active = step >= int(cfg.get("start_step", 0))
+  active = step >= int(cfg["start_step"])
   keys = jax.lax.stop_gradient(batch_keys)
   if terms == "xbm":
     loss, aux = loss_fn(embeddings=embeddings, labels=labels, **hparams)
@@ -196,7 +207,7 @@ def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, bat
            **{f"memory/{k}": v for k, v in memory_aux.items()}}
     enqueued = memory_lib.enqueue(adapted_memory, keys, labels)
     memory = jax.tree.map(lambda new, old: jnp.where(active, new, old), enqueued, adapted_memory)
-    return loss + float(cfg.get("weight", 1.0)) * memory_loss, {**aux, **diagnostics}, memory
+    return loss + float(cfg["weight"]) * memory_loss, {**aux, **diagnostics}, memory
   ref = memory_lib.reference_set(adapted_memory, adapted, batch_keys, labels)
   ref_valid = ref["ref_valid"].at[batch_size:].set(ref["ref_valid"][batch_size:] & active)
   loss, aux = loss_fn(embeddings=embeddings, labels=labels,

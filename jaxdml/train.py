@@ -93,7 +93,7 @@ def _summarise(pending: list[tuple[int, dict]]) -> dict:
 
 def _make_evaluator(parts: build_lib.Parts, workdir):
   config = parts.config
-  if config.eval is None or not config.eval.get("enabled", True):
+  if config.eval is None or not config.eval.enabled:
     return None
   from jaxdml.retrieval import evaluator  # pylint: disable=g-import-not-at-top
   teacher = parts.teacher

@@ -85,8 +85,18 @@ def test_resolve_fills_defaults_and_keeps_what_the_recipe_set():
   assert "log_every" not in config  # the caller's config is left as it was
   recipe = load_config("sop_xbn.py", "demo,adapt=kalman")
   resolved = config_lib.resolve(recipe)
-  flat = lambda c: {k: v for k, v in c.to_dict().items()}
-  assert all(flat(resolved)[k] == v for k, v in flat(recipe).items())
+  given, got = _leaves(recipe.to_dict()), _leaves(resolved.to_dict())
+  assert given and all(got[k] == v for k, v in given.items())
+  assert got["optimizer/b1"] == 0.9 and got["eval/protocols"] is None
+
+
+def _leaves(tree, prefix=""):
+  if not isinstance(tree, dict) or not tree:
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_leaves(v, f"{prefix}/{k}" if prefix else k))
+  return out
 
 
 def test_print_config_prints_the_resolved_config_without_a_workdir():

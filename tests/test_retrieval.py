@@ -9,7 +9,7 @@ import pytest
 
 from jaxdml import retrieval
 from jaxdml.retrieval import exact, picture, scann_backend
-from jaxdml.retrieval.bench_search import make_clustered
+from benchmarks.search import make_clustered
 
 faiss = pytest.importorskip("faiss")
 accuracy_calculator = pytest.importorskip(

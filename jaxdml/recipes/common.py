@@ -85,55 +85,68 @@ def use_xbm_loss(c: ml_collections.ConfigDict) -> None:
   c.memory.weight = 1.0
 
 
+SMOKE_CADENCE = {"batch_size": 8, "total_steps": 2, "log_every": 1, "eval_every": 0,
+                 "checkpoint_every": 2, "eval.batch_size": 16}
+
+
 def smoke_cadence(c: ml_collections.ConfigDict) -> None:
   """Two steps of batch 8, logged each step, checkpointed at the end."""
-  c.batch_size = 8
-  c.total_steps = 2
-  c.log_every = 1
-  c.eval_every = 0
-  c.checkpoint_every = 2
-  c.eval.batch_size = 16
+  apply_overlay(c, SMOKE_CADENCE)
 
 
-def on_embedded_data(c: ml_collections.ConfigDict, *, smoke: bool) -> None:
-  """Moves a recipe onto the embedded synthetic set (photos, category labels).
+def apply_overlay(c: ml_collections.ConfigDict, overlay: dict) -> ml_collections.ConfigDict:
+  """Sets each `"a.b.c": value` of `overlay` on `c` (what `:smoke`/`:demo` do)."""
+  for path, value in overlay.items():
+    *parents, leaf = path.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def embedded_overlay(c: ml_collections.ConfigDict, *, smoke: bool) -> dict:
+  """The fields `:smoke` or `:demo` change to move a recipe onto the
+  embedded synthetic set (photos, category labels).
 
   `smoke`: a tiny network for tests (seconds). Otherwise `demo` size: a small
   real CNN at 64 px that learns in minutes on a CPU. Memory sizes and start
   steps shrink with the run; the ratios of the paper's settings are kept
   where they matter (memory several times the batch).
   """
-  c.data.name = "synthetic_sketchy"
-  # Category retrieval on a few hundred photos overfits without augmentation.
-  c.data.augment.scale = (0.5, 1.0)
-  c.eval.backend = "exact"
-  c.eval.ks = (1, 2, 4, 8)
+  overlay = {
+      "data.name": "synthetic_sketchy",
+      # Category retrieval on a few hundred photos overfits without augmentation.
+      "data.augment.scale": (0.5, 1.0),
+      "eval.backend": "exact",
+      "eval.ks": (1, 2, 4, 8),
+  }
   if smoke:
-    c.model.name = "resnet_tiny"
-    c.model.embed_dim = 16
-    c.data.image_size = 32
-    c.data.synthetic = dict(num_categories=4, photos_per_category=6,
-                            sketches_per_photo=1, test_photos_per_category=2,
-                            image_size=32)
-    c.data.m_per_class = 2
-    smoke_cadence(c)
+    overlay.update({
+        "model.name": "resnet_tiny", "model.embed_dim": 16, "data.image_size": 32,
+        "data.synthetic": dict(num_categories=4, photos_per_category=6, sketches_per_photo=1,
+                               test_photos_per_category=2, image_size=32),
+        "data.m_per_class": 2, **SMOKE_CADENCE})
     if c.memory.size:
-      c.memory.size, c.memory.start_step = 24, 1
-  else:
-    c.model.name = "resnet_small"
-    c.data.image_size = 64
-    # SOP-like: many classes of ~4 images (a photo and its 3 sketches).
-    c.data.single_labels = "instance"
-    c.data.synthetic = dict(num_categories=16, photos_per_category=24,
-                            sketches_per_photo=3, test_photos_per_category=6,
-                            image_size=64)
-    # From scratch, not fine-tuning a pretrained network: a larger step.
-    c.optimizer.lr = 1e-3
-    c.batch_size = 16
-    c.total_steps = 300
-    c.log_every = 25
-    c.eval_every = 150
-    c.checkpoint_every = 150
-    c.eval.batch_size = 128
-    if c.memory.size:
-      c.memory.size, c.memory.start_step = 256, 50
+      overlay.update({"memory.size": 24, "memory.start_step": 1})
+    return overlay
+  overlay.update({
+      "model.name": "resnet_small", "data.image_size": 64,
+      # SOP-like: many classes of ~4 images (a photo and its 3 sketches).
+      "data.single_labels": "instance",
+      "data.synthetic": dict(num_categories=16, photos_per_category=24, sketches_per_photo=3,
+                             test_photos_per_category=6, image_size=64),
+      # From scratch, not fine-tuning a pretrained network: a larger step.
+      "optimizer.lr": 1e-3, "batch_size": 16, "total_steps": 300, "log_every": 25,
+      "eval_every": 150, "checkpoint_every": 150, "eval.batch_size": 128})
+  if c.memory.size:
+    overlay.update({"memory.size": 256, "memory.start_step": 50})
+  return overlay
+
+
+def on_embedded_data(c: ml_collections.ConfigDict, *, smoke: bool,
+                     recipe: dict | None = None) -> ml_collections.ConfigDict:
+  """Applies the embedded-data overlay, with the recipe's own fields for that
+  size (`recipe`, same `"a.b": value` form) merged in: the last edit of the
+  config, each field set once."""
+  return apply_overlay(c, {**embedded_overlay(c, smoke=smoke), **(recipe or {})})

@@ -50,10 +50,8 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
   if memory_fraction < 1.0:
     c.teacher = teacher.teacher_config("momentum", momentum=0.999, feeds_memory=True)
   if arg.smoke or arg.demo:
-    on_embedded_data(c, smoke=arg.smoke)
-    c.model.name = "vit_tiny" if arg.smoke else "vit_small_demo"
-    c.model.embed_dim = None
-    c.data.augment.scale = (0.5, 1.0)
-    c.data.augment.ratio = (3 / 4, 4 / 3)
-    c.memory.start_step = 0
+    # A ViT of the size, a free aspect ratio, the memory used from the start.
+    on_embedded_data(c, smoke=arg.smoke, recipe={
+        "model.name": "vit_tiny" if arg.smoke else "vit_small_demo", "model.embed_dim": None,
+        "data.augment.ratio": (3 / 4, 4 / 3), "memory.start_step": 0})
   return c

@@ -45,17 +45,15 @@ def obdsd(dataset: str, arg) -> ml_collections.ConfigDict:
   c.batch_size = 112
   c.data.m_per_class = 2
   c.memory.size = 0
-  epoch_steps = DATASETS[dataset]["train_images"] // c.batch_size
-  c.total_steps = epochs * epoch_steps
-  if arg.smoke or arg.demo:
-    on_embedded_data(c, smoke=arg.smoke)
-    c.model.frozen_bn = False  # from scratch: BN learns its statistics
-    c.data.m_per_class = 2
-    # Short "epochs" so the teacher is refreshed and the ramp climbs within
-    # the run: 6 epochs of 50 steps (demo), 2 of 1 step (smoke).
-    epoch_steps = 1 if arg.smoke else 50
-  c.epoch_steps = epoch_steps
+  c.epoch_steps = DATASETS[dataset]["train_images"] // c.batch_size
+  c.total_steps = epochs * c.epoch_steps
   if arg.distill:
     c.teacher = teacher.teacher_config("previous_epoch")
     c.terms.obd_sd = dict(weight=1.0, tau=1.0, tau_d=tau_d, omega=omega, lambda_=lambda_)
+  if arg.smoke or arg.demo:
+    # From scratch BN learns its statistics; short "epochs" so the teacher is
+    # refreshed and the ramp climbs within the run: 6 epochs of 50 steps
+    # (demo), 2 of 1 step (smoke).
+    on_embedded_data(c, smoke=arg.smoke, recipe={
+        "model.frozen_bn": False, "epoch_steps": 1 if arg.smoke else 50})
   return c

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxdml import config_lib, teacher
-from jaxdml.recipes.common import on_embedded_data, single_task
+from jaxdml.recipes.common import embedded_overlay, on_embedded_data, single_task
 
 # data set -> (lr, lambda1, lambda2), the paper's tuned values.
 HPARAMS = {
@@ -41,12 +41,11 @@ def _common(dataset: str, arg) -> ml_collections.ConfigDict:
   return c
 
 
-def _embedded(c: ml_collections.ConfigDict, smoke: bool) -> None:
-  on_embedded_data(c, smoke=smoke)
+def _embedded(c: ml_collections.ConfigDict, smoke: bool, recipe: dict) -> None:
   # From scratch, BatchNorm must learn its statistics: only a pretrained
   # backbone has statistics worth freezing.
-  c.model.frozen_bn = False
-  c.data.augment.color_jitter = None
+  on_embedded_data(c, smoke=smoke, recipe={
+      "model.frozen_bn": False, "data.augment.color_jitter": None, **recipe})
 
 
 def raml_teacher(dataset: str, arg) -> ml_collections.ConfigDict:
@@ -66,15 +65,14 @@ def raml_teacher(dataset: str, arg) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       name="triplet", margin=0.7, distance="squared_euclidean", mining="hard"))
   if arg.smoke or arg.demo:
-    _embedded(c, arg.smoke)
     # From scratch, hardest-negative triplets collapse the embeddings into a
     # narrow cone (mean pairwise cosine 0.99, R@1 still 54 %), where RAML's
     # absolute term is met by any student pointing the same way. A pretrained
     # backbone does not start there; the demo teacher uses the XBM recipe's
     # contrastive loss instead.
-    c.loss = ml_collections.ConfigDict(dict(name="contrastive", distance="cosine",
-                                            pos_margin=1.0, neg_margin=0.5,
-                                            reduction="per_anchor_sum"))
+    _embedded(c, arg.smoke, {"loss": ml_collections.ConfigDict(dict(
+        name="contrastive", distance="cosine", pos_margin=1.0, neg_margin=0.5,
+        reduction="per_anchor_sum"))})
   return c
 
 
@@ -106,12 +104,10 @@ def raml(dataset: str, arg) -> ml_collections.ConfigDict:
   c.teacher = teacher.teacher_config("frozen", images="image_hi", recipe=recipe)
   c.eval.asymmetric = True
   if size:
-    _embedded(c, arg.smoke)
-    hi = c.data.image_size  # the teacher's size on the embedded data
+    # The student at half the teacher's size on the embedded data.
+    hi = embedded_overlay(c, smoke=arg.smoke)["data.image_size"]
     views = 2 if arg.smoke else 4
-    c.data.image_size = hi // 2
-    c.data.views = dict(num=views, hi=hi, lo=hi // 2, mixup=0.2)
-    c.terms.raml.views_per_image = views
-    c.optimizer.accumulate_steps = 1
-    c.batch_size = 8
+    _embedded(c, arg.smoke, {
+        "data.image_size": hi // 2, "data.views": dict(num=views, hi=hi, lo=hi // 2, mixup=0.2),
+        "terms.raml.views_per_image": views, "optimizer.accumulate_steps": 1, "batch_size": 8})
   return c

@@ -57,6 +57,14 @@ PROTOCOLS = {
 }
 
 
+# Every `config.eval` field and its default (`config_lib.resolve` fills them in).
+DEFAULTS = {
+    "enabled": True, "protocols": None, "every": {}, "asymmetric": False,
+    "ks": (1, 5, 10), "backend": "exact", "similarity": "cosine", "scann_config": None,
+    "batch_size": 256, "picture": True,
+}
+
+
 def register(name: str, protocol: Protocol) -> None:
   if name in PROTOCOLS:
     raise ValueError(f"evaluation protocol {name!r} is already registered.")
@@ -66,7 +74,7 @@ def register(name: str, protocol: Protocol) -> None:
 def default_protocols(config, has_gallery: bool) -> tuple:
   """The data's own protocol, plus `asymmetric` when `eval.asymmetric`."""
   own = "sbir" if config.task == "sbir" else "query_gallery" if has_gallery else "same_set"
-  return (own,) + (("asymmetric",) if config.eval.get("asymmetric", False) else ())
+  return (own,) + (("asymmetric",) if config.eval.get("asymmetric") else ())
 
 
 def embed_all(embed_fn, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
@@ -121,10 +129,9 @@ class Evaluator:
 
   @classmethod
   def from_config(cls, config, mesh, workdir, *, has_teacher=False, teacher_image_size=None):
-    cfg = config.eval
+    cfg = {**DEFAULTS, **config.eval.to_dict()}
     sets = data_lib.eval_sets(config.data, task=config.task)
-    protocols = tuple(cfg.get("protocols", None) or
-                      default_protocols(config, sets["gallery"] is not None))
+    protocols = tuple(cfg["protocols"] or default_protocols(config, sets["gallery"] is not None))
     teacher_gallery = None
     if "asymmetric" in protocols:
       if not has_teacher or config.task != "single":
@@ -132,16 +139,11 @@ class Evaluator:
                          "with a config.teacher (the database is the teacher's).")
       hi = data_lib.eval_sets(config.data, task="single", image_size=teacher_image_size)
       teacher_gallery = hi["gallery"] or hi["query"]
-    scann_config = cfg.get("scann_config", None)
-    every = cfg.get("every", None)
     return cls(query=sets["query"], gallery=sets["gallery"], mesh=mesh,
-               protocols=protocols, every=every.to_dict() if hasattr(every, "to_dict") else every,
-               teacher_gallery=teacher_gallery,
-               ks=cfg.get("ks", (1, 5, 10)), backend=cfg.get("backend", "exact"),
-               similarity=cfg.get("similarity", "cosine"),
-               scann_config=scann_config.to_dict() if scann_config else None,
-               batch_size=cfg.get("batch_size", 256), workdir=workdir,
-               picture=cfg.get("picture", True))
+               protocols=protocols, every=cfg["every"], teacher_gallery=teacher_gallery,
+               ks=cfg["ks"], backend=cfg["backend"], similarity=cfg["similarity"],
+               scann_config=cfg["scann_config"], batch_size=cfg["batch_size"],
+               workdir=workdir, picture=cfg["picture"])
 
   def due(self, step: int, total: int, default_every: int) -> tuple:
     """The protocols to run at `step`: each at its cadence, all at the end."""

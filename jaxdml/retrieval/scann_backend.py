@@ -6,7 +6,7 @@ a k-means tree with ~sqrt(N) leaves, asymmetric hashing (2 dims per 4-bit
 code, anisotropic threshold 0.2 for inner products, codebooks trained on
 25k samples) and exact re-scoring of the best ``reorder_k`` = max(4k, 100)
 candidates. ``num_leaves_to_search`` is a fifth of the leaves: our choice,
-measured on SOP-sized clustered synthetic data (``bench_search``): a fifth
+measured on SOP-sized clustered synthetic data (``benchmarks/search.py``): a fifth
 stays ~0.1 points from exact recall@1, a tenth ~0.2, 4% loses ~6 points
 (ScaNN's GloVe example searches 0.5% of the leaves).
 """

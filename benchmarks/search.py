@@ -1,7 +1,7 @@
 r"""Times leave-one-out retrieval on SOP-sized synthetic embeddings.
 
-  python -m jaxdml.retrieval.bench_search                 # 60,502 x 512
-  python -m jaxdml.retrieval.bench_search --num=50000 --dim=128 \
+  python benchmarks/search.py                 # 60,502 x 512
+  python benchmarks/search.py --num=50000 --dim=128 \
       --backends=exact,scann
 
 Prints one JSON line per backend: wall seconds for search plus metrics, and
