@@ -26,10 +26,14 @@ def _shift_distill(*, embeddings, labels, teacher_embeddings, progress, offset=0
   return value, {"gap_norm": jnp.linalg.norm(embeddings - teacher_embeddings)}
 
 
-losses.register("test_shift_distill", _shift_distill, consumes=("teacher", "progress"))
+@pytest.fixture
+def shift_distill(monkeypatch):
+  """Registered for one test: the registry is global, other tests list it."""
+  monkeypatch.setattr(losses, "_REGISTRY", dict(losses._REGISTRY))
+  losses.register("test_shift_distill", _shift_distill, consumes=("teacher", "progress"))
 
 
-def test_a_registered_term_gets_what_it_consumes_and_is_logged_under_its_name():
+def test_a_registered_term_gets_what_it_consumes_and_is_logged_under_its_name(shift_distill):
   config = load_config("cub_obdsd.py", "smoke,distill=False")
   config.terms = ml_collections.ConfigDict(
       {"mine": dict(loss="test_shift_distill", weight=2.0, offset=0.5)})

@@ -135,7 +135,6 @@ def test_asymmetric_evaluation_equals_symmetric_when_the_teacher_is_the_student(
 
 
 
-@teacher.register("test_centred_ema")
 class CentredEma(teacher.Teacher):
   """A DINO-style kind from outside the package: an EMA of the student whose
   outputs are centred by a running mean it keeps in its own state."""
@@ -164,7 +163,10 @@ class CentredEma(teacher.Teacher):
             "center": c * subtree["center"] + (1 - c) * jnp.mean(uncentred, 0)}
 
 
-def test_a_new_teacher_kind_with_its_own_state_needs_no_change_elsewhere(tmp_path):
+def test_a_new_teacher_kind_with_its_own_state_needs_no_change_elsewhere(tmp_path, monkeypatch):
+  # Registered for this test only: other tests list the kinds.
+  monkeypatch.setattr(teacher, "_KINDS", dict(teacher._KINDS))
+  teacher.register("test_centred_ema")(CentredEma)
   config = load_config("cub_obdsd.py")
   config.teacher = teacher.teacher_config("test_centred_ema", center_momentum=0.0)
   config.eval.enabled = False
