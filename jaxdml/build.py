@@ -9,8 +9,10 @@ all start here, so there is one copy of the set-up and one embed function
 per tower (`tasks.towers` says which model method each tower is).
 
 The train state is one dict pytree: `params`, `batch_stats`, `opt`, `step`,
-`rng`, `memory` (cross-batch memory, `{}` when unused) and `teacher` (the
-teacher kind's own subtree, `{}` when unused). Its shapes come from
+`rng`, `memory` (cross-batch memory, `{}` when unused), `teacher` (the
+teacher kind's own subtree, `{}` when unused) and, only when a loss has
+learnable parameters, `loss_params` (by `tasks.learnable` key; the
+optimizer then updates `trainable(state)`, params and loss params). Its shapes come from
 `jax.eval_shape(init)`, its shardings from `jaxdml.sharding`, and
 `jax.jit(init, out_shardings=...)` creates it already laid out on the mesh.
 """
@@ -24,7 +26,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdml import config_lib, data as data_lib, models, optim, pretrained, sharding, tasks
+from jaxdml import config_lib, data as data_lib, losses, models, optim, pretrained, sharding
+from jaxdml import tasks
 from jaxdml import teacher as teacher_lib
 
 
@@ -123,20 +126,44 @@ def embedding_dim(model, config) -> int:
   return int(out.shape[-1])
 
 
+def trainable(state: dict):
+  """What the optimizer updates: the encoder's params, with the losses'
+  learnable parameters beside them when the config has any (only then, so
+  states without them keep their layout)."""
+  if "loss_params" in state:
+    return {"params": state["params"], "loss_params": state["loss_params"]}
+  return state["params"]
+
+
+def with_trainable(state: dict, tree) -> dict:
+  """`state` with `trainable(state)` replaced by `tree`."""
+  if "loss_params" in state:
+    return dict(state, params=tree["params"], loss_params=tree["loss_params"])
+  return dict(state, params=tree)
+
+
 def _init_fn(config, model, teacher, tx):
+  learnable = tasks.learnable(config)
+  num_classes = (data_lib.num_classes(config.data, task=config.task) if learnable else 0)
+
   def init(rng):
-    params_rng, run_rng = jax.random.split(rng)
+    params_rng, run_rng, loss_rng = jax.random.split(rng, 3)
     variables = model.init(params_rng, *dummy_inputs(config), train=False)
+    dim = embedding_dim(model, config) if learnable or tasks.uses_memory(config) else 0
     state = {
         "params": variables["params"],
         "batch_stats": variables.get("batch_stats", {}),
-        "opt": tx.init(variables["params"]),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(run_rng),
-        "memory": tasks.init_memory(
-            config, embedding_dim(model, config) if tasks.uses_memory(config) else 0),
+        "memory": tasks.init_memory(config, dim),
         "teacher": {},
     }
+    if learnable:
+      keys = jax.random.split(loss_rng, len(learnable))
+      state["loss_params"] = {
+          key: losses.init_params(name, k, num_classes=num_classes, dim=dim, **hparams)
+          for (key, name, hparams), k in zip(learnable, keys)}
+    state["opt"] = tx.init(trainable(state))
     if teacher is not None:
       state["teacher"] = teacher.init(model_variables(state),
                                       dummy_inputs(config, teacher.image_size()))

@@ -109,8 +109,24 @@ def terms(config) -> list[tuple[str, str, dict, float]]:
   return found
 
 
+# The key of `config.loss`'s learnable parameters in `state["loss_params"]`
+# (terms' parameters are under their term names).
+RANKING_LOSS = "loss"
+
+
+def learnable(config) -> list[tuple[str, str, dict]]:
+  """`(key in state["loss_params"], loss name, hparams)` of every loss of
+  the config that has learnable parameters."""
+  found = []
+  if config.get("loss", None) is not None:
+    name, hparams = loss_hparams(config.loss)
+    found.append((RANKING_LOSS, name, hparams))
+  found += [(term, name, hparams) for term, name, hparams, _ in terms(config)]
+  return [(key, name, hp) for key, name, hp in found if "params" in losses.consumes(name)]
+
+
 def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outputs=None,
-                 memory_keys=None):
+                 memory_keys=None, loss_params=None):
   """Returns `(loss, aux, new_memory)` for the model outputs of one batch.
 
   The ranking loss (`config.loss`, may be None) plus every weighted term of
@@ -120,7 +136,8 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outpu
   Terms see every row of the batch (both towers for SBIR) and are logged
   as `distill/NAME` (they consume the teacher) or `reg/NAME`.
   `memory_keys`: what the batch enqueues in the cross-batch memory, when not
-  its own embeddings (a teacher that feeds the memory).
+  its own embeddings (a teacher that feeds the memory). `loss_params`: the
+  learnable parameters of the losses that have them, by `learnable` key.
   """
   names = [n for _, n, _, _ in terms(config)]
   if config.get("loss", None) is not None:
@@ -128,11 +145,12 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outpu
   consumed = set().union(*(losses.consumes(n) for n in names))
   available = {"teacher": teacher_outputs,
                "progress": progress(config, step) if "progress" in consumed else None}
+  params_of = lambda key: dict(available, params=(loss_params or {}).get(key))
   labels = batch["label"]
   loss, aux = jnp.zeros((), jnp.float32), {}
   if config.get("loss", None) is not None:
     name, hparams = loss_hparams(config.loss)
-    hparams.update(losses.inputs_for(name, available))
+    hparams.update(losses.inputs_for(name, params_of(RANKING_LOSS)))
     loss_fn = losses.get(name)
     if config.task == "sbir":
       loss, aux = loss_fn(embeddings=outputs["query"], labels=labels,
@@ -150,10 +168,9 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outpu
   if uses_memory(config) and config.task != "sbir":
     aux["memory_fill"] = jnp.mean(memory["valid"].astype(jnp.float32))
   all_labels = jnp.concatenate([labels, labels]) if config.task == "sbir" else labels
-  flat_available = dict(available, teacher=None if teacher_outputs is None
-                        else flat(config.task, teacher_outputs))
+  flat_teacher = None if teacher_outputs is None else flat(config.task, teacher_outputs)
   for term, name, hparams, weight in terms(config):
-    hparams.update(losses.inputs_for(name, flat_available))
+    hparams.update(losses.inputs_for(name, dict(params_of(term), teacher=flat_teacher)))
     value, term_aux = losses.get(name)(embeddings=flat(config.task, outputs),
                                        labels=all_labels, **hparams)
     prefix = "distill" if "teacher" in losses.consumes(name) else "reg"

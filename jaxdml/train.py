@@ -40,21 +40,23 @@ def make_train_step(parts: build_lib.Parts):
         state["teacher"], tasks.model_inputs(task, batch, teacher.images))
     memory_keys = teacher_out if teacher is not None and teacher.feeds_memory else None
 
-    def loss_fn(params):
-      variables = build_lib.model_variables(dict(state, params=params))
+    def loss_fn(trained):
+      current = build_lib.with_trainable(state, trained)
       (outputs, _), updates = model.apply(
-          variables, *tasks.model_inputs(task, batch), train=True,
+          build_lib.model_variables(current), *tasks.model_inputs(task, batch), train=True,
           mutable=["batch_stats"] if has_bn else [], rngs={"dropout": rng})
       loss, aux, memory = tasks.compute_loss(config, outputs, batch, state["memory"],
-                                             state["step"], teacher_out, memory_keys)
+                                             state["step"], teacher_out, memory_keys,
+                                             current.get("loss_params"))
       return loss, (aux, updates.get("batch_stats", {}), memory)
 
+    trained = build_lib.trainable(state)
     (loss, (aux, batch_stats, memory)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
+        loss_fn, has_aux=True)(trained)
+    updates, opt = tx.update(grads, state["opt"], trained)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updated = dict(state, params=optax.apply_updates(state["params"], updates),
+    updated = dict(build_lib.with_trainable(state, optax.apply_updates(trained, updates)),
                    opt=opt, batch_stats=batch_stats, memory=memory)
     if teacher is not None:
       updated["teacher"] = teacher.update(state["teacher"], build_lib.model_variables(updated),

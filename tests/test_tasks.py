@@ -88,3 +88,31 @@ def test_towers_are_the_one_sbir_map():
   np.testing.assert_array_equal(tasks.flat("sbir", tree), jnp.concatenate([tree["query"],
                                                                            tree["gallery"]]))
   jax.tree.map(np.testing.assert_array_equal, tasks.flat("single", tree), tree)
+
+
+def _table_distance(*, embeddings, labels, loss_params):
+  """Mean squared distance to the own class's row of a learnable table."""
+  return jnp.mean(jnp.sum(jnp.square(embeddings - loss_params["table"][labels]), -1)), {}
+
+
+def test_learnable_parameters_are_made_by_init_params_and_passed_by_term(monkeypatch):
+  monkeypatch.setattr(losses, "_REGISTRY", dict(losses._REGISTRY))
+  with pytest.raises(ValueError, match="gives init_params"):
+    losses.register("test_table", _table_distance, consumes=("params",))
+  losses.register("test_table", _table_distance, consumes=("params",),
+                  init_params=lambda rng, *, num_classes, dim, offset=0.0: {
+                      "table": jnp.full((num_classes, dim), offset)})
+  table = losses.init_params("test_table", jax.random.key(0), num_classes=5, dim=3, offset=2.0)
+  np.testing.assert_array_equal(table["table"], np.full((5, 3), 2.0))
+  with pytest.raises(ValueError, match="'triplet' has no learnable parameters"):
+    losses.init_params("triplet", jax.random.key(0), num_classes=5, dim=3)
+  config = load_config("cub_obdsd.py", "smoke,distill=False")
+  config.terms = ml_collections.ConfigDict({"centres": dict(loss="test_table", weight=0.5)})
+  assert tasks.learnable(config) == [("centres", "test_table", {})]
+  e, labels = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+  params = {"centres": {"table": jnp.array([[1.0, 1, 1], [0, 0, 0]])}}
+  _, aux, _ = tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0),
+                                 loss_params=params)
+  np.testing.assert_allclose(aux["reg/centres"], 1.5)  # rows of class 1 are 3 away
+  with pytest.raises(ValueError, match="consumes 'params'"):
+    tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))

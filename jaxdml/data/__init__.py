@@ -16,9 +16,10 @@ from jaxdml.data.augment import STD
 from jaxdml.data.pipeline import default_data_config
 from jaxdml.data.pipeline import eval_sets
 from jaxdml.data.pipeline import LazyImages
+from jaxdml.data.pipeline import num_classes
 from jaxdml.data.pipeline import train_batches
 
 __all__ = [
     "MEAN", "STD", "normalize", "default_data_config", "train_batches", "eval_sets",
-    "LazyImages", "augment", "samplers", "sources", "synthetic",
+    "LazyImages", "num_classes", "augment", "samplers", "sources", "synthetic",
 ]

@@ -78,6 +78,15 @@ def _single_split(data_config, splits):
   return splits["train"], splits["train"].field("label")
 
 
+def num_classes(data_config, *, task: str) -> int:
+  """Classes of the training labels (largest label + 1): the rows a loss with
+  one learnable vector per class (a proxy table) needs."""
+  if task != "single":
+    raise ValueError(f"learnable per-class loss parameters need task 'single', not {task!r}.")
+  _, labels = _single_split(data_config, _open(data_config))
+  return int(np.max(labels)) + 1
+
+
 def _sketch_photo_single(data_config, splits, split):
   """(source, label field) of a sketch/photo set used by one encoder."""
   labels = _get(data_config, "single_labels", "category")

@@ -69,6 +69,7 @@ INPUTS = {
     "teacher": "teacher_embeddings",  # the teacher's outputs on the same batch
     "progress": "progress",  # training progress in [0, 1] (jaxdml.tasks.progress)
     "reference_set": None,  # ref_embeddings, ref_labels, ref_valid, ref_self_index
+    "params": "loss_params",  # the loss's learnable parameters (init_params), trained
 }
 
 
@@ -76,6 +77,7 @@ INPUTS = {
 class Registered:
   fn: Callable
   consumes: frozenset
+  init_params: Callable | None = None
 
 
 _REGISTRY: dict[str, Registered] = {}
@@ -124,12 +126,24 @@ def inputs_for(name, available: dict) -> dict:
   return kwargs
 
 
-def register(name, fn, *, consumes=("reference_set",)):  # pylint: disable=redefined-outer-name
+def init_params(name, rng, *, num_classes: int, dim: int, **hparams):
+  """The learnable parameters of loss `name` (a pytree) for `num_classes`
+  classes of `dim`-wide embeddings; `hparams` are the loss's own."""
+  entry = _entry(name)
+  if entry.init_params is None:
+    raise ValueError(f"loss {name!r} has no learnable parameters.")
+  return entry.init_params(rng, num_classes=int(num_classes), dim=int(dim), **hparams)
+
+
+def register(name, fn, *, consumes=("reference_set",), init_params=None):  # pylint: disable=redefined-outer-name
   """Adds `fn` under `name`; `consumes` lists the keys of INPUTS it takes.
 
   A distillation loss says `consumes=("teacher",)` and is given
   `teacher_embeddings=`; a ranking loss that accepts `ref_*` arguments (and
-  so can work against the cross-batch memory) says "reference_set".
+  so can work against the cross-batch memory) says "reference_set". A loss
+  with learnable parameters says "params" and gives `init_params(rng, *,
+  num_classes, dim, **hparams) -> pytree`: the train state keeps them (under
+  `loss_params`, by term) and the optimizer trains them with the encoder.
   Re-registering a taken name is a ValueError.
   """
   if not callable(fn):
@@ -141,7 +155,10 @@ def register(name, fn, *, consumes=("reference_set",)):  # pylint: disable=redef
   if unknown:
     raise ValueError(f"register({name!r}, ...): consumes {sorted(unknown)} unknown; "
                      f"expected a subset of {sorted(INPUTS)}.")
-  _REGISTRY[name] = Registered(fn, frozenset(consumes))
+  if ("params" in consumes) != (init_params is not None):
+    raise ValueError(f"register({name!r}, ...): a loss that consumes 'params' gives "
+                     "init_params, and only such a loss.")
+  _REGISTRY[name] = Registered(fn, frozenset(consumes), init_params)
 
 
 for _name, _fn in (("triplet", triplet.triplet),
