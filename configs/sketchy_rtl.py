@@ -61,35 +61,29 @@ def get_config(arg=None):
       similarity="euclidean" if arg.embedding == "bn" else "cosine", picture=True))
   c.memory = ml_collections.ConfigDict(dict(size=0))
 
-  if arg.demo or arg.smoke:
-    c.data.name = "synthetic_sketchy"
-    c.data.image_size = 64
-    c.data.augment.random_resized_crop = False
-    c.eval.batch_size = 128
-  if arg.demo:
-    # A real small CNN pair, a few minutes on a 2-core CPU.
-    embed_dim = 128
-    head = dict(embed_dim=embed_dim, head_norm=arg.embedding, pooling="avg", dtype="float32")
-    c.model.query = dict(name="resnet_small", **head)
-    c.model.gallery = dict(name="resnet_small", **head)
-    c.batch_size = 48
-    c.total_steps = 400
-    c.log_every = 20
-    c.eval_every = 200
-    c.checkpoint_every = 200
-    c.optimizer.lr = 1e-3
-    c.optimizer.warmup_steps = 40
-  if arg.smoke:
-    embed_dim = 16
-    head = dict(embed_dim=embed_dim, head_norm=arg.embedding, pooling="avg", dtype="float32")
-    c.model.query = dict(name="resnet_tiny", **head)
-    c.model.gallery = dict(name="resnet_tiny", **head)
-    c.data.image_size = 32
-    c.data.synthetic = dict(num_categories=4, photos_per_category=6,
-                            sketches_per_photo=2, test_photos_per_category=2,
-                            image_size=32)
-    recipes.smoke_cadence(c)
-    c.optimizer.warmup_steps = 1
+  size = "smoke" if arg.smoke else "demo" if arg.demo else ""
+  if size:
+    # Embedded data and a small real CNN pair: a few minutes on a 2-core CPU
+    # (demo), seconds (smoke). One overlay, applied last.
+    embed_dim = 16 if arg.smoke else 128
+    tower = lambda: dict(name="resnet_tiny" if arg.smoke else "resnet_small",
+                         embed_dim=embed_dim, head_norm=arg.embedding, pooling="avg",
+                         dtype="float32")
+    overlay = {"data.name": "synthetic_sketchy", "data.augment.random_resized_crop": False,
+               "model.query": tower(), "model.gallery": tower()}
+    if arg.smoke:
+      overlay.update({
+          "data.image_size": 32,
+          "data.synthetic": dict(num_categories=4, photos_per_category=6,
+                                 sketches_per_photo=2, test_photos_per_category=2,
+                                 image_size=32),
+          **recipes.SMOKE_CADENCE, "optimizer.warmup_steps": 1})
+    else:
+      overlay.update({
+          "data.image_size": 64, "eval.batch_size": 128, "batch_size": 48,
+          "total_steps": 400, "log_every": 20, "eval_every": 200, "checkpoint_every": 200,
+          "optimizer.lr": 1e-3, "optimizer.warmup_steps": 40})
+    recipes.apply_overlay(c, overlay)
   # BN embeddings have unit variance per dimension: scale the margin with
   # sqrt(dim). L2 embeddings live on the unit sphere: the margin as is.
   if arg.embedding == "bn":

@@ -113,9 +113,7 @@ def dummy_inputs(config, size: int | None = None) -> tuple:
   """One fake image per model input, for `model.init`."""
   size = int(size or config.data.image_size)
   image = jnp.zeros((1, size, size, 3), jnp.uint8)
-  if config.task == "sbir":
-    return tasks.model_inputs("sbir", {"sketch": image, "photo": image})
-  return tasks.model_inputs("single", {"image": image})
+  return tasks.model_inputs(config.task, {"sketch": image, "photo": image, "image": image})
 
 
 def embedding_dim(model, config) -> int:

@@ -4,13 +4,13 @@
 onto the embedded data for `:smoke` and `:demo`); one module per paper
 builds its configs with the paper's hyperparameters (PAPERS.md).
 """
-from jaxdml.recipes.common import (DATASETS, apply_overlay, embedded_overlay, loop,
-                                   on_embedded_data, single_task, smoke_cadence)
+from jaxdml.recipes.common import (DATASETS, SMOKE_CADENCE, apply_overlay, embedded_overlay,
+                                   loop, on_embedded_data, single_task, smoke_cadence)
 from jaxdml.recipes.irt import irt
 from jaxdml.recipes.obdsd import obdsd
 from jaxdml.recipes.raml import raml, raml_teacher
 from jaxdml.recipes.xbn import xbn
 
-__all__ = ["DATASETS", "apply_overlay", "embedded_overlay", "loop", "on_embedded_data",
+__all__ = ["DATASETS", "SMOKE_CADENCE", "apply_overlay", "embedded_overlay", "loop", "on_embedded_data",
            "single_task", "smoke_cadence", "irt",
            "obdsd", "raml", "raml_teacher", "xbn"]
