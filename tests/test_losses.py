@@ -524,6 +524,13 @@ SHARD_CONFIGS = [
     ("embedding_distill", dict(mode="relational")),
     ("raml", dict(views_per_image=4)),
     ("obd_sd", dict(omega=0.5, lambda_=10.0)),
+    ("ntxent", {}),
+    ("supcon", {}),
+    ("proxy_anchor", {}),
+    ("proxy_nca", {}),
+    ("normalized_softmax", {}),
+    ("cosface", {}),
+    ("arcface", {}),
 ]
 
 
@@ -532,11 +539,10 @@ def _every_loss(batch):
   e, y, t = batch["embeddings"], batch["labels"], batch["teacher"]
   out = {}
   for i, (name, hp) in enumerate(SHARD_CONFIGS):
-    kw = dict(hp)
-    if name in ("embedding_distill", "raml", "obd_sd"):
-      kw["teacher_embeddings"] = t
-    if name == "obd_sd":
-      kw["progress"] = batch["progress"]  # traced
+    # What each loss consumes, as the train step offers it (losses.inputs_for).
+    kw = dict(hp, **losses.inputs_for(name, {
+        "teacher": t, "progress": batch["progress"],  # traced
+        "params": {"proxies": batch["proxies"]}}))
     out[f"{i}-{name}"] = jax.value_and_grad(
         lambda e: losses.get(name)(embeddings=e, labels=y, **kw)[0])(e)
   out["contrastive-memory"] = jax.value_and_grad(
@@ -562,6 +568,7 @@ def _fake_batch(seed, duplicates=False):
       "memory": rng.randn(24, 8).astype(np.float32),
       "memory_labels": rng.randint(0, 4, 24).astype(np.int32),
       "memory_valid": rng.rand(24) > 0.3,
+      "proxies": rng.randn(4, 8).astype(np.float32),
   }
 
 
@@ -610,7 +617,9 @@ def test_no_nan_gradients_with_duplicates():
 def test_registry():
   assert set(losses.names()) == {
       "triplet", "relative_triplet", "contrastive", "contrastive_koleo",
-      "multi_similarity", "koleo", "embedding_distill", "raml", "obd_sd"}
+      "multi_similarity", "koleo", "embedding_distill", "raml", "obd_sd",
+      "ntxent", "supcon", "proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
+      "arcface"}
   with pytest.raises(ValueError, match="triplet.*obd_sd|obd_sd.*triplet"):
     losses.get("tripletz")
   with pytest.raises(ValueError, match="already registered"):

@@ -9,6 +9,7 @@ import pytest
 
 from jaxdml import retrieval
 from jaxdml.retrieval import exact, picture, scann_backend
+from jaxdml.retrieval import metrics as metrics_lib
 from benchmarks.search import make_clustered
 
 faiss = pytest.importorskip("faiss")
@@ -18,7 +19,7 @@ inference = pytest.importorskip("pytorch_metric_learning.utils.inference")
 
 PML_NAMES = {"recall@1": "precision_at_1", "r_precision": "r_precision",
              "map@r": "mean_average_precision_at_r",
-             "map": "mean_average_precision"}
+             "map": "mean_average_precision", "mrr": "mean_reciprocal_rank"}
 
 
 def one_device_mesh():
@@ -31,7 +32,8 @@ def pml_metrics(q, ql, g=None, gl=None, *, similarity, full_map=False):
     q, g = exact.prepare(q, "cosine"), (None if g is None else
                                          exact.prepare(g, "cosine"))
   index = faiss.IndexFlatL2 if similarity == "euclidean" else faiss.IndexFlatIP
-  names = ["precision_at_1", "r_precision", "mean_average_precision_at_r"]
+  names = ["precision_at_1", "r_precision", "mean_average_precision_at_r",
+           "mean_reciprocal_rank"]
   if full_map:
     names = ["mean_average_precision"]
   calc = accuracy_calculator.AccuracyCalculator(
@@ -72,7 +74,7 @@ def test_same_set_matches_accuracy_calculator(data, similarity):
   x, y = DATA[data]()
   ours = retrieval.evaluate(x, y, ks=(1,), similarity=similarity)
   peer = pml_metrics(x, y, similarity=similarity)
-  for name in ("recall@1", "r_precision", "map@r"):
+  for name in ("recall@1", "r_precision", "map@r", "mrr"):
     assert ours[name] == pytest.approx(peer[PML_NAMES[name]], abs=1e-6), name
   assert 0.0 < ours["recall@1"] < 1.0 or data == "ties"
 
@@ -85,7 +87,7 @@ def test_query_gallery_matches_accuracy_calculator(data, similarity):
   gl[gl == ql[0]] = 10_000  # a query with no relevant item: left out
   ours = retrieval.evaluate(q, ql, g, gl, ks=(1, 4), similarity=similarity)
   peer = pml_metrics(q, ql, g, gl, similarity=similarity)
-  for name in ("recall@1", "r_precision", "map@r"):
+  for name in ("recall@1", "r_precision", "map@r", "mrr"):
     assert ours[name] == pytest.approx(peer[PML_NAMES[name]], abs=1e-6), name
 
 
@@ -131,10 +133,11 @@ def test_one_search_serves_two_label_sets():
       instance[idx], sketch_of, np.ones(180, int), ks=(1, 5))
   cat = retrieval.metrics_from_neighbors(
       category[idx], category[sketch_of], rel_cat, ks=(1, 5))
+  same = ("recall", "r_precision", "map@r")  # metrics_from_neighbors' defaults
   assert inst == pytest.approx(retrieval.evaluate(
-      sketches, sketch_of, photos, instance, ks=(1, 5)))
+      sketches, sketch_of, photos, instance, ks=(1, 5), metrics=same))
   assert cat == pytest.approx(retrieval.evaluate(
-      sketches, category[sketch_of], photos, category, ks=(1, 5)))
+      sketches, category[sketch_of], photos, category, ks=(1, 5), metrics=same))
   assert cat["recall@1"] >= inst["recall@1"]
 
 
@@ -299,3 +302,15 @@ def test_retrieval_grid(tmp_path):
   with pytest.raises(ValueError, match="must be uint8"):
     retrieval.save_retrieval_grid(tmp_path / "x.png", queries / 255.0,
                                   gallery, indices, hits)
+
+
+def test_mrr_known_values():
+  # Query 0: first hit at rank 2; query 1: rank 1; query 2: no hit in the
+  # depth given; query 3: no relevant item, left out.
+  nl = np.array([[0, 1, 1], [2, 0, 0], [0, 0, 4], [0, 0, 0]])
+  out = retrieval.metrics_from_neighbors(nl, np.array([1, 2, 4, 3]), np.array([2, 1, 1, 0]),
+                                         metrics=("mrr",))
+  assert out["mrr"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
+  values, _ = metrics_lib.per_query(nl, np.array([1, 2, 4, 3]), np.array([2, 1, 1, 0]), (1,),
+                                    ("mrr",), mrr_depth=2)
+  np.testing.assert_allclose(values["mrr"], [1 / 2, 1, 0, 0])

@@ -47,7 +47,10 @@ equation (each anchor's pair losses summed, the sums averaged), which the
 XBM/XBN and IRT recipes use.
 
 Registered names: triplet, relative_triplet, contrastive, contrastive_koleo,
-multi_similarity, koleo, embedding_distill, raml, obd_sd. See each function's
+multi_similarity, ntxent, supcon, koleo, embedding_distill, raml, obd_sd, and
+the losses with learnable class vectors (`loss_params["proxies"]`, made by
+`init_params`): proxy_anchor, proxy_nca, normalized_softmax, cosface,
+arcface (jaxdml.losses.proxies). See each function's
 docstring for its hyperparameters and the choices that are ours.
 """
 import dataclasses
@@ -60,7 +63,9 @@ from jaxdml.losses import distill
 from jaxdml.losses import koleo
 from jaxdml.losses import multi_similarity
 from jaxdml.losses import obd_sd
+from jaxdml.losses import proxies
 from jaxdml.losses import relative_triplet
+from jaxdml.losses import softmax_pairs
 from jaxdml.losses import triplet
 
 # What a loss consumes beyond `embeddings` and `labels`, and the keyword the
@@ -165,8 +170,16 @@ for _name, _fn in (("triplet", triplet.triplet),
                    ("relative_triplet", relative_triplet.relative_triplet),
                    ("contrastive", contrastive.contrastive),
                    ("contrastive_koleo", koleo.contrastive_koleo),
-                   ("multi_similarity", multi_similarity.multi_similarity)):
+                   ("multi_similarity", multi_similarity.multi_similarity),
+                   ("ntxent", softmax_pairs.ntxent), ("supcon", softmax_pairs.supcon)):
   register(_name, _fn)
+for _name, _fn, _init in (
+    ("proxy_anchor", proxies.proxy_anchor, proxies.init_kaiming_fan_out),
+    ("proxy_nca", proxies.proxy_nca, proxies.init_normal),
+    ("normalized_softmax", proxies.normalized_softmax, proxies.init_normal),
+    ("cosface", proxies.cosface, proxies.init_normal),
+    ("arcface", proxies.arcface, proxies.init_normal)):
+  register(_name, _fn, consumes=("params",), init_params=_init)
 register("koleo", koleo.koleo, consumes=())
 register("embedding_distill", distill.embedding_distill, consumes=("teacher",))
 register("raml", distill.raml, consumes=("teacher",))

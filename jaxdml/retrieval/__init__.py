@@ -90,7 +90,7 @@ def search(query, gallery, k, *, exclude_self=False, backend="exact",
 
 def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
              gallery_labels=None, *, ks=(1, 2, 4, 8), backend="exact",
-             metrics=("recall", "r_precision", "map@r"), scann_config=None,
+             metrics=("recall", "r_precision", "map@r", "mrr"), scann_config=None,
              similarity="cosine", mesh=None):
   """Retrieval metrics of queries against a gallery.
 
@@ -101,12 +101,14 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
       results by index), as for CUB, Cars and SOP.
     ks: the K of ``recall@K``.
     backend, similarity, scann_config, mesh: as in ``search``.
-    metrics: subset of ``("recall", "r_precision", "map@r", "map")``; see
-      ``metrics_from_neighbors``. ``"map"`` ranks the whole gallery, so it
-      needs ``backend="exact"`` and costs a full sort per query.
+    metrics: subset of ``("recall", "r_precision", "map@r", "map", "mrr")``;
+      see ``metrics_from_neighbors``. ``"map"`` ranks the whole gallery, so
+      it needs ``backend="exact"`` and costs a full sort per query. ``"mrr"``
+      looks as deep as AccuracyCalculator's default k: the largest gallery
+      class (minus the query itself in the same-set protocol).
 
   Returns:
-    dict: ``recall@K`` per K, ``r_precision``, ``map@r``, ``map`` as asked,
+    dict: ``recall@K`` per K, ``r_precision``, ``map@r``, ``map``, ``mrr`` as asked,
     averaged over the queries with at least one relevant gallery item.
 
   The search depth is k = max(max(ks), max R) with R the relevant count per
@@ -136,6 +138,10 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
   if "recall" in metric_names and max(ks) > available:
     raise ValueError(f"recall@{max(ks)} needs {max(ks)} neighbours but the "
                      f"gallery offers {available}; lower ks.")
+  mrr_depth = None
+  if "mrr" in metric_names:
+    mrr_depth = max(1, min(int(np.unique(gallery_labels, return_counts=True)[1].max())
+                           - int(same_set), available))
   if "map" in metric_names:
     if backend != "exact":
       raise ValueError("metric 'map' ranks the whole gallery: use "
@@ -144,7 +150,7 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
   else:
     need_r = any(m in metrics_lib.NEEDS_R for m in metric_names)
     k = max(max(ks) if "recall" in metric_names else 1,
-            int(rel.max()) if need_r else 1)
+            int(rel.max()) if need_r else 1, mrr_depth or 1)
     k = max(1, min(k, available))
   if backend == "exact":
     blocks = exact.search_blocks(query_embeddings, gallery_embeddings, k,
@@ -160,7 +166,7 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
     end = start + idx.shape[0]
     values, _ = metrics_lib.per_query(gallery_labels[idx],
                                       query_labels[start:end], rel[start:end],
-                                      ks, metric_names)
+                                      ks, metric_names, mrr_depth=mrr_depth)
     parts.append(values)
   values = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
   return metrics_lib.average(values, rel > 0)

@@ -11,7 +11,7 @@ with category labels.
 """
 import numpy as np
 
-METRICS = ("recall", "r_precision", "map@r", "map")
+METRICS = ("recall", "r_precision", "map@r", "map", "mrr")
 # Metrics that read the top-R neighbours of each query, R = its relevant count.
 NEEDS_R = ("r_precision", "map@r")
 
@@ -55,12 +55,15 @@ def count_relevant(query_labels, gallery_labels, *, same_set):
   return rel - 1 if same_set else rel
 
 
-def per_query(neighbor_labels, query_labels, relevant_counts, ks, metrics):
+def per_query(neighbor_labels, query_labels, relevant_counts, ks, metrics, mrr_depth=None):
   """Per-query metric values (float64 [Q] each) for later averaging.
 
   ``map`` is the average precision over the ranking given, divided by R
   (AccuracyCalculator's ``mean_average_precision``): the full mAP when the
-  ranking covers the whole gallery, a truncated one otherwise.
+  ranking covers the whole gallery, a truncated one otherwise. ``mrr`` is
+  1 / the rank of the first hit within the first ``mrr_depth`` neighbours
+  (default: all given), 0 without one (AccuracyCalculator's
+  ``mean_reciprocal_rank``, whose depth is its k).
   """
   metrics, ks = check_metrics(metrics, ks)
   nl = np.asarray(neighbor_labels)
@@ -86,8 +89,11 @@ def per_query(neighbor_labels, query_labels, relevant_counts, ks, metrics):
   ranks = np.arange(1, k + 1)
   safe_r = np.maximum(rel, 1)
   out = {}
+  first_hit = np.where(hits.any(1), hits.argmax(1) + 1, k + 1)
+  if "mrr" in metrics:
+    depth = k if mrr_depth is None else int(mrr_depth)
+    out["mrr"] = np.where(first_hit <= depth, 1.0 / first_hit, 0.0)
   if "recall" in metrics:
-    first_hit = np.where(hits.any(1), hits.argmax(1) + 1, k + 1)
     for kk in ks:
       out[f"recall@{kk}"] = (first_hit <= kk).astype(np.float64)
   in_r = hits & (ranks[None, :] <= rel[:, None])
@@ -121,7 +127,7 @@ def metrics_from_neighbors(neighbor_labels, query_labels, relevant_counts, ks=(
       query itself excluded in the same-set protocol (``count_relevant``).
       Queries with 0 are left out of the averages, as AccuracyCalculator does.
     ks: the K of recall@K; every K must be <= k.
-    metrics: subset of ``("recall", "r_precision", "map@r", "map")``.
+    metrics: subset of ``("recall", "r_precision", "map@r", "map", "mrr")``.
       ``r_precision`` and ``map@r`` need k >= max R, else ValueError.
 
   Returns:

@@ -1,0 +1,152 @@
+"""Proxy and classification losses: one learnable vector per class.
+
+Each equals pytorch-metric-learning 2.9.0's loss of the same kind with its
+default distance and reducer, in value and in gradients w.r.t. embeddings
+and proxies. The class vectors are `loss_params["proxies"]`, shape
+`[num_classes, dim]` (row c is class c); PML keeps some as `W` of shape
+`[dim, num_classes]`: ours is its transpose. `init_params(rng, *,
+num_classes, dim)` draws them as PML initialises its tensor (distribution,
+not the same numbers). The number of classes and the width come from the
+arrays. Labels must lie in [0, num_classes).
+
+Every loss here allocates [B, C] (batch x classes) and nothing larger.
+A reference set is rejected, as in PML.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxdml.losses import distances
+from jaxdml.losses import pairs
+
+
+def _normal_init(std_fn):
+  def init(rng, *, num_classes, dim, **hparams):
+    del hparams
+    std = std_fn(num_classes, dim)
+    return {"proxies": std * jax.random.normal(rng, (num_classes, dim), jnp.float32)}
+  return init
+
+
+# torch.nn.init.normal_ (PML's default weight init): N(0, 1).
+init_normal = _normal_init(lambda c, d: 1.0)
+# ProxyAnchor's kaiming_normal_(mode="fan_out") on a [C, D] tensor: std sqrt(2 / C).
+init_kaiming_fan_out = _normal_init(lambda c, d: math.sqrt(2.0 / c))
+
+
+def _prepare(name, embeddings, labels, loss_params, refs):
+  pairs.reject_ref(name, **refs)
+  x = distances.as_float(embeddings)
+  proxies = distances.as_float(loss_params["proxies"])
+  if x.ndim != 2 or proxies.ndim != 2 or proxies.shape[1] != x.shape[1]:
+    raise ValueError(f"{name}: embeddings [B, D] and loss_params['proxies'] [C, D] must share "
+                     f"D; got {x.shape} and {proxies.shape}.")
+  labels = jnp.asarray(labels)
+  if labels.shape != (x.shape[0],):
+    raise ValueError(f"{name}: labels must be [{x.shape[0]}], got {labels.shape}.")
+  one_hot = jax.nn.one_hot(labels, proxies.shape[0], dtype=x.dtype)
+  return x, proxies, labels, one_hot
+
+
+def _cross_entropy(logits, one_hot):
+  """Per-row softmax cross-entropy (torch.nn.CrossEntropyLoss, no reduction)."""
+  return -jnp.sum(one_hot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index):
+  return dict(ref_embeddings=ref_embeddings, ref_labels=ref_labels, ref_valid=ref_valid,
+              ref_self_index=ref_self_index)
+
+
+def proxy_anchor(*, embeddings, labels, loss_params, margin=0.1, alpha=32.0,
+                 ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+  """Proxy-Anchor (Kim et al. 2020), PML's `ProxyAnchorLoss`.
+
+  For each proxy c with cosine s_ic to the batch: log(1 + sum over its
+  positives of exp(-alpha (s_ic - margin))), averaged over the proxies that
+  have a positive in the batch, plus log(1 + sum over its negatives of
+  exp(alpha (s_ic + margin))), averaged over all proxies. Allocates [B, C].
+  """
+  x, proxies, _, pos = _prepare("proxy_anchor", embeddings, labels, loss_params,
+                                _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  cos = distances.cosine_matrix(x, proxies)
+  neg = 1.0 - pos
+
+  def log1p_sum_exp(z, mask):
+    # log(1 + sum_i mask * exp(z_i)) over the batch, per proxy; 0 without any.
+    z = jnp.where(mask > 0, z, -jnp.inf)
+    top = jnp.maximum(jnp.max(z, axis=0), 0.0)
+    total = jnp.exp(-top) + jnp.sum(jnp.where(mask > 0, jnp.exp(z - top), 0.0), axis=0)
+    return jnp.where(jnp.any(mask > 0, axis=0), top + jnp.log(total), 0.0)
+
+  pos_term = log1p_sum_exp(alpha * (margin - cos), pos)
+  neg_term = log1p_sum_exp(alpha * (cos + margin), neg)
+  with_pos = jnp.sum(jnp.any(pos > 0, axis=0))
+  pos_loss = jnp.sum(pos_term) / jnp.maximum(with_pos, 1)
+  neg_loss = jnp.sum(neg_term) / proxies.shape[0]
+  return pos_loss + neg_loss, {"pos_loss": pos_loss, "neg_loss": neg_loss}
+
+
+def proxy_nca(*, embeddings, labels, loss_params, softmax_scale=1.0,
+              ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+  """ProxyNCA (Movshovitz-Attias et al. 2017), PML's `ProxyNCALoss`.
+
+  Softmax over minus the squared distances of the L2-normalised embedding to
+  the L2-normalised proxies (PML's LpDistance(power=2)), times
+  `softmax_scale`; minus the log-probability of the own class, averaged
+  over the batch (rows whose probability underflows to 0 are dropped, as in
+  PML). Allocates [B, C].
+  """
+  x, proxies, _, one_hot = _prepare("proxy_nca", embeddings, labels, loss_params,
+                                    _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  d2 = distances.squared_euclidean_matrix(distances.l2_normalize(x),
+                                          distances.l2_normalize(proxies))
+  log_p = jnp.sum(one_hot * jax.nn.log_softmax(-softmax_scale * d2, axis=-1), axis=-1)
+  keep = jnp.exp(log_p) > 0
+  return pairs.reduce(-log_p, keep, "mean"), {}
+
+
+def normalized_softmax(*, embeddings, labels, loss_params, temperature=0.05,
+                       ref_embeddings=None, ref_labels=None, ref_valid=None,
+                       ref_self_index=None):
+  """Normalized softmax (Zhai & Wu 2018), PML's `NormalizedSoftmaxLoss`:
+  cross-entropy over cosine / temperature, averaged. Allocates [B, C]."""
+  x, proxies, _, one_hot = _prepare(
+      "normalized_softmax", embeddings, labels, loss_params,
+      _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  logits = distances.cosine_matrix(x, proxies) / temperature
+  return jnp.mean(_cross_entropy(logits, one_hot)), {}
+
+
+def cosface(*, embeddings, labels, loss_params, margin=0.35, scale=64.0,
+            ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+  """CosFace (Wang et al. 2018), PML's `CosFaceLoss`: cross-entropy over
+  scale * (cosine - margin at the own class). Allocates [B, C]."""
+  x, proxies, _, one_hot = _prepare("cosface", embeddings, labels, loss_params,
+                                    _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  cos = distances.cosine_matrix(x, proxies)
+  return jnp.mean(_cross_entropy(scale * (cos - margin * one_hot), one_hot)), {}
+
+
+def arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
+            ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+  """ArcFace (Deng et al. 2019), PML's `ArcFaceLoss`; `margin` in degrees.
+
+  The own class's cosine becomes cos(theta + m), or cos(theta) - m sin(m)
+  where theta > pi - m (keeps the logit decreasing in theta); then
+  cross-entropy over scale * logits. Computed as c cos m - sqrt(1 - c^2)
+  sin m rather than through arccos, the same value with a finite gradient
+  at c = +-1. Allocates [B, C].
+  """
+  x, proxies, _, one_hot = _prepare("arcface", embeddings, labels, loss_params,
+                                    _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  m = math.radians(margin)
+  cos = jnp.clip(distances.cosine_matrix(x, proxies), -1.0, 1.0)
+  target = jnp.sum(one_hot * cos, axis=-1)
+  sine = distances.safe_sqrt(1.0 - target * target)
+  plus_margin = jnp.where(target >= math.cos(math.pi - m),
+                          target * math.cos(m) - sine * math.sin(m),
+                          target - m * math.sin(m))
+  logits = cos + one_hot * (plus_margin - target)[:, None]
+  return jnp.mean(_cross_entropy(scale * logits, one_hot)), {}

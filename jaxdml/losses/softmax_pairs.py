@@ -1,0 +1,69 @@
+"""Softmax-over-pairs losses: InfoNCE with labels (NT-Xent) and SupCon.
+
+Both equal pytorch-metric-learning 2.9.0's `NTXentLoss` and `SupConLoss`
+with their default cosine similarity and reducers, in value and gradient,
+in-batch or against a reference set (PML's `ref_emb`; `ref_valid` and
+`ref_self_index` as everywhere in jaxdml.losses). Both allocate [B, R]
+(anchors x candidates) and nothing larger; PML's NT-Xent builds a
+[positive pairs, negative pairs] matrix, which is what runs out of memory
+for large batches (PML issue #547).
+"""
+import jax.numpy as jnp
+import jax
+
+from jaxdml.losses import distances
+from jaxdml.losses import pairs
+
+
+def masked_logsumexp(z, mask, axis=-1):
+  """logsumexp of `z` where `mask` holds; -inf (with zero gradient) where
+  nothing does."""
+  top = jnp.max(jnp.where(mask, z, -jnp.inf), axis=axis, keepdims=True)
+  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  total = jnp.sum(jnp.where(mask, jnp.exp(z - top), 0.0), axis=axis)
+  present = jnp.any(mask, axis=axis)
+  return jnp.where(present, jnp.squeeze(top, axis) + jnp.log(jnp.where(present, total, 1.0)),
+                   -jnp.inf)
+
+
+def ntxent(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
+           ref_self_index=None, temperature=0.07):
+  """NT-Xent / InfoNCE with labels (PML's `NTXentLoss`).
+
+  Every positive pair (a, p) is a softmax over p and the negatives of a,
+  cosine / temperature: -log(e^{s_ap} / (e^{s_ap} + sum_n e^{s_an})),
+  averaged over positive pairs (MeanReducer). Written as
+  softplus(logsumexp_n s_an - s_ap) per [B, R] entry.
+  """
+  p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
+                    ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
+                    loss_name="ntxent")
+  logits = distances.cosine_matrix(p.query, p.ref) / temperature
+  negatives = masked_logsumexp(logits, p.neg)
+  losses = jax.nn.softplus(negatives[:, None] - logits)
+  value = pairs.reduce(losses, p.pos, "mean")
+  # PML returns zero unless the batch has positive and negative pairs.
+  value = jnp.where(jnp.any(p.pos) & jnp.any(p.neg), value, 0.0)
+  return value, {"pos_pairs": pairs.count(p.pos)}
+
+
+def supcon(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
+           ref_self_index=None, temperature=0.1):
+  """Supervised contrastive loss (Khosla et al. 2020; PML's `SupConLoss`).
+
+  For anchor a: minus the mean over its positives p of
+  log(e^{s_ap} / sum over its positives and negatives k of e^{s_ak}),
+  cosine / temperature; averaged over anchors with a non-zero loss
+  (AvgNonZeroReducer).
+  """
+  p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
+                    ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
+                    loss_name="supcon")
+  logits = distances.cosine_matrix(p.query, p.ref) / temperature
+  log_prob = logits - masked_logsumexp(logits, p.pos | p.neg)[:, None]
+  n_pos = jnp.sum(p.pos, axis=1)
+  tiny = jnp.finfo(logits.dtype).tiny
+  per_anchor = -jnp.sum(jnp.where(p.pos, log_prob, 0.0), axis=1) / (n_pos + tiny)
+  value = pairs.reduce(per_anchor, jnp.ones_like(n_pos, bool), "avg_nonzero")
+  value = jnp.where(jnp.any(p.pos) & jnp.any(p.neg), value, 0.0)
+  return value, {"anchors_with_positives": jnp.sum(n_pos > 0).astype(jnp.float32)}

@@ -1,0 +1,112 @@
+"""Proxy, classification and softmax-pair losses against PML 2.9.0 on the same arrays.
+
+PML runs in float64 on the same embeddings and class vectors (its `W`
+[dim, C] is our `proxies` transposed); values and gradients w.r.t. the
+embeddings and the class vectors must agree. Inputs cover: random batches,
+a class absent from the batch, a class with one sample, and tied
+(duplicate) embeddings.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning import losses as pml_losses
+
+from jaxdml import losses
+
+PROXY_LOSSES = {
+    "proxy_anchor": (lambda c, d, **hp: pml_losses.ProxyAnchorLoss(c, d, **hp), "proxies",
+                     [{}, dict(margin=0.2, alpha=16.0)]),
+    "proxy_nca": (lambda c, d, **hp: pml_losses.ProxyNCALoss(c, d, **hp), "proxies",
+                  [{}, dict(softmax_scale=3.0)]),
+    "normalized_softmax": (lambda c, d, **hp: pml_losses.NormalizedSoftmaxLoss(c, d, **hp), "W",
+                           [{}, dict(temperature=0.2)]),
+    "cosface": (lambda c, d, **hp: pml_losses.CosFaceLoss(c, d, **hp), "W",
+                [{}, dict(margin=0.2, scale=16.0)]),
+    "arcface": (lambda c, d, **hp: pml_losses.ArcFaceLoss(c, d, **hp), "W",
+                [{}, dict(margin=10.0, scale=16.0)]),
+}
+
+
+def _inputs(case, rng, classes=6, dim=8):
+  labels = rng.permutation(np.arange(12) % 4)  # classes 4, 5 absent from the batch
+  if case == "one_sample":
+    labels[0] = 4  # class 4: one sample
+  x = rng.normal(size=(12, dim))
+  if case == "ties":
+    x[6:] = x[:6]
+    labels[6:] = labels[:6]
+  proxies = rng.normal(size=(classes, dim))
+  return x.astype(np.float32), labels.astype(np.int32), proxies.astype(np.float32)
+
+
+def _pml(name, hp, x, labels, proxies):
+  make, attr, _ = PROXY_LOSSES[name]
+  loss_fn = make(proxies.shape[0], proxies.shape[1], **hp).double()
+  table = torch.tensor(proxies.T if attr == "W" else proxies, dtype=torch.float64)
+  getattr(loss_fn, attr).data = table.clone()
+  xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+  value = loss_fn(xt, torch.tensor(labels, dtype=torch.long))
+  value.backward()
+  grad_table = getattr(loss_fn, attr).grad.numpy()
+  return value.item(), xt.grad.numpy(), grad_table.T if attr == "W" else grad_table
+
+
+@pytest.mark.parametrize("case", ["random", "one_sample", "ties"])
+@pytest.mark.parametrize("name", sorted(PROXY_LOSSES))
+def test_proxy_losses_equal_pml(name, case):
+  rng = np.random.default_rng(sorted(PROXY_LOSSES).index(name) * 7 + len(case))
+  x, labels, proxies = _inputs(case, rng)
+  for hp in PROXY_LOSSES[name][2]:
+    want, want_dx, want_dp = _pml(name, hp, x, labels, proxies)
+    fn = lambda e, p: losses.get(name)(embeddings=e, labels=jnp.asarray(labels),
+                                       loss_params={"proxies": p}, **hp)[0]
+    value, (dx, dp) = jax.value_and_grad(fn, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(proxies))
+    np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-6, err_msg=f"{name} {hp}")
+    scale = max(np.abs(want_dx).max(), np.abs(want_dp).max())
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-3, atol=1e-5 * scale, err_msg=f"{name} {hp}")
+    np.testing.assert_allclose(dp, want_dp, rtol=1e-3, atol=1e-5 * scale, err_msg=f"{name} {hp}")
+
+
+def test_init_params_make_a_class_major_table():
+  for name in PROXY_LOSSES:
+    params = losses.init_params(name, jax.random.key(0), num_classes=7, dim=5)
+    assert params["proxies"].shape == (7, 5), name
+    assert "params" in losses.consumes(name)
+  # ProxyAnchor draws as PML's kaiming_normal_(fan_out): std sqrt(2 / C).
+  big = losses.init_params("proxy_anchor", jax.random.key(1), num_classes=200, dim=400)
+  assert np.std(big["proxies"]) == pytest.approx((2 / 200) ** 0.5, rel=0.02)
+  with pytest.raises(ValueError, match="reference set"):
+    losses.get("cosface")(embeddings=jnp.ones((2, 5)), labels=jnp.arange(2),
+                          loss_params=params, ref_embeddings=jnp.ones((2, 5)))
+
+
+SOFTMAX_PAIRS = {"ntxent": (pml_losses.NTXentLoss, [{}, dict(temperature=0.5)]),
+                 "supcon": (pml_losses.SupConLoss, [{}, dict(temperature=0.5)])}
+
+
+@pytest.mark.parametrize("case", ["random", "one_sample", "ties", "reference_set"])
+@pytest.mark.parametrize("name", sorted(SOFTMAX_PAIRS))
+def test_softmax_pair_losses_equal_pml(name, case):
+  rng = np.random.default_rng(len(case) + 3 * len(name))
+  x, labels, _ = _inputs("random" if case == "reference_set" else case, rng)
+  ref = rng.normal(size=(9, x.shape[1])).astype(np.float32)
+  ref_labels = rng.integers(0, 5, 9).astype(np.int32)
+  make, settings = SOFTMAX_PAIRS[name]
+  for hp in settings:
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    kwargs = {}
+    if case == "reference_set":
+      kwargs = dict(ref_emb=torch.tensor(ref, dtype=torch.float64),
+                    ref_labels=torch.tensor(ref_labels, dtype=torch.long))
+    want = make(**hp)(xt, torch.tensor(labels, dtype=torch.long), **kwargs)
+    want.backward()
+    ours = dict(ref_embeddings=jnp.asarray(ref), ref_labels=jnp.asarray(ref_labels)) if kwargs else {}
+    value, grad = jax.value_and_grad(lambda e: losses.get(name)(
+        embeddings=e, labels=jnp.asarray(labels), **ours, **hp)[0])(jnp.asarray(x))
+    np.testing.assert_allclose(value, want.item(), rtol=2e-5, atol=1e-6, err_msg=f"{name} {hp}")
+    g = xt.grad.numpy()
+    np.testing.assert_allclose(grad, g, rtol=1e-3, atol=1e-5 * np.abs(g).max(),
+                               err_msg=f"{name} {hp}")
