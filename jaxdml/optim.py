@@ -1,8 +1,13 @@
 """Optimizers and learning-rate schedules from `config.optimizer`.
 
 Fields: `name` ('adamw' | 'adam' | 'sgd'), `lr`, `weight_decay`, `b1`, `b2`,
-`momentum` (sgd), `schedule` ('constant' | 'warmup_cosine' | 'one_cycle'),
+`momentum` (sgd), `schedule` ('constant' | 'warmup_cosine' | 'one_cycle' |
+'step': times `decay_rate` every `decay_steps`, Proxy-Anchor's StepLR),
 `warmup_steps`, `end_lr_factor`, `grad_clip_norm` (None: off),
+`lr_multipliers` (regex of state paths -> factor on the learning rate, e.g.
+`{"loss_params": 100.0}`, a regex searched in each path: proxies train
+100x faster, as Proxy-Anchor's; identifier keys stay overridable from the
+command line),
 `no_decay` (regex of parameter paths excluded from weight decay, on top of
 every 1-d parameter: biases and norm scales), `accumulate_steps` (gradient
 accumulation, RAML's 25 batches), `frozen` (regex of parameters kept fixed).
@@ -26,7 +31,8 @@ DEFAULTS = {
     "name": "adamw", "lr": None, "schedule": "constant", "warmup_steps": 0,
     "end_lr_factor": 0.0, "pct_start": 0.3, "div_factor": 25.0, "weight_decay": 0.0,
     "no_decay": r"(pos_embed|cls_token|gem)", "grad_clip_norm": None, "b1": 0.9, "b2": 0.999,
-    "momentum": 0.9, "frozen": None, "accumulate_steps": 1,
+    "momentum": 0.9, "frozen": None, "accumulate_steps": 1, "decay_steps": 0,
+    "decay_rate": 0.5, "lr_multipliers": None,
 }
 
 
@@ -58,6 +64,14 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
         end_value=end)
+  if kind == "step":
+    if int(cfg["decay_steps"]) <= 0:
+      raise ValueError("config.optimizer.schedule='step' needs decay_steps > 0.")
+    decay = optax.exponential_decay(lr, int(cfg["decay_steps"]), float(cfg["decay_rate"]),
+                                    staircase=True)
+    if warmup:
+      return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+    return decay
   if kind == "one_cycle":
     # RAML trains with PyTorch's OneCycleLR (default pct_start 0.3, the
     # starting lr peak / div_factor, 25 by default, 10 in RAML's code).
@@ -66,7 +80,7 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
         pct_start=float(cfg["pct_start"]), div_factor=float(cfg["div_factor"]))
   raise ValueError(
       f"config.optimizer.schedule={kind!r}: expected 'constant', "
-      "'warmup_cosine' or 'one_cycle'.")
+      "'warmup_cosine', 'one_cycle' or 'step'.")
 
 
 def _path_name(path) -> str:
@@ -87,6 +101,22 @@ def decay_mask_fn(no_decay_regex: str | None):
   return fn
 
 
+def _update_rule(cfg, schedule) -> list:
+  """adamw / adam / sgd with weight decay at `schedule`, as a list of
+  transforms (spliced into the outer chain, so the state layout of
+  checkpoints is that of one flat chain)."""
+  name, wd = cfg["name"], float(cfg["weight_decay"])
+  mask = decay_mask_fn(cfg["no_decay"])
+  if name == "adamw":
+    return [optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], weight_decay=wd, mask=mask)]
+  chain = [optax.add_decayed_weights(wd, mask=mask)] if wd else []
+  if name == "adam":
+    return chain + [optax.adam(schedule, b1=cfg["b1"], b2=cfg["b2"])]
+  if name == "sgd":
+    return chain + [optax.sgd(schedule, momentum=cfg["momentum"], nesterov=True)]
+  raise ValueError(f"config.optimizer.name={name!r}: expected 'adamw', 'adam' or 'sgd'.")
+
+
 def make_optimizer(cfg, total_steps: int):
   """Returns `(optax.GradientTransformation, schedule)`.
 
@@ -99,26 +129,23 @@ def make_optimizer(cfg, total_steps: int):
   accumulate = int(cfg["accumulate_steps"])
   per_update = make_schedule(cfg, max(1, total_steps // max(accumulate, 1)))
   schedule = per_update if accumulate <= 1 else (lambda step: per_update(step // accumulate))
-  name = cfg["name"]
-  wd = float(cfg["weight_decay"])
-  mask = decay_mask_fn(cfg["no_decay"])
   chain = []
   if cfg["grad_clip_norm"]:
     chain.append(optax.clip_by_global_norm(float(cfg["grad_clip_norm"])))
-  if name == "adamw":
-    chain.append(optax.adamw(per_update, b1=cfg["b1"], b2=cfg["b2"], weight_decay=wd,
-                             mask=mask))
-  elif name == "adam":
-    if wd:
-      chain.append(optax.add_decayed_weights(wd, mask=mask))
-    chain.append(optax.adam(per_update, b1=cfg["b1"], b2=cfg["b2"]))
-  elif name == "sgd":
-    if wd:
-      chain.append(optax.add_decayed_weights(wd, mask=mask))
-    chain.append(optax.sgd(per_update, momentum=cfg["momentum"], nesterov=True))
+  multipliers = dict(cfg["lr_multipliers"] or {})
+  if multipliers:
+    # One copy of the update rule per learning rate, chosen by state path;
+    # clipping stays global, before the split.
+    patterns = [(re.compile(r), float(f)) for r, f in multipliers.items()]
+    group = lambda name: next((f"x{i}" for i, (p, _) in enumerate(patterns)
+                               if p.search(name)), "base")
+    chain.append(optax.multi_transform(
+        {"base": optax.chain(*_update_rule(cfg, per_update)),
+         **{f"x{i}": optax.chain(*_update_rule(cfg, lambda s, f=f: f * per_update(s)))
+            for i, (_, f) in enumerate(patterns)}},
+        lambda params: _mask(params, lambda name, _: group(name))))
   else:
-    raise ValueError(
-        f"config.optimizer.name={name!r}: expected 'adamw', 'adam' or 'sgd'.")
+    chain += _update_rule(cfg, per_update)
   tx = optax.chain(*chain)
   if cfg["frozen"]:
     frozen = re.compile(cfg["frozen"])

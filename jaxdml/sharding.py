@@ -165,7 +165,9 @@ def state_shardings(abstract_state, mesh: Mesh, mode: str = "replicated",
   `rules` is a sequence of `(regex, spec)`: the first regex that matches a
   leaf's path (`params/encoder/Dense_0/kernel`) gives its PartitionSpec
   (a tuple of axis names or None). Other leaves are replicated, or sharded
-  FSDP-style when `mode == "fsdp"`. The cross-batch memory is replicated: it
+  FSDP-style when `mode == "fsdp"` (parameters, their optimizer state and
+  the losses' learnable parameters, so a proxy table of 10^5-10^6 classes
+  is split over its class axis). The cross-batch memory is replicated: it
   is small next to the encoder and every device needs all of it for pairs.
   """
   if mode not in ("replicated", "fsdp"):
@@ -178,7 +180,7 @@ def state_shardings(abstract_state, mesh: Mesh, mode: str = "replicated",
     for regex, spec in compiled:
       if regex.search(name):
         return NamedSharding(mesh, spec)
-    if mode == "fsdp" and (name.startswith("params/") or name.startswith("opt/")):
+    if mode == "fsdp" and name.startswith(("params/", "opt/", "loss_params/")):
       return NamedSharding(mesh, _fsdp_spec(leaf.shape, n_data))
     return NamedSharding(mesh, P())
 

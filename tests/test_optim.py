@@ -46,3 +46,29 @@ def test_accumulating_k_batches_equals_one_step_on_their_mean_gradient():
   mean = jax.tree.map(lambda *g: sum(g) / 3, *grads)
   updates, _ = big.update(mean, big.init(params), params)
   np.testing.assert_allclose(p["w"], optax.apply_updates(params, updates)["w"], rtol=1e-6)
+
+
+def test_lr_multipliers_scale_the_step_of_the_matching_paths():
+  """Adam's first step moves every entry by exactly lr (times its factor)."""
+  cfg = ml_collections.ConfigDict(dict(name="adam", lr=1e-3, lr_multipliers={"loss_params": 100.0}))
+  tx, _ = optim.make_optimizer(cfg, 10)
+  params = {"params": {"w": jnp.ones((3, 2))}, "loss_params": {"proxies": jnp.ones((4, 2))}}
+  grads = jax.tree.map(lambda x: jnp.full(x.shape, 0.3), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["params"]["w"], -1e-3, rtol=1e-4)
+  np.testing.assert_allclose(updates["loss_params"]["proxies"], -0.1, rtol=1e-4)
+
+
+def test_the_optimizer_state_layout_is_unchanged_without_multipliers():
+  """Checkpoints of existing runs restore: Adam with L2 decay stays one flat chain."""
+  cfg = ml_collections.ConfigDict(dict(name="adam", lr=1e-3, weight_decay=4e-4,
+                                       grad_clip_norm=1.0))
+  tx, _ = optim.make_optimizer(cfg, 10)
+  state = tx.init({"w": jnp.ones(2)})
+  assert isinstance(state, tuple) and len(state) == 3  # clip, decay, adam
+
+
+def test_step_schedule_decays_every_decay_steps():
+  _, schedule = optim.make_optimizer(ml_collections.ConfigDict(dict(
+      name="adamw", lr=1.0, schedule="step", decay_steps=10, decay_rate=0.25)), 100)
+  np.testing.assert_allclose([schedule(s) for s in (0, 9, 10, 25)], [1, 1, 0.25, 0.0625])

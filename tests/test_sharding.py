@@ -34,12 +34,14 @@ def test_fsdp_shards_large_params_on_data_and_keeps_memory_replicated():
                       "small": jax.ShapeDtypeStruct((8,), jnp.float32),
                       "odd": jax.ShapeDtypeStruct((129, 131), jnp.float32)},
            "opt": {"mu": jax.ShapeDtypeStruct((512, 64), jnp.float32)},
-           "memory": {"embeddings": jax.ShapeDtypeStruct((4096, 64), jnp.float32)}}
+           "memory": {"embeddings": jax.ShapeDtypeStruct((4096, 64), jnp.float32)},
+           "loss_params": {"loss": {"proxies": jax.ShapeDtypeStruct((100_000, 63), jnp.float32)}}}
   got = sharding.state_shardings(state, mesh, "fsdp")
   assert got["params"]["big"].spec == P("data", None)
   assert got["opt"]["mu"].spec == P("data", None)
   assert got["params"]["small"].spec == P() and got["params"]["odd"].spec == P()
   assert got["memory"]["embeddings"].spec == P()
+  assert got["loss_params"]["loss"]["proxies"].spec == P("data", None)  # the class axis
   replicated = sharding.state_shardings(state, mesh, "replicated")
   assert all(s.spec == P() for s in jax.tree.leaves(replicated))
   ruled = sharding.state_shardings(state, mesh, rules=[(r"params/big", (None, "data"))])

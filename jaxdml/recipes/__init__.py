@@ -8,9 +8,10 @@ from jaxdml.recipes.common import (DATASETS, SMOKE_CADENCE, apply_overlay, embed
                                    loop, on_embedded_data, single_task, smoke_cadence)
 from jaxdml.recipes.irt import irt
 from jaxdml.recipes.obdsd import obdsd
+from jaxdml.recipes.proxy_anchor import proxy_anchor
 from jaxdml.recipes.raml import raml, raml_teacher
 from jaxdml.recipes.xbn import xbn
 
 __all__ = ["DATASETS", "SMOKE_CADENCE", "apply_overlay", "embedded_overlay", "loop", "on_embedded_data",
            "single_task", "smoke_cadence", "irt",
-           "obdsd", "raml", "raml_teacher", "xbn"]
+           "obdsd", "proxy_anchor", "raml", "raml_teacher", "xbn"]
