@@ -6,6 +6,7 @@ from jax.sharding import Mesh
 import numpy as np
 from PIL import Image
 import pytest
+import torch
 
 from jaxdml import retrieval
 from jaxdml.retrieval import exact, picture, scann_backend
@@ -314,3 +315,34 @@ def test_mrr_known_values():
   values, _ = metrics_lib.per_query(nl, np.array([1, 2, 4, 3]), np.array([2, 1, 1, 0]), (1,),
                                     ("mrr",), mrr_depth=2)
   np.testing.assert_allclose(values["mrr"], [1 / 2, 1, 0, 0])
+
+
+def _separated_clusters(seed, classes=8, per_class=20, dim=12, noisy=0.1):
+  """Well separated clusters whose labels are wrong for a fraction `noisy`:
+  k-means' partition (the true clusters) is unambiguous and NMI/AMI are below 1."""
+  rng = np.random.default_rng(seed)
+  centres = 10.0 * rng.normal(size=(classes, dim))
+  truth = np.repeat(np.arange(classes), per_class)
+  x = centres[truth] + 0.3 * rng.normal(size=(len(truth), dim))
+  labels = truth.copy()
+  flip = rng.random(len(truth)) < noisy
+  labels[flip] = rng.integers(0, classes, flip.sum())
+  return x.astype(np.float32), labels.astype(np.int32), truth
+
+
+def test_nmi_and_ami_score_the_clusters_as_accuracy_calculator_does():
+  x, y, truth = _separated_clusters(0)
+  ours = retrieval.evaluate(x, y, metrics=("nmi", "ami", "recall"), ks=(1,))
+  # AccuracyCalculator's scoring of the true partition (its faiss k-means,
+  # one random start, can merge two clusters here; ours must find them).
+  calc = accuracy_calculator.AccuracyCalculator(
+      include=("NMI", "AMI"), device=None,
+      kmeans_func=lambda emb, k: torch.as_tensor(truth))
+  peer = calc.get_accuracy(x, y, ref_includes_query=False)
+  assert ours["nmi"] == pytest.approx(peer["NMI"], abs=1e-9)
+  assert ours["ami"] == pytest.approx(peer["AMI"], abs=1e-9)
+  assert 0.5 < ours["ami"] < ours["nmi"] < 1.0  # the flipped labels cost something
+  assert "recall@1" in ours and "mrr" not in ours
+  clean_x, clean_y, _ = _separated_clusters(1, noisy=0.0)
+  assert retrieval.evaluate(clean_x, clean_y, metrics=("nmi", "ami")) == {
+      "nmi": pytest.approx(1.0), "ami": pytest.approx(1.0)}

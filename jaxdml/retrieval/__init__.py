@@ -10,6 +10,7 @@ Protocols:
 """
 import numpy as np
 
+from jaxdml.retrieval import clustering
 from jaxdml.retrieval import exact
 from jaxdml.retrieval import metrics as metrics_lib
 from jaxdml.retrieval import scann_backend
@@ -105,7 +106,10 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
       see ``metrics_from_neighbors``. ``"map"`` ranks the whole gallery, so
       it needs ``backend="exact"`` and costs a full sort per query. ``"mrr"``
       looks as deep as AccuracyCalculator's default k: the largest gallery
-      class (minus the query itself in the same-set protocol).
+      class (minus the query itself in the same-set protocol). ``"nmi"`` and
+      ``"ami"`` score a k-means clustering of the queries against their
+      labels (``retrieval.clustering``; off by default: k-means over many
+      classes is slow).
 
   Returns:
     dict: ``recall@K`` per K, ``r_precision``, ``map@r``, ``map``, ``mrr`` as asked,
@@ -117,6 +121,8 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
   block, so memory stays at [block, k] whatever the largest class.
   """
   metric_names, ks = metrics_lib.check_metrics(metrics, ks)
+  cluster_names = [m for m in metric_names if m in metrics_lib.CLUSTER_METRICS]
+  metric_names = tuple(m for m in metric_names if m not in metrics_lib.CLUSTER_METRICS)
   same_set = gallery_embeddings is None
   if same_set != (gallery_labels is None):
     raise ValueError("Pass gallery_embeddings and gallery_labels together, or "
@@ -133,6 +139,12 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
     if lab.shape != (emb.shape[0],):
       raise ValueError(f"{name}_labels must have shape [{emb.shape[0]}] to "
                        f"match {name}_embeddings, got {lab.shape}.")
+  results = {}
+  if cluster_names:
+    scores = clustering.cluster_scores(query_embeddings, query_labels)
+    results.update({m: scores[m] for m in cluster_names})
+  if not metric_names:
+    return results
   rel = count_relevant(query_labels, gallery_labels, same_set=same_set)
   available = gallery_embeddings.shape[0] - int(same_set)
   if "recall" in metric_names and max(ks) > available:
@@ -169,4 +181,4 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
                                       ks, metric_names, mrr_depth=mrr_depth)
     parts.append(values)
   values = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-  return metrics_lib.average(values, rel > 0)
+  return {**metrics_lib.average(values, rel > 0), **results}

@@ -12,6 +12,8 @@ with category labels.
 import numpy as np
 
 METRICS = ("recall", "r_precision", "map@r", "map", "mrr")
+# Scores of a clustering of the queries, not of a ranking (retrieval.clustering).
+CLUSTER_METRICS = ("nmi", "ami")
 # Metrics that read the top-R neighbours of each query, R = its relevant count.
 NEEDS_R = ("r_precision", "map@r")
 
@@ -21,7 +23,7 @@ def check_metrics(metrics, ks):
   if isinstance(metrics, str):
     metrics = (metrics,)
   metrics = tuple(metrics)
-  unknown = [m for m in metrics if m not in METRICS]
+  unknown = [m for m in metrics if m not in METRICS + CLUSTER_METRICS]
   if unknown or not metrics:
     raise ValueError(
         f"Unknown retrieval metrics {unknown or metrics!r}; choose from "
