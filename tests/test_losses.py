@@ -531,6 +531,10 @@ SHARD_CONFIGS = [
     ("normalized_softmax", {}),
     ("cosface", {}),
     ("arcface", {}),
+    ("circle", {}),
+    ("tuplet_margin", {}),
+    ("lifted_structure", {}),
+    ("generalized_lifted_structure", {}),
 ]
 
 
@@ -619,7 +623,7 @@ def test_registry():
       "triplet", "relative_triplet", "contrastive", "contrastive_koleo",
       "multi_similarity", "koleo", "embedding_distill", "raml", "obd_sd",
       "ntxent", "supcon", "proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
-      "arcface"}
+      "arcface", "circle", "tuplet_margin", "lifted_structure", "generalized_lifted_structure"}
   with pytest.raises(ValueError, match="triplet.*obd_sd|obd_sd.*triplet"):
     losses.get("tripletz")
   with pytest.raises(ValueError, match="already registered"):

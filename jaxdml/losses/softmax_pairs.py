@@ -1,13 +1,16 @@
-"""Softmax-over-pairs losses: InfoNCE with labels (NT-Xent) and SupCon.
+"""Log-sum-exp pair losses: NT-Xent (InfoNCE with labels), SupCon, Circle, Tuplet margin.
 
-Both equal pytorch-metric-learning 2.9.0's `NTXentLoss` and `SupConLoss`
-with their default cosine similarity and reducers, in value and gradient,
-in-batch or against a reference set (PML's `ref_emb`; `ref_valid` and
-`ref_self_index` as everywhere in jaxdml.losses). Both allocate [B, R]
-(anchors x candidates) and nothing larger; PML's NT-Xent builds a
-[positive pairs, negative pairs] matrix, which is what runs out of memory
-for large batches (PML issue #547).
+Each equals pytorch-metric-learning 2.9.0's `NTXentLoss`, `SupConLoss`,
+`CircleLoss` and `TupletMarginLoss` with their default cosine similarity
+and reducers, in value and gradient, in-batch or against a reference set
+(PML's `ref_emb`; `ref_valid` and `ref_self_index` as everywhere in
+jaxdml.losses). All allocate [B, R] (anchors x candidates) and nothing
+larger; PML's NT-Xent and Tuplet margin build a [positive pairs, negative
+pairs] matrix, which is what runs out of memory for large batches (PML
+issue #547).
 """
+import math
+
 import jax.numpy as jnp
 import jax
 
@@ -20,7 +23,9 @@ def masked_logsumexp(z, mask, axis=-1):
   nothing does."""
   top = jnp.max(jnp.where(mask, z, -jnp.inf), axis=axis, keepdims=True)
   top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-  total = jnp.sum(jnp.where(mask, jnp.exp(z - top), 0.0), axis=axis)
+  # Masked before exp: an entry left out may be huge, and exp(inf) * 0 in
+  # the backward pass would be NaN.
+  total = jnp.sum(jnp.exp(jnp.where(mask, z - top, -jnp.inf)), axis=axis)
   present = jnp.any(mask, axis=axis)
   return jnp.where(present, jnp.squeeze(top, axis) + jnp.log(jnp.where(present, total, 1.0)),
                    -jnp.inf)
@@ -67,3 +72,49 @@ def supcon(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   value = pairs.reduce(per_anchor, jnp.ones_like(n_pos, bool), "avg_nonzero")
   value = jnp.where(jnp.any(p.pos) & jnp.any(p.neg), value, 0.0)
   return value, {"anchors_with_positives": jnp.sum(n_pos > 0).astype(jnp.float32)}
+
+
+def circle(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
+           ref_self_index=None, m=0.4, gamma=80.0):
+  """Circle loss (Sun et al. 2020; PML's `CircleLoss`), pairwise labels.
+
+  Per anchor: softplus(logsumexp_p -gamma a_p (s_p - (1 - m)) +
+  logsumexp_n gamma a_n (s_n - m)) with the weights a_p = [1 + m - s_p]_+
+  and a_n = [s_n + m]_+ held constant; 0 for an anchor without a positive
+  or a negative; averaged over the non-zero anchors (AvgNonZeroReducer).
+  """
+  p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
+                    ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
+                    loss_name="circle")
+  s = distances.cosine_matrix(p.query, p.ref)
+  fixed = jax.lax.stop_gradient(s)
+  pos_logits = -gamma * jax.nn.relu(1.0 + m - fixed) * (s - (1.0 - m))
+  neg_logits = gamma * jax.nn.relu(fixed + m) * (s - m)
+  both = jnp.any(p.pos, axis=1) & jnp.any(p.neg, axis=1)
+  inner = masked_logsumexp(pos_logits, p.pos) + masked_logsumexp(neg_logits, p.neg)
+  losses = jnp.where(both, jax.nn.softplus(jnp.where(both, inner, 0.0)), 0.0)
+  return pairs.reduce(losses, jnp.ones_like(both), "avg_nonzero"), {}
+
+
+def tuplet_margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
+                  ref_self_index=None, margin=5.73, scale=64.0):
+  """Tuplet margin loss (Yu & Tao 2019; PML's `TupletMarginLoss`); `margin`
+  in degrees.
+
+  Each positive pair (a, p) with angle theta: log(1 + sum over a's
+  negatives n of exp(scale (s_an - cos(theta - margin)))), averaged over
+  positive pairs. cos(theta - m) is computed as c cos m + sqrt(1 - c^2)
+  sin m (PML goes through arccos: the same value, a finite gradient at
+  c = 1 here).
+  """
+  p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
+                    ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
+                    loss_name="tuplet_margin")
+  rad = math.radians(margin)
+  s = distances.cosine_matrix(p.query, p.ref)
+  shifted = s * math.cos(rad) + distances.safe_sqrt(1.0 - s * s) * math.sin(rad)
+  negatives = masked_logsumexp(scale * s, p.neg)  # per anchor
+  # log(1 + sum_n exp(scale s_an - scale cos(theta_ap - m))) per [a, p] entry.
+  losses = jax.nn.softplus(negatives[:, None] - scale * shifted)
+  value = pairs.reduce(losses, p.pos, "mean")
+  return jnp.where(jnp.any(p.pos) & jnp.any(p.neg), value, 0.0), {}

@@ -1,0 +1,53 @@
+"""Lifted structure losses (Oh Song et al. 2016; Hermans et al. 2017).
+
+Equal to pytorch-metric-learning 2.9.0's `LiftedStructureLoss` and
+`GeneralizedLiftedStructureLoss` with their default reducers. Distances are
+jaxdml's (`distance=`, default "euclidean" on the rows as given); PML's
+default LpDistance L2-normalises first, so feed L2-normalised embeddings
+(every jaxdml encoder's `head_norm="l2"`) to reproduce it. Both allocate
+[B, R] and nothing larger.
+"""
+import jax
+import jax.numpy as jnp
+
+from jaxdml.losses import distances
+from jaxdml.losses import pairs
+from jaxdml.losses.softmax_pairs import masked_logsumexp
+
+
+def lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
+                     ref_valid=None, ref_self_index=None, pos_margin=0.0, neg_margin=1.0,
+                     distance="euclidean"):
+  """Each positive pair (i, j): [logsumexp over the negatives of i and of j
+  of (neg_margin - d) + d_ij - pos_margin]_+^2 / 2, averaged over positive
+  pairs (both orders, as PML). In-batch only: the negatives of j need j's
+  row."""
+  pairs.reject_ref("lifted_structure", ref_embeddings=ref_embeddings, ref_labels=ref_labels,
+                   ref_valid=ref_valid, ref_self_index=ref_self_index)
+  p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None,
+                    ref_labels=None, ref_valid=None, ref_self_index=None,
+                    loss_name="lifted_structure")
+  d = distances.dissimilarity(distances.pairwise(p.query, p.ref, distance=distance),
+                              distance=distance)
+  per_row = masked_logsumexp(neg_margin - d, p.neg)  # [B]
+  negatives = jnp.logaddexp(per_row[:, None], per_row[None, :])
+  inner = negatives + d - pos_margin
+  losses = jnp.square(jax.nn.relu(jnp.where(p.pos, inner, 0.0))) / 2.0
+  value = pairs.reduce(losses, p.pos, "mean")
+  return jnp.where(jnp.any(p.pos) & jnp.any(p.neg), value, 0.0), {}
+
+
+def generalized_lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
+                                 ref_valid=None, ref_self_index=None, pos_margin=0.0,
+                                 neg_margin=1.0, distance="euclidean"):
+  """Per anchor: [logsumexp_p (d_p - pos_margin) + logsumexp_n (neg_margin
+  - d_n)]_+, a missing side counting 0; averaged over anchors."""
+  p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
+                    ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
+                    loss_name="generalized_lifted_structure")
+  d = distances.dissimilarity(distances.pairwise(p.query, p.ref, distance=distance),
+                              distance=distance)
+  zero_if_none = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
+  pos = zero_if_none(masked_logsumexp(d - pos_margin, p.pos))
+  neg = zero_if_none(masked_logsumexp(neg_margin - d, p.neg))
+  return jnp.mean(jax.nn.relu(pos + neg)), {}
