@@ -531,6 +531,8 @@ SHARD_CONFIGS = [
     ("normalized_softmax", {}),
     ("cosface", {}),
     ("arcface", {}),
+    ("subcenter_arcface", dict(sub_centers=2)),
+    ("soft_triple", dict(centers_per_class=2)),
     ("circle", {}),
     ("tuplet_margin", {}),
     ("lifted_structure", {}),
@@ -572,7 +574,7 @@ def _fake_batch(seed, duplicates=False):
       "memory": rng.randn(24, 8).astype(np.float32),
       "memory_labels": rng.randint(0, 4, 24).astype(np.int32),
       "memory_valid": rng.rand(24) > 0.3,
-      "proxies": rng.randn(4, 8).astype(np.float32),
+      "proxies": rng.randn(8, 8).astype(np.float32),  # 4 classes x 2 centres, or 8
   }
 
 
@@ -623,7 +625,8 @@ def test_registry():
       "triplet", "relative_triplet", "contrastive", "contrastive_koleo",
       "multi_similarity", "koleo", "embedding_distill", "raml", "obd_sd",
       "ntxent", "supcon", "proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
-      "arcface", "circle", "tuplet_margin", "lifted_structure", "generalized_lifted_structure"}
+      "arcface", "circle", "tuplet_margin", "lifted_structure", "generalized_lifted_structure",
+      "subcenter_arcface", "soft_triple"}
   with pytest.raises(ValueError, match="triplet.*obd_sd|obd_sd.*triplet"):
     losses.get("tripletz")
   with pytest.raises(ValueError, match="already registered"):

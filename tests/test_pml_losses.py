@@ -28,7 +28,15 @@ PROXY_LOSSES = {
                 [{}, dict(margin=0.2, scale=16.0)]),
     "arcface": (lambda c, d, **hp: pml_losses.ArcFaceLoss(c, d, **hp), "W",
                 [{}, dict(margin=10.0, scale=16.0)]),
+    "subcenter_arcface": (lambda c, d, **hp: pml_losses.SubCenterArcFaceLoss(
+        num_classes=c // hp.get("sub_centers", 3), embedding_size=d, **hp), "W",
+        [{}, dict(sub_centers=2, margin=10.0, scale=16.0)]),
+    "soft_triple": (lambda c, d, **hp: pml_losses.SoftTripleLoss(
+        c // hp.get("centers_per_class", 10), d, **hp), "fc",
+        [{}, dict(centers_per_class=2, la=10.0, gamma=0.5, margin=0.05)]),
 }
+# Centres per class of the table the tests build (6 classes of them).
+PER_CLASS = {"subcenter_arcface": ("sub_centers", 3), "soft_triple": ("centers_per_class", 10)}
 
 
 def _inputs(case, rng, classes=6, dim=8):
@@ -46,21 +54,24 @@ def _inputs(case, rng, classes=6, dim=8):
 def _pml(name, hp, x, labels, proxies):
   make, attr, _ = PROXY_LOSSES[name]
   loss_fn = make(proxies.shape[0], proxies.shape[1], **hp).double()
-  table = torch.tensor(proxies.T if attr == "W" else proxies, dtype=torch.float64)
+  transposed = attr in ("W", "fc")
+  table = torch.tensor(proxies.T if transposed else proxies, dtype=torch.float64)
   getattr(loss_fn, attr).data = table.clone()
   xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
   value = loss_fn(xt, torch.tensor(labels, dtype=torch.long))
   value.backward()
   grad_table = getattr(loss_fn, attr).grad.numpy()
-  return value.item(), xt.grad.numpy(), grad_table.T if attr == "W" else grad_table
+  return value.item(), xt.grad.numpy(), grad_table.T if transposed else grad_table
 
 
 @pytest.mark.parametrize("case", ["random", "one_sample", "ties"])
 @pytest.mark.parametrize("name", sorted(PROXY_LOSSES))
 def test_proxy_losses_equal_pml(name, case):
   rng = np.random.default_rng(sorted(PROXY_LOSSES).index(name) * 7 + len(case))
-  x, labels, proxies = _inputs(case, rng)
   for hp in PROXY_LOSSES[name][2]:
+    key, default = PER_CLASS.get(name, (None, 1))
+    x, labels, proxies = _inputs(case, np.random.default_rng(rng.integers(1 << 30)),
+                                 classes=6 * int(hp.get(key, default)))
     want, want_dx, want_dp = _pml(name, hp, x, labels, proxies)
     fn = lambda e, p: losses.get(name)(embeddings=e, labels=jnp.asarray(labels),
                                        loss_params={"proxies": p}, **hp)[0]
@@ -74,7 +85,8 @@ def test_proxy_losses_equal_pml(name, case):
 def test_init_params_make_a_class_major_table():
   for name in PROXY_LOSSES:
     params = losses.init_params(name, jax.random.key(0), num_classes=7, dim=5)
-    assert params["proxies"].shape == (7, 5), name
+    per_class = PER_CLASS.get(name, (None, 1))[1]
+    assert params["proxies"].shape == (7 * per_class, 5), name
     assert "params" in losses.consumes(name)
   # ProxyAnchor draws as PML's kaiming_normal_(fan_out): std sqrt(2 / C).
   big = losses.init_params("proxy_anchor", jax.random.key(1), num_classes=200, dim=400)

@@ -51,7 +51,7 @@ multi_similarity, ntxent, supcon, circle, tuplet_margin, lifted_structure,
 generalized_lifted_structure, koleo, embedding_distill, raml, obd_sd, and
 the losses with learnable class vectors (`loss_params["proxies"]`, made by
 `init_params`): proxy_anchor, proxy_nca, normalized_softmax, cosface,
-arcface (jaxdml.losses.proxies). See each function's
+arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies). See each function's
 docstring for its hyperparameters and the choices that are ours.
 """
 import dataclasses
@@ -183,7 +183,9 @@ for _name, _fn, _init in (
     ("proxy_nca", proxies.proxy_nca, proxies.init_normal),
     ("normalized_softmax", proxies.normalized_softmax, proxies.init_normal),
     ("cosface", proxies.cosface, proxies.init_normal),
-    ("arcface", proxies.arcface, proxies.init_normal)):
+    ("arcface", proxies.arcface, proxies.init_normal),
+    ("subcenter_arcface", proxies.subcenter_arcface, proxies.init_subcenter),
+    ("soft_triple", proxies.soft_triple, proxies.init_soft_triple)):
   register(_name, _fn, consumes=("params",), init_params=_init)
 register("koleo", koleo.koleo, consumes=())
 register("lifted_structure", lifted.lifted_structure, consumes=())  # in-batch only

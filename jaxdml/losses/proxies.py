@@ -129,6 +129,19 @@ def cosface(*, embeddings, labels, loss_params, margin=0.35, scale=64.0,
   return jnp.mean(_cross_entropy(scale * (cos - margin * one_hot), one_hot)), {}
 
 
+def _arcface_loss(cos, one_hot, margin, scale):
+  """ArcFace's cross-entropy over per-class cosines [B, C]."""
+  m = math.radians(margin)
+  cos = jnp.clip(cos, -1.0, 1.0)
+  target = jnp.sum(one_hot * cos, axis=-1)
+  sine = distances.safe_sqrt(1.0 - target * target)
+  plus_margin = jnp.where(target >= math.cos(math.pi - m),
+                          target * math.cos(m) - sine * math.sin(m),
+                          target - m * math.sin(m))
+  logits = cos + one_hot * (plus_margin - target)[:, None]
+  return jnp.mean(_cross_entropy(scale * logits, one_hot))
+
+
 def arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
             ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
   """ArcFace (Deng et al. 2019), PML's `ArcFaceLoss`; `margin` in degrees.
@@ -141,12 +154,63 @@ def arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
   """
   x, proxies, _, one_hot = _prepare("arcface", embeddings, labels, loss_params,
                                     _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
-  m = math.radians(margin)
-  cos = jnp.clip(distances.cosine_matrix(x, proxies), -1.0, 1.0)
-  target = jnp.sum(one_hot * cos, axis=-1)
-  sine = distances.safe_sqrt(1.0 - target * target)
-  plus_margin = jnp.where(target >= math.cos(math.pi - m),
-                          target * math.cos(m) - sine * math.sin(m),
-                          target - m * math.sin(m))
-  logits = cos + one_hot * (plus_margin - target)[:, None]
-  return jnp.mean(_cross_entropy(scale * logits, one_hot)), {}
+  return _arcface_loss(distances.cosine_matrix(x, proxies), one_hot, margin, scale), {}
+
+
+def _per_class(name, x, proxies, labels, per_class):
+  """Cosines to every centre as [B, C, K] (rows c*K + k of the table) and the
+  labels' one-hot over the C classes."""
+  if proxies.shape[0] % per_class:
+    raise ValueError(f"{name}: {proxies.shape[0]} rows of loss_params['proxies'] are not "
+                     f"a multiple of {per_class} centres per class.")
+  num_classes = proxies.shape[0] // per_class
+  cos = distances.cosine_matrix(x, proxies).reshape(x.shape[0], num_classes, per_class)
+  return cos, jax.nn.one_hot(labels, num_classes, dtype=x.dtype)
+
+
+def _init_per_class(draw, key, default):
+  def init(rng, *, num_classes, dim, **hparams):
+    rows = num_classes * int(hparams.get(key, default))
+    return {"proxies": draw(rng, rows, dim)}
+  return init
+
+
+def subcenter_arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
+                      sub_centers=3, ref_embeddings=None, ref_labels=None, ref_valid=None,
+                      ref_self_index=None):
+  """Sub-center ArcFace (Deng et al. 2020), PML's `SubCenterArcFaceLoss`:
+  ArcFace on each class's best-matching of its `sub_centers` centres
+  (`loss_params["proxies"]` [C * sub_centers, D], class-major). Allocates
+  [B, C * sub_centers]."""
+  x, proxies, labels, _ = _prepare("subcenter_arcface", embeddings, labels, loss_params,
+                                   _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  cos, one_hot = _per_class("subcenter_arcface", x, proxies, labels, int(sub_centers))
+  return _arcface_loss(jnp.max(cos, axis=-1), one_hot, margin, scale), {}
+
+
+def soft_triple(*, embeddings, labels, loss_params, centers_per_class=10, la=20.0, gamma=0.1,
+                margin=0.01, ref_embeddings=None, ref_labels=None, ref_valid=None,
+                ref_self_index=None):
+  """SoftTriple (Qian et al. 2019), PML's `SoftTripleLoss`.
+
+  A class's similarity is the softmax(cos / gamma)-weighted mean of its
+  centres' cosines; cross-entropy over la * (similarity - margin at the own
+  class), averaged. `loss_params["proxies"]` is [C * centers_per_class, D],
+  class-major. Allocates [B, C * centers_per_class].
+  """
+  x, proxies, labels, _ = _prepare("soft_triple", embeddings, labels, loss_params,
+                                   _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  cos, one_hot = _per_class("soft_triple", x, proxies, labels, int(centers_per_class))
+  weights = jax.nn.softmax(cos / gamma, axis=-1)
+  similarity = jnp.sum(weights * cos, axis=-1)
+  return jnp.mean(_cross_entropy(la * (similarity - margin * one_hot), one_hot)), {}
+
+
+# Sub-center ArcFace: PML's normal_ init; SoftTriple: kaiming_uniform_(a=sqrt(5))
+# on PML's [D, C*K] tensor, i.e. U(-1/sqrt(C*K), 1/sqrt(C*K)).
+init_subcenter = _init_per_class(
+    lambda rng, rows, dim: jax.random.normal(rng, (rows, dim), jnp.float32), "sub_centers", 3)
+init_soft_triple = _init_per_class(
+    lambda rng, rows, dim: jax.random.uniform(rng, (rows, dim), jnp.float32,
+                                              -1 / math.sqrt(rows), 1 / math.sqrt(rows)),
+    "centers_per_class", 10)
