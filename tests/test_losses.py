@@ -537,6 +537,8 @@ SHARD_CONFIGS = [
     ("tuplet_margin", {}),
     ("lifted_structure", {}),
     ("generalized_lifted_structure", {}),
+    ("margin", {}),
+    ("npairs", {}),
 ]
 
 
@@ -626,7 +628,7 @@ def test_registry():
       "multi_similarity", "koleo", "embedding_distill", "raml", "obd_sd",
       "ntxent", "supcon", "proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
       "arcface", "circle", "tuplet_margin", "lifted_structure", "generalized_lifted_structure",
-      "subcenter_arcface", "soft_triple"}
+      "subcenter_arcface", "soft_triple", "margin", "npairs"}
   with pytest.raises(ValueError, match="triplet.*obd_sd|obd_sd.*triplet"):
     losses.get("tripletz")
   with pytest.raises(ValueError, match="already registered"):

@@ -108,6 +108,8 @@ PAIR_LOSSES = {
                                      [{}, dict(pos_margin=0.1, neg_margin=0.8)], True, True),
     "lifted_structure": (pml_losses.LiftedStructureLoss,
                          [{}, dict(pos_margin=0.1, neg_margin=0.8)], False, True),
+    "margin": (pml_losses.MarginLoss, [{}, dict(margin=0.1, beta=1.0)], True, True),
+    "npairs": (pml_losses.NPairsLoss, [{}], False, False),
 }
 CASES = ["random", "one_sample", "ties", "reference_set"]
 

@@ -48,7 +48,7 @@ XBM/XBN and IRT recipes use.
 
 Registered names: triplet, relative_triplet, contrastive, contrastive_koleo,
 multi_similarity, ntxent, supcon, circle, tuplet_margin, lifted_structure,
-generalized_lifted_structure, koleo, embedding_distill, raml, obd_sd, and
+generalized_lifted_structure, margin, npairs, koleo, embedding_distill, raml, obd_sd, and
 the losses with learnable class vectors (`loss_params["proxies"]`, made by
 `init_params`): proxy_anchor, proxy_nca, normalized_softmax, cosface,
 arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies). See each function's
@@ -63,6 +63,7 @@ from jaxdml.losses import contrastive
 from jaxdml.losses import distill
 from jaxdml.losses import koleo
 from jaxdml.losses import lifted
+from jaxdml.losses import margin
 from jaxdml.losses import multi_similarity
 from jaxdml.losses import obd_sd
 from jaxdml.losses import proxies
@@ -176,7 +177,8 @@ for _name, _fn in (("triplet", triplet.triplet),
                    ("ntxent", softmax_pairs.ntxent), ("supcon", softmax_pairs.supcon),
                    ("circle", softmax_pairs.circle),
                    ("tuplet_margin", softmax_pairs.tuplet_margin),
-                   ("generalized_lifted_structure", lifted.generalized_lifted_structure)):
+                   ("generalized_lifted_structure", lifted.generalized_lifted_structure),
+                   ("margin", margin.margin)):
   register(_name, _fn)
 for _name, _fn, _init in (
     ("proxy_anchor", proxies.proxy_anchor, proxies.init_kaiming_fan_out),
@@ -189,6 +191,7 @@ for _name, _fn, _init in (
   register(_name, _fn, consumes=("params",), init_params=_init)
 register("koleo", koleo.koleo, consumes=())
 register("lifted_structure", lifted.lifted_structure, consumes=())  # in-batch only
+register("npairs", margin.npairs, consumes=())  # in-batch only
 register("embedding_distill", distill.embedding_distill, consumes=("teacher",))
 register("raml", distill.raml, consumes=("teacher",))
 register("obd_sd", obd_sd.obd_sd, consumes=("teacher", "progress"))
