@@ -180,7 +180,7 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outpu
   return loss, aux, memory
 
 
-MEMORY_TERMS = ("joint", "xbm")
+MEMORY_TERMS = ("joint", "xbm", "pml")
 
 
 def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, batch_keys):
@@ -195,6 +195,9 @@ def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, bat
     with the batch already enqueued, its own copy dropped). In-batch pairs
     thus count twice, once through the memory's detached copies. As in XBM,
     nothing is enqueued before `memory.start_step`.
+  - "pml": PML's `CrossBatchMemory`: the batch enqueued first, one loss of
+    the batch against the whole memory (its own copies dropped), no batch
+    term; older slots count from `memory.start_step` (PML: from the start).
   `batch_keys` are the batch's entries in the reference set and what is
   enqueued: the embeddings themselves, or a momentum encoder's. Before
   `memory.start_step` the memory slots are masked out rather than skipped,
@@ -215,6 +218,14 @@ def _memory_loss(config, loss_fn, hparams, embeddings, labels, memory, step, bat
   batch_size = embeddings.shape[0]
   active = step >= int(cfg["start_step"])
   keys = jax.lax.stop_gradient(batch_keys)
+  if terms == "pml":
+    ref = memory_lib.enqueued_reference_set(adapted_memory, adapted, keys, labels)
+    size = ref["ref_valid"].shape[0]
+    slots = jnp.where(ref["ref_self_index"] >= 0, ref["ref_self_index"], size)
+    own = jnp.zeros((size,), bool).at[slots].set(True, mode="drop")
+    ref["ref_valid"] = ref["ref_valid"] & (active | own)
+    loss, aux = loss_fn(embeddings=embeddings, labels=labels, **ref, **hparams)
+    return loss, {**aux, **diagnostics}, memory_lib.enqueue(adapted_memory, keys, labels)
   if terms == "xbm":
     loss, aux = loss_fn(embeddings=embeddings, labels=labels, **hparams)
     ref = memory_lib.enqueued_reference_set(adapted_memory, adapted, keys, labels)
