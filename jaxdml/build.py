@@ -145,7 +145,7 @@ def _init_fn(config, model, teacher, tx):
   num_classes = (data_lib.num_classes(config.data, task=config.task) if learnable else 0)
 
   def init(rng):
-    params_rng, run_rng, loss_rng = jax.random.split(rng, 3)
+    params_rng, run_rng = jax.random.split(rng)
     variables = model.init(params_rng, *dummy_inputs(config), train=False)
     dim = embedding_dim(model, config) if learnable or tasks.uses_memory(config) else 0
     state = {
@@ -157,7 +157,9 @@ def _init_fn(config, model, teacher, tx):
         "teacher": {},
     }
     if learnable:
-      keys = jax.random.split(loss_rng, len(learnable))
+      # Derived, not split off `rng`: runs without loss parameters keep the
+      # parameter and run keys (and so the initial weights) they always had.
+      keys = jax.random.split(jax.random.fold_in(run_rng, 1), len(learnable))
       state["loss_params"] = {
           key: losses.init_params(name, k, num_classes=num_classes, dim=dim, **hparams)
           for (key, name, hparams), k in zip(learnable, keys)}
