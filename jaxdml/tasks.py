@@ -114,15 +114,20 @@ def terms(config) -> list[tuple[str, str, dict, float]]:
 RANKING_LOSS = "loss"
 
 
-def learnable(config) -> list[tuple[str, str, dict]]:
-  """`(key in state["loss_params"], loss name, hparams)` of every loss of
-  the config that has learnable parameters."""
+def config_losses(config) -> list[tuple[str, str, dict]]:
+  """`(key, loss name, hparams)` of every loss of the config: the ranking
+  loss under RANKING_LOSS (when set), then each term under its name."""
   found = []
   if config.get("loss", None) is not None:
     name, hparams = loss_hparams(config.loss)
     found.append((RANKING_LOSS, name, hparams))
-  found += [(term, name, hparams) for term, name, hparams, _ in terms(config)]
-  return [(key, name, hp) for key, name, hp in found if "params" in losses.consumes(name)]
+  return found + [(term, name, hparams) for term, name, hparams, _ in terms(config)]
+
+
+def learnable(config) -> list[tuple[str, str, dict]]:
+  """`config_losses` that have learnable parameters (kept in
+  `state["loss_params"]` by key)."""
+  return [x for x in config_losses(config) if "params" in losses.consumes(x[1])]
 
 
 def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outputs=None,
@@ -139,10 +144,7 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outpu
   its own embeddings (a teacher that feeds the memory). `loss_params`: the
   learnable parameters of the losses that have them, by `learnable` key.
   """
-  names = [n for _, n, _, _ in terms(config)]
-  if config.get("loss", None) is not None:
-    names.append(config.loss.name)
-  consumed = set().union(*(losses.consumes(n) for n in names))
+  consumed = set().union(*(losses.consumes(n) for _, n, _ in config_losses(config)))
   available = {"teacher": teacher_outputs,
                "progress": progress(config, step) if "progress" in consumed else None}
   params_of = lambda key: dict(available, params=(loss_params or {}).get(key))

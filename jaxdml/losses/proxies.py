@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxdml.losses import distances
 from jaxdml.losses import pairs
+from jaxdml.losses.softmax_pairs import masked_logsumexp
 
 
 def _normal_init(std_fn):
@@ -73,12 +74,8 @@ def proxy_anchor(*, embeddings, labels, loss_params, margin=0.1, alpha=32.0,
   cos = distances.cosine_matrix(x, proxies)
   neg = 1.0 - pos
 
-  def log1p_sum_exp(z, mask):
-    # log(1 + sum_i mask * exp(z_i)) over the batch, per proxy; 0 without any.
-    z = jnp.where(mask > 0, z, -jnp.inf)
-    top = jnp.maximum(jnp.max(z, axis=0), 0.0)
-    total = jnp.exp(-top) + jnp.sum(jnp.where(mask > 0, jnp.exp(z - top), 0.0), axis=0)
-    return jnp.where(jnp.any(mask > 0, axis=0), top + jnp.log(total), 0.0)
+  # log(1 + sum over the batch's masked rows of exp(z)), per proxy; 0 without any.
+  log1p_sum_exp = lambda z, mask: jax.nn.softplus(masked_logsumexp(z, mask > 0, axis=0))
 
   pos_term = log1p_sum_exp(alpha * (margin - cos), pos)
   neg_term = log1p_sum_exp(alpha * (cos + margin), neg)
