@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxdml import data as data_lib
 from jaxdml import losses, memory as memory_lib
+from jaxdml.losses import miners
 
 
 def loss_hparams(cfg) -> tuple[str, dict]:
@@ -127,7 +128,7 @@ def config_losses(config) -> list[tuple[str, str, dict]]:
 def learnable(config) -> list[tuple[str, str, dict]]:
   """`config_losses` that have learnable parameters (kept in
   `state["loss_params"]` by key)."""
-  return [x for x in config_losses(config) if "params" in losses.consumes(x[1])]
+  return [x for x in config_losses(config) if "params" in losses.consumes(x[1], x[2])]
 
 
 def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outputs=None,
@@ -152,8 +153,11 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outpu
   loss, aux = jnp.zeros((), jnp.float32), {}
   if config.get("loss", None) is not None:
     name, hparams = loss_hparams(config.loss)
-    hparams.update(losses.inputs_for(name, params_of(RANKING_LOSS)))
+    miner = hparams.pop("miner", None)  # {"name": ..., **hparams}: mines every call's pairs
+    hparams.update(losses.inputs_for(name, params_of(RANKING_LOSS), hparams))
     loss_fn = losses.get(name)
+    if miner is not None:
+      loss_fn = miners.with_miner(loss_fn, miner)
     if config.task == "sbir":
       loss, aux = loss_fn(embeddings=outputs["query"], labels=labels,
                           ref_embeddings=outputs["gallery"], ref_labels=labels, **hparams)
@@ -172,7 +176,8 @@ def compute_loss(config, outputs, batch: dict, memory: dict, step, teacher_outpu
   all_labels = jnp.concatenate([labels, labels]) if config.task == "sbir" else labels
   flat_teacher = None if teacher_outputs is None else flat(config.task, teacher_outputs)
   for term, name, hparams, weight in terms(config):
-    hparams.update(losses.inputs_for(name, dict(params_of(term), teacher=flat_teacher)))
+    hparams.update(losses.inputs_for(name, dict(params_of(term), teacher=flat_teacher),
+                                     hparams))
     value, term_aux = losses.get(name)(embeddings=flat(config.task, outputs),
                                        labels=all_labels, **hparams)
     prefix = "distill" if "teacher" in losses.consumes(name) else "reg"

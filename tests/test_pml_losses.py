@@ -151,3 +151,46 @@ def test_pair_losses_equal_pml(name, case):
     g = xt.grad.numpy()
     grad_atol = (1e-4 if case == "ties" and normalized else 1e-5) * np.abs(g).max()
     np.testing.assert_allclose(grad, g, rtol=1e-3, atol=grad_atol, err_msg=f"{name} {hp}")
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+@pytest.mark.parametrize("case", ["random", "reference_set"])
+def test_margin_learned_beta_equals_pml(per_class, case):
+  """MarginLoss(learn_beta=True, nu, num_classes): value and gradients w.r.t.
+  the embeddings and beta (ours: loss_params["beta"])."""
+  rng = np.random.default_rng(11 + per_class)
+  x, labels, _ = _inputs("random", rng)
+  x = x / np.linalg.norm(x, axis=1, keepdims=True)
+  betas = rng.uniform(0.8, 1.3, 6 if per_class else 1)
+  pml = pml_losses.MarginLoss(margin=0.2, nu=0.3, beta=1.0, learn_beta=True,
+                              num_classes=6 if per_class else None).double()
+  pml.beta.data = torch.tensor(betas, dtype=torch.float64)
+  xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+  ours, kwargs = {}, {}
+  if case == "reference_set":
+    ref = rng.normal(size=(9, x.shape[1]))
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    ref_labels = rng.integers(0, 4, 9)
+    kwargs = dict(ref_emb=torch.tensor(ref), ref_labels=torch.tensor(ref_labels))
+    ours = dict(ref_embeddings=jnp.asarray(ref, jnp.float32),
+                ref_labels=jnp.asarray(ref_labels, jnp.int32))
+  want = pml(xt, torch.tensor(labels, dtype=torch.long), **kwargs)
+  want.backward()
+  hp = dict(margin=0.2, nu=0.3, beta=1.0, learn_beta=True, beta_per_class=per_class)
+  params = losses.init_params("margin", jax.random.key(0), num_classes=6, dim=8, **hp)
+  assert params["beta"].shape == betas.shape and np.all(params["beta"] == 1.0)
+  # PML's LpDistance normalises: so do we, for the same gradient.
+  fn = lambda e, b: losses.get("margin")(embeddings=distances.l2_normalize(e),
+                                         labels=jnp.asarray(labels),
+                                         loss_params={"beta": b}, **ours, **hp)[0]
+  value, (dx, db) = jax.value_and_grad(fn, argnums=(0, 1))(
+      jnp.asarray(x, jnp.float32), jnp.asarray(betas, jnp.float32))
+  np.testing.assert_allclose(value, want.item(), rtol=2e-5)
+  np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(db, pml.beta.grad.numpy(), rtol=1e-4, atol=1e-6)
+  assert np.abs(pml.beta.grad.numpy()).max() > 0
+  # Parameters only when asked for: the train state holds none otherwise.
+  assert "params" in losses.consumes("margin", hp)
+  assert "params" not in losses.consumes("margin", dict(margin=0.2))
+  with pytest.raises(ValueError, match="learn_beta=True"):
+    losses.init_params("margin", jax.random.key(0), num_classes=6, dim=8)

@@ -86,6 +86,7 @@ class Registered:
   fn: Callable
   consumes: frozenset
   init_params: Callable | None = None
+  params_when: Callable | None = None  # hparams -> whether they ask for parameters
 
 
 _REGISTRY: dict[str, Registered] = {}
@@ -110,19 +111,24 @@ def get(name):
   return _entry(name).fn
 
 
-def consumes(name) -> frozenset:
-  """What the loss `name` takes beyond embeddings and labels (keys of INPUTS)."""
-  return _entry(name).consumes
+def consumes(name, hparams=None) -> frozenset:
+  """What the loss `name` takes beyond embeddings and labels (keys of INPUTS);
+  with `hparams`, for that setting (margin takes parameters only with
+  learn_beta=True)."""
+  entry = _entry(name)
+  if hparams is not None and entry.params_when and not entry.params_when(hparams):
+    return entry.consumes - {"params"}
+  return entry.consumes
 
 
-def inputs_for(name, available: dict) -> dict:
+def inputs_for(name, available: dict, hparams=None) -> dict:
   """The keywords of `available` (INPUTS key -> value) that loss `name` consumes.
 
   The train step offers every input it has; a consumed input that is None
   (no teacher in the config) is an error that says what to configure.
   """
   kwargs = {}
-  for need in sorted(consumes(name)):
+  for need in sorted(consumes(name, hparams)):
     keyword = INPUTS[need]
     if keyword is None:
       continue
@@ -143,7 +149,8 @@ def init_params(name, rng, *, num_classes: int, dim: int, **hparams):
   return entry.init_params(rng, num_classes=int(num_classes), dim=int(dim), **hparams)
 
 
-def register(name, fn, *, consumes=("reference_set",), init_params=None):  # pylint: disable=redefined-outer-name
+def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pylint: disable=redefined-outer-name
+             params_when=None):
   """Adds `fn` under `name`; `consumes` lists the keys of INPUTS it takes.
 
   A distillation loss says `consumes=("teacher",)` and is given
@@ -152,6 +159,8 @@ def register(name, fn, *, consumes=("reference_set",), init_params=None):  # pyl
   with learnable parameters says "params" and gives `init_params(rng, *,
   num_classes, dim, **hparams) -> pytree`: the train state keeps them (under
   `loss_params`, by term) and the optimizer trains them with the encoder.
+  `params_when(hparams) -> bool` says which settings have parameters, when
+  not all do.
   Re-registering a taken name is a ValueError.
   """
   if not callable(fn):
@@ -166,7 +175,7 @@ def register(name, fn, *, consumes=("reference_set",), init_params=None):  # pyl
   if ("params" in consumes) != (init_params is not None):
     raise ValueError(f"register({name!r}, ...): a loss that consumes 'params' gives "
                      "init_params, and only such a loss.")
-  _REGISTRY[name] = Registered(fn, frozenset(consumes), init_params)
+  _REGISTRY[name] = Registered(fn, frozenset(consumes), init_params, params_when)
 
 
 for _name, _fn in (("triplet", triplet.triplet),
@@ -177,9 +186,10 @@ for _name, _fn in (("triplet", triplet.triplet),
                    ("ntxent", softmax_pairs.ntxent), ("supcon", softmax_pairs.supcon),
                    ("circle", softmax_pairs.circle),
                    ("tuplet_margin", softmax_pairs.tuplet_margin),
-                   ("generalized_lifted_structure", lifted.generalized_lifted_structure),
-                   ("margin", margin.margin)):
+                   ("generalized_lifted_structure", lifted.generalized_lifted_structure)):
   register(_name, _fn)
+register("margin", margin.margin, consumes=("reference_set", "params"),
+         init_params=margin.init_beta, params_when=lambda hp: bool(hp.get("learn_beta")))
 for _name, _fn, _init in (
     ("proxy_anchor", proxies.proxy_anchor, proxies.init_kaiming_fan_out),
     ("proxy_nca", proxies.proxy_nca, proxies.init_normal),

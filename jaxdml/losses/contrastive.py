@@ -22,13 +22,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import miners
 from jaxdml.losses import pairs
 
 
 def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
                 ref_valid=None, ref_self_index=None, pos_margin=0.0,
                 neg_margin=1.0, distance="euclidean",
-                reduction="avg_nonzero"):
+                reduction="avg_nonzero", mined=None):
   """Contrastive loss; defaults are PML's `ContrastiveLoss()` numbers.
 
   Args:
@@ -40,6 +41,8 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
     distance: "cosine" | "euclidean" | "squared_euclidean".
     reduction: "avg_nonzero" (PML default) | "mean", applied to each part, or
       "per_anchor_sum" (XBM's code, IRT's paper; see the module docstring).
+    mined: a miner's selection (jaxdml.losses.miners); each pair counts as
+      often as it was mined, as in PML's pair lists.
 
   Returns:
     (loss, aux) with aux `pos_loss`, `neg_loss` (the reduced parts),
@@ -50,6 +53,7 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
                     ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                     ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="contrastive")
+  pos, neg, pos_w, neg_w = miners.restrict(p, mined)
   mat = distances.pairwise(p.query, p.ref, distance=distance)
   if distances.is_similarity(distance):
     pos_l = jax.nn.relu(pos_margin - mat)
@@ -57,9 +61,9 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
   else:
     pos_l = jax.nn.relu(mat - pos_margin)
     neg_l = jax.nn.relu(neg_margin - mat)
-  pos_loss = pairs.reduce(pos_l, p.pos, reduction)
-  neg_loss = pairs.reduce(neg_l, p.neg, reduction)
-  n_pos, n_neg = pairs.count(p.pos), pairs.count(p.neg)
+  pos_loss = pairs.reduce(pos_l, pos, reduction, weight=pos_w)
+  neg_loss = pairs.reduce(neg_l, neg, reduction, weight=neg_w)
+  n_pos, n_neg = jnp.sum(pos_w), jnp.sum(neg_w)
   degenerate = ((n_pos <= 1) & (n_neg <= 1)
                 & (reduction != pairs.PER_ANCHOR_SUM))
   loss = jnp.where(degenerate, 0.0, pos_loss + neg_loss)
@@ -68,9 +72,9 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
       "neg_loss": neg_loss,
       "num_pos_pairs": n_pos,
       "num_neg_pairs": n_neg,
-      "active_pos_fraction": pairs.count(p.pos & (pos_l > 0))
+      "active_pos_fraction": jnp.sum(jnp.where(pos_l > 0, pos_w, 0.0))
                              / jnp.maximum(n_pos, 1.0),
-      "active_neg_fraction": pairs.count(p.neg & (neg_l > 0))
+      "active_neg_fraction": jnp.sum(jnp.where(neg_l > 0, neg_w, 0.0))
                              / jnp.maximum(n_neg, 1.0),
   }
   return loss, aux

@@ -11,43 +11,47 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import miners
 from jaxdml.losses import pairs
 from jaxdml.losses.softmax_pairs import masked_logsumexp
 
 
 def lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
                      ref_valid=None, ref_self_index=None, pos_margin=0.0, neg_margin=1.0,
-                     distance="euclidean"):
+                     distance="euclidean", mined=None):
   """Each positive pair (i, j): [logsumexp over the negatives of i and of j
   of (neg_margin - d) + d_ij - pos_margin]_+^2 / 2, averaged over positive
   pairs (both orders, as PML). In-batch only: the negatives of j need j's
-  row."""
+  row. `mined`: a miner's pairs, each counted as often as mined."""
   pairs.reject_ref("lifted_structure", ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                    ref_valid=ref_valid, ref_self_index=ref_self_index)
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None,
                     ref_labels=None, ref_valid=None, ref_self_index=None,
                     loss_name="lifted_structure")
+  pos, neg, pos_w, neg_w = miners.restrict(p, mined)
   d = distances.dissimilarity(distances.pairwise(p.query, p.ref, distance=distance),
                               distance=distance)
-  per_row = masked_logsumexp(neg_margin - d, p.neg)  # [B]
+  per_row = masked_logsumexp(neg_margin - d, neg, weight=neg_w)  # [B]
   negatives = jnp.logaddexp(per_row[:, None], per_row[None, :])
   inner = negatives + d - pos_margin
-  losses = jnp.square(jax.nn.relu(jnp.where(p.pos, inner, 0.0))) / 2.0
-  value = pairs.reduce(losses, p.pos, "mean")
-  return jnp.where(jnp.any(p.pos) & jnp.any(p.neg), value, 0.0), {}
+  losses = jnp.square(jax.nn.relu(jnp.where(pos, inner, 0.0))) / 2.0
+  value = pairs.reduce(losses, pos, "mean", weight=pos_w)
+  return jnp.where(jnp.any(pos) & jnp.any(neg), value, 0.0), {}
 
 
 def generalized_lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
                                  ref_valid=None, ref_self_index=None, pos_margin=0.0,
-                                 neg_margin=1.0, distance="euclidean"):
+                                 neg_margin=1.0, distance="euclidean", mined=None):
   """Per anchor: [logsumexp_p (d_p - pos_margin) + logsumexp_n (neg_margin
-  - d_n)]_+, a missing side counting 0; averaged over anchors."""
+  - d_n)]_+, a missing side counting 0; averaged over anchors. `mined`: a
+  miner's pairs, as a set."""
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="generalized_lifted_structure")
+  pos_mask, neg_mask, _, _ = miners.restrict(p, mined)
   d = distances.dissimilarity(distances.pairwise(p.query, p.ref, distance=distance),
                               distance=distance)
   zero_if_none = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
-  pos = zero_if_none(masked_logsumexp(d - pos_margin, p.pos))
-  neg = zero_if_none(masked_logsumexp(neg_margin - d, p.neg))
+  pos = zero_if_none(masked_logsumexp(d - pos_margin, pos_mask))
+  neg = zero_if_none(masked_logsumexp(neg_margin - d, neg_mask))
   return jnp.mean(jax.nn.relu(pos + neg)), {}

@@ -1,36 +1,67 @@
 """Margin loss and N-pairs, equal to pytorch-metric-learning 2.9.0's
-`MarginLoss` (all triplets, fixed beta) and `NPairsLoss`."""
+`MarginLoss` (all or mined triplets, fixed or learned beta) and `NPairsLoss`."""
 import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import miners
 from jaxdml.losses import pairs
 
 
 def margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, margin=0.2, beta=1.2, distance="euclidean"):  # pylint: disable=redefined-outer-name
-  """Margin loss (Wu et al. 2017) over every triplet (a, p, n), PML's
-  `MarginLoss()`: [d_ap - beta + margin]_+ + [beta - d_an + margin]_+,
-  summed over triplets and divided by the number of non-zero terms.
+           ref_self_index=None, margin=0.2, beta=1.2, distance="euclidean", mined=None,  # pylint: disable=redefined-outer-name
+           learn_beta=False, nu=0.0, beta_per_class=False, loss_params=None):
+  """Margin loss (Wu et al. 2017), PML's `MarginLoss()`: over every triplet
+  (a, p, n), or a miner's (`mined=`), [d_ap - beta + margin]_+ +
+  [beta - d_an + margin]_+, summed and divided by the number of non-zero
+  terms.
 
-  Over all triplets that sum is, per anchor, |N_a| times its positive
-  terms plus |P_a| times its negative terms, so it allocates [B, R] where
-  PML builds every triplet. `distance` as in jaxdml.losses (PML's default
-  L2-normalises first: feed normalised embeddings). beta is fixed (PML's
-  `learn_beta=False` default).
+  The terms separate, so the sum is each pair's term times the number of
+  triplets that hold the pair: [B, R] where PML builds every triplet.
+  `distance` as in jaxdml.losses (PML's default L2-normalises first: feed
+  normalised embeddings). With `learn_beta` beta is a learned parameter,
+  `loss_params["beta"]` ([1], or [num_classes] with `beta_per_class`,
+  PML's `num_classes=`), initialised to `beta`, plus PML's regulariser
+  nu * beta (per class: summed over the triplets' anchors, divided as the
+  loss).
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="margin")
   d = distances.dissimilarity(distances.pairwise(p.query, p.ref, distance=distance),
                               distance=distance)
-  pos = jnp.where(p.pos, jax.nn.relu(d - beta + margin), 0.0)
-  neg = jnp.where(p.neg, jax.nn.relu(beta - d + margin), 0.0)
-  n_pos, n_neg = jnp.sum(p.pos, 1), jnp.sum(p.neg, 1)  # per anchor
-  total = jnp.sum(n_neg * jnp.sum(pos, 1) + n_pos * jnp.sum(neg, 1))
-  divisor = jnp.sum(n_neg * jnp.sum(pos > 0, 1) + n_pos * jnp.sum(neg > 0, 1))
-  value = jnp.where(divisor > 0, total / jnp.maximum(divisor, 1), 0.0)
-  return value, {"triplets": jnp.sum(n_pos * n_neg).astype(jnp.float32)}
+  if mined is None:  # all triplets: per anchor, |N_a| per positive, |P_a| per negative
+    t_pos = p.pos * jnp.sum(p.neg, 1, keepdims=True)
+    t_neg = p.neg * jnp.sum(p.pos, 1, keepdims=True)
+  else:
+    miners.restrict(p, mined)  # checks the shapes
+    t_pos, t_neg = jnp.where(p.pos, mined.tpos, 0.0), jnp.where(p.neg, mined.tneg, 0.0)
+  if learn_beta:
+    table = loss_params["beta"]
+    beta = (table[jnp.asarray(labels)] if beta_per_class else table[:1])[:, None]
+  pos = jax.nn.relu(d - beta + margin)
+  neg = jax.nn.relu(beta - d + margin)
+  total = jnp.sum(t_pos * pos) + jnp.sum(t_neg * neg)
+  divisor = jnp.sum(jnp.where(pos > 0, t_pos, 0.0)) + jnp.sum(jnp.where(neg > 0, t_neg, 0.0))
+  value = jnp.where(divisor > 0, total / jnp.where(divisor > 0, divisor, 1.0), 0.0)
+  triplets = jnp.sum(t_pos)
+  if learn_beta:
+    if beta_per_class:  # PML: nu * beta per triplet's anchor, over the same divisor
+      reg = nu * jnp.sum(beta[:, 0] * jnp.sum(t_pos, 1))
+      reg = jnp.where(divisor > 0, reg / jnp.where(divisor > 0, divisor, 1.0), 0.0)
+    else:
+      reg = nu * beta[0, 0]
+    value = value + jnp.where(triplets > 0, reg, 0.0)
+  return value, {"triplets": triplets}
+
+
+def init_beta(rng, *, num_classes, dim, beta=1.2, learn_beta=False, beta_per_class=False,
+              **_):
+  """The learned beta of `margin(learn_beta=True)`: [num_classes] or [1]."""
+  del rng, dim
+  if not learn_beta:
+    raise ValueError("margin has learnable parameters only with learn_beta=True.")
+  return {"beta": jnp.full((num_classes if beta_per_class else 1,), beta, jnp.float32)}
 
 
 def npairs(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import miners
 from jaxdml.losses import pairs
 
 
@@ -27,21 +28,10 @@ def _log1p_sum_exp(x, mask):
   return jax.nn.logsumexp(x, axis=1)
 
 
-def mine(dis, pos, neg, epsilon):
-  """PML MultiSimilarityMiner on a "smaller is closer" matrix -> (pos, neg)."""
-  dis = jax.lax.stop_gradient(dis)
-  min_neg = jnp.min(jnp.where(neg, dis, jnp.inf), axis=1, keepdims=True)
-  max_pos = jnp.max(jnp.where(pos, dis, -jnp.inf), axis=1, keepdims=True)
-  any_pairs = jnp.any(pos) & jnp.any(neg)
-  hard_pos = pos & (dis + epsilon > min_neg) & any_pairs
-  hard_neg = neg & (dis - epsilon < max_pos) & any_pairs
-  return hard_pos, hard_neg
-
-
 def multi_similarity(*, embeddings, labels, ref_embeddings=None,
                      ref_labels=None, ref_valid=None, ref_self_index=None,
                      alpha=2.0, beta=50.0, base=0.5, miner_epsilon=None,
-                     distance="cosine", reduction="mean"):
+                     distance="cosine", reduction="mean", mined=None):
   """Multi-Similarity loss; defaults are PML's `MultiSimilarityLoss()`.
 
   Args:
@@ -54,6 +44,8 @@ def multi_similarity(*, embeddings, labels, ref_embeddings=None,
     miner_epsilon: None (all pairs) or the MS miner's epsilon.
     distance: "cosine" (default, as PML) | "euclidean" | "squared_euclidean".
     reduction: "mean" over anchors (PML default) | "avg_nonzero".
+    mined: a miner's selection (jaxdml.losses.miners), used as a set as
+      PML's masks do; `miner_epsilon` then mines within it.
 
   Returns:
     (loss, aux) with aux `num_pos_pairs`, `num_neg_pairs` (after mining),
@@ -64,10 +56,10 @@ def multi_similarity(*, embeddings, labels, ref_embeddings=None,
                     ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="multi_similarity")
   mat = distances.pairwise(p.query, p.ref, distance=distance)
-  pos, neg = p.pos, p.neg
+  pos, neg, _, _ = miners.restrict(p, mined)
   if miner_epsilon is not None:
-    pos, neg = mine(distances.dissimilarity(mat, distance=distance), pos, neg,
-                    miner_epsilon)
+    pos, neg = miners.multi_similarity_select(distances.dissimilarity(mat, distance=distance),
+                                              pos, neg, miner_epsilon)
   sim = distances.is_similarity(distance)
   pos_exp = base - mat if sim else mat - base
   neg_exp = mat - base if sim else base - mat

@@ -112,21 +112,24 @@ def reject_ref(loss_name, **refs):
         f" set, but got {', '.join(given)}; drop the memory for this loss.")
 
 
-def reduce(losses, mask, reduction):
+def reduce(losses, mask, reduction, weight=None):
   """PML AvgNonZeroReducer ("avg_nonzero"), MeanReducer ("mean") or XBM's sum.
 
   The PML two average over the entries where `mask` holds ("avg_nonzero"
   also drops entries whose loss is not > 0) and give 0 when none is left, as
   PML does. "per_anchor_sum" sums each row of [B, R] `losses` over `mask`
   and averages the B sums, so more pairs (a larger memory) weigh more.
+  `weight`: how many times each entry counts (a miner's pair counts, as
+  PML's index lists repeat a pair); 1 where None.
   """
   check_reduction(reduction, REDUCTIONS + (PER_ANCHOR_SUM,))
+  weight = jnp.ones(losses.shape, losses.dtype) if weight is None else weight
   if reduction == PER_ANCHOR_SUM:
-    return jnp.sum(jnp.where(mask, losses, 0.0)) / losses.shape[0]
+    return jnp.sum(jnp.where(mask, weight * losses, 0.0)) / losses.shape[0]
   keep = mask & (losses > 0) if reduction == "avg_nonzero" else mask
-  total = jnp.sum(jnp.where(keep, losses, 0.0))
-  count = jnp.sum(keep)
-  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+  total = jnp.sum(jnp.where(keep, weight * losses, 0.0))
+  count = jnp.sum(jnp.where(keep, weight, 0.0))
+  return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
 
 
 def count(mask):

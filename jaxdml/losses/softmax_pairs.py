@@ -15,12 +15,16 @@ import jax.numpy as jnp
 import jax
 
 from jaxdml.losses import distances
+from jaxdml.losses import miners
 from jaxdml.losses import pairs
 
 
-def masked_logsumexp(z, mask, axis=-1):
+def masked_logsumexp(z, mask, axis=-1, weight=None):
   """logsumexp of `z` where `mask` holds; -inf (with zero gradient) where
-  nothing does."""
+  nothing does. `weight` (> 0 where `mask`): log sum weight * exp(z), a
+  term repeated that many times."""
+  if weight is not None:
+    z = z + jnp.log(jnp.where(mask, weight, 1.0))
   top = jnp.max(jnp.where(mask, z, -jnp.inf), axis=axis, keepdims=True)
   top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
   # Masked before exp: an entry left out may be huge, and exp(inf) * 0 in
@@ -32,8 +36,9 @@ def masked_logsumexp(z, mask, axis=-1):
 
 
 def ntxent(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, temperature=0.07):
+           ref_self_index=None, temperature=0.07, mined=None):
   """NT-Xent / InfoNCE with labels (PML's `NTXentLoss`).
+  `mined`: a miner's pairs, each counted as often as it was mined.
 
   Every positive pair (a, p) is a softmax over p and the negatives of a,
   cosine / temperature: -log(e^{s_ap} / (e^{s_ap} + sum_n e^{s_an})),
@@ -43,18 +48,20 @@ def ntxent(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="ntxent")
+  pos, neg, pos_w, neg_w = miners.restrict(p, mined)
   logits = distances.cosine_matrix(p.query, p.ref) / temperature
-  negatives = masked_logsumexp(logits, p.neg)
+  negatives = masked_logsumexp(logits, neg, weight=neg_w)
   losses = jax.nn.softplus(negatives[:, None] - logits)
-  value = pairs.reduce(losses, p.pos, "mean")
+  value = pairs.reduce(losses, pos, "mean", weight=pos_w)
   # PML returns zero unless the batch has positive and negative pairs.
-  value = jnp.where(jnp.any(p.pos) & jnp.any(p.neg), value, 0.0)
-  return value, {"pos_pairs": pairs.count(p.pos)}
+  value = jnp.where(jnp.any(pos) & jnp.any(neg), value, 0.0)
+  return value, {"pos_pairs": jnp.sum(pos_w)}
 
 
 def supcon(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, temperature=0.1):
+           ref_self_index=None, temperature=0.1, mined=None):
   """Supervised contrastive loss (Khosla et al. 2020; PML's `SupConLoss`).
+  `mined`: a miner's pairs, as a set.
 
   For anchor a: minus the mean over its positives p of
   log(e^{s_ap} / sum over its positives and negatives k of e^{s_ak}),
@@ -64,40 +71,43 @@ def supcon(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="supcon")
+  pos, neg, _, _ = miners.restrict(p, mined)
   logits = distances.cosine_matrix(p.query, p.ref) / temperature
-  log_prob = logits - masked_logsumexp(logits, p.pos | p.neg)[:, None]
-  n_pos = jnp.sum(p.pos, axis=1)
+  log_prob = logits - masked_logsumexp(logits, pos | neg)[:, None]
+  n_pos = jnp.sum(pos, axis=1)
   tiny = jnp.finfo(logits.dtype).tiny
-  per_anchor = -jnp.sum(jnp.where(p.pos, log_prob, 0.0), axis=1) / (n_pos + tiny)
+  per_anchor = -jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1) / (n_pos + tiny)
   value = pairs.reduce(per_anchor, jnp.ones_like(n_pos, bool), "avg_nonzero")
-  value = jnp.where(jnp.any(p.pos) & jnp.any(p.neg), value, 0.0)
+  value = jnp.where(jnp.any(pos) & jnp.any(neg), value, 0.0)
   return value, {"anchors_with_positives": jnp.sum(n_pos > 0).astype(jnp.float32)}
 
 
 def circle(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, m=0.4, gamma=80.0):
+           ref_self_index=None, m=0.4, gamma=80.0, mined=None):
   """Circle loss (Sun et al. 2020; PML's `CircleLoss`), pairwise labels.
 
   Per anchor: softplus(logsumexp_p -gamma a_p (s_p - (1 - m)) +
   logsumexp_n gamma a_n (s_n - m)) with the weights a_p = [1 + m - s_p]_+
   and a_n = [s_n + m]_+ held constant; 0 for an anchor without a positive
   or a negative; averaged over the non-zero anchors (AvgNonZeroReducer).
+  `mined`: a miner's pairs, as a set.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="circle")
+  pos, neg, _, _ = miners.restrict(p, mined)
   s = distances.cosine_matrix(p.query, p.ref)
   fixed = jax.lax.stop_gradient(s)
   pos_logits = -gamma * jax.nn.relu(1.0 + m - fixed) * (s - (1.0 - m))
   neg_logits = gamma * jax.nn.relu(fixed + m) * (s - m)
-  both = jnp.any(p.pos, axis=1) & jnp.any(p.neg, axis=1)
-  inner = masked_logsumexp(pos_logits, p.pos) + masked_logsumexp(neg_logits, p.neg)
+  both = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
+  inner = masked_logsumexp(pos_logits, pos) + masked_logsumexp(neg_logits, neg)
   losses = jnp.where(both, jax.nn.softplus(jnp.where(both, inner, 0.0)), 0.0)
   return pairs.reduce(losses, jnp.ones_like(both), "avg_nonzero"), {}
 
 
 def tuplet_margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-                  ref_self_index=None, margin=5.73, scale=64.0):
+                  ref_self_index=None, margin=5.73, scale=64.0, mined=None):
   """Tuplet margin loss (Yu & Tao 2019; PML's `TupletMarginLoss`); `margin`
   in degrees.
 
@@ -105,16 +115,17 @@ def tuplet_margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, r
   negatives n of exp(scale (s_an - cos(theta - margin)))), averaged over
   positive pairs. cos(theta - m) is computed as c cos m + sqrt(1 - c^2)
   sin m (PML goes through arccos: the same value, a finite gradient at
-  c = 1 here).
+  c = 1 here). `mined`: a miner's pairs, each counted as often as mined.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="tuplet_margin")
+  pos, neg, pos_w, neg_w = miners.restrict(p, mined)
   rad = math.radians(margin)
   s = distances.cosine_matrix(p.query, p.ref)
   shifted = s * math.cos(rad) + distances.safe_sqrt(1.0 - s * s) * math.sin(rad)
-  negatives = masked_logsumexp(scale * s, p.neg)  # per anchor
+  negatives = masked_logsumexp(scale * s, neg, weight=neg_w)  # per anchor
   # log(1 + sum_n exp(scale s_an - scale cos(theta_ap - m))) per [a, p] entry.
   losses = jax.nn.softplus(negatives[:, None] - scale * shifted)
-  value = pairs.reduce(losses, p.pos, "mean")
-  return jnp.where(jnp.any(p.pos) & jnp.any(p.neg), value, 0.0), {}
+  value = pairs.reduce(losses, pos, "mean", weight=pos_w)
+  return jnp.where(jnp.any(pos) & jnp.any(neg), value, 0.0), {}

@@ -13,13 +13,18 @@ the cosine similarity). Mining and reduction reproduce pytorch-metric-learning
 The default reduction is PML's AvgNonZeroReducer (mean over triplets with a
 positive hinge); "mean" averages over all mined triplets.
 
-For "all" and "semihard" the [B, R, R] triplet tensor is never built: per
-anchor the negatives are sorted once and, for every positive, the active
-negatives form a contiguous run whose hinge sum is read off prefix sums. Cost
-O(B R log R) time and O(B R) memory, so a cross-batch memory of 50k entries is
-as cheap as a batch.
+A miner's selection (`mined=`, jaxdml.losses.miners) replaces `mining`:
+its triplets are its positives x negatives within its window on
+dis(a, n) - dis(a, p) (or one sampled negative per positive pair).
+
+For "all", "semihard" and mined windows the [B, R, R] triplet tensor is
+never built: per anchor the negatives are sorted once and, for every
+positive, the active negatives form a contiguous run whose hinge sum is read
+off prefix sums. Cost O(B R log R) time and O(B R) memory, so a cross-batch
+memory of 50k entries is as cheap as a batch.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +55,19 @@ def _hard(dis, pos, neg, weight, margin, reduction):
   return num, den, pairs.count(keep), pairs.count(active)
 
 
-def _sorted_runs(dis, pos, neg, weight, margin, mining, reduction):
-  """Sums over all (or semi-hard) triplets via sorted negatives."""
+def _sampled(dis, pos, sampled_neg, margin, reduction):
+  """One triplet (a, p, sampled_neg[a, p]) per positive pair."""
+  d_an = jnp.take_along_axis(dis, jnp.maximum(sampled_neg, 0), axis=1)
+  hinge = jax.nn.relu(dis - d_an + margin)
+  active = pos & (hinge > 0)
+  counted = active if reduction == "avg_nonzero" else pos
+  return (jnp.sum(jnp.where(pos, hinge, 0.0)), pairs.count(counted), pairs.count(pos),
+          pairs.count(active))
+
+
+def _sorted_runs(dis, pos, neg, weight, margin, window, reduction):
+  """Sums over the triplets with lo < dis_an - dis_ap <= hi via sorted
+  negatives."""
   key = jax.lax.stop_gradient(jnp.where(neg, dis, jnp.inf))
   order = jnp.argsort(key, axis=1)
   key_s = jnp.take_along_axis(key, order, axis=1)
@@ -66,15 +82,10 @@ def _sorted_runs(dis, pos, neg, weight, margin, mining, reduction):
   dis_ap = jax.lax.stop_gradient(dis)
   search = lambda q, side: jax.vmap(
       functools.partial(jnp.searchsorted, side=side))(key_s, q)
-  hi_active = search(dis_ap + margin, "left")  # dis_an < dis_ap + m
-  if mining == "semihard":
-    lo = search(dis_ap, "right")  # dis_an > dis_ap
-    hi_mined = search(dis_ap + margin, "right")  # dis_an <= dis_ap + m
-  else:
-    lo = jnp.zeros_like(hi_active)
-    hi_mined = jnp.broadcast_to(jnp.sum(neg, axis=1, keepdims=True), lo.shape)
-  hi_active = jnp.maximum(hi_active, lo)
-  hi_mined = jnp.maximum(hi_mined, lo)
+  n_neg = jnp.sum(neg, axis=1, keepdims=True)
+  lo = jnp.minimum(search(dis_ap + window[0], "right"), n_neg)  # dis_an > dis_ap + lo
+  hi_mined = jnp.clip(search(dis_ap + window[1], "right"), lo, n_neg)  # <= dis_ap + hi
+  hi_active = jnp.clip(search(dis_ap + margin, "left"), lo, hi_mined)  # < dis_ap + m
 
   at = lambda c, i: jnp.take_along_axis(c, i, axis=1)
   w_active = at(cum_w, hi_active) - at(cum_w, lo)
@@ -90,23 +101,36 @@ def _sorted_runs(dis, pos, neg, weight, margin, mining, reduction):
   return num, den, n_mined, n_active
 
 
-def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction):
+def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction, mined=None,
+                     distance=None):
   """Shared core: sum(w * hinge) / sum(w) over the reduced set of triplets.
 
   `weight` is [B, R], indexed by (anchor, negative), under stop_gradient.
   With weight 1 this is PML's reduction exactly; with general weights it is
   the weighted mean, i.e. weights normalised to mean 1 over the triplets the
-  reduction averages over.
+  reduction averages over. `mined` (with the loss's `distance`) replaces
+  `mining`.
   """
   check_mining(mining)
   pairs.check_reduction(reduction)
   weight = jax.lax.stop_gradient(weight)
-  if mining == "hard":
+  if mined is not None:
+    if mining != "all":
+      raise ValueError(f"mining={mining!r} and mined= both select triplets; leave "
+                       "mining='all' when passing a miner's selection.")
+    if mined.window != (-math.inf, math.inf) and mined.distance != distance:
+      raise ValueError(f"the miner's window is on distance={mined.distance!r} but the loss "
+                       f"uses {distance!r}: mine with the loss's distance.")
+    pos, neg = pos & mined.t_pos, neg & mined.t_neg
+  if mined is not None and mined.sampled_neg is not None:
+    num, den, n_mined, n_active = _sampled(dis, pos, mined.sampled_neg, margin, reduction)
+  elif mining == "hard":
     num, den, n_mined, n_active = _hard(dis, pos, neg, weight, margin,
                                         reduction)
   else:
-    num, den, n_mined, n_active = _sorted_runs(dis, pos, neg, weight, margin,
-                                               mining, reduction)
+    window = {"all": (-math.inf, math.inf), "semihard": (0.0, margin)}[mining]
+    num, den, n_mined, n_active = _sorted_runs(
+        dis, pos, neg, weight, margin, window if mined is None else mined.window, reduction)
   loss = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
   aux = {
       "num_triplets": n_mined,
@@ -118,7 +142,7 @@ def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction):
 
 def triplet(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
             ref_valid=None, ref_self_index=None, margin=0.05,
-            distance="euclidean", mining="all", reduction="avg_nonzero"):
+            distance="euclidean", mining="all", reduction="avg_nonzero", mined=None):
   """Triplet margin loss; defaults are PML's `TripletMarginLoss()` numbers.
 
   Args:
@@ -131,6 +155,7 @@ def triplet(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
     distance: "cosine" | "euclidean" | "squared_euclidean".
     mining: "all" | "hard" | "semihard" (see module docstring).
     reduction: "avg_nonzero" (PML default) | "mean".
+    mined: a miner's selection (jaxdml.losses.miners) instead of `mining`.
 
   Returns:
     (loss, aux) with aux `num_triplets` (mined), `num_active` (those with a
@@ -144,5 +169,6 @@ def triplet(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
   dis = distances.dissimilarity(mat, distance=distance)
   loss, aux, _ = weighted_triplet(dis=dis, pos=p.pos, neg=p.neg,
                                   weight=jnp.ones_like(dis), margin=margin,
-                                  mining=mining, reduction=reduction)
+                                  mining=mining, reduction=reduction, mined=mined,
+                                  distance=distance)
   return loss, aux
