@@ -183,6 +183,7 @@ def build(config, *, devices=None, mesh=None) -> Parts:
   tx, schedule = optim.make_optimizer(config.optimizer, int(config.total_steps))
   init = _init_fn(config, model, teacher, tx)
   abstract = jax.eval_shape(init, jax.random.key(int(config.seed)))
-  shardings = sharding.state_shardings(abstract, mesh, config.sharding)
+  rules = tuple(dict(config.get("sharding_rules", None) or {}).items())
+  shardings = sharding.state_shardings(abstract, mesh, config.sharding, rules=rules)
   return Parts(config=config, mesh=mesh, model=model, teacher=teacher, tx=tx,
                schedule=schedule, init=init, abstract=abstract, shardings=shardings)

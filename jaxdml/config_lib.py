@@ -26,6 +26,8 @@ TOP_LEVEL_FIELDS = {
     "keep_checkpoints": "int: how many checkpoints to keep",
     "mesh": "dict axis -> size (-1: all remaining devices), e.g. {'data': -1}",
     "sharding": "'replicated' or 'fsdp': how parameters are laid out",
+    "sharding_rules": "dict regex -> PartitionSpec tuple, first match wins over `sharding`, "
+                      "e.g. {'proxies$': ('data', None)} splits a proxy table by class",
     "model": "encoder config, see jaxdml.models",
     "loss": "the ranking loss, name and hyperparameters (None: terms only), see jaxdml.losses",
     "terms": "weighted terms added to the loss, name -> {weight, loss (default: the name), "
@@ -51,7 +53,8 @@ RENAMED = {
 # --mode=print_config shows) holds every value a run uses.
 DEFAULTS = {
     "log_every": 50, "eval_every": 0, "checkpoint_every": 1000, "keep_checkpoints": 3,
-    "mesh": {"data": -1}, "sharding": "replicated", "epoch_steps": 0, "terms": {},
+    "mesh": {"data": -1}, "sharding": "replicated", "sharding_rules": {}, "epoch_steps": 0,
+    "terms": {},
     "teacher": None, "eval": None,
 }
 

@@ -10,7 +10,11 @@ Fields: `name` ('adamw' | 'adam' | 'sgd'), `lr`, `weight_decay`, `b1`, `b2`,
 command line),
 `no_decay` (regex of parameter paths excluded from weight decay, on top of
 every 1-d parameter: biases and norm scales), `accumulate_steps` (gradient
-accumulation, RAML's 25 batches), `frozen` (regex of parameters kept fixed).
+accumulation, RAML's 25 batches), `frozen` (regex of parameters kept fixed),
+`warm_steps` / `warm_trains` (for the first `warm_steps` updates only the
+parameters whose path matches `warm_trains` train, by default the embedding
+head and the losses' parameters; the rest, and their optimizer state, stay
+as they are: Proxy-Anchor's `--warm`, PyTorch's requires_grad=False).
 
 'adam' follows PyTorch's `Adam(weight_decay=...)`: decay is added to the
 gradient before the moments (L2 regularisation), as the XBM and OBD-SD
@@ -20,9 +24,13 @@ reference code uses it; 'adamw' decouples it.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from jaxdml.models.heads import HEAD_NAME
 
 
 # Every `config.optimizer` field and its default (`config_lib.resolve` fills
@@ -32,7 +40,8 @@ DEFAULTS = {
     "end_lr_factor": 0.0, "pct_start": 0.3, "div_factor": 25.0, "weight_decay": 0.0,
     "no_decay": r"(pos_embed|cls_token|gem)", "grad_clip_norm": None, "b1": 0.9, "b2": 0.999,
     "momentum": 0.9, "frozen": None, "accumulate_steps": 1, "decay_steps": 0,
-    "decay_rate": 0.5, "lr_multipliers": None,
+    "decay_rate": 0.5, "lr_multipliers": None, "warm_steps": 0,
+    "warm_trains": rf"(^|/){HEAD_NAME}/|^loss_params/",
 }
 
 
@@ -117,6 +126,28 @@ def _update_rule(cfg, schedule) -> list:
   raise ValueError(f"config.optimizer.name={name!r}: expected 'adamw', 'adam' or 'sgd'.")
 
 
+class HeldState(NamedTuple):
+  count: jax.Array
+  inner: optax.OptState
+
+
+def held_for(tx: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+  """`tx`, except that its first `steps` updates are zero and leave its
+  state as it was: a parameter that is not trained yet neither moves nor
+  collects moments or weight decay, and starts like a fresh one."""
+  def init(params):
+    return HeldState(jnp.zeros((), jnp.int32), tx.init(params))
+
+  def update(updates, state, params=None):
+    new_updates, new_inner = tx.update(updates, state.inner, params)
+    held = state.count < steps
+    keep = lambda old, new: jnp.where(held, old, new)
+    new_updates = jax.tree.map(lambda u: jnp.where(held, jnp.zeros_like(u), u), new_updates)
+    return new_updates, HeldState(jnp.minimum(state.count + 1, steps),
+                                  jax.tree.map(keep, state.inner, new_inner))
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg, total_steps: int):
   """Returns `(optax.GradientTransformation, schedule)`.
 
@@ -139,14 +170,19 @@ def make_optimizer(cfg, total_steps: int):
     patterns = [(re.compile(r), float(f)) for r, f in multipliers.items()]
     group = lambda name: next((f"x{i}" for i, (p, _) in enumerate(patterns)
                                if p.search(name)), "base")
-    chain.append(optax.multi_transform(
+    rule = [optax.multi_transform(
         {"base": optax.chain(*_update_rule(cfg, per_update)),
          **{f"x{i}": optax.chain(*_update_rule(cfg, lambda s, f=f: f * per_update(s)))
             for i, (_, f) in enumerate(patterns)}},
-        lambda params: _mask(params, lambda name, _: group(name))))
+        lambda params: _mask(params, lambda name, _: group(name)))]
   else:
-    chain += _update_rule(cfg, per_update)
-  tx = optax.chain(*chain)
+    rule = _update_rule(cfg, per_update)
+  if int(cfg["warm_steps"]) > 0:
+    warm = re.compile(cfg["warm_trains"])
+    rule = [optax.multi_transform(
+        {"warm": optax.chain(*rule), "held": held_for(optax.chain(*rule), int(cfg["warm_steps"]))},
+        lambda params: _mask(params, lambda name, _: "warm" if warm.search(name) else "held"))]
+  tx = optax.chain(*chain, *rule)
   if cfg["frozen"]:
     frozen = re.compile(cfg["frozen"])
     labels = lambda params: _mask(

@@ -72,3 +72,24 @@ def test_step_schedule_decays_every_decay_steps():
   _, schedule = optim.make_optimizer(ml_collections.ConfigDict(dict(
       name="adamw", lr=1.0, schedule="step", decay_steps=10, decay_rate=0.25)), 100)
   np.testing.assert_allclose([schedule(s) for s in (0, 9, 10, 25)], [1, 1, 0.25, 0.0625])
+
+
+def test_warm_steps_train_only_the_head_and_proxies_first():
+  """Proxy-Anchor's --warm: the backbone neither moves nor collects Adam
+  moments during the warm-up, then starts like a fresh parameter (its first
+  AdamW step is exactly lr), while the head and the proxies train from step 0."""
+  params = {"params": {"backbone": {"kernel": jnp.ones((3, 2))},
+                       "embed_head": {"proj": {"kernel": jnp.ones((2, 2))}}},
+            "loss_params": {"loss": {"proxies": jnp.ones((4, 2))}}}
+  tx, _ = optim.make_optimizer(dict(name="adamw", lr=0.1, warm_steps=2,
+                                    lr_multipliers={"loss_params": 10.0}), 10)
+  state, p, seen = tx.init(params), params, []
+  for _ in range(4):
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), p)
+    updates, state = tx.update(grads, state, p)
+    p = optax.apply_updates(p, updates)
+    seen.append([float(p["params"]["backbone"]["kernel"][0, 0]),
+                 float(p["params"]["embed_head"]["proj"]["kernel"][0, 0]),
+                 float(p["loss_params"]["loss"]["proxies"][0, 0])])
+  np.testing.assert_allclose(np.array(seen), [[1.0, 0.9, 0.0], [1.0, 0.8, -1.0],
+                                              [0.9, 0.7, -2.0], [0.8, 0.6, -3.0]], atol=1e-4)

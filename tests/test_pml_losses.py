@@ -194,3 +194,48 @@ def test_margin_learned_beta_equals_pml(per_class, case):
   assert "params" not in losses.consumes("margin", dict(margin=0.2))
   with pytest.raises(ValueError, match="learn_beta=True"):
     losses.init_params("margin", jax.random.key(0), num_classes=6, dim=8)
+
+
+@pytest.mark.parametrize("case", ["random", "one_sample", "ties", "absent_positives"])
+def test_fast_ap_equals_pml(case):
+  rng = np.random.default_rng(len(case))
+  x, labels, _ = _inputs("random" if case == "absent_positives" else case, rng)
+  if case == "absent_positives":
+    labels = np.arange(12, dtype=np.int32)  # no anchor has a positive: PML's 0
+  for hp in ({}, dict(num_bins=5)):
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    want = pml_losses.FastAPLoss(**hp)(xt, torch.tensor(labels, dtype=torch.long))
+    fn = lambda e: losses.get("fast_ap")(embeddings=e, labels=jnp.asarray(labels), **hp)[0]
+    value, grad = jax.value_and_grad(fn)(jnp.asarray(x))
+    np.testing.assert_allclose(value, want.item(), rtol=1e-4, atol=1e-6, err_msg=f"{hp}")
+    if case == "absent_positives":
+      assert value == 0 and not np.any(grad)
+      continue
+    assert want.item() > 0
+    want.backward()
+    g = xt.grad.numpy()
+    np.testing.assert_allclose(grad, g, rtol=1e-3, atol=1e-4 * np.abs(g).max(), err_msg=f"{hp}")
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "shuffled"])
+def test_smooth_ap_equals_pml(case):
+  """PML needs equal-size classes in contiguous blocks; ours reads the labels,
+  so a shuffled batch equals PML on the same batch sorted by class."""
+  rng = np.random.default_rng(5 + len(case))
+  labels = np.repeat(np.arange(4), 4).astype(np.int32)
+  x = rng.normal(size=(16, 8)).astype(np.float32)
+  if case == "ties":
+    x[1] = x[0]
+    x[9] = x[4]
+  order = rng.permutation(16) if case == "shuffled" else np.arange(16)
+  for hp in ({}, dict(temperature=0.1)):
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    want = pml_losses.SmoothAPLoss(**hp)(xt, torch.tensor(labels, dtype=torch.long))
+    want.backward()
+    fn = lambda e: losses.get("smooth_ap")(embeddings=e, labels=jnp.asarray(labels[order]),
+                                           anchor_chunk=5, **hp)[0]
+    value, grad = jax.value_and_grad(fn)(jnp.asarray(x[order]))
+    assert want.item() > 0
+    np.testing.assert_allclose(value, want.item(), rtol=1e-4, atol=1e-6, err_msg=f"{hp}")
+    g = xt.grad.numpy()[order]
+    np.testing.assert_allclose(grad, g, rtol=1e-3, atol=1e-4 * np.abs(g).max(), err_msg=f"{hp}")

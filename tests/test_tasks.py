@@ -116,3 +116,36 @@ def test_learnable_parameters_are_made_by_init_params_and_passed_by_term(monkeyp
   np.testing.assert_allclose(aux["reg/centres"], 1.5)  # rows of class 1 are 3 away
   with pytest.raises(ValueError, match="consumes 'params'"):
     tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))
+
+
+def test_a_configured_miner_mines_the_pairs_the_loss_sees():
+  """config.loss.miner: in-batch it equals mining by hand; against the
+  cross-batch memory the miner sees the memory too (PML's
+  CrossBatchMemory(loss, miner=...))."""
+  from jaxdml.losses import miners  # pylint: disable=g-import-not-at-top
+  config = load_config("sop_xbn.py", "smoke")
+  rng = np.random.default_rng(0)
+  e = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+  e = e / jnp.linalg.norm(e, axis=1, keepdims=True)
+  labels = jnp.asarray([0, 0, 1, 1, 2, 2, 3, 3])
+  miner = dict(name="triplet_margin", margin=0.3, type_of_triplets="semihard")
+  config.memory.size = 0
+  config.loss = dict(name="triplet", margin=0.2, miner=miner)
+  loss, _, _ = tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))
+  by_hand = miners.triplet_margin(embeddings=e, labels=labels, margin=0.3,
+                                  type_of_triplets="semihard")
+  want, _ = losses.get("triplet")(embeddings=e, labels=labels, margin=0.2, mined=by_hand)
+  unmined, _ = losses.get("triplet")(embeddings=e, labels=labels, margin=0.2)
+  assert float(loss) == pytest.approx(float(want)) and float(want) != pytest.approx(float(unmined))
+  # Against the memory: the miner's [B, R] selection matches the loss's pairs.
+  from jaxdml import memory as memory_lib  # pylint: disable=g-import-not-at-top
+  config.memory.size = 16
+  memory = memory_lib.init(16, 4)
+  with_memory = []
+  for loss_config in (dict(name="triplet", margin=0.2, miner=miner),
+                      dict(name="triplet", margin=0.2)):
+    config.loss = loss_config
+    with_memory.append(tasks.compute_loss(config, e, {"label": labels}, memory,
+                                          jnp.asarray(0))[0])
+  assert np.isfinite(with_memory[0]) and float(with_memory[0]) != pytest.approx(
+      float(with_memory[1]))

@@ -48,7 +48,8 @@ XBM/XBN and IRT recipes use.
 
 Registered names: triplet, relative_triplet, contrastive, contrastive_koleo,
 multi_similarity, ntxent, supcon, circle, tuplet_margin, lifted_structure,
-generalized_lifted_structure, margin, npairs, koleo, embedding_distill, raml, obd_sd, and
+generalized_lifted_structure, margin, npairs, fast_ap, smooth_ap, koleo, embedding_distill,
+raml, obd_sd, and
 the losses with learnable class vectors (`loss_params["proxies"]`, made by
 `init_params`): proxy_anchor, proxy_nca, normalized_softmax, cosface,
 arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies). See each function's
@@ -59,6 +60,7 @@ from typing import Callable
 
 # Modules, not functions, are imported: `jaxdml.losses.triplet` stays the
 # module that `relative_triplet` builds on.
+from jaxdml.losses import average_precision
 from jaxdml.losses import contrastive
 from jaxdml.losses import distill
 from jaxdml.losses import koleo
@@ -202,6 +204,8 @@ for _name, _fn, _init in (
 register("koleo", koleo.koleo, consumes=())
 register("lifted_structure", lifted.lifted_structure, consumes=())  # in-batch only
 register("npairs", margin.npairs, consumes=())  # in-batch only
+register("fast_ap", average_precision.fast_ap, consumes=())  # in-batch only
+register("smooth_ap", average_precision.smooth_ap, consumes=())  # in-batch only
 register("embedding_distill", distill.embedding_distill, consumes=("teacher",))
 register("raml", distill.raml, consumes=("teacher",))
 register("obd_sd", obd_sd.obd_sd, consumes=("teacher", "progress"))

@@ -1,0 +1,71 @@
+"""Listwise average-precision losses: FastAP (Cakir et al. 2019) and
+Smooth-AP (Brown et al. 2020), equal to pytorch-metric-learning 2.9.0's
+`FastAPLoss` and `SmoothAPLoss` with their default reducers (the mean of
+1 - AP over the anchors that have one). In-batch only, as in PML.
+"""
+import jax
+import jax.numpy as jnp
+
+from jaxdml.losses import distances
+from jaxdml.losses import pairs
+
+
+def fast_ap(*, embeddings, labels, num_bins=10):
+  """FastAP: AP from soft histograms of squared distances between
+  L2-normalised rows (PML asserts `LpDistance(normalize_embeddings=True)`;
+  here the rows are normalised inside), `num_bins` triangular bins on
+  [0, 4]. Per anchor with a positive: 1 - sum_k h+_k H+_k / H_k / N+,
+  averaged. Allocates [B, B] per bin (PML: [bins + 1, B, B] at once).
+  """
+  p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None, ref_labels=None,
+                    ref_valid=None, ref_self_index=None, loss_name="fast_ap")
+  unit = distances.l2_normalize(p.query)
+  dist = distances.pairwise(unit, unit, distance="squared_euclidean")
+  delta = 4.0 / num_bins
+  pos_f, neg_f = p.pos.astype(dist.dtype), p.neg.astype(dist.dtype)
+
+  def histograms(k):  # one bin's pulse: [B, B] at a time
+    pulse = jax.nn.relu(1.0 - jnp.abs(dist - k * delta) / delta)
+    return jnp.sum(pulse * pos_f, axis=1), jnp.sum(pulse * neg_f, axis=1)
+  pos_hist, neg_hist = jax.lax.map(histograms, jnp.arange(num_bins + 1, dtype=dist.dtype))
+  pos_hist, neg_hist = pos_hist.T, neg_hist.T  # [B, bins + 1]
+  h_pos_product = pos_hist * jnp.cumsum(pos_hist, axis=1)
+  total = jnp.cumsum(pos_hist + neg_hist, axis=1)
+  safe = (h_pos_product > 0) & (total > 0)
+  ap_sum = jnp.sum(jnp.where(safe, h_pos_product / jnp.where(safe, total, 1.0), 0.0), axis=1)
+  n_pos = jnp.sum(pos_f, axis=1)
+  has_pos = n_pos > 0
+  losses = jnp.where(has_pos, 1.0 - ap_sum / jnp.where(has_pos, n_pos, 1.0), 0.0)
+  count = jnp.sum(has_pos)
+  # PML gives 0 when no histogram entry is usable at all.
+  value = jnp.where((count > 0) & jnp.any(safe), jnp.sum(losses) / jnp.maximum(count, 1), 0.0)
+  return value, {"anchors": count.astype(jnp.float32)}
+
+
+def smooth_ap(*, embeddings, labels, temperature=0.01, anchor_chunk=32):
+  """Smooth-AP: AP with each rank replaced by a sum of sigmoids of cosine
+  similarity differences / temperature. For anchor i and positive j
+  (its own class, i itself included, as PML's code does), AP_i = mean_j
+  R+(i, j) / R(i, j), R = 1 + sum over the batch (R+: over i's class) of
+  sigmoid((s_ik - s_ij) / T), k != j; the loss is mean_i (1 - AP_i).
+
+  PML requires every class to have the same number of samples, grouped
+  contiguously (its MPerClassSampler), and raises otherwise; here classes
+  come from `labels` in any order and any sizes, which equals PML where PML
+  runs. PML builds [B, B, B]; this allocates [anchor_chunk, B, B] per step.
+  """
+  p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None, ref_labels=None,
+                    ref_valid=None, ref_self_index=None, loss_name="smooth_ap")
+  sims = distances.cosine_matrix(p.query, p.query)
+  b = sims.shape[0]
+  same = p.pos | jnp.eye(b, dtype=bool)  # i's class, i included
+  not_self = ~jnp.eye(b, dtype=bool)  # k != j
+
+  def anchor_ap(args):
+    s, cls = args  # [B] similarities of anchor i, [B] its class mask
+    sig = jax.nn.sigmoid((s[None, :] - s[:, None]) / temperature) * not_self  # [j, k]
+    rank_all = 1.0 + jnp.sum(sig, axis=1)
+    rank_pos = 1.0 + jnp.sum(sig * cls[None, :], axis=1)
+    return jnp.sum(jnp.where(cls, rank_pos / rank_all, 0.0)) / jnp.sum(cls)
+  ap = jax.lax.map(anchor_ap, (sims, same), batch_size=min(anchor_chunk, b))
+  return jnp.mean(1.0 - ap), {"mean_ap": jnp.mean(ap)}
