@@ -19,6 +19,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
 
 from jaxdml import losses
+from jaxdml.losses import miners
 
 
 def _close(a, b, tol=1e-5, msg=""):
@@ -538,7 +539,10 @@ SHARD_CONFIGS = [
     ("lifted_structure", {}),
     ("generalized_lifted_structure", {}),
     ("margin", {}),
+    ("margin", dict(learn_beta=True, nu=0.1, beta_per_class=True)),
     ("npairs", {}),
+    ("fast_ap", {}),
+    ("smooth_ap", dict(anchor_chunk=4)),
 ]
 
 
@@ -550,7 +554,7 @@ def _every_loss(batch):
     # What each loss consumes, as the train step offers it (losses.inputs_for).
     kw = dict(hp, **losses.inputs_for(name, {
         "teacher": t, "progress": batch["progress"],  # traced
-        "params": {"proxies": batch["proxies"]}}))
+        "params": {"proxies": batch["proxies"], "beta": batch["beta"]}}, hp))
     out[f"{i}-{name}"] = jax.value_and_grad(
         lambda e: losses.get(name)(embeddings=e, labels=y, **kw)[0])(e)
   out["contrastive-memory"] = jax.value_and_grad(
@@ -558,6 +562,10 @@ def _every_loss(batch):
           embeddings=e, labels=y, ref_embeddings=batch["memory"],
           ref_labels=batch["memory_labels"], ref_valid=batch["memory_valid"],
           pos_margin=0.2, neg_margin=2.0)[0])(e)
+  # A miner's selection, computed from the (sharded) batch inside the step.
+  out["triplet-mined"] = jax.value_and_grad(lambda e: losses.get("triplet")(
+      embeddings=e, labels=y, margin=0.5, mined=miners.triplet_margin(
+          embeddings=e, labels=y, margin=1.0, type_of_triplets="semihard"))[0])(e)
   return out
 
 
@@ -577,6 +585,7 @@ def _fake_batch(seed, duplicates=False):
       "memory_labels": rng.randint(0, 4, 24).astype(np.int32),
       "memory_valid": rng.rand(24) > 0.3,
       "proxies": rng.randn(8, 8).astype(np.float32),  # 4 classes x 2 centres, or 8
+      "beta": rng.uniform(2.0, 3.0, 4).astype(np.float32),  # margin's, per class
   }
 
 
@@ -628,7 +637,7 @@ def test_registry():
       "multi_similarity", "koleo", "embedding_distill", "raml", "obd_sd",
       "ntxent", "supcon", "proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
       "arcface", "circle", "tuplet_margin", "lifted_structure", "generalized_lifted_structure",
-      "subcenter_arcface", "soft_triple", "margin", "npairs"}
+      "subcenter_arcface", "soft_triple", "margin", "npairs", "fast_ap", "smooth_ap"}
   with pytest.raises(ValueError, match="triplet.*obd_sd|obd_sd.*triplet"):
     losses.get("tripletz")
   with pytest.raises(ValueError, match="already registered"):
