@@ -8,6 +8,9 @@ what model the checkpoint belongs to, so a workdir reused for another model
 fails with a clear message instead of a shape error deep inside orbax.
 Orbax writes each step to a temporary directory and renames it when complete,
 so an interrupted save never leaves a half checkpoint that a rerun would load.
+A checkpoint damaged after its commit (a truncated array file, as a disk
+error leaves it) is reported, moved to `workdir/damaged_checkpoints/STEP`
+and the next older one restores (`restore_latest_good`).
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ import json
 import os
 
 from absl import logging
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+
+class WrongModelError(ValueError):
+  """The checkpoint belongs to another model: never a reason to fall back."""
 
 
 def _fingerprint(abstract_state) -> dict:
@@ -37,6 +46,8 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000,
                model_config=None, async_save: bool = True, create: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.damaged_directory = os.path.join(os.path.dirname(self.directory),
+                                          "damaged_checkpoints")
     self.every = int(every)
     self.model_description = json.loads(model_config.to_json()) if hasattr(
         model_config, "to_json") else (model_config or {})
@@ -71,7 +82,7 @@ class Checkpointer:
       diff = sorted(set(meta.get("param_shapes", {})) ^ set(expected))[:3]
       if not diff:
         diff = [k for k in expected if meta["param_shapes"].get(k) != expected[k]][:3]
-      raise ValueError(
+      raise WrongModelError(
           f"The workdir's checkpoint ({self.directory}, step {step}) belongs to "
           f"another model: saved model {saved_model}, this config builds "
           f"{wanted}; first differing parameters: {diff}. Use a new --workdir "
@@ -79,6 +90,45 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
+
+  def restore_latest_good(self, abstract_state):
+    """`(state, step)` of the newest checkpoint that restores, or `(None, None)`
+    when there is none. A newer one that fails (a damaged file) is reported in
+    one line and moved to `damaged_checkpoints/`; one of another model is an
+    error, as is a workdir whose every checkpoint is damaged."""
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore(abstract_state, step), step
+      except WrongModelError:
+        raise
+      except Exception as error:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        damaged.append(step)
+        if jax.process_index() == 0:
+          print(f"Checkpoint step {step} in {self.directory} does not restore "
+                f"({type(error).__name__}: {first_line}); moving it to "
+                f"{self.damaged_directory}/{step} and trying the one before.")
+        self._set_aside(step)
+    if damaged:
+      raise RuntimeError(
+          f"No checkpoint in {self.directory} restores (damaged steps {damaged}, moved to "
+          f"{self.damaged_directory}). Delete {self.damaged_directory} and rerun to start "
+          "over, or copy a good checkpoint into the directory.")
+    return None, None
+
+  def _set_aside(self, step: int) -> None:
+    """Moves a damaged step out of orbax's sight (process 0; all wait)."""
+    if jax.process_index() == 0:
+      target = epath.Path(self.damaged_directory)
+      target.mkdir(parents=True, exist_ok=True)
+      destination = target / str(step)
+      if destination.exists():
+        destination.rmtree()
+      epath.Path(self.directory, str(step)).rename(destination)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxdml_set_aside_{step}")
+    self.manager.reload()
 
   def meta(self, step: int | None = None) -> dict:
     """The JSON written beside the state: step, model config, param shapes."""

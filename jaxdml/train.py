@@ -117,12 +117,19 @@ def setup(config, workdir: str):
 
 
 def restore_or_create(parts: build_lib.Parts, ckpt) -> dict:
-  """The latest checkpoint's state, or a fresh one."""
-  if ckpt.latest_step() is not None:
-    if jax.process_index() == 0:
-      print(f"Resuming from {ckpt.directory}, step {ckpt.latest_step()}.")
-    return ckpt.restore(parts.restore_target())
-  return parts.create_state()
+  """The newest checkpoint that restores (a damaged newer one is reported
+  and set aside, see `Checkpointer.restore_latest_good`), or a fresh state."""
+  state, step = ckpt.restore_latest_good(parts.restore_target())
+  if state is None:
+    return parts.create_state()
+  if jax.process_index() == 0:
+    print(f"Resuming from {ckpt.directory}, step {step}.")
+  return state
+
+
+def step_of(state) -> int:
+  """The state's step, read from this process's copy (no global gather)."""
+  return int(np.asarray(state["step"].addressable_data(0)))
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -135,12 +142,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   parts, ckpt = setup(config, workdir)
   config = parts.config
   start = ckpt.latest_step() or 0
-  # The data first: a missing data set should fail before minutes of compiling.
-  batches = data_lib.train_batches(
+  batches_from = lambda step: data_lib.train_batches(
       config.data, seed=int(config.seed), global_batch_size=int(config.batch_size),
-      start_step=start, process_index=jax.process_index(),
+      start_step=step, process_index=jax.process_index(),
       process_count=jax.process_count(), task=config.task)
+  # The data first: a missing data set should fail before minutes of compiling.
+  batches = batches_from(start)
   state = restore_or_create(parts, ckpt)
+  if step_of(state) != start:  # the newest checkpoint was damaged and set aside
+    start = step_of(state)
+    batches = batches_from(start)
   total = int(config.total_steps)
   end = total if stop_after is None else min(total, start + int(stop_after))
   step_fn = make_train_step(parts)
@@ -187,7 +198,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         f"--mode=eval: no checkpoint in {ckpt.directory}; train first with "
         "--mode=train and the same --workdir.")
   state = restore_or_create(parts, ckpt)
-  step = int(jax.device_get(state["step"]))
+  step = step_of(state)
   evaluator = _make_evaluator(parts, workdir)
   if evaluator is None:
     raise ValueError("--mode=eval needs config.eval; this config has none.")

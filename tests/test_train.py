@@ -184,3 +184,40 @@ def test_proxy_anchor_recipe_trains_sharded_proxies_and_resumes(tmp_path):
   np.testing.assert_allclose(losses_of(str(tmp_path / "one")), losses_of(str(tmp_path / "eight")),
                              rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one, eight)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+  """Array files of the newest checkpoint truncated after its commit (a disk
+  error): the rerun reports it, sets it aside, resumes from the step before
+  and ends where an undisturbed run ends."""
+  config = load_config("cub_obdsd.py", "smoke,distill=False")
+  config.total_steps = 4
+  config.checkpoint_every = 2
+  config.log_every = 1
+  config.eval.enabled = False
+  train.train_and_evaluate(config, str(tmp_path / "plain"))
+  damaged = tmp_path / "damaged"
+  train.train_and_evaluate(config, str(damaged))
+  arrays = [p for p in (damaged / "checkpoints" / "4" / "state").rglob("*")
+            if p.is_file() and p.parent.name == "d"]
+  assert arrays, "orbax's OCDBT data files"
+  for path in arrays:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  capsys.readouterr()
+  train.train_and_evaluate(config, str(damaged))
+  out = capsys.readouterr().out
+  assert "Checkpoint step 4" in out and "does not restore" in out
+  assert "Resuming from" in out and "step 2." in out
+  assert (damaged / "damaged_checkpoints" / "4").is_dir()
+  np.testing.assert_allclose(losses_of(str(damaged)), losses_of(str(tmp_path / "plain")),
+                             rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, final_state(str(damaged), config),
+               final_state(str(tmp_path / "plain"), config))
+  # Every checkpoint damaged: an error that names the directory, no silent restart.
+  for step_dir in (damaged / "checkpoints").iterdir():
+    for path in step_dir.rglob("*"):
+      if path.is_file() and path.parent.name == "d":
+        path.write_bytes(b"")
+  with pytest.raises(RuntimeError, match="No checkpoint in .*restores"):
+    train.train_and_evaluate(config, str(damaged))
