@@ -8,6 +8,8 @@ registry say what each needs.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
 import jax
@@ -93,6 +95,37 @@ def _summarise(pending: list[tuple[int, dict]]) -> dict:
   return {k: float(np.mean([m[k] for m in host])) for k in keys}
 
 
+class Preemption:
+  """SIGTERM (SLURM, Kubernetes, spot and preemptible VMs send it before
+  taking the machine) asks the loop to stop after the current step.
+
+  One process: a handler sets a flag. Several: `jax.distributed` has its own
+  SIGTERM notifier and the processes agree on the step through JAX's
+  preemption sync point (orbax's `reached_preemption`), so every process
+  stops, and saves, at the same step.
+  """
+
+  def __init__(self, checkpointer):
+    self._checkpointer = checkpointer
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self._checkpointer.manager.reached_preemption(step)
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def _make_evaluator(parts: build_lib.Parts, workdir):
   config = parts.config
   if config.eval is None or not config.eval.enabled:
@@ -137,6 +170,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
 
   `stop_after` ends this run after that many steps, checkpointing first, as
   a preempted or time-limited job would; a rerun goes on from there.
+  On SIGTERM (`Preemption`) it saves the step it is at, flushes the
+  metrics and returns; rerunning the same command resumes.
   Returns the last evaluation's metrics (empty without evaluation).
   """
   parts, ckpt = setup(config, workdir)
@@ -162,28 +197,37 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   results, pending = {}, []
   bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
+  preemption = Preemption(ckpt)
   t0 = time.perf_counter()
   try:
     for step in range(start + 1, end + 1):
       state, metrics = step_fn(state, sharding.global_batch(next(batches), parts.mesh))
       pending.append((step, metrics))
       bar.update(1)
-      must_save = ckpt.should_save(step, total) or step == end
+      preempted = preemption.reached(step)
+      must_save = ckpt.should_save(step, total) or step == end or preempted
       if step % log_every == 0 or step == total or must_save:
         summary = _summarise(pending)
         pending = []
         summary["steps_per_sec"] = (step - start) / (time.perf_counter() - t0)
         writer.write(step, summary)
         bar.set_postfix(loss=f"{summary['loss']:.4f}")
-      due = evaluator.due(step, total, eval_every) if evaluator else ()
+      # A preempted job has seconds left: the checkpoint first, no evaluation.
+      due = evaluator.due(step, total, eval_every) if evaluator and not preempted else ()
       if due:
         results = evaluator.run(parts.embed_fns(state), step, due)
         writer.write(step, results)
         bar.write(f"step {step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
       if must_save:
-        ckpt.save(step, state)
+        ckpt.save(step, state, force=preempted)
+      if preempted:
+        if jax.process_index() == 0:
+          bar.write(f"SIGTERM: stopped at step {step} of {total}, checkpoint saved in "
+                    f"{ckpt.directory}. Rerun the same command to resume.")
+        break
   finally:
+    preemption.close()
     bar.close()
     ckpt.close()
     writer.close()
