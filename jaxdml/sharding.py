@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.request
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -17,37 +19,76 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
-# Environment variables that mean "a launcher started several processes".
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
-
-
 def maybe_initialize_distributed() -> None:
-  """Starts `jax.distributed` when a multi-process launcher set the stage.
-
-  On a TPU pod slice, under SLURM or Open MPI, or with an explicit
-  `JAX_COORDINATOR_ADDRESS`, `jax.distributed.initialize()` reads the cluster
-  from the environment. A single process needs nothing; setting
-  `JAXDML_NO_DISTRIBUTED=1` skips it (e.g. a one-task SLURM debug job).
-  """
-  if os.environ.get("JAXDML_NO_DISTRIBUTED") == "1":
-    return
+  """Starts `jax.distributed` when this process is one of several
+  (`distributed_init_args`); a single process needs nothing."""
   if jax.distributed.is_initialized():
     return
-  if not _launched_as_cluster():
-    return
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize(
-        coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]))
-  else:
-    jax.distributed.initialize()
+  kwargs = distributed_init_args()
+  if kwargs is not None:
+    jax.distributed.initialize(**kwargs)
 
 
-def _launched_as_cluster() -> bool:
-  return os.environ.get("SLURM_NTASKS", "1") != "1" or any(
-      os.environ.get(k) for k in _CLUSTER_ENV if k != "SLURM_NTASKS")
+def distributed_init_args(environ=None) -> dict | None:
+  """What `jax.distributed.initialize` is called with, or None: one process.
+
+  - `JAXDML_NO_DISTRIBUTED=1`: None (e.g. a one-task SLURM debug job).
+  - `JAX_COORDINATOR_ADDRESS` (+ `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`): those.
+  - SLURM with several tasks, Open MPI, a multislice (`MEGASCALE_*`) job, a
+    TPU slice of more than one host (GKE's `TPU_WORKER_HOSTNAMES`, or a
+    gcloud TPU VM, whose hosts only the metadata server lists): no
+    arguments, JAX reads the cluster itself. Under SLURM, a task bound to
+    one GPU (`srun --gpu-bind=single:1`: CUDA_VISIBLE_DEVICES names one)
+    sees it as device 0, where JAX would ask for device SLURM_LOCALID; it
+    gets `local_device_ids=[0]`.
+  """
+  env = os.environ if environ is None else environ
+  if env.get("JAXDML_NO_DISTRIBUTED") == "1":
+    return None
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(env["JAX_NUM_PROCESSES"]),
+                process_id=int(env["JAX_PROCESS_ID"]))
+  if int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1:
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return {"local_device_ids": [0]} if len(visible) == 1 else {}
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return {}
+  if tpu_slice_hosts(env) > 1:
+    return {}
+  return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+  """JAX's own finding (at backend start-up) that this is a Cloud TPU VM."""
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def tpu_slice_hosts(environ=None) -> int:
+  """Hosts of the TPU slice this process runs on (1 off TPU). GKE lists
+  them in the environment; a gcloud TPU VM only in its metadata server
+  (`GCE_METADATA_IP` overrides its address, as for JAX)."""
+  env = os.environ if environ is None else environ
+  listed = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
+  if listed:
+    return len([h for h in listed.split(",") if h.strip()])
+  if env.get("TPU_SKIP_MDS_QUERY") is not None or not _on_cloud_tpu_vm():
+    return 1
+  host = env.get("GCE_METADATA_IP", "metadata.google.internal")
+  request = urllib.request.Request(
+      f"http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints",
+      headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+      endpoints = response.read().decode()
+  except OSError as error:
+    logging.warning("TPU VM metadata server unreachable (%s): running as one host.", error)
+    return 1
+  return len([e for e in endpoints.split(",") if e.strip()])
 
 
 # More host devices replicate the parameters and shrink the per-device batch;
@@ -78,7 +119,7 @@ def use_cpu_cores_as_devices(requested: str, batch_size: int) -> int | None:
   """
   if requested == "auto":
     if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
-        or jax.config.jax_num_cpu_devices >= 0 or _launched_as_cluster()):
+        or jax.config.jax_num_cpu_devices >= 0 or distributed_init_args() is not None):
       return None
     count = auto_cpu_device_count(batch_size, len(os.sched_getaffinity(0)))
   else:
