@@ -16,13 +16,14 @@ and the next older one restores (`restore_latest_good`).
 from __future__ import annotations
 
 import json
-import os
 
 from absl import logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+from jaxdml import paths
 
 
 class WrongModelError(ValueError):
@@ -45,9 +46,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000,
                model_config=None, async_save: bool = True, create: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.damaged_directory = os.path.join(os.path.dirname(self.directory),
-                                          "damaged_checkpoints")
+    self.directory = paths.join(workdir, "checkpoints")  # local or a URL (gs://...)
+    self.damaged_directory = paths.join(workdir, "damaged_checkpoints")
     self.every = int(every)
     self.model_description = json.loads(model_config.to_json()) if hasattr(
         model_config, "to_json") else (model_config or {})
@@ -149,7 +149,7 @@ class Checkpointer:
     logging.set_verbosity(logging.ERROR)
     try:
       saved = ocp.PyTreeCheckpointer().metadata(
-          os.path.join(self.directory, str(step), "state")).item_metadata.tree
+          paths.join(self.directory, str(step), "state")).item_metadata.tree
     finally:
       logging.set_verbosity(verbosity)
     missing = sorted(set(shardings) - set(saved))

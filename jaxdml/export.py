@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from jaxdml import checkpoint as checkpoint_lib
+from jaxdml import paths
 from jaxdml import build as build_lib, tasks
 
 EXPORT_DIR = "export"
@@ -52,9 +55,9 @@ def _signatures(config) -> dict:
 
 def _restore_variables(config, workdir: str, step: int | None = None):
   """`(parts, numpy variables, step)` from the workdir's checkpoint."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = paths.as_path(workdir) / "checkpoints"
   # Checked before the Checkpointer, which would create the directory.
-  if not os.path.isdir(directory) or not os.listdir(directory):
+  if not directory.is_dir() or not any(directory.iterdir()):
     raise FileNotFoundError(
         f"No checkpoint in {directory}: train first (--mode=train) with the "
         "same --workdir, then export.")
@@ -162,22 +165,40 @@ def export_saved_model(config, workdir: str, *, step: int | None = None,
       fn, concrete = make(lowered[signature])
     setattr(module, signature, fn)
     signatures[signature] = concrete
-  path = os.path.join(os.path.abspath(workdir), EXPORT_DIR)
-  tmp = path + ".tmp"
-  if tf.io.gfile.exists(tmp):
-    tf.io.gfile.rmtree(tmp)
+  path = paths.join(workdir, EXPORT_DIR)
+  # TensorFlow writes on a local disk (its GCS client cannot reach a storage
+  # emulator); a bucket gets the finished export copied in.
+  remote = paths.is_url(path)
+  tmp = tempfile.mkdtemp(prefix="jaxdml-export-") if remote else path + ".tmp"
+  if os.path.exists(tmp) and not remote:
+    shutil.rmtree(tmp)
   tf.saved_model.save(module, tmp, signatures=signatures)
-  manifest = {"step": step, "image_size": size, "workdir": os.path.abspath(workdir),
+  manifest = {"step": step, "image_size": size, "workdir": os.fspath(paths.as_path(workdir)),
               "signatures": {k: tasks.towers(config.task)[t] or "__call__"
                              for k, t in _signatures(config).items()},
               "platforms": lowered, "config": json.loads(config.to_json())}
-  with tf.io.gfile.GFile(os.path.join(tmp, MANIFEST), "w") as f:
+  with open(os.path.join(tmp, MANIFEST), "w") as f:
     f.write(json.dumps(manifest, indent=2))
+  if remote:
+    paths.upload_tree(tmp, path, replace=True)
+    shutil.rmtree(tmp)
+    return path
   # Swap in the new export only when it is complete.
-  if tf.io.gfile.exists(path):
-    tf.io.gfile.rmtree(path)
-  tf.io.gfile.rename(tmp, path)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.rename(tmp, path)
   return path
+
+
+def load_saved_model(export_dir: str):
+  """`tf.saved_model.load` of an export, local or on a bucket (copied to a
+  temporary folder first: TensorFlow's GCS client cannot reach an emulator)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  local = paths.LocalCopy(export_dir, download=True)
+  try:
+    return tf.saved_model.load(local.local)
+  finally:
+    local.close()
 
 
 def load_embed_fn(export_dir: str, tower: str = "gallery"):
@@ -188,13 +209,12 @@ def load_embed_fn(export_dir: str, tower: str = "gallery"):
   here `jax.image.resize`) and normalisation. `tower` is `"gallery"`
   (`serving_default`) or, for two-tower models, `"query"`.
   """
-  manifest_path = os.path.join(export_dir, MANIFEST)
-  if not os.path.exists(manifest_path):
+  manifest_path = paths.as_path(export_dir) / MANIFEST
+  if not manifest_path.exists():
     raise FileNotFoundError(
         f"{manifest_path} not found: {export_dir} is not a jaxdml export; "
         "make one with --mode=export.")
-  with open(manifest_path) as f:
-    manifest = json.load(f)
+  manifest = json.loads(manifest_path.read_text())
   config = ml_collections.ConfigDict(manifest["config"])
   towers = list(_signatures(config).values())
   if tower not in towers:

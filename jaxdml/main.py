@@ -36,6 +36,8 @@ def main(argv):
     raise app.UsageError(f"--mode={FLAGS.mode} needs --workdir.")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+  from jaxdml import paths  # pylint: disable=g-import-not-at-top
+  paths.check_reachable(FLAGS.workdir)  # a bad URL or bucket fails before any compile
   # Imported here so that `--help` answers without starting JAX.
   from jaxdml import sharding, train  # pylint: disable=g-import-not-at-top
   sharding.use_cpu_cores_as_devices(FLAGS.cpu_devices, int(FLAGS.config.batch_size))

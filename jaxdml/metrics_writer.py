@@ -1,4 +1,10 @@
-"""`workdir/metrics.jsonl` plus TensorBoard summaries, from process 0 only."""
+"""`workdir/metrics.jsonl` plus TensorBoard summaries, from process 0 only.
+
+The workdir may be a URL (gs://...). Cloud objects cannot be appended to, so
+there the whole file is rewritten on each write (it is small); TensorBoard
+events are written to a local folder and copied after each flush, because
+TensorFlow's own GCS client cannot reach a storage emulator (jaxdml.paths).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,13 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
+
+from jaxdml import paths
 
 
 class MetricsWriter:
@@ -20,23 +30,32 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.as_path(workdir) / "metrics.jsonl"
+    self._remote = paths.is_url(workdir)
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._truncate_after(resume_step)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._lines = self._kept_until(resume_step)
+    self._rewrite()
     if tensorboard:
       self._tb = _tensorboard_writer(workdir)
 
-  def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
+  def _kept_until(self, step: int) -> list[str]:
+    if not self.path.exists():
+      return []
+    return [l + "\n" for l in self.path.read_text().splitlines()
+            if l.strip() and json.loads(l).get("step", 0) <= step]
+
+  def _rewrite(self) -> None:
+    """The whole file at once: atomically on a local disk (a temporary file
+    renamed), as one object upload on a bucket."""
+    if self._remote:
+      self.path.write_text("".join(self._lines))
       return
-    with open(self.path) as f:
-      lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
-    tmp = self.path + ".tmp"
+    tmp = f"{self.path}.tmp"
     with open(tmp, "w") as f:
-      f.writelines(lines)
+      f.writelines(self._lines)
     os.replace(tmp, self.path)
 
   def write(self, step: int, metrics: dict) -> None:
@@ -44,8 +63,13 @@ class MetricsWriter:
       return
     row = {"step": int(step)}
     row.update({k: _to_python(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    self._lines.append(line)
+    if self._remote:
+      self._rewrite()
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     if self._tb is not None:
       scalars = {k: v for k, v in row.items()
                  if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
@@ -64,17 +88,41 @@ def _to_python(value):
   return value.tolist()
 
 
+class _CopiedSummaryWriter:
+  """TensorBoard events written locally, then copied to a URL after each
+  flush (TensorFlow's GCS client cannot reach a storage emulator)."""
+
+  def __init__(self, writer, local: str, destination):
+    self._writer, self._local, self._destination = writer, local, destination
+
+  def write_scalars(self, step, scalars):
+    self._writer.write_scalars(step, scalars)
+
+  def flush(self):
+    self._writer.flush()
+    paths.upload_tree(self._local, self._destination, replace=False)
+
+  def close(self):
+    self._writer.close()
+    paths.upload_tree(self._local, self._destination, replace=False)
+    shutil.rmtree(self._local, ignore_errors=True)
+
+
 def _tensorboard_writer(workdir: str):
   """CLU's summary writer needs TensorFlow; without it, jsonl only."""
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    return metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
   except ImportError as err:
     logging.warning("TensorBoard summaries off (%s); metrics.jsonl only.", err)
     return None
+  destination = paths.join(workdir, "tensorboard")
+  if not paths.is_url(workdir):
+    return metric_writers.SummaryWriter(destination)
+  local = tempfile.mkdtemp(prefix="jaxdml-tensorboard-")
+  return _CopiedSummaryWriter(metric_writers.SummaryWriter(local), local, destination)
 
 
 def read_metrics(workdir: str) -> list[dict]:
   """The rows of `workdir/metrics.jsonl`, for tests and notebooks."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f if l.strip()]
+  text = (paths.as_path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(l) for l in text.splitlines() if l.strip()]

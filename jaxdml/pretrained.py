@@ -13,11 +13,13 @@ the weights in its own checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 import jax
 
-from jaxdml import checkpoint, models
+from jaxdml import checkpoint, models, paths
 
 INIT_FILE = "init_file"
 
@@ -49,11 +51,13 @@ def load_into(config, state: dict, shardings: dict) -> dict:
   """`state` with the encoders' params and batch_stats from their init files."""
   for path, (name, kwargs, file) in init_files(config.model).items():
     pick = (lambda t, p=path: t[p[0]]) if path else (lambda t: t)
-    if os.path.isdir(file):
+    paths.check_reachable(file, "model.init_file")
+    if paths.as_path(file).is_dir():
       loaded = _from_workdir(file, path, {k: shardings[k] for k in ("params", "batch_stats")
                                           if jax.tree.leaves(state[k])})
     else:
-      loaded = models.load_torch_weights(name, file, seed=int(config.seed), **kwargs)
+      with _local_file(file) as local:
+        loaded = models.load_torch_weights(name, local, seed=int(config.seed), **kwargs)
     for collection, tree in loaded.items():
       if jax.tree.structure(pick(state[collection])) != jax.tree.structure(tree):
         raise ValueError(f"{file}: its {collection} do not fit model {name!r} at "
@@ -61,6 +65,20 @@ def load_into(config, state: dict, shardings: dict) -> dict:
       placed = jax.device_put(tree, pick(shardings[collection]))
       state[collection] = dict(state[collection], **{path[0]: placed}) if path else placed
   return state
+
+
+@contextlib.contextmanager
+def _local_file(file: str):
+  """`file` itself, or a temporary local copy of a URL (the weight readers
+  take local paths), removed afterwards."""
+  if not paths.is_url(file):
+    yield file
+    return
+  suffix = os.path.splitext(file)[1]
+  with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+    f.write(paths.as_path(file).read_bytes())
+    f.flush()
+    yield f.name
 
 
 def _from_workdir(workdir: str, path: tuple, shardings: dict) -> dict:

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import difflib
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from jaxdml import checkpoint as checkpoint_lib
-from jaxdml import models, pretrained
+from jaxdml import models, paths, pretrained
 
 # Fields every kind takes, with their defaults.
 COMMON_FIELDS = {"kind": None, "images": "same", "feeds_memory": False}
@@ -245,12 +244,13 @@ def _frozen_checkpointer(workdir: str | None, recipe: str) -> checkpoint_lib.Che
   if not workdir:
     raise ValueError(f"config.teacher.workdir is not set: this recipe distils a trained "
                      f"teacher; {hint}.")
+  paths.check_reachable(workdir, "config.teacher.workdir")
   ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False, create=False)
   if ckpt.latest_step() is None:
     ckpt.close()
     raise FileNotFoundError(
         f"config.teacher.workdir={workdir!r} has no checkpoint under "
-        f"{os.path.join(workdir, 'checkpoints')}; {hint}.")
+        f"{ckpt.directory}; {hint}.")
   return ckpt
 
 

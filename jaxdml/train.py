@@ -20,7 +20,7 @@ import tqdm
 
 from jaxdml import build as build_lib
 from jaxdml import checkpoint as checkpoint_lib
-from jaxdml import data as data_lib, sharding, tasks
+from jaxdml import data as data_lib, paths, sharding, tasks
 from jaxdml.metrics_writer import MetricsWriter
 
 
@@ -139,6 +139,7 @@ def _make_evaluator(parts: build_lib.Parts, workdir):
 
 def setup(config, workdir: str):
   """`(parts, checkpointer)`: everything a run needs before its first step."""
+  paths.check_reachable(workdir)
   sharding.maybe_initialize_distributed()
   parts = build_lib.build(config)
   config = parts.config

@@ -14,12 +14,15 @@ Each photo has its own seed stream, ``(seed, category, instance)``, so a
 photo does not change when other arguments (e.g. the number of photos) do.
 """
 import hashlib
+import io
 import json
 import os
 import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from jaxdml import paths
 
 # Bump when the rendering changes: it keys the on-disk cache.
 GENERATOR_VERSION = 1
@@ -381,9 +384,10 @@ def generate(*, num_categories=12, photos_per_category=24, sketches_per_photo=3,
 
 
 def default_cache_dir():
-  """`$JAXDML_CACHE/synthetic`, else `~/.cache/jaxdml/synthetic`."""
+  """`$JAXDML_CACHE/synthetic` (a local path or a URL), else
+  `~/.cache/jaxdml/synthetic`."""
   root = os.environ.get("JAXDML_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxdml")
-  return os.path.join(root, "synthetic")
+  return paths.join(root, "synthetic")
 
 
 def load_or_generate(cache_dir=None, **kwargs):
@@ -401,7 +405,19 @@ def load_or_generate(cache_dir=None, **kwargs):
   key = json.dumps({"version": GENERATOR_VERSION, **params}, sort_keys=True)
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
   cache_dir = cache_dir or default_cache_dir()
-  path = os.path.join(cache_dir, f"sketchy_v{GENERATOR_VERSION}_{digest}.npz")
+  name = f"sketchy_v{GENERATOR_VERSION}_{digest}.npz"
+  if paths.is_url(cache_dir):  # one object upload: readers see all of it or nothing
+    cached = paths.as_path(cache_dir) / name
+    if cached.exists():
+      with np.load(io.BytesIO(cached.read_bytes())) as f:
+        return {k: f[k] for k in f.files}
+    data = generate(**params)
+    buffer = io.BytesIO()
+    np.savez(buffer, **data)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(buffer.getvalue())
+    return data
+  path = os.path.join(cache_dir, name)
   if os.path.exists(path):
     with np.load(path) as f:
       return {k: f[k] for k in f.files}

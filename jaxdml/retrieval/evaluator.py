@@ -25,12 +25,12 @@ embeddings are; KoLeo should raise it).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
 
 from jaxdml import data as data_lib
+from jaxdml import paths
 from jaxdml import sharding as sharding_lib
 from jaxdml.retrieval import count_relevant, metrics_from_neighbors, search
 from jaxdml.retrieval.picture import save_retrieval_grid
@@ -184,7 +184,7 @@ class Evaluator:
     rows = np.unique(np.linspace(0, len(q) - 1, self.picture_queries).astype(int))
     top = indices[rows, :self.picture_k]
     hits = gallery["labels"][top] == self.query["labels"][rows, None]
-    save_retrieval_grid(os.path.join(self.workdir, f"retrieval_{step}.png"),
+    save_retrieval_grid(paths.join(self.workdir, f"retrieval_{step}.png"),
                         self.query["images"][rows], gallery["images"], top, hits,
                         max_queries=len(rows))
 

