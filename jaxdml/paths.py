@@ -37,6 +37,12 @@ def configure_emulator(environ=None) -> None:
   # does not serve) and log a warning on every access.
   env.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
   _uncached_listings()
+  # epath decides once per process whether TensorFlow serves gs://; a URL
+  # used before the variable was set (TFDS probes gs://tfds-data) would
+  # have fixed that to TensorFlow's client.
+  cached = getattr(getattr(epath, "gpath", None), "_is_tf_installed", None)
+  if hasattr(cached, "cache_clear"):
+    cached.cache_clear()
 
 
 def _uncached_listings() -> None:
