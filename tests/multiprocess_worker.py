@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 
 def mp_config():
-  """The smoke SBIR config, eval off, 4 steps, checkpoints at 3 and 4."""
+  """The smoke SBIR config, 4 steps, checkpoints and evaluations at 3 and 4."""
   spec = importlib.util.spec_from_file_location(
       "sketchy_rtl", os.path.join(ROOT, "configs", "sketchy_rtl.py"))
   module = importlib.util.module_from_spec(spec)
@@ -29,7 +29,7 @@ def mp_config():
   config = module.get_config("smoke")
   config.total_steps = 4
   config.checkpoint_every = 3
-  config.eval.enabled = False
+  config.eval_every = 3
   return config
 
 

@@ -1,8 +1,10 @@
 """Two jax.distributed processes on localhost, 4 fake CPU devices each.
 
 The pair must see one 8-device mesh, train exactly like one process with 8
-devices, write metrics.jsonl once (process 0), and leave a checkpoint that
-one process restores and continues from as if nothing had happened. Every
+devices, evaluate like it (each process embeds its share of the images; the
+search puts only its own shards on the devices), write metrics.jsonl once
+(process 0), and leave a checkpoint that one process restores and continues
+from as if nothing had happened. Every
 child runs under a timeout and is killed on it, so a hung collective fails
 the test instead of hanging it.
 """
@@ -105,8 +107,10 @@ def test_two_processes_train_like_one_and_one_process_resumes(tmp_path):
   config = multiprocess_worker.mp_config()  # 4 steps, checkpoints at 3 and 4.
   pair, single = str(tmp_path / "pair"), str(tmp_path / "single")
   run_pair("train", pair, "3", workdir=pair, timeout=540)
-  # One line per step: only process 0 writes metrics.
-  assert [r["step"] for r in metrics_writer.read_metrics(pair)] == [1, 2, 3]
+  # One line per step and one evaluation: only process 0 writes metrics.
+  rows = metrics_writer.read_metrics(pair)
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+  (pair_eval,) = [r for r in rows if "recall@1" in r]
 
   train.train_and_evaluate(config, single)  # One process, 8 devices, 4 steps.
   straight = losses(single)
@@ -114,6 +118,11 @@ def test_two_processes_train_like_one_and_one_process_resumes(tmp_path):
   np.testing.assert_allclose([losses(pair)[s] for s in (1, 2, 3)],
                              [straight[s] for s in (1, 2, 3)], rtol=1e-5, atol=1e-5)
   assert_params_close(params_at(pair, config, 3), params_at(single, config, 3))
+  (single_eval,) = [r for r in metrics_writer.read_metrics(single)
+                    if "recall@1" in r and r["step"] == 3]
+  assert pair_eval.keys() == single_eval.keys()
+  for key, value in single_eval.items():
+    assert pair_eval[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
   # The pair's checkpoint, restored by one process, continues like the
   # uninterrupted run.

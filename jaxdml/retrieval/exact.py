@@ -12,6 +12,12 @@ candidates in gallery-index order, so the lower gallery index wins at every
 stage. Each score is one row-by-row dot product, so 1 or 8 devices give the
 same scores and indices (tested on CPU; the tile width follows the device
 count, to keep padding low).
+
+On several processes (a pod) every process holds the same numpy query and
+gallery; each puts only its own devices' shards on them
+(`jax.make_array_from_callback`): `jax.device_put` of a numpy array onto a
+multi-process sharding would first check, with a cross-process gather of
+the whole array, that every process passed the same value.
 """
 import collections
 import functools
@@ -89,7 +95,9 @@ def _build(mesh, k, similarity, exclude_self, num_valid):
     s, pos = jax.lax.top_k(s, k)
     return s, jnp.take_along_axis(i, pos, axis=1)
 
-  return jax.jit(fn)
+  # Replicated results: every process reads its own copy (`_fetch`).
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(fn, out_shardings=(replicated, replicated))
 
 
 def default_mesh():
@@ -124,8 +132,8 @@ def search_blocks(query, gallery, k, *, exclude_self=False,
   padded = padded.reshape(ndev * n_tiles, tile, g.shape[1])
   g_sq = np.sum(padded * padded, axis=2)
   gallery_sharding = NamedSharding(mesh, P("data"))
-  g_dev = jax.device_put(padded, gallery_sharding)
-  g_sq_dev = jax.device_put(g_sq, gallery_sharding)
+  g_dev = _local_shards(padded, gallery_sharding)
+  g_sq_dev = _local_shards(g_sq, gallery_sharding)
   fn = _build(mesh, int(k), similarity, bool(exclude_self), num_g)
   # The carry is [block, k] too: a deep k (full ranking for mAP) shrinks it.
   block = block_size or max(8, min(_SCORE_BUDGET // max(tile, k), 4096))
@@ -137,8 +145,7 @@ def search_blocks(query, gallery, k, *, exclude_self=False,
     if qb.shape[0] < block:
       qb = np.concatenate([qb, np.zeros((block - qb.shape[0], q.shape[1]),
                                         np.float32)])
-    return start, fn(jax.device_put(qb, replicated), np.int32(start), g_dev,
-                     g_sq_dev)
+    return start, fn(_local_shards(qb, replicated), np.int32(start), g_dev, g_sq_dev)
 
   pending = collections.deque()
   for start in range(0, num_q, block):
@@ -149,8 +156,14 @@ def search_blocks(query, gallery, k, *, exclude_self=False,
     yield _fetch(*pending.popleft(), num_q)
 
 
+def _local_shards(array: np.ndarray, sharding) -> jax.Array:
+  """`array` on `sharding`, each process placing its own devices' shards."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
 def _fetch(start, result, num_q):
-  s, i = jax.device_get(result)
+  # Replicated results: this process's copy, no gather.
+  s, i = (np.asarray(x.addressable_data(0)) for x in result)
   n = min(num_q - start, s.shape[0])
   return start, np.asarray(s[:n]), np.asarray(i[:n], np.int64)
 
