@@ -33,7 +33,8 @@ def test_too_late_or_malformed_requests_say_what_to_do():
 
 
 @pytest.mark.parametrize("flag,expected", [
-    ("auto", sharding.auto_cpu_device_count(48, len(os.sched_getaffinity(0)))), ("3", 3)])
+    ("auto", sharding.auto_cpu_device_count(48, len(os.sched_getaffinity(0)))),
+    pytest.param("3", 3, marks=pytest.mark.slow)])  # the same path with an explicit count
 def test_bench_runs_data_parallel_on_the_requested_host_devices(flag, expected):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run(
