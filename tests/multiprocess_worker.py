@@ -6,6 +6,9 @@
         trains the smoke config (`mp_config()`) for STOP_AFTER steps, as
         `python -m jaxdml.main` would (sharding.maybe_initialize_distributed
         runs inside train.setup).
+    python tests/multiprocess_worker.py long WORKDIR
+        trains the same config for up to 200 steps, every step logged, no
+        evaluation: long enough to be sent SIGTERM mid-run.
     python tests/multiprocess_worker.py batch WORKDIR
         assembles a global batch from per-process rows and writes what the
         jitted computation saw to WORKDIR/batch_<process>.json.
@@ -38,6 +41,16 @@ def train(workdir, stop_after):
   train_lib.train_and_evaluate(mp_config(), workdir, stop_after=int(stop_after))
 
 
+def long(workdir):
+  from jaxdml import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = mp_config()
+  config.total_steps = 200
+  config.checkpoint_every = 1000
+  config.log_every = 1
+  config.eval.enabled = False
+  train_lib.train_and_evaluate(config, workdir)
+
+
 def batch(workdir):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -62,4 +75,4 @@ def batch(workdir):
 
 
 if __name__ == "__main__":
-  {"train": train, "batch": batch}[sys.argv[1]](*sys.argv[2:])
+  {"train": train, "long": long, "batch": batch}[sys.argv[1]](*sys.argv[2:])

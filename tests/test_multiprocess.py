@@ -11,6 +11,7 @@ the test instead of hanging it.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,8 +36,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_pair(*args, workdir, timeout):
-  """Runs the worker as processes 0 and 1; fails with their logs on error."""
+def run_pair(*args, workdir, timeout, poke=None):
+  """Runs the worker as processes 0 and 1; fails with their logs on error.
+  `poke(procs)` is called while they run until it returns True (to signal
+  one of them); it must have been, by the end."""
   port = free_port()
   os.makedirs(workdir, exist_ok=True)
   procs, logs = [], []
@@ -57,6 +60,8 @@ def run_pair(*args, workdir, timeout):
     while time.monotonic() < deadline and any(p.poll() is None for p in procs):
       if any(p.poll() not in (None, 0) for p in procs):
         break
+      if poke is not None and poke(procs):
+        poke = None
       time.sleep(0.2)
   finally:
     killed = [i for i, p in enumerate(procs) if p.poll() is None]
@@ -72,6 +77,8 @@ def run_pair(*args, workdir, timeout):
     log.close()
   why = f"killed processes {killed} (timeout {timeout}s or a failed peer)\n" if killed else ""
   assert all(p.returncode == 0 for p in procs), why + "\n".join(tails)
+  assert poke is None, "the processes ended before they could be signalled\n" + "\n".join(tails)
+  return tails
 
 
 def test_global_batch_spans_both_processes(tmp_path):
@@ -130,3 +137,22 @@ def test_two_processes_train_like_one_and_one_process_resumes(tmp_path):
   train.train_and_evaluate(config, pair)
   np.testing.assert_allclose(losses(pair)[4], straight[4], rtol=1e-5, atol=1e-5)
   assert_params_close(params_at(pair, config, 4), params_at(single, config, 4))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """A preempted host gets SIGTERM; its peer does not. JAX's preemption sync
+  point makes both stop after the same step, save it together and exit 0."""
+  workdir = str(tmp_path / "pair")
+
+  def sigterm_process_1_once_training(procs):
+    rows = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(rows) and os.path.getsize(rows) > 0:
+      procs[1].send_signal(signal.SIGTERM)
+      return True
+    return False
+  tails = run_pair("long", workdir, workdir=workdir, timeout=540,
+                   poke=sigterm_process_1_once_training)
+  steps = [int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 200, steps
+  assert f"SIGTERM: stopped at step {steps[0]} of 200" in tails[0]
+  assert sorted(losses(workdir)) == list(range(1, steps[0] + 1))
