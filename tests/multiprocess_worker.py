@@ -9,6 +9,9 @@
     python tests/multiprocess_worker.py long WORKDIR
         trains the same config for up to 200 steps, every step logged, no
         evaluation: long enough to be sent SIGTERM mid-run.
+    python tests/multiprocess_worker.py scann WORKDIR
+        searches a fixed gallery with the ScaNN backend on both processes,
+        counting the index builds, into WORKDIR/scann_<process>.json.
     python tests/multiprocess_worker.py batch WORKDIR
         assembles a global batch from per-process rows and writes what the
         jitted computation saw to WORKDIR/batch_<process>.json.
@@ -51,6 +54,28 @@ def long(workdir):
   train_lib.train_and_evaluate(config, workdir)
 
 
+def scann(workdir):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxdml import retrieval, sharding  # pylint: disable=g-import-not-at-top
+  from jaxdml.retrieval import scann_backend  # pylint: disable=g-import-not-at-top
+  sharding.maybe_initialize_distributed()
+  builds = []
+  build = scann_backend.build_searcher
+  scann_backend.build_searcher = lambda *a, **kw: builds.append(1) or build(*a, **kw)
+  gallery, query = scann_gallery_and_query()
+  scores, indices = retrieval.search(query, gallery, 5, backend="scann")
+  with open(os.path.join(workdir, f"scann_{jax.process_index()}.json"), "w") as f:
+    json.dump({"builds": len(builds), "indices": np.asarray(indices).tolist(),
+               "scores": np.asarray(scores).tolist()}, f)
+
+
+def scann_gallery_and_query():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  return rng.normal(size=(3000, 16)).astype(np.float32), rng.normal(size=(40, 16)).astype(np.float32)
+
+
 def batch(workdir):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -75,4 +100,4 @@ def batch(workdir):
 
 
 if __name__ == "__main__":
-  {"train": train, "long": long, "batch": batch}[sys.argv[1]](*sys.argv[2:])
+  {"train": train, "long": long, "scann": scann, "batch": batch}[sys.argv[1]](*sys.argv[2:])

@@ -156,3 +156,20 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert len(steps) == 1 and 0 < steps[0] < 200, steps
   assert f"SIGTERM: stopped at step {steps[0]} of 200" in tails[0]
   assert sorted(losses(workdir)) == list(range(1, steps[0] + 1))
+
+
+def test_scann_builds_one_index_for_both_processes(tmp_path):
+  """Process 0 builds and searches; process 1 receives the same results,
+  equal to one process searching alone."""
+  from jaxdml import retrieval  # pylint: disable=g-import-not-at-top
+  run_pair("scann", str(tmp_path), workdir=str(tmp_path), timeout=300)
+  seen = []
+  for i in range(2):
+    with open(tmp_path / f"scann_{i}.json") as f:
+      seen.append(json.load(f))
+  assert [s["builds"] for s in seen] == [1, 0]
+  gallery, query = multiprocess_worker.scann_gallery_and_query()
+  scores, indices = retrieval.search(query, gallery, 5, backend="scann")
+  for s in seen:
+    np.testing.assert_array_equal(s["indices"], indices)
+    np.testing.assert_allclose(s["scores"], scores, rtol=1e-6)

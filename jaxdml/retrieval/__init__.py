@@ -8,6 +8,8 @@ Protocols:
   then ``metrics_from_neighbors`` once per label set, with
   ``count_relevant`` giving each label set's R.
 """
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from jaxdml.retrieval import clustering
@@ -82,11 +84,23 @@ def search(query, gallery, k, *, exclude_self=False, backend="exact",
     return exact.search(query, gallery, int(k), exclude_self=exclude_self,
                         similarity=similarity, mesh=mesh)
   if backend == "scann":
-    return scann_backend.search(query, gallery, int(k),
-                                exclude_self=exclude_self,
-                                similarity=similarity,
-                                scann_config=scann_config)
+    run = lambda: scann_backend.search(query, gallery, int(k), exclude_self=exclude_self,
+                                       similarity=similarity, scann_config=scann_config)
+    return run() if jax.process_count() == 1 else _on_process_0(run, query.shape[0], int(k))
   raise ValueError(f"backend={backend!r}; choose from {BACKENDS}.")
+
+
+def _on_process_0(run, num_queries: int, k: int):
+  """On several processes one ScaNN index is enough: process 0 builds and
+  searches it, the others receive its [Q, k] results (a broadcast), where
+  every process would otherwise build the same index on its host."""
+  if jax.process_index() == 0:
+    scores, indices = run()
+  else:
+    scores, indices = np.zeros((num_queries, k), np.float32), np.zeros((num_queries, k))
+  scores, indices = multihost_utils.broadcast_one_to_all(
+      (np.asarray(scores, np.float32), np.asarray(indices, np.int32)))
+  return np.asarray(scores), np.asarray(indices, np.int64)
 
 
 def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
