@@ -18,7 +18,7 @@ from jaxdml import config_lib, recipes
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="resnet50", batch_size=16, smoke=False,
-                             dtype="float32", seed=0)
+                             dtype="auto", seed=0)
   c = recipes.single_task("sop", seed=arg.seed)
   c.batch_size = arg.batch_size
   c.total_steps = 100

@@ -37,7 +37,7 @@ def get_config(arg=None):
                    log_every=50, eval_every=2_000)
 
   embed_dim = 512
-  head = dict(embed_dim=embed_dim, head_norm=arg.embedding, dtype="float32")
+  head = dict(embed_dim=embed_dim, head_norm=arg.embedding, dtype="auto")
   # init_file: ImageNet weights per tower (e.g. timm's ViT-S/16 and ViT-B/16).
   c.model = ml_collections.ConfigDict(dict(
       name="two_tower",
@@ -68,7 +68,7 @@ def get_config(arg=None):
     embed_dim = 16 if arg.smoke else 128
     tower = lambda: dict(name="resnet_tiny" if arg.smoke else "resnet_small",
                          embed_dim=embed_dim, head_norm=arg.embedding, pooling="avg",
-                         dtype="float32")
+                         dtype="auto")
     overlay = {"data.name": "synthetic_sketchy", "data.augment.random_resized_crop": False,
                "model.query": tower(), "model.gallery": tower()}
     if arg.smoke:

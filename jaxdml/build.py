@@ -31,10 +31,16 @@ from jaxdml import tasks
 from jaxdml import teacher as teacher_lib
 
 
-def build_model(model_config):
-  """The encoder of a `config.model` (`name` plus constructor keywords)."""
+def build_model(model_config, platform: str | None = None):
+  """The encoder of a `config.model` (`name` plus constructor keywords);
+  `dtype="auto"` resolved for `platform` (default: JAX's default backend)."""
   kwargs = pretrained.model_kwargs(model_config)
-  return models.get(kwargs.pop("name"), **kwargs)
+  return models.get(kwargs.pop("name"), platform=platform, **kwargs)
+
+
+def mesh_platform(mesh) -> str:
+  """"cpu", "gpu" or "tpu": what the mesh's devices are."""
+  return mesh.devices.flat[0].platform
 
 
 def model_variables(state: dict) -> dict:
@@ -82,10 +88,23 @@ class Parts:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract, self.shardings)
 
-  def tower_fns(self) -> dict:
+  def tower_fns(self, portable: bool = False) -> dict:
     """Tower -> unjitted `(variables, images) -> embeddings`; with a teacher
-    also `"teacher"` (its model on its own variables)."""
-    fns = {t: embed_fn(self.model, m) for t, m in tasks.towers(self.config.task).items()}
+    also `"teacher"` (its model on its own variables).
+
+    These run the model built for the mesh's platform. `portable=True` (what
+    export lowers for cpu, cuda and tpu at once) resolves `dtype="auto"` per
+    platform at lowering time instead: float32 in the CPU lowering, bfloat16
+    in the GPU and TPU ones (the parameters are float32 either way).
+    """
+    towers = tasks.towers(self.config.task)
+    fns = {t: embed_fn(self.model, m) for t, m in towers.items()}
+    if portable:
+      on_cpu, on_accelerator = (build_model(self.config.model, p) for p in ("cpu", "tpu"))
+      if models.dtype_of(on_cpu) != models.dtype_of(on_accelerator):
+        fns = {t: functools.partial(models.layers.on_cpu_else, embed_fn(on_cpu, m),
+                                    embed_fn(on_accelerator, m))
+               for t, m in towers.items()}
     if self.teacher is not None:
       fns["teacher"] = embed_fn(self.teacher.model)
     return fns
@@ -178,7 +197,7 @@ def build(config, *, devices=None, mesh=None) -> Parts:
   config = config_lib.resolve(config)
   if mesh is None:
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-  model = build_model(config.model)
+  model = build_model(config.model, mesh_platform(mesh))
   teacher = teacher_lib.build(config, model)
   tx, schedule = optim.make_optimizer(config.optimizer, int(config.total_steps))
   init = _init_fn(config, model, teacher, tx)

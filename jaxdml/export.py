@@ -14,9 +14,12 @@ with the step, platforms and config, in `export/jaxdml_export.json`.
 the checkpoint the manifest names) so anyone can check parity.
 
 The converted function is lowered for cpu, cuda and tpu at once (one
-SavedModel for all three); a platform some op has no lowering for is dropped
-with a warning, and the manifest's `platforms` lists what each signature
-kept. Export runs in one process on one device: it needs only the parameters.
+SavedModel for all three), each with its own kernels and, for
+`model.dtype="auto"`, its own compute dtype (float32 on CPU, bfloat16 on GPU
+and TPU; `Parts.tower_fns(portable=True)`); a platform some op has no
+lowering for is dropped with a warning, and the manifest's `platforms` lists
+what each signature kept. cuDNN attention needs a GPU host to be traced: an
+export made elsewhere runs XLA's attention on GPU. Export runs in one process on one device: it needs only the parameters.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ def export_saved_model(config, workdir: str, *, step: int | None = None,
     raise ValueError(f"platforms={platforms}: each must be one of "
                      f"{_KNOWN_PLATFORMS}, e.g. platforms=('cpu', 'cuda').")
   parts, variables, step = _restore_variables(config, workdir, step)
-  embed_fns = parts.tower_fns()
+  embed_fns = parts.tower_fns(portable=True)
   size = int(config.data.image_size)
   module = tf.Module()
   # Parameters as tf.Variables: stored once, shared by both signatures. The
@@ -222,7 +225,7 @@ def load_embed_fn(export_dir: str, tower: str = "gallery"):
                      "'query' exists only for two-tower (sbir) models.")
   parts, variables, _ = _restore_variables(config, manifest["workdir"], manifest["step"])
   size = int(manifest["image_size"])
-  embed = jax.jit(parts.tower_fns()[tower])
+  embed = jax.jit(parts.tower_fns(portable=True)[tower])
 
   def fn(images):
     images = jnp.asarray(np.asarray(images), jnp.float32)

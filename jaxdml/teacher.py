@@ -186,7 +186,9 @@ class Frozen(Teacher):
   def build_model(self, student_model):
     saved = self.cfg.get("model") or dict(_read_saved_model(
         self.cfg.get("workdir"), self.cfg.get("step"), self.cfg.get("recipe") or ""))
-    description = pretrained.model_kwargs(saved)
+    # The teacher computes in the student's dtype (its parameters stay float32):
+    # "auto" in the student's config means bfloat16 for both on an accelerator.
+    description = models.with_dtype(pretrained.model_kwargs(saved), models.dtype_of(student_model))
     return models.get(description.pop("name"), **description)
 
   def init(self, student_variables, dummy_inputs) -> dict:

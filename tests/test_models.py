@@ -381,6 +381,34 @@ def test_remat_and_bfloat16(name):
       jax.tree.map(lambda a: a.dtype, variables["params"])
 
 
+# bf16 keeps 8 mantissa bits; through a dozen layers of a random-init network
+# an L2-normalised embedding moves by up to a few 1e-2 per coordinate. Stated
+# bound: cosine similarity to the float32 embedding >= 0.995 per image.
+BF16_MIN_COSINE = 0.995
+
+
+@pytest.mark.parametrize("name,size", [
+    ("resnet_tiny", 32), ("resnet_small", 64), ("shufflenet_v2_tiny", 32),
+    ("vit_tiny", 32), ("vit_small_demo", 64),
+    pytest.param("resnet18", 64, marks=pytest.mark.slow),
+    pytest.param("shufflenet_v2_x1_0", 64, marks=pytest.mark.slow),
+    pytest.param("vit_ti16", 64, marks=pytest.mark.slow)])
+def test_bfloat16_embeddings_are_close_to_float32(name, size):
+  """Same float32 parameters, bf16 compute: embeddings within the stated bound,
+  in eval and in train mode (batch statistics), and float32 out."""
+  f32 = models.get(name, embed_dim=16)
+  bf16 = models.get(name, embed_dim=16, dtype="bfloat16")
+  variables, x = _init(f32, size, batch=4)
+  for train in (False, True):
+    kw = dict(train=True, mutable=["batch_stats"]) if train else {}
+    # In train mode apply returns ((output, intermediates), updated statistics).
+    out32, out16 = (_apply(m, variables, x, **kw)[0] for m in (f32, bf16))
+    out32, out16 = (out[0] if train else out for out in (out32, out16))
+    assert out16.dtype == jnp.float32
+    cosine = np.sum(np.asarray(out16) * np.asarray(out32), -1)
+    assert cosine.min() >= BF16_MIN_COSINE, (name, train, cosine)
+
+
 def test_two_tower():
   model = models.get("two_tower", query=dict(name="shufflenet_v2_tiny", embed_dim=8),
                      gallery=dict(name="resnet_tiny", embed_dim=8, head_norm="bn"))
@@ -405,25 +433,22 @@ def test_two_tower():
 
 @pytest.mark.parametrize("stride,size", [(1, 9), (2, 9), (2, 8)])
 def test_fast_conv_and_pool_match_xla_ops_in_value_and_gradient(stride, size):
-  """The CPU-fast rewrites (depthwise as shifted multiply-adds, im2col stems,
-  separable max pool) must equal the XLA ops they replace, gradients too."""
+  """The CPU lowering's rewrites (depthwise as shifted multiply-adds, im2col
+  stems, separable max pool) must equal the XLA ops GPU and TPU lower to
+  (`test_lowering.py` checks which runs where), gradients too."""
   import flax.linen as nn
-  from jax import lax
   rng = np.random.default_rng(stride * 10 + size)
   x = jnp.asarray(rng.normal(size=(2, size, size, 6)), jnp.float32)
   dw = jnp.asarray(rng.normal(size=(3, 3, 6)), jnp.float32)
   stem = jnp.asarray(rng.normal(size=(7, 7, 6, 4)), jnp.float32)
-  dims = ("NHWC", "HWIO", "NHWC")
   pairs = {
       "depthwise": (
           lambda x, k: layers.depthwise_conv(x, k, strides=stride, padding=1),
-          lambda x, k: lax.conv_general_dilated(
-              x, k[:, :, None, :], (stride, stride), [(1, 1)] * 2,
-              dimension_numbers=dims, feature_group_count=6), dw),
+          lambda x, k: layers._xla_conv(x, k[:, :, None, :], strides=stride, padding=1,
+                                        groups=6), dw),
       "im2col": (
           lambda x, k: layers._im2col_conv(x, k, strides=stride, padding=3),
-          lambda x, k: lax.conv_general_dilated(x, k, (stride, stride), [(3, 3)] * 2,
-                                                dimension_numbers=dims), stem),
+          lambda x, k: layers._xla_conv(x, k, strides=stride, padding=3, groups=1), stem),
   }
   for name, (fast, reference, kernel) in pairs.items():
     np.testing.assert_allclose(fast(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5,
@@ -434,9 +459,10 @@ def test_fast_conv_and_pool_match_xla_ops_in_value_and_gradient(stride, size):
       np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4, err_msg=name)
   # Continuous random inputs have no ties, so max pooling's gradient is unique.
   pool_ref = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-  np.testing.assert_allclose(layers.max_pool_3x3_s2(x), pool_ref(x), atol=1e-6)
+  separable = layers._separable_max_pool_3x3_s2
+  np.testing.assert_allclose(separable(x), pool_ref(x), atol=1e-6)
   np.testing.assert_allclose(
-      jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool_3x3_s2(x))))(x),
+      jax.grad(lambda x: jnp.sum(jnp.sin(separable(x))))(x),
       jax.grad(lambda x: jnp.sum(jnp.sin(pool_ref(x))))(x), atol=1e-5)
 
 

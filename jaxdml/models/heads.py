@@ -3,13 +3,12 @@
 Embedding head: pooling ("avg" | "gem" | "gem_l2" | "cls" | "avgmax") -> optional linear
 projection to `embed_dim` -> `head_norm` ("bn" | "l2" | "none").
 """
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdml.models.layers import BatchNorm
+from jaxdml.models.layers import BatchNorm, at_least_float32
 
 POOLINGS = ("avg", "gem", "gem_l2", "cls", "avgmax")
 # Poolings with GeM's learnable exponent p.
@@ -21,8 +20,8 @@ HEAD_NAME = "embed_head"
 
 
 def l2_normalize(x, eps: float = 1e-12):
-  """Rows of `x` divided by their L2 norm (float32), safe at zero."""
-  x = x.astype(jnp.float32)
+  """Rows of `x` divided by their L2 norm (at least float32), safe at zero."""
+  x = at_least_float32(x)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps * eps))
 
 
@@ -50,18 +49,18 @@ def pool(local, *, kind: str, cls=None, p=None, eps: float = 1e-6):
   code (pavelsuma/raml) puts before its projection.
   """
   if kind == "avg":
-    return jnp.mean(local.astype(jnp.float32), axis=1)
+    return jnp.mean(at_least_float32(local), axis=1)
   if kind == "avgmax":
-    lf = local.astype(jnp.float32)
+    lf = at_least_float32(local)
     return jnp.mean(lf, axis=1) + jnp.max(lf, axis=1)
   if kind in GEM_POOLINGS:
-    x = jnp.maximum(local.astype(jnp.float32), eps)
+    x = jnp.maximum(at_least_float32(local), eps)
     pooled = jnp.mean(x ** p, axis=1) ** (1.0 / p)
     return l2_normalize(pooled) if kind == "gem_l2" else pooled
   if kind == "cls":
     if cls is None:
       raise ValueError("pooling='cls' needs a CLS token; only ViT encoders have one.")
-    return cls.astype(jnp.float32)
+    return at_least_float32(cls)
   raise ValueError(f"unknown pooling {kind!r}; use one of {POOLINGS}.")
 
 
@@ -71,12 +70,14 @@ class EmbeddingHead(nn.Module):
   "bn" is the SBIR recipe's BatchNorm embedding (BatchNorm1d with affine,
   torch defaults; our choice where the paper is silent); it keeps its own
   statistics even when the backbone BN is frozen. GeM's p is a learnable
-  scalar initialised to 3. The embedding is float32 whatever the compute dtype.
+  scalar initialised to 3. The whole head (pooling, projection, BN, L2) runs
+  in float32 whatever the backbone's compute dtype: it is a sliver of the
+  FLOPs, and a bf16 projection would round every embedding to 8 bits of
+  mantissa before the loss compares them.
   """
   pooling: str = "avg"
   embed_dim: int | None = None
   head_norm: str = "l2"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, local, cls=None, train: bool = False):
@@ -88,17 +89,17 @@ class EmbeddingHead(nn.Module):
     if self.embed_dim is not None:
       # A bias before BatchNorm is cancelled by it: its true gradient is zero,
       # and Adam would turn float noise in that gradient into lr-sized steps.
-      z = nn.Dense(self.embed_dim, use_bias=self.head_norm != "bn", dtype=self.dtype,
-                   name="proj")(z.astype(self.dtype))
+      z = nn.Dense(self.embed_dim, use_bias=self.head_norm != "bn", dtype=z.dtype,
+                   name="proj")(z)
     if self.head_norm == "bn":
-      z = BatchNorm(dtype=jnp.float32, name="bn")(z.astype(jnp.float32), train)
+      z = BatchNorm(dtype=z.dtype, name="bn")(z, train)
     elif self.head_norm == "l2":
       z = l2_normalize(z)
-    return z.astype(jnp.float32), pooled
+    return z, pooled
 
 
 def encoder_output(local, *, cls=None, num_classes, classifier_name, pooling, embed_dim,
-                   head_norm, dtype, train):
+                   head_norm, train):
   """The common end of every encoder, called inside its compact `__call__`.
 
   With `num_classes`: pooled features -> Dense named `classifier_name` ("fc" in
@@ -107,8 +108,8 @@ def encoder_output(local, *, cls=None, num_classes, classifier_name, pooling, em
   """
   if num_classes is not None:
     pooled = pool(local, kind=pooling, cls=cls)
-    logits = nn.Dense(num_classes, dtype=dtype, name=classifier_name)(pooled.astype(dtype))
-    return logits.astype(jnp.float32), {"features": pooled}
+    logits = nn.Dense(num_classes, dtype=pooled.dtype, name=classifier_name)(pooled)
+    return logits, {"features": pooled}
   z, pooled = EmbeddingHead(pooling=pooling, embed_dim=embed_dim, head_norm=head_norm,
-                            dtype=dtype, name=HEAD_NAME)(local, cls, train)
+                            name=HEAD_NAME)(local, cls, train)
   return z, {"features": pooled}

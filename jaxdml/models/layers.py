@@ -1,7 +1,12 @@
 """Layers the encoders share: convolution, depthwise convolution, max pooling, BatchNorm.
 
-Each is written for a fast CPU train step (why, per layer, in its
-docstring) with torch's semantics, so torchvision weights load one-to-one.
+Each has torch's semantics, so torchvision weights load one-to-one. Where
+XLA's CPU kernels are slow, the CPU gets a rewrite (why, per layer, in its
+docstring) and GPU/TPU keep XLA's own convolution and reduce-window, which
+cuDNN and the TPU MXU run best. The choice is made per platform when the
+program is lowered (`jax.lax.platform_dependent`), not when it is traced:
+one export lowered for cpu, cuda and tpu at once carries each platform's
+kernels, whatever host made it.
 """
 import functools
 from typing import Any
@@ -14,14 +19,25 @@ import jax.numpy as jnp
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def on_cpu_else(cpu_fn, accelerator_fn, *args):
+  """`cpu_fn(*args)` in the CPU lowering, `accelerator_fn(*args)` in the GPU and TPU ones.
+
+  Both are traced; each platform's lowering keeps only its own branch (a
+  one-branch `case` XLA removes), so neither costs anything elsewhere.
+  """
+  return jax.lax.platform_dependent(*args, cpu=cpu_fn, default=accelerator_fn)
+
+
 class Conv(nn.Module):
   """Bias-free convolution, kernel `[kh, kw, in/groups, out]` (torch `[out, in/groups, kh, kw]`).
 
-  A 1x1 convolution is a strided slice plus one matmul: XLA's CPU convolution
-  path is slower than its dot path for these, mostly in the backward pass.
-  A depthwise convolution (groups == in == out) is k*k shifted multiply-adds:
-  XLA CPU runs `feature_group_count` convolutions 10-20x slower than that,
-  forward and backward (ShuffleNet's train step was dominated by them).
+  A 1x1 convolution is a strided slice plus one matmul on every platform (XLA
+  turns it into the same dot on GPU/TPU; on CPU its convolution path is
+  slower, mostly in the backward pass). On CPU only: a depthwise convolution
+  (groups == in == out) is k*k shifted multiply-adds, as XLA CPU runs
+  `feature_group_count` convolutions 10-20x slower than that, forward and
+  backward; a stem (k*k*in <= 160) is one im2col matmul. GPU and TPU run
+  `lax.conv_general_dilated` (grouped for depthwise) for both.
   """
   features: int
   kernel_size: int
@@ -40,18 +56,26 @@ class Conv(nn.Module):
       if s > 1:
         x = x[:, ::s, ::s, :]
       return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-    p = self.padding
-    if self.groups == cin == self.features and cin > 1:
-      return depthwise_conv(x, kernel[:, :, 0], strides=s, padding=p)
-    if self.groups == 1 and cin * k * k <= _IM2COL_MAX_DEPTH:
-      return _im2col_conv(x, kernel, strides=s, padding=p)
-    return jax.lax.conv_general_dilated(
-        x, kernel, (s, s), ((p, p), (p, p)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+    p, groups = self.padding, self.groups
+    xla_conv = functools.partial(_xla_conv, strides=s, padding=p, groups=groups)
+    if groups == cin == self.features and cin > 1:
+      cpu_conv = lambda x, w: depthwise_conv(x, w[:, :, 0], strides=s, padding=p)
+      return on_cpu_else(cpu_conv, xla_conv, x, kernel)
+    if groups == 1 and cin * k * k <= _IM2COL_MAX_DEPTH:
+      cpu_conv = functools.partial(_im2col_conv, strides=s, padding=p)
+      return on_cpu_else(cpu_conv, xla_conv, x, kernel)
+    return xla_conv(x, kernel)
 
 
-# Stems (3 input channels) run as one matmul over k*k*cin patch features: XLA
-# CPU's convolution reaches ~5 GFLOP/s there (a ShuffleNet stem took 58 ms).
+def _xla_conv(x, kernel, *, strides: int, padding: int, groups: int):
+  p = padding
+  return jax.lax.conv_general_dilated(
+      x, kernel, (strides, strides), ((p, p), (p, p)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+# CPU stems (3 input channels) run as one matmul over k*k*cin patch features:
+# XLA CPU's convolution reaches ~5 GFLOP/s there (a ShuffleNet stem took 58 ms).
 _IM2COL_MAX_DEPTH = 160
 
 
@@ -72,11 +96,19 @@ def _im2col_conv(x, kernel, *, strides: int, padding: int):
 def max_pool_3x3_s2(x):
   """NHWC 3x3 max pooling, stride 2, padding 1 (the ResNet/ShuffleNet stem), as `nn.max_pool`.
 
-  Separable (rows, then columns) on a [.., h/2, 2, w/2, 2, ..] view, so every
-  slice is contiguous: its backward is a few selects and plain pads, ~3x faster
-  on CPU than JAX's select-and-scatter emulation (a reduce-window over
-  value/index pairs) or strided slices (pads with interior padding). Ties split
-  the gradient evenly where torch picks one; ties come only from equal inputs
+  XLA's reduce-window on GPU and TPU. On CPU a separable version (below),
+  ~3x faster there.
+  """
+  xla_pool = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+  return on_cpu_else(_separable_max_pool_3x3_s2, xla_pool, x)
+
+
+def _separable_max_pool_3x3_s2(x):
+  """Rows, then columns, on a [.., h/2, 2, w/2, 2, ..] view, so every slice is
+  contiguous: its backward is a few selects and plain pads, ~3x faster on CPU
+  than JAX's select-and-scatter emulation (a reduce-window over value/index
+  pairs) or strided slices (pads with interior padding). Ties split the
+  gradient evenly where torch picks one; ties come only from equal inputs
   (e.g. zeros after a ReLU, whose gradient the ReLU drops anyway).
   """
   b, h, w, c = x.shape
@@ -153,6 +185,11 @@ def _depthwise_bwd(s, p, residuals, dy):
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+def at_least_float32(x):
+  """`x` in float32, or in its own dtype where that is wider (float64 checks)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over the last axis with torch semantics and a fast training path.
 
@@ -163,6 +200,8 @@ class BatchNorm(nn.Module):
   `frozen=True` uses the running statistics in training too (affine still
   trained), as RAML and OBD-SD do. Statistics are over all leading axes, so a
   batch sharded over devices gets global (synchronised) statistics under jit.
+  Statistics, running averages and the normalisation are float32; `dtype` is
+  only the output's.
   """
   frozen: bool = False
   momentum: float = 0.1
@@ -178,7 +217,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     if train and not self.frozen:
       axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
+      xf = at_least_float32(x)
       mean = jnp.mean(xf, axes)
       var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
       if not self.is_initializing():
@@ -191,4 +230,8 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     add = bias - mean * mul
-    return x.astype(self.dtype) * mul.astype(self.dtype) + add.astype(self.dtype)
+    # The normalisation itself in float32 whatever the compute dtype: a folded
+    # bf16 affine rounds `mean * mul` and `x * mul` apart, which cancels badly
+    # when the mean is large against the spread. XLA fuses the casts into the
+    # elementwise op, so only the output is written in the compute dtype.
+    return (at_least_float32(x) * mul + add).astype(self.dtype)

@@ -102,7 +102,7 @@ class ResNet(nn.Module):
     return heads.encoder_output(
         x.reshape(b, h * w_, c), num_classes=self.num_classes, classifier_name="fc",
         pooling=self.pooling, embed_dim=self.embed_dim, head_norm=self.head_norm,
-        dtype=self.dtype, train=train)
+        train=train)
 
 
 _BASIC, _BOTTLENECK = dict(block="basic"), dict(block="bottleneck")

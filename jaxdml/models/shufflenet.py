@@ -92,7 +92,7 @@ class ShuffleNetV2(nn.Module):
     return heads.encoder_output(
         x.reshape(b, h * w, c), num_classes=self.num_classes, classifier_name="fc",
         pooling=self.pooling, embed_dim=self.embed_dim, head_norm=self.head_norm,
-        dtype=self.dtype, train=train)
+        train=train)
 
 
 VARIANTS = {

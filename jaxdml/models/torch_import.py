@@ -74,7 +74,7 @@ def _init_head(model, shapes, rng, images):
   _, inter = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
   width = inter["features"].shape[-1]
   head = heads.EmbeddingHead(pooling=model.pooling, embed_dim=model.embed_dim,
-                             head_norm=model.head_norm, dtype=model.dtype)
+                             head_norm=model.head_norm)
   local, cls = jnp.zeros((1, 1, width)), jnp.zeros((1, width))
   head_vars = head.init(jax.random.fold_in(rng, 1), local, cls, train=False)
   flat = flax.traverse_util.flatten_dict(head_vars)

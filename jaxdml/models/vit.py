@@ -1,7 +1,8 @@
 """Vision Transformer in timm's layout (ViT-Ti/S/B 16; ViT-S/16 is DeiT-S).
 
 Pre-norm blocks, fused qkv Linear, CLS token, learned position embedding,
-LayerNorm eps 1e-6, exact GELU. Attention is `jax.nn.dot_product_attention`.
+LayerNorm eps 1e-6, exact GELU. Attention is `jax.nn.dot_product_attention`:
+cuDNN's fused kernel on GPU where it applies, XLA's elsewhere (`attention`).
 Names map to timm keys (`blocks_3/attn/qkv/kernel` <-> `blocks.3.attn.qkv.weight`).
 
 The position embedding is stored for `image_size`; at another input size it is
@@ -38,6 +39,41 @@ def resample_pos_embed(pos_embed, grid: tuple[int, int]):
   return jnp.concatenate([pos_embed[:, :1], patches.reshape(1, -1, d).astype(pos_embed.dtype)], 1)
 
 
+def attention(q, k, v):
+  """softmax(q k^T / sqrt(d_head)) v over `[B, T, heads, d_head]`.
+
+  The GPU lowering uses cuDNN's fused (flash) attention, which never writes
+  the [B, heads, T, T] logits, when JAX can trace it here: a bf16/fp16 input,
+  a head width cuDNN takes, and a process that sees cuDNN (its version and
+  the GPU's compute capability pick the kernel at trace time, so a CPU-only
+  host lowers the cuda branch with XLA's attention). Everything else, and
+  every other platform, runs XLA's attention.
+  """
+  xla = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+  if not _cudnn_attention_traces(q.shape, k.shape, jnp.dtype(q.dtype)):
+    return xla(q, k, v)
+  cudnn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+  return jax.lax.platform_dependent(q, k, v, cuda=cudnn, default=xla)
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_attention_traces(q_shape, kv_shape, dtype) -> bool:
+  """Whether cuDNN attention traces for these shapes, forward and backward."""
+  if dtype not in (jnp.bfloat16, jnp.float16):
+    return False
+  q, kv = jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(kv_shape, dtype)
+
+  def loss(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return jnp.sum(out.astype(jnp.float32))
+
+  try:
+    jax.eval_shape(jax.grad(loss, (0, 1, 2)), q, kv, kv)
+  except (RuntimeError, NotImplementedError, ValueError):
+    return False
+  return True
+
+
 class Attention(nn.Module):
   """timm Attention: fused qkv Linear, softmax(q k^T / sqrt(d_head)) v, output proj."""
   num_heads: int
@@ -49,7 +85,7 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
     # timm lays the 3*d outputs out as [3, heads, head_dim].
     qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="proj")(y.reshape(b, t, d))
 
 
@@ -128,7 +164,7 @@ class ViT(nn.Module):
     return heads.encoder_output(
         x[:, 1:], cls=x[:, 0], num_classes=self.num_classes, classifier_name="head",
         pooling=self.pooling, embed_dim=self.embed_dim, head_norm=self.head_norm,
-        dtype=self.dtype, train=train)
+        train=train)
 
 
 class _PatchEmbed(nn.Module):

@@ -52,7 +52,7 @@ def single_task(dataset: str, *, seed: int = 0) -> ml_collections.ConfigDict:
            log_every=100, eval_every=5_000)
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50", embed_dim=128, pooling="avg", head_norm="l2", init_file=None,
-      dtype="float32"))
+      dtype="auto"))
   c.loss = ml_collections.ConfigDict(dict(name="contrastive", distance="cosine",
                                           pos_margin=1.0, neg_margin=0.5))
   c.optimizer = ml_collections.ConfigDict(dict(

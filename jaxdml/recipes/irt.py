@@ -31,7 +31,7 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
   c.total_steps = steps
   c.model = ml_collections.ConfigDict(dict(
       name="vit_s16", pooling="cls", embed_dim=None, head_norm="l2", init_file=None,
-      dtype="float32"))
+      dtype="auto"))
   # The paper's sum over pairs and mean over the batch (XBM's reduction),
   # in-batch and against the memory; KoLeo on the batch alone, outside the
   # ranking loss so the memory term does not count it twice.

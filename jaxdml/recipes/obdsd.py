@@ -34,7 +34,7 @@ def obdsd(dataset: str, arg) -> ml_collections.ConfigDict:
   c = single_task(dataset, seed=arg.seed)
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50", pooling="avg", embed_dim=128, head_norm="l2", frozen_bn=True,
-      init_file=None, dtype="float32"))
+      init_file=None, dtype="auto"))
   # The authors' MS loss averages over the anchors that kept a mined pair
   # (criteria/multisimilarity_obd_sd.py); PML's default averages over all.
   c.loss = ml_collections.ConfigDict(dict(

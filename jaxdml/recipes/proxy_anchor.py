@@ -38,7 +38,7 @@ def proxy_anchor(dataset: str, arg) -> ml_collections.ConfigDict:
   c = single_task(dataset, seed=arg.seed)
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50", pooling="avgmax", embed_dim=512, head_norm="l2", frozen_bn=frozen_bn,
-      init_file=None, dtype="float32"))
+      init_file=None, dtype="auto"))
   c.loss = ml_collections.ConfigDict(dict(name="proxy_anchor", margin=0.1, alpha=32.0))
   c.batch_size = batch
   c.epoch_steps = DATASETS[dataset]["train_images"] // c.batch_size

@@ -30,7 +30,7 @@ def _common(dataset: str, arg) -> ml_collections.ConfigDict:
   # BN frozen: the reference normalises the pooled vector before projecting.
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50", pooling="gem_l2", embed_dim=512, head_norm="l2", frozen_bn=True,
-      init_file=None, dtype="float32"))
+      init_file=None, dtype="auto"))
   # The reference's OneCycleLR starts at lr / 10 (torch's default is / 25).
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=lr, weight_decay=1e-6, schedule="one_cycle", div_factor=10.0,
