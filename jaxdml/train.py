@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
 from jaxdml import build as build_lib
 from jaxdml import checkpoint as checkpoint_lib
@@ -63,7 +62,9 @@ def make_train_step(parts: build_lib.Parts):
     if teacher is not None:
       updated["teacher"] = teacher.update(state["teacher"], build_lib.model_variables(updated),
                                           state["step"], teacher_out)
-    new_state = jax.lax.cond(finite, lambda: updated, lambda: dict(state))
+    # A select per leaf, fused into the update: `lax.cond` on a traced
+    # predicate costs XLA:GPU a device-to-host copy of it every step.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, dict(state))
     new_state["step"] = state["step"] + 1
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
     metrics["lr"] = parts.schedule(state["step"])
@@ -196,6 +197,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   log_every = max(1, int(config.log_every))
   eval_every = int(config.eval_every)
   results, pending = {}, []
+  import tqdm  # pylint: disable=g-import-not-at-top (jaxdml.bench runs without it)
   bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   preemption = Preemption(ckpt)
