@@ -10,7 +10,6 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageEnhance
 
 # ImageNet statistics, the ones every pretrained encoder here expects.
 MEAN = (0.485, 0.456, 0.406)
@@ -65,6 +64,7 @@ def random_resized_crop_box(rng, height, width, *, scale=(0.2, 1.0), ratio=(3 / 
 
 def crop_resize(image, box, size):
   """Crops `box = (left, top, w, h)` and resizes to `size` x `size` (PIL bilinear)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   left, top, w, h = box
   pil = Image.fromarray(to_rgb(image))
   return np.asarray(pil.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
@@ -72,6 +72,7 @@ def crop_resize(image, box, size):
 
 def resize_center_crop(image, *, size, resize=None):
   """Shorter side to `resize` (default `size`), then a centred `size` crop."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   image = to_rgb(image)
   resize = resize or size
   h, w = image.shape[:2]
@@ -122,6 +123,7 @@ def adjust_hue(image, hue):
   (torchvision's tensor path). It is the costliest jitter op (~5 ms at 224
   px; a vectorised numpy HSV version measured 3x slower).
   """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   h, s, v = Image.fromarray(image).convert("HSV").split()
   shifted = (np.asarray(h, np.int16) + int(round(hue * 255))) % 256
   hsv = Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v))
@@ -130,6 +132,7 @@ def adjust_hue(image, hue):
 
 def apply_color_jitter(image, params):
   """Applies `color_jitter_params` output with torchvision's PIL-path pixel ops."""
+  from PIL import Image, ImageEnhance  # pylint: disable=g-import-not-at-top
   order, factors = params
   out = image
   for i in order:

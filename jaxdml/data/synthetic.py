@@ -20,7 +20,6 @@ import os
 import tempfile
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from jaxdml import paths
 
@@ -242,11 +241,13 @@ def _apply(affine, pts, size):
 
 
 def _hsv(h, s, v):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   return np.array(Image.new("HSV", (1, 1), (int(h * 255) % 256, int(s * 255), int(v * 255))).convert("RGB").getpixel((0, 0)), float)
 
 
 def _field(rng, size, kind):
   """A [size, size] multiplicative texture around 1."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   yy, xx = np.mgrid[0:size, 0:size] / size
   a = rng.uniform(0, _TAU)
   u = xx * np.cos(a) + yy * np.sin(a)
@@ -264,6 +265,7 @@ def _field(rng, size, kind):
 
 
 def _photo(parts, affine, rng, size):
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   big = 2 * size
   hue = rng.random()
   obj_v = rng.uniform(0.55, 0.95)
@@ -304,6 +306,7 @@ def _smooth_noise(rng, n, amp):
 
 
 def _sketch(parts, affine, rng, size, drop=0.15):
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
   big = 2 * size
   # Slight affine distortion of the photo's pose: the drawer's imprecision.
   distort = np.eye(2) + rng.normal(0, 0.06, (2, 2))
