@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench ablations clean
+.PHONY: demo test test-slow bench device-check ablations clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ ablations: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m jaxdml.bench --config=configs/sketchy_rtl.py:demo
+
+# On a GPU or TPU box: bench, torch side by side, search, SBIR demo in one
+# report (device_check/device_check.md), within about 8 minutes.
+device-check: $(VENV)/.installed
+	$(PY) -m jaxdml.device_check --out=device_check
 
 clean:
 	rm -rf $(VENV) workdirs

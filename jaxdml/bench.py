@@ -15,6 +15,7 @@ random arrays, not the data pipeline.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -73,8 +74,14 @@ def device_peak_flops(dtype: str = "float32", device=None) -> tuple[float, str]:
     if re.search(pattern, device.device_kind, re.IGNORECASE):
       return (half, "datasheet_bf16") if dtype in _HALF else (single, "datasheet_f32")
   if device.platform == "cpu":
-    return measured_matmul_flops(device, dtype), f"measured_{dtype}_matmul"
+    return _measured_cpu_peak(device, dtype), f"measured_{dtype}_matmul"
   return float("nan"), "unknown"
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_cpu_peak(device, dtype: str) -> float:
+  # Once per process: a sweep or device_check measures many models.
+  return measured_matmul_flops(device, dtype)
 
 
 def measured_matmul_flops(device, dtype: str = "float32", n: int = 2048, trials: int = 7) -> float:

@@ -11,7 +11,7 @@ import torch
 from jaxdml import retrieval
 from jaxdml.retrieval import exact, picture, scann_backend
 from jaxdml.retrieval import metrics as metrics_lib
-from benchmarks.search import make_clustered
+from jaxdml.retrieval.search_bench import make_clustered
 
 faiss = pytest.importorskip("faiss")
 accuracy_calculator = pytest.importorskip(

@@ -1,0 +1,36 @@
+"""`jaxdml.device_check --quick`: every job of the GPU/TPU check runs here on tiny models."""
+import json
+
+from jaxdml import device_check
+
+
+def test_quick_device_check_runs_every_job_and_writes_its_report(tmp_path):
+  records = device_check.run_jobs(device_check.plan(quick=True, steps=1), budget_s=1e9)
+  errors = {r["job"]: r["error"] for r in records if "error" in r}
+  assert not errors, errors
+  jobs = {r["job"]: r for r in records}
+  frameworks = {r.get("framework") for r in records}
+  assert {"jaxdml", "torch eager", "torch.compile"} <= frameworks  # torch: the test extra
+  assert {r["dtype"] for r in records if r.get("framework") == "jaxdml"} == {
+      "bfloat16", "float32"}
+  assert all(0 < r["mfu"] <= 1 for r in records if "mfu" in r)
+  exact, scann = jobs["search exact"], jobs["search scann"]
+  assert exact["recall@1"] > 0 and abs(scann["recall@1"] - exact["recall@1"]) < 0.05
+  assert jobs["attention cuDNN vs XLA"]["max_abs_diff_vs_xla"] < 1e-2
+  assert 0 <= jobs["SBIR demo end to end"]["recall@1"] <= 1
+  header = device_check.header_for(quick=True)
+  device_check.write_report(str(tmp_path), header, records)
+  saved = json.loads((tmp_path / "device_check.json").read_text())
+  assert len(saved["records"]) == len(records)
+  table = (tmp_path / "device_check.md").read_text()
+  assert "| jaxdml train resnet_tiny bfloat16 b16 |" in table
+  assert "resnet_tiny b16:" in table and "x torch eager" in table
+
+
+def test_jobs_past_the_budget_are_listed_as_skipped():
+  ran = []
+  jobs = [(f"job {i}", lambda i=i: ran.append(i) or {"value": i}) for i in range(3)]
+  records = device_check.run_jobs(jobs, budget_s=-1)
+  assert ran == [] and all(r["skipped"].startswith("over the") for r in records)
+  records = device_check.run_jobs(jobs + [("broken", lambda: 1 / 0)], budget_s=1e9)
+  assert ran == [0, 1, 2] and records[-1]["error"].startswith("ZeroDivisionError")
