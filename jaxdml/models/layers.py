@@ -28,6 +28,11 @@ def on_cpu_else(cpu_fn, accelerator_fn, *args):
   return jax.lax.platform_dependent(*args, cpu=cpu_fn, default=accelerator_fn)
 
 
+def at_least_float32(x):
+  """`x` in float32, or in its own dtype where that is wider (float64 checks)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class Conv(nn.Module):
   """Bias-free convolution, kernel `[kh, kw, in/groups, out]` (torch `[out, in/groups, kh, kw]`).
 
@@ -143,9 +148,10 @@ def _depthwise_forward(x, kernel, s: int, p: int):
   out = None
   for i in range(kh):
     for j in range(kw):
-      term = _shifted(x, i, j, ho, wo, s) * kernel[i, j]
+      # Summed in float32 at least: nine bf16 roundings would add up.
+      term = at_least_float32(_shifted(x, i, j, ho, wo, s)) * kernel[i, j]
       out = term if out is None else out + term
-  return out
+  return out.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -177,17 +183,12 @@ def _depthwise_bwd(s, p, residuals, dy):
   dx = None
   for i in range(kh):
     for j in range(kw):
-      term = dy[:, kh - 1 - i:kh - 1 - i + h, kw - 1 - j:kw - 1 - j + w] * kernel[i, j]
-      dx = term if dx is None else dx + term
+      term = at_least_float32(dy[:, kh - 1 - i:kh - 1 - i + h, kw - 1 - j:kw - 1 - j + w])
+      dx = term * kernel[i, j] if dx is None else dx + term * kernel[i, j]
   return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-def at_least_float32(x):
-  """`x` in float32, or in its own dtype where that is wider (float64 checks)."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 class BatchNorm(nn.Module):
