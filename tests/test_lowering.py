@@ -84,6 +84,10 @@ def test_train_step_lowers_for_accelerators_in_bfloat16():
   image = jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=batch_sharding)
   batch = {"sketch": image, "photo": image,
            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_sharding)}
+  cpu_text = step.trace(parts.restore_target(), batch).lower(
+      lowering_platforms=("cpu",)).as_text()
+  assert all(groups == 1 for _, groups, _ in convolutions(cpu_text))
+  leaves = len(jax.tree.leaves(parts.abstract))
   for platform in ACCELERATORS:
     text = step.trace(parts.restore_target(), batch).lower(
         lowering_platforms=(platform,)).as_text()
@@ -91,9 +95,11 @@ def test_train_step_lowers_for_accelerators_in_bfloat16():
     assert any(groups > 1 for _, groups, _ in convs)
     assert any(kernel[:2] == (7, 7) for kernel, _, _ in convs)
     assert {dtype for _, _, dtype in convs} == {"bf16"}
-  cpu_text = step.trace(parts.restore_target(), batch).lower(
-      lowering_platforms=("cpu",)).as_text()
-  assert all(groups == 1 for _, groups, _ in convolutions(cpu_text))
+    # The non-finite guard: one select per state leaf (but `step`, set after
+    # it) here, where the CPU lowering keeps its lax.cond (the CPU has no
+    # device-to-host copy of the predicate to avoid).
+    wheres = lambda t: len(re.findall(r"call @_where", t))  # jnp.where, outlined
+    assert wheres(text) - wheres(cpu_text) == leaves - 1
 
 
 def test_auto_dtype_is_resolved_per_platform():
