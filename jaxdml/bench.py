@@ -8,9 +8,11 @@ compilation is timed separately and every timed call ends in
 `block_until_ready`. FLOPs come from XLA's cost analysis of the compiled
 executable; MFU is achieved FLOP/s over the device's peak for the compute
 dtype the model actually runs in (`PEAKS`: vendor data sheets for GPUs and
-TPUs, a measured matmul rate on CPU). Needs only jax, flax, optax, orbax and
-ml_collections (a test runs it in a venv holding nothing else): batches are
-random arrays, not the data pipeline.
+TPUs, a measured matmul rate on CPU). Train and inference need only jax,
+flax, optax, orbax and ml_collections (a test runs them in a venv holding
+nothing else): batches are random arrays, not the data pipeline.
+`--measure=input` times the config's real training input pipeline alone
+(data set, sampler, augmentation; no model) and needs the full install.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def define_flags():
                     "Compute dtype of every tower (default: the config's model.dtype).")
   flags.DEFINE_integer("steps", 10, "Timed steps per measurement (the median is reported).")
   flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-  flags.DEFINE_list("measure", ["train", "inference"], "What to measure.")
+  flags.DEFINE_list("measure", ["train", "inference"],
+                    "What to measure: train, inference, input (the data pipeline alone).")
   flags.DEFINE_string("cpu_devices", "auto", "As jaxdml.main: CPU devices ('auto' or a count).")
   flags.mark_flags_as_required(["config"])
 
@@ -230,7 +233,38 @@ def bench_inference(config, batch_size: int, steps: int, warmup: int, peak=None)
                  compiled_flops(compiled, mesh.size), compile_s, peak, _memory(compiled))
 
 
-RUNNERS = {"train": bench_train, "inference": bench_inference}
+def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> dict:
+  """The config's training input pipeline alone (its data set, sampler and
+  augmentation; no model, nothing put on a device), as one process feeds it.
+
+  images: source images drawn from the data set (an SBIR pair is two);
+  views: the images the batches hold (RAML: `views.num` x (hi + lo) per
+  source image). CPU seconds are this process's, all its threads.
+  """
+  del peak
+  import os  # pylint: disable=g-import-not-at-top
+  from jaxdml import config_lib, data as data_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.resolve(config)
+  batches = data_lib.train_batches(config.data, seed=int(config.seed),
+                                   global_batch_size=batch_size, start_step=0, task=config.task)
+  for _ in range(max(warmup, 1)):  # the first batch pays for opening the data set
+    next(batches)
+  views = 0
+  cpu, wall = time.process_time(), time.perf_counter()
+  for _ in range(steps):
+    batch = next(batches)
+    views += sum(len(v) for k, v in batch.items() if k != "label")
+  cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+  images = batch_size * steps * (2 if config.task == "sbir" else 1)
+  return {
+      "measurement": "input_pipeline", "config_data": config.data.name, "task": config.task,
+      "batch_size": batch_size, "steps": steps, "images_per_sec": images / wall,
+      "views_per_sec": views / wall, "cpu_seconds_per_image": cpu / images,
+      "workers": int(config.data.num_threads), "worker_kind": "threads",
+      "host_cores": len(os.sched_getaffinity(0)), "seconds": wall}
+
+
+RUNNERS = {"train": bench_train, "inference": bench_inference, "input": bench_input}
 
 
 def with_dtype(config, dtype: str | None):

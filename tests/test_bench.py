@@ -126,3 +126,18 @@ def test_bench_runs_in_a_venv_with_only_jax_flax_optax_orbax_ml_collections(tmp_
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert [r["measurement"] for r in records] == ["train_step", "inference"]
   assert all(r["images_per_sec"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("recipe,views_per_image", [
+    ("cub_obdsd.py", 1), ("sketchy_rtl.py", 1), ("cub_raml.py", None)])
+def test_input_measurement_counts_source_images_and_views(recipe, views_per_image):
+  """`--measure=input`: the recipe's own pipeline, no model. An SBIR pair is
+  two source images; a RAML image yields `views.num` views at two sizes."""
+  config = config_lib.load_config(os.path.join(ROOT, "configs", recipe), "smoke")
+  record, = bench.run(config, batch_sizes=[8], measure=["input"], steps=2, warmup=1)
+  assert record["measurement"] == "input_pipeline" and record["batch_size"] == 8
+  if views_per_image is None:
+    views_per_image = 2 * int(config.data.views["num"])
+  ratio = record["views_per_sec"] / record["images_per_sec"]
+  assert ratio == pytest.approx(views_per_image)
+  assert record["cpu_seconds_per_image"] > 0 and record["workers"] >= 1

@@ -8,6 +8,8 @@ import pytest
 from jaxdml import data
 from jaxdml.data import augment, pipeline, samplers, sources, synthetic
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 SMALL = dict(num_categories=6, photos_per_category=8, sketches_per_photo=2,
              test_photos_per_category=2, image_size=32, seed=0)
 
@@ -387,3 +389,61 @@ def test_views_mix_each_view_with_its_own_partner(cache_dir, monkeypatch):
   views = example(indices(0), 0, np.random.default_rng(0))
   assert views["image_hi"].shape == (3, 32, 32, 3)
   assert calls == [3, 1, 1, 1], calls
+
+
+RECIPES = ["cub_obdsd.py", "cub_irt.py", "sop_xbn.py", "cub_proxy_anchor.py", "cub_raml.py",
+           "sketchy_rtl.py"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipes_training_crop_is_random_on_non_square_images(recipe):
+  """The full recipes' own augmentation settings on 500x375 and 375x500
+  images (CUB's shapes): the crop must move with the seed, never be stuck on
+  the centre crop (IRT's (224/256)^2, aspect-1 box never fit such images)."""
+  from jaxdml import config_lib
+  config = config_lib.load_config(os.path.join(ROOT, "configs", recipe))
+  aug = pipeline._augment_kwargs(config.data)
+  size = int(config.data.image_size)
+  views = config.data.get("views")
+  rng = np.random.default_rng(0)
+  for shape in ((375, 500, 3), (500, 375, 3)):
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    outputs = []
+    for seed in range(6):
+      r = np.random.default_rng(seed)
+      if views:
+        aug.pop("random_resized_crop", None), aug.pop("resize_square", None)
+        hi, lo = augment.coupled_views(image, r, num_views=1, hi=int(views["hi"]),
+                                       lo=int(views["lo"]), **{**aug, "flip": False})
+        out = lo[0]
+      else:
+        out = augment.train_transform(image, r, size=size, **{**aug, "flip": False})
+      assert out.shape == (size, size, 3)
+      outputs.append(out)
+    assert len({o.tobytes() for o in outputs}) == len(outputs), recipe
+
+
+def test_irt_crop_is_a_random_crop_of_the_image_resized_to_256():
+  """IRT: resize to 256 x 256 (aspect not kept), random 224 crop. One box in
+  original pixels, resized once, equals the two-step PIL version up to the
+  uint8 rounding of the intermediate image."""
+  from PIL import Image
+  from jaxdml import config_lib
+  config = config_lib.load_config(os.path.join(ROOT, "configs", "cub_irt.py"))
+  assert config.data.augment.resize_square == 256 and config.data.image_size == 224
+  image = np.random.default_rng(1).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+  lefts = set()
+  for seed in range(20):
+    left, top, w, h = augment.resized_square_crop_box(
+        np.random.default_rng(seed), 375, 500, resize=256, size=224)
+    assert (w, h) == (224 * 500 / 256, 224 * 375 / 256)
+    assert 0 <= left <= 500 - w and 0 <= top <= 375 - h
+    lefts.add(left)
+    one_step = augment.crop_resize(image, (left, top, w, h), 224)
+    l, t = round(left * 256 / 500), round(top * 256 / 375)
+    two_step = np.asarray(Image.fromarray(image).resize((256, 256), Image.BILINEAR))[
+        t:t + 224, l:l + 224]
+    assert np.mean(np.abs(one_step.astype(int) - two_step)) < 1.0
+  assert len(lefts) > 10
+  with pytest.raises(ValueError, match="resize_square=200 is smaller than the crop"):
+    augment.resized_square_crop_box(np.random.default_rng(0), 375, 500, resize=200, size=224)

@@ -62,6 +62,21 @@ def random_resized_crop_box(rng, height, width, *, scale=(0.2, 1.0), ratio=(3 / 
   return (width - w) // 2, (height - h) // 2, w, h
 
 
+def resized_square_crop_box(rng, height, width, *, resize, size):
+  """Where a random `size` crop of the image resized to `resize` x `resize` lies
+  in the original: `(left, top, w, h)` in (fractional) original pixels.
+
+  IRT's "resize to 256 x 256, random 224 crop" as one box, so the crop is
+  resized once (`crop_resize` takes fractional boxes) and its aspect follows
+  the image's, as the two-step version's does.
+  """
+  if resize < size:
+    raise ValueError(f"augment.resize_square={resize} is smaller than the crop ({size} px).")
+  sx, sy = width / resize, height / resize
+  left, top = (int(rng.integers(0, resize - size + 1)) for _ in range(2))
+  return left * sx, top * sy, size * sx, size * sy
+
+
 def crop_resize(image, box, size):
   """Crops `box = (left, top, w, h)` and resizes to `size` x `size` (PIL bilinear)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -148,10 +163,18 @@ def apply_color_jitter(image, params):
 
 
 def train_transform(image, rng, *, size, random_resized_crop=True, scale=(0.2, 1.0),
-                    ratio=(3 / 4, 4 / 3), flip=True, color_jitter=0.0):
-  """Training view: random resized crop (or resize + centre crop), flip, jitter."""
+                    ratio=(3 / 4, 4 / 3), flip=True, color_jitter=0.0, resize_square=None):
+  """Training view: a crop, flip, jitter.
+
+  The crop: with `resize_square=R`, the image resized to R x R and a random
+  `size` crop of that (IRT); else a random resized crop; else (both off) the
+  shorter side to `size` and a centre crop.
+  """
   image = to_rgb(image)
-  if random_resized_crop:
+  if resize_square:
+    box = resized_square_crop_box(rng, *image.shape[:2], resize=int(resize_square), size=size)
+    out = crop_resize(image, box, size)
+  elif random_resized_crop:
     box = random_resized_crop_box(rng, *image.shape[:2], scale=scale, ratio=ratio)
     out = crop_resize(image, box, size)
   else:

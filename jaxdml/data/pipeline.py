@@ -39,6 +39,9 @@ def default_data_config():
           "scale": (0.2, 1.0),
           "ratio": (3 / 4, 4 / 3),
           "flip": True,
+          # An int R: resize to R x R, then a random image_size crop (IRT's
+          # 256 -> 224); replaces the random resized crop.
+          "resize_square": None,
           # None/0: off; float x: (x, x, x, 0); or (b, c, s, hue). Untyped
           # (None) so recipes may set a float or a tuple.
           "color_jitter": None,
@@ -103,7 +106,8 @@ def _augment_kwargs(data_config):
           "scale": tuple(_get(a, "scale", (0.2, 1.0))),
           "ratio": tuple(_get(a, "ratio", (3 / 4, 4 / 3))),
           "flip": bool(_get(a, "flip", True)),
-          "color_jitter": _get(a, "color_jitter", None)}
+          "color_jitter": _get(a, "color_jitter", None),
+          "resize_square": _get(a, "resize_square", None)}
 
 
 def _sbir_plan(data_config, splits, batch_size, seed):
@@ -153,6 +157,9 @@ def _single_plan(data_config, splits, batch_size, seed):
     num, hi, lo = int(views["num"]), int(views["hi"]), int(views["lo"])
     mixup = float(_get(views, "mixup", 0.0) or 0.0)
     aug.pop("random_resized_crop")
+    if aug.pop("resize_square"):
+      raise ValueError("data.augment.resize_square does not apply to views (RAML crops each "
+                       "view with a random resized crop); set it to None.")
 
     def example(idx, row, rng):
       i = idx[row]

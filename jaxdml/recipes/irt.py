@@ -42,9 +42,10 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
     c.terms.koleo = dict(weight=arg.koleo)
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-5, weight_decay=5e-4, schedule="constant", warmup_steps=0, grad_clip_norm=None))
-  # Resize to 256 x 256 then a random 224 crop: a fixed-size, fixed-shape box.
-  c.data.augment.scale = ((224 / 256) ** 2,) * 2
-  c.data.augment.ratio = (1.0, 1.0)
+  # Resize to 256 x 256, then a random 224 crop. (A random resized crop of
+  # area (224/256)^2 and aspect 1 is not that: on a 500 x 375 image it asks
+  # for a 379 px square, never fits, and falls back to the centre crop.)
+  c.data.augment.resize_square = 256
   c.memory.size = int(memory_fraction * DATASETS[dataset]["train_images"])
   c.memory.start_step = 0
   if memory_fraction < 1.0:
@@ -53,5 +54,6 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
     # A ViT of the size, a free aspect ratio, the memory used from the start.
     on_embedded_data(c, smoke=arg.smoke, recipe={
         "model.name": "vit_tiny" if arg.smoke else "vit_small_demo", "model.embed_dim": None,
-        "data.augment.ratio": (3 / 4, 4 / 3), "memory.start_step": 0})
+        "data.augment.resize_square": None, "data.augment.ratio": (3 / 4, 4 / 3),
+        "memory.start_step": 0})
   return c
