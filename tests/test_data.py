@@ -447,3 +447,18 @@ def test_irt_crop_is_a_random_crop_of_the_image_resized_to_256():
   assert len(lefts) > 10
   with pytest.raises(ValueError, match="resize_square=200 is smaller than the crop"):
     augment.resized_square_crop_box(np.random.default_rng(0), 375, 500, resize=200, size=224)
+
+
+def test_worker_processes_make_the_same_batches_as_threads(cache_dir):
+  """`num_workers` moves the work into grain's worker processes; the batch of
+  step s must stay the pure function of (seed, s) that resume relies on."""
+  cfg = data.default_data_config()
+  cfg.cache_dir, cfg.image_size, cfg.num_threads = cache_dir, 32, 2
+  def first(workers, start):
+    cfg.num_workers = workers
+    it = data.train_batches(cfg, seed=3, global_batch_size=8, start_step=start, task="single")
+    return [next(it) for _ in range(3)]
+  threads, processes = first(0, 5), first(2, 5)
+  for a, b in zip(threads, processes):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])

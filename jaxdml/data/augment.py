@@ -22,6 +22,32 @@ def normalize(images):
   return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
 
 
+def height_width(image) -> tuple[int, int]:
+  """(H, W) of an array or of an opened, not yet decoded, PIL image."""
+  if hasattr(image, "size") and not isinstance(image, np.ndarray):
+    return image.size[1], image.size[0]
+  return tuple(np.shape(image)[:2])
+
+
+def decoded_for(image, scale_to: tuple[int, int]):
+  """A decoded RGB PIL image and its size relative to `image`'s (sx, sy).
+
+  `image` is an array or an opened PIL image (`Source.lazy_image`). A JPEG
+  is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that still holds
+  `scale_to = (w, h)` pixels for the whole image: a crop that ends up at
+  224 px never pays for decoding the rest at full resolution.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if isinstance(image, np.ndarray) or not hasattr(image, "draft"):
+    return Image.fromarray(to_rgb(image)), (1.0, 1.0)
+  width, height = image.size
+  if image.format == "JPEG":
+    image.draft("RGB", (max(1, math.ceil(scale_to[0])), max(1, math.ceil(scale_to[1]))))
+  sx, sy = image.size[0] / width, image.size[1] / height
+  # `convert` copies even an RGB image; an RGB one is used as it is.
+  return (image if image.mode == "RGB" else image.convert("RGB")), (sx, sy)
+
+
 def to_rgb(image):
   """uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] -> uint8 [H, W, 3]."""
   image = np.asarray(image)
@@ -78,22 +104,28 @@ def resized_square_crop_box(rng, height, width, *, resize, size):
 
 
 def crop_resize(image, box, size):
-  """Crops `box = (left, top, w, h)` and resizes to `size` x `size` (PIL bilinear)."""
+  """Crops `box = (left, top, w, h)` and resizes to `size` x `size` (PIL bilinear).
+
+  `image`: an array or an opened PIL image (decoded here, only as finely as
+  the box at `size` px needs).
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   left, top, w, h = box
-  pil = Image.fromarray(to_rgb(image))
-  return np.asarray(pil.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h)))
+  height, width = height_width(image)
+  pil, (sx, sy) = decoded_for(image, (width * size / w, height * size / h))
+  box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+  return np.asarray(pil.resize((size, size), Image.BILINEAR, box=box))
 
 
 def resize_center_crop(image, *, size, resize=None):
   """Shorter side to `resize` (default `size`), then a centred `size` crop."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  image = to_rgb(image)
   resize = resize or size
-  h, w = image.shape[:2]
+  h, w = height_width(image)
   s = resize / min(h, w)
   nh, nw = max(size, int(round(h * s))), max(size, int(round(w * s)))
-  out = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  pil, _ = decoded_for(image, (nw, nh))
+  out = np.asarray(pil.resize((nw, nh), Image.BILINEAR))
   top, left = (nh - size) // 2, (nw - size) // 2
   return out[top:top + size, left:left + size]
 
@@ -170,12 +202,11 @@ def train_transform(image, rng, *, size, random_resized_crop=True, scale=(0.2, 1
   `size` crop of that (IRT); else a random resized crop; else (both off) the
   shorter side to `size` and a centre crop.
   """
-  image = to_rgb(image)
   if resize_square:
-    box = resized_square_crop_box(rng, *image.shape[:2], resize=int(resize_square), size=size)
+    box = resized_square_crop_box(rng, *height_width(image), resize=int(resize_square), size=size)
     out = crop_resize(image, box, size)
   elif random_resized_crop:
-    box = random_resized_crop_box(rng, *image.shape[:2], scale=scale, ratio=ratio)
+    box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
     out = crop_resize(image, box, size)
   else:
     out = resize_center_crop(image, size=size)
@@ -197,11 +228,12 @@ def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 /
   Returns:
     `(views_hi uint8 [num_views, hi, hi, 3], views_lo uint8 [num_views, lo, lo, 3])`.
   """
-  image = to_rgb(image)
+  # Decoded once, in full: the views' boxes differ and share the one decode.
+  image, _ = decoded_for(image, height_width(image)[::-1])
   strengths = jitter_strengths(color_jitter)
   out_hi, out_lo = [], []
   for _ in range(num_views):
-    box = random_resized_crop_box(rng, *image.shape[:2], scale=scale, ratio=ratio)
+    box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
     flipped = flip and rng.random() < 0.5
     params = color_jitter_params(rng, strengths)
     for size, out in ((hi, out_hi), (lo, out_lo)):

@@ -53,6 +53,11 @@ def default_data_config():
       # "instance": a photo and its sketches form a class.
       "single_labels": "category",
       "num_threads": 8,
+      # Worker processes (grain's mp_prefetch), each running `num_threads`
+      # threads; 0: threads in this process only. Measured no faster on 2
+      # cores (docs/benchmarks.md); for many-core hosts, where threads are
+      # held back by the GIL.
+      "num_workers": 0,
       "prefetch": 2,  # batches buffered ahead
   })
 
@@ -133,8 +138,8 @@ def _sbir_plan(data_config, splits, batch_size, seed):
     p, s = idx[0][row], idx[1][row]
     # One flip for the pair: the instance's pose must match across modalities.
     flipped = flip and rng.random() < 0.5
-    photo = augment.train_transform(photos.image(p), rng, size=size, flip=False, **aug)
-    sketch = augment.train_transform(sketches.image(s), rng, size=size, flip=False, **aug)
+    photo = augment.train_transform(photos.lazy_image(p), rng, size=size, flip=False, **aug)
+    sketch = augment.train_transform(sketches.lazy_image(s), rng, size=size, flip=False, **aug)
     if flipped:
       photo, sketch = photo[:, ::-1], sketch[:, ::-1]
     return {"sketch": np.ascontiguousarray(sketch), "photo": np.ascontiguousarray(photo),
@@ -163,12 +168,12 @@ def _single_plan(data_config, splits, batch_size, seed):
 
     def example(idx, row, rng):
       i = idx[row]
-      image_hi, image_lo = augment.coupled_views(source.image(i), rng, num_views=num, hi=hi, lo=lo, **aug)
+      image_hi, image_lo = augment.coupled_views(source.lazy_image(i), rng, num_views=num, hi=hi, lo=lo, **aug)
       if mixup > 0:
         # RAML mixes every view with a view of another image drawn for that
         # view (pavelsuma/raml draws a partner per view), by the same amount
         # at both resolutions; its loss has no labels to mix.
-        partners = [augment.coupled_views(source.image(int(rng.integers(len(source)))), rng,
+        partners = [augment.coupled_views(source.lazy_image(int(rng.integers(len(source)))), rng,
                                           num_views=1, hi=hi, lo=lo, **aug) for _ in range(num)]
         other = [np.concatenate(side) for side in zip(*partners)]
         lam = rng.beta(mixup, mixup, size=(num, 1, 1, 1))
@@ -179,7 +184,7 @@ def _single_plan(data_config, splits, batch_size, seed):
 
   def example(idx, row, rng):  # pylint: disable=function-redefined
     i = idx[row]
-    return {"image": augment.train_transform(source.image(i), rng, size=size, **aug),
+    return {"image": augment.train_transform(source.lazy_image(i), rng, size=size, **aug),
             "label": np.int32(labels[i])}
 
   return indices, example, np.stack
@@ -218,7 +223,7 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   plan = _sbir_plan if task == "sbir" else _single_plan
   indices, example, collate = plan(data_config, splits, global_batch_size, seed)
   b = global_batch_size // process_count
-  cached_indices = functools.lru_cache(maxsize=256)(indices)
+  cached_indices = _RecentSteps(indices)
   cached_indices(start_step)  # sampler errors (batch too big, ...) raise here, not in a worker
 
   def make(pos):
@@ -234,10 +239,43 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   prefetch = int(_get(data_config, "prefetch", 2))
   # Imported here: training on accelerators without grain still benchmarks.
   import grain  # pylint: disable=g-import-not-at-top
-  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch * b))
-  ds = grain.MapDataset.range(start_step * b, _NUM_STEPS * b).map(make)
-  ds = ds.to_iter_dataset(read).batch(b, batch_fn=batch_fn)
+  workers = int(_get(data_config, "num_workers", 0) or 0)
+  if workers <= 0:
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch * b))
+    ds = grain.MapDataset.range(start_step * b, _NUM_STEPS * b).map(make)
+    ds = ds.to_iter_dataset(read).batch(b, batch_fn=batch_fn)
+  else:
+    # Worker processes: worker i makes the batches of steps i, i + n, ...
+    # (its `num_threads` threads a batch each) and grain hands them back
+    # round robin: the same batches, in the same order, as threads make.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain reads its flags; a library caller parsed none
+      flags.FLAGS.mark_as_parsed()
+    make_batch = lambda step: batch_fn([make(step * b + j) for j in range(b)])
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch))
+    ds = grain.MapDataset.range(start_step, _NUM_STEPS).map(make_batch).to_iter_dataset(read)
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=prefetch))
   return iter(ds)
+
+
+class _RecentSteps:
+  """`indices(step)` remembered for the last steps: each batch's rows ask for
+  the same step. A plain class, not `functools.lru_cache`, so the pipeline
+  pickles into grain's worker processes (each starts with an empty cache)."""
+
+  def __init__(self, indices, keep: int = 256):
+    self._indices, self._keep, self._cache = indices, keep, {}
+
+  def __call__(self, step):
+    if step not in self._cache:
+      if len(self._cache) >= self._keep:
+        self._cache.pop(next(iter(self._cache)))
+      self._cache[step] = self._indices(step)
+    return self._cache[step]
+
+  def __getstate__(self):
+    return {"_indices": self._indices, "_keep": self._keep, "_cache": {}}
 
 
 class LazyImages:
@@ -257,11 +295,11 @@ class LazyImages:
 
   def __getitem__(self, key):
     if isinstance(key, (int, np.integer)):
-      return self._transform(self._source.image(int(key)))
+      return self._transform(self._source.lazy_image(int(key)))
     rows = np.arange(len(self))[key]
     from concurrent import futures  # pylint: disable=g-import-not-at-top
     with futures.ThreadPoolExecutor(self._threads) as pool:
-      out = list(pool.map(lambda i: self._transform(self._source.image(int(i))), rows))
+      out = list(pool.map(lambda i: self._transform(self._source.lazy_image(int(i))), rows))
     return np.stack(out) if out else np.zeros((0,) + self.shape[1:], np.uint8)
 
   def __array__(self, dtype=None, copy=None):

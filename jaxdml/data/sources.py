@@ -1,8 +1,10 @@
 """Random-access sources: the embedded synthetic set and prepared TFDS sets.
 
 A source is a sequence of records with `len(source)`, `source.image(i)`
-(uint8 [H, W, 3|1]) and `source.field(name)` (an int array over all records,
-e.g. `label`, `photo_id`, `category`). `open_splits` returns one source per
+(uint8 [H, W, 3|1]), `source.lazy_image(i)` (what transforms take: the
+array, or for stored files the file opened but not decoded, so a crop
+decodes only what it needs) and `source.field(name)` (an int array over all
+records, e.g. `label`, `photo_id`, `category`). `open_splits` returns one source per
 split, so the pipeline runs the same code on synthetic and on real data.
 
 Real data sets are the TFDS data sets built by `data_prep` (ArrayRecord
@@ -50,6 +52,10 @@ class ArraySource:
   def image(self, i):
     return self._images[i]
 
+  def lazy_image(self, i):
+    """What transforms take (`augment`): here the array itself."""
+    return self._images[i]
+
   def images(self):
     """All images as one array (only in-memory sources have this)."""
     return self._images
@@ -70,9 +76,17 @@ class ConcatSource:
   def __len__(self):
     return int(self._starts[-1])
 
-  def image(self, i):
+  def _locate(self, i):
     part = int(np.searchsorted(self._starts, i, side="right")) - 1
-    return self._parts[part].image(int(i) - int(self._starts[part]))
+    return self._parts[part], int(i) - int(self._starts[part])
+
+  def image(self, i):
+    source, row = self._locate(i)
+    return source.image(row)
+
+  def lazy_image(self, i):
+    source, row = self._locate(i)
+    return source.lazy_image(row)
 
   def field(self, name):
     return np.concatenate([p.field(name) for p in self._parts])
@@ -90,17 +104,26 @@ class TfdsSource:
   def __init__(self, name, split, data_dir):
     self.name, self.split, self.data_dir = name, split, data_dir
 
+  def __getstate__(self):
+    # Open readers stay behind: a worker process reopens the files itself.
+    return {"name": self.name, "split": self.split, "data_dir": self.data_dir}
+
   @functools.cached_property
   def _ds(self):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
 
   @functools.cached_property
+  def _encoded(self):
+    # The same records with the image left as its encoded file.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+
+  @functools.cached_property
   def _meta(self):
     # One pass over the records without decoding images: labels for samplers.
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
-                          decoders={"image": tfds.decode.SkipDecoding()})
+    ds = self._encoded
     records = [ds[i] for i in range(len(ds))]
     keys = [k for k, v in (records[0].items() if records else ())
             if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.integer)]
@@ -111,6 +134,13 @@ class TfdsSource:
 
   def image(self, i):
     return np.asarray(self._ds[int(i)]["image"])
+
+  def lazy_image(self, i):
+    """The stored file opened, not decoded (a PIL image): a transform decodes
+    only what its crop needs (JPEG DCT scaling, `augment.decoded_for_box`)."""
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    return Image.open(io.BytesIO(bytes(self._encoded[int(i)]["image"])))
 
   def field(self, name):
     if name not in self._meta:

@@ -1,0 +1,189 @@
+r"""The input pipeline on real JPEG files: jaxdml per recipe beside tf.data and torchvision.
+
+  python benchmarks/input_pipeline.py --root=/tmp/jpegs            # make, build, time
+  python benchmarks/input_pipeline.py --root=/tmp/jpegs --pipelines=tfdata,torchvision
+
+Makes a CUB-layout tree of realistic JPEGs (500x375 and 375x500, quality 90,
+~50 KB: smooth multi-scale colour fields with fine grain, so the encoder has
+real work), prepares it with `data_prep.build cub`, and prints one JSON line
+per pipeline with images/s and CPU seconds per image. The anchors read the
+same files:
+- `tfdata`: big_vision's path, `decode_and_crop_jpeg` with an inception
+  crop (scale 0.2-1), resize to 224, flip, batched, autotuned;
+- `torchvision`: a DataLoader with PIL decode, RandomResizedCrop(224,
+  scale 0.2-1) and a flip, `--workers` processes (skipped without
+  torchvision; it is not a jaxdml dependency).
+jaxdml is `python -m jaxdml.bench --config=configs/RECIPE --measure=input
+--config.data.data_dir=ROOT/data` (`--recipes`), run as a subprocess.
+All files are read once before timing, so they are in the page cache.
+"""
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+import numpy as np
+
+_ROOT = flags.DEFINE_string("root", "/tmp/jaxdml_jpegs", "Folder for the tree and the prepared data.")
+_NUM = flags.DEFINE_integer("num_images", 400, "JPEG files to make (half per split).")
+_PIPELINES = flags.DEFINE_list("pipelines", ["jaxdml", "tfdata", "torchvision"], "What to time.")
+_RECIPES = flags.DEFINE_list("recipes", ["cub_obdsd.py", "cub_irt.py", "cub_proxy_anchor.py",
+                                         "cub_raml.py"], "jaxdml recipes (CUB data) to time.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
+_STEPS = flags.DEFINE_integer("steps", 8, "Timed batches.")
+_WORKERS = flags.DEFINE_integer("workers", 2, "torchvision DataLoader worker processes.")
+
+
+def realistic_jpeg(rng, height, width) -> bytes:
+  """A JPEG (quality 90) with the spectrum of a photo: colour fields at several
+  scales plus fine grain, ~40-60 KB at 500x375."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  image = np.zeros((height, width, 3), np.float32)
+  for cells, amplitude in ((3, 70.0), (12, 35.0), (48, 18.0)):
+    small = rng.normal(size=(cells, cells * width // height + 1, 3)).astype(np.float32)
+    for c in range(3):
+      layer = Image.fromarray(small[..., c]).resize((width, height), Image.BICUBIC)
+      image[..., c] += amplitude * np.asarray(layer)
+  image += 128 + rng.normal(0, 5.0, image.shape)
+  out = io.BytesIO()
+  Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+  return out.getvalue()
+
+
+def make_cub_tree(root: str, num_images: int, seed: int = 0) -> str:
+  """`root/manual/CUB_200_2011` with `num_images` JPEGs over classes 1-200."""
+  top = os.path.join(root, "manual", "CUB_200_2011")
+  if os.path.exists(os.path.join(top, "images.txt")):
+    return top
+  rng = np.random.default_rng(seed)
+  lines, labels = [], []
+  for i in range(num_images):
+    cls = 1 + (i % 100) + (100 if i % 2 else 0)  # both splits, 2+ images per class
+    rel = f"{cls:03d}.Class{cls}/img_{i:05d}.jpg"
+    path = os.path.join(top, "images", rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    h, w = (375, 500) if i % 3 else (500, 375)
+    with open(path, "wb") as f:
+      f.write(realistic_jpeg(rng, h, w))
+    lines.append(f"{i + 1} {rel}\n")
+    labels.append(f"{i + 1} {cls}\n")
+  with open(os.path.join(top, "images.txt"), "w") as f:
+    f.writelines(lines)
+  with open(os.path.join(top, "image_class_labels.txt"), "w") as f:
+    f.writelines(labels)
+  return top
+
+
+def prepare(root: str) -> str:
+  data_dir = os.path.join(root, "data")
+  if not glob.glob(os.path.join(data_dir, "jaxdml_cub", "*", "*")):
+    from data_prep import build  # pylint: disable=g-import-not-at-top
+    build.build("cub", manual_dir=os.path.join(root, "manual"), data_dir=data_dir,
+                expect_counts="none")
+  return data_dir
+
+
+def _cpu_seconds():
+  own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_tfdata(files, batch, steps) -> dict:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def load(path):
+    data = tf.io.read_file(path)
+    shape = tf.io.extract_jpeg_shape(data)
+    begin, size, _ = tf.image.sample_distorted_bounding_box(
+        shape, tf.zeros([0, 0, 4], tf.float32), area_range=(0.2, 1.0),
+        min_object_covered=0, use_image_if_no_bounding_boxes=True)
+    y, x, _ = tf.unstack(begin)
+    h, w, _ = tf.unstack(size)
+    image = tf.image.decode_and_crop_jpeg(data, tf.stack([y, x, h, w]), channels=3)
+    image = tf.image.resize(image, (224, 224))
+    image = tf.image.random_flip_left_right(image)
+    return tf.cast(image, tf.uint8)
+
+  ds = tf.data.Dataset.from_tensor_slices(files).repeat().shuffle(len(files))
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(2)
+  it = iter(ds)
+  next(it)
+  return _timed(lambda: next(it), batch, steps, "tf.data decode_and_crop_jpeg")
+
+
+def time_torchvision(files, batch, steps, workers) -> dict:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from torchvision import transforms  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {"pipeline": "torchvision", "skipped": "torchvision is not installed"}
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  transform = transforms.Compose([transforms.RandomResizedCrop(224, scale=(0.2, 1.0)),
+                                  transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+
+  class Files(torch.utils.data.Dataset):
+    def __len__(self):
+      return 1 << 30
+
+    def __getitem__(self, i):
+      with Image.open(files[i % len(files)]) as image:
+        return transform(image.convert("RGB"))
+
+  loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=workers,
+                                       persistent_workers=workers > 0)
+  it = iter(loader)
+  next(it)
+  record = _timed(lambda: next(it), batch, steps, f"torchvision DataLoader x{workers}")
+  return {**record, "workers": workers}
+
+
+def _timed(next_batch, batch, steps, name) -> dict:
+  cpu, wall = _cpu_seconds(), time.perf_counter()
+  for _ in range(steps):
+    next_batch()
+  cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+  return {"pipeline": name, "images_per_sec": batch * steps / wall,
+          "cpu_seconds_per_image": cpu / (batch * steps), "batch_size": batch}
+
+
+def time_jaxdml(recipe, data_dir, batch, steps) -> dict:
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxdml.bench", f"--config={repo}/configs/{recipe}",
+       f"--config.data.data_dir={data_dir}", "--measure=input", f"--batch_size={batch}",
+       f"--steps={steps}", "--warmup=2"], capture_output=True, text=True, cwd=repo, check=True)
+  record = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+  return {"pipeline": f"jaxdml {recipe}", **record}
+
+
+def main(argv):
+  del argv
+  root = _ROOT.value
+  top = make_cub_tree(root, _NUM.value)
+  files = sorted(glob.glob(os.path.join(top, "images", "*", "*.jpg")))
+  sizes = [os.path.getsize(f) for f in files]
+  print(json.dumps({"files": len(files), "mean_kb": np.mean(sizes) / 1024,
+                    "host_cores": len(os.sched_getaffinity(0))}), flush=True)
+  for f in files:  # into the page cache
+    with open(f, "rb") as fh:
+      fh.read()
+  batch, steps = _BATCH.value, _STEPS.value
+  if "jaxdml" in _PIPELINES.value:
+    data_dir = prepare(root)
+    for recipe in _RECIPES.value:
+      # RAML's batch counts source images, each 8 views at 448 + 224: fewer per step.
+      b = max(batch // 8, 2) if "raml" in recipe else batch
+      print(json.dumps(time_jaxdml(recipe, data_dir, b, steps)), flush=True)
+  if "tfdata" in _PIPELINES.value:
+    print(json.dumps(time_tfdata(files, batch, steps)), flush=True)
+  if "torchvision" in _PIPELINES.value:
+    print(json.dumps(time_torchvision(files, batch, steps, _WORKERS.value)), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
