@@ -35,7 +35,8 @@ _RECIPES = flags.DEFINE_list("recipes", ["cub_obdsd.py", "cub_irt.py", "cub_prox
                                          "cub_raml.py"], "jaxdml recipes (CUB data) to time.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed batches.")
-_WORKERS = flags.DEFINE_integer("workers", 2, "torchvision DataLoader worker processes.")
+_WORKERS = flags.DEFINE_list("workers", ["1", "2"], "torchvision DataLoader worker processes.")
+_THREADS = flags.DEFINE_list("jaxdml_threads", ["1", "8"], "jaxdml data.num_threads to time.")
 
 
 def realistic_jpeg(rng, height, width) -> bytes:
@@ -151,12 +152,13 @@ def _timed(next_batch, batch, steps, name) -> dict:
           "cpu_seconds_per_image": cpu / (batch * steps), "batch_size": batch}
 
 
-def time_jaxdml(recipe, data_dir, batch, steps) -> dict:
+def time_jaxdml(recipe, data_dir, batch, steps, threads) -> dict:
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run(
       [sys.executable, "-m", "jaxdml.bench", f"--config={repo}/configs/{recipe}",
-       f"--config.data.data_dir={data_dir}", "--measure=input", f"--batch_size={batch}",
-       f"--steps={steps}", "--warmup=2"], capture_output=True, text=True, cwd=repo, check=True)
+       f"--config.data.data_dir={data_dir}", f"--config.data.num_threads={threads}",
+       "--measure=input", f"--batch_size={batch}", f"--steps={steps}", "--warmup=2"],
+      capture_output=True, text=True, cwd=repo, check=True)
   record = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
   return {"pipeline": f"jaxdml {recipe}", **record}
 
@@ -178,11 +180,13 @@ def main(argv):
     for recipe in _RECIPES.value:
       # RAML's batch counts source images, each 8 views at 448 + 224: fewer per step.
       b = max(batch // 8, 2) if "raml" in recipe else batch
-      print(json.dumps(time_jaxdml(recipe, data_dir, b, steps)), flush=True)
+      for threads in _THREADS.value:
+        print(json.dumps(time_jaxdml(recipe, data_dir, b, steps, int(threads))), flush=True)
   if "tfdata" in _PIPELINES.value:
     print(json.dumps(time_tfdata(files, batch, steps)), flush=True)
   if "torchvision" in _PIPELINES.value:
-    print(json.dumps(time_torchvision(files, batch, steps, _WORKERS.value)), flush=True)
+    for workers in _WORKERS.value:
+      print(json.dumps(time_torchvision(files, batch, steps, int(workers))), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ One code path from a laptop CPU to a pod: the batch is sharded on mesh axis
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import urllib.request
@@ -234,6 +235,24 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       local_batch)
+
+
+def prefetch_to_devices(local_batches, mesh: Mesh, ahead: int = 2):
+  """`global_batch` of each batch, made `ahead` batches early.
+
+  The train step is dispatched asynchronously, so while step s runs on the
+  devices the loop is already assembling batch s + 1 and starting its
+  host-to-device copy; with `ahead` of them in flight the step never waits
+  for a copy when the host keeps up. `ahead=0` puts each batch on the
+  devices only when it is needed.
+  """
+  queue = collections.deque()
+  for batch in local_batches:
+    queue.append(global_batch(batch, mesh))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def put_replicated(tree, mesh: Mesh):

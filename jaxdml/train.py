@@ -191,10 +191,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   parts, ckpt = setup(config, workdir)
   config = parts.config
   start = ckpt.latest_step() or 0
-  batches_from = lambda step: data_lib.train_batches(
+  batches_from = lambda step: sharding.prefetch_to_devices(data_lib.train_batches(
       config.data, seed=int(config.seed), global_batch_size=int(config.batch_size),
       start_step=step, process_index=jax.process_index(),
-      process_count=jax.process_count(), task=config.task)
+      process_count=jax.process_count(), task=config.task), parts.mesh,
+      int(config.data.get("device_prefetch", 2)))
   # The data first: a missing data set should fail before minutes of compiling.
   batches = batches_from(start)
   state = restore_or_create(parts, ckpt)
@@ -216,7 +217,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   t0 = time.perf_counter()
   try:
     for step in range(start + 1, end + 1):
-      state, metrics = step_fn(state, sharding.global_batch(next(batches), parts.mesh))
+      state, metrics = step_fn(state, next(batches))
       pending.append((step, metrics))
       bar.update(1)
       preempted = preemption.reached(step)

@@ -25,10 +25,9 @@ def test_flops_are_counted_over_all_devices():
   one, eight = (bench.bench_train(smoke_config(n), 16, steps=2, warmup=0, peak=peak)
                 for n in (1, -1))
   assert (one["device_count"], eight["device_count"], one["batch_size"]) == (1, 8, 16)
-  # Each device computes the (replicated) loss over the gathered batch, the
-  # optimizer update and the non-finite guard's select over the replicated
-  # state: more work in total (for this tiny model, a third), never 8x less.
-  assert 0.95 < eight["flops_per_image"] / one["flops_per_image"] < 1.5
+  # Each device computes the (replicated) loss over the gathered batch: a
+  # little more work in total, never 8x less.
+  assert 0.95 < eight["flops_per_image"] / one["flops_per_image"] < 1.3
   for record in (one, eight):
     low, high = record["step_time_ms_range"]
     assert 0 < low <= record["step_time_ms"] <= high

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -48,3 +49,24 @@ def test_fsdp_shards_large_params_on_data_and_keeps_memory_replicated():
   assert ruled["params"]["big"].spec == P(None, "data")
   with pytest.raises(ValueError, match="'replicated' or 'fsdp'"):
     sharding.state_shardings(state, mesh, "zero3")
+
+
+def test_device_prefetch_keeps_the_order_and_runs_ahead():
+  """Batches come out in order as global arrays; when batch k is handed out,
+  batches up to k + ahead have already been read and put on the devices."""
+  mesh = sharding.make_mesh({"data": -1}, jax.devices())
+  read = []
+
+  def local():
+    for k in range(6):
+      read.append(k)
+      yield {"x": np.full((8, 2), k, np.float32)}
+
+  out = []
+  for batch in sharding.prefetch_to_devices(local(), mesh, ahead=2):
+    out.append(int(batch["x"][0, 0]))
+    assert len(read) == min(6, out[-1] + 3)
+    assert batch["x"].sharding.spec == sharding.batch_sharding(mesh).spec
+  assert out == list(range(6))
+  assert [int(b["x"][0, 0]) for b in sharding.prefetch_to_devices(
+      ({"x": np.full((8, 2), k, np.float32)} for k in range(3)), mesh, ahead=0)] == [0, 1, 2]

@@ -58,7 +58,8 @@ def default_data_config():
       # cores (docs/benchmarks.md); for many-core hosts, where threads are
       # held back by the GIL.
       "num_workers": 0,
-      "prefetch": 2,  # batches buffered ahead
+      "prefetch": 2,  # batches buffered ahead on the host
+      "device_prefetch": 2,  # batches already on the devices ahead of the step
   })
 
 
