@@ -99,6 +99,25 @@ def read_checked_image(path: str) -> bytes:
         "re-extract it, or rerun with --skip_bad_images to leave it out.") from e
 
 
+def shrink_image(data: bytes, max_side: int) -> bytes:
+  """The image with its longer side at most `max_side` px (aspect kept).
+
+  Larger images are decoded at the smallest JPEG DCT scale that still covers
+  the target, resized with an antialiased bicubic filter and stored as JPEG
+  quality 95; images within the limit are returned byte for byte.
+  """
+  with Image.open(io.BytesIO(data)) as img:
+    w, h = img.size
+    if max(w, h) <= max_side:
+      return data
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img.draft("RGB", size)
+    out = io.BytesIO()
+    img.convert("RGB").resize(size, Image.BICUBIC).save(out, format="JPEG", quality=95)
+  return out.getvalue()
+
+
 def crop_image(data: bytes, box: Sequence[int]) -> bytes:
   """Crops encoded image bytes to pixel box (x1, y1, x2, y2), clamped; JPEG out."""
   with Image.open(io.BytesIO(data)) as img:
@@ -144,8 +163,10 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {"1.0.0": "First release."}
   EXPECTED_COUNTS: Mapping[str, int] = {}
 
-  def __init__(self, *, skip_bad_images: bool = False, **kwargs):
+  def __init__(self, *, skip_bad_images: bool = False, max_side: int | None = None,
+               **kwargs):
     self.skip_bad_images = skip_bad_images
+    self.max_side = max_side
     self.bad_images: list[str] = []
     super().__init__(**kwargs)
 
@@ -188,6 +209,7 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.info.metadata["num_classes"] = {
         s: len({r["label"] for r in rows}) for s, rows in splits.items()}
     self.info.metadata["bad_images"] = self.bad_images
+    self.info.metadata["max_side"] = self.max_side
     return {s: self._generate_examples(rows) for s, rows in splits.items()}
 
   def _generate_examples(self, rows):
@@ -201,6 +223,8 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         continue
       example = {k: v for k, v in row.items() if k != "key"}
       example["image"] = self._transform_image(data, row)
+      if self.max_side:
+        example["image"] = shrink_image(example["image"], self.max_side)
       yield row["key"], example
 
 

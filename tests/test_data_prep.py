@@ -359,3 +359,22 @@ def test_deepfashion2_pairs_and_crop(tmp_path):
   crops = _by([*builder.as_data_source("gallery")], "file_name")
   assert crops["validation/000003/item1"]["image"].shape == (7, 10, 3)
   assert crops["validation/000003/item2"]["image"].shape == (2, 2, 3)
+
+
+def test_max_side_stores_a_smaller_copy_and_a_rebuild_must_agree(tmp_path):
+  """`--max_side=N`: the longer side of every stored image is at most N
+  (aspect kept, small images untouched); reusing the data dir with another
+  N is refused, naming --overwrite."""
+  top = tmp_path / "manual" / "CUB_200_2011"
+  _img(str(top / "images/001.A/big.jpg"), RED, size=(90, 60))
+  _img(str(top / "images/101.B/small.jpg"), BLUE, size=(20, 30))
+  _write(str(top / "images.txt"), "1 001.A/big.jpg\n2 101.B/small.jpg\n")
+  _write(str(top / "image_class_labels.txt"), "1 1\n2 101\n")
+  _build(tmp_path, "cub", tmp_path / "manual", expect_counts="none", max_side=45)
+  data_dir = str(tmp_path / "data")
+  (train,), (test,) = _read("cub", "train", data_dir), _read("cub", "test", data_dir)
+  assert train["image"].shape == (30, 45, 3)
+  assert test["image"].shape == (30, 20, 3)
+  np.testing.assert_allclose(train["image"].mean((0, 1)), RED, atol=3)
+  with pytest.raises(ValueError, match="max_side=45, not 60.*--overwrite"):
+    _build(tmp_path, "cub", tmp_path / "manual", expect_counts="none", max_side=60)
