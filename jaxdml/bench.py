@@ -260,7 +260,8 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> 
       "measurement": "input_pipeline", "config_data": config.data.name, "task": config.task,
       "batch_size": batch_size, "steps": steps, "images_per_sec": images / wall,
       "views_per_sec": views / wall, "cpu_seconds_per_image": cpu / images,
-      "workers": int(config.data.num_threads), "worker_kind": "threads",
+      "workers": int(config.data.get("num_workers", 0) or 0) or data_lib.num_threads(config.data),
+      "worker_kind": "processes" if config.data.get("num_workers") else "threads",
       "host_cores": len(os.sched_getaffinity(0)), "seconds": wall}
 
 

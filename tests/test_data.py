@@ -462,3 +462,11 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir):
   for a, b in zip(threads, processes):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_thread_count_defaults_to_twice_the_cores():
+  cfg = data.default_data_config()
+  assert cfg.num_threads == 0
+  assert data.num_threads(cfg) == min(32, 2 * len(os.sched_getaffinity(0)))
+  cfg.num_threads = 3
+  assert data.num_threads(cfg) == 3

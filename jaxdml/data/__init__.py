@@ -17,9 +17,10 @@ from jaxdml.data.pipeline import default_data_config
 from jaxdml.data.pipeline import eval_sets
 from jaxdml.data.pipeline import LazyImages
 from jaxdml.data.pipeline import num_classes
+from jaxdml.data.pipeline import num_threads
 from jaxdml.data.pipeline import train_batches
 
 __all__ = [
     "MEAN", "STD", "normalize", "default_data_config", "train_batches", "eval_sets",
-    "LazyImages", "num_classes", "augment", "samplers", "sources", "synthetic",
+    "LazyImages", "num_classes", "num_threads", "augment", "samplers", "sources", "synthetic",
 ]

@@ -52,7 +52,9 @@ def default_data_config():
       # Sketch/photo sets with one encoder: "category" classes of photos, or
       # "instance": a photo and its sketches form a class.
       "single_labels": "category",
-      "num_threads": 8,
+      # 0: twice the host's cores, up to 32 (`num_threads`); measured best on
+      # 2 cores (docs/benchmarks.md: 1 thread 553 img/s, 4 ~1,030, 8 ~940).
+      "num_threads": 0,
       # Worker processes (grain's mp_prefetch), each running `num_threads`
       # threads; 0: threads in this process only. Measured no faster on 2
       # cores (docs/benchmarks.md); for many-core hosts, where threads are
@@ -66,6 +68,14 @@ def default_data_config():
 def _get(cfg, key, default=None):
   value = cfg.get(key, default) if cfg is not None else default
   return default if value is None and default is not None else value
+
+
+def num_threads(data_config) -> int:
+  """`data.num_threads`, with 0 meaning twice this host's cores (at most 32):
+  decoding and resizing release the GIL, and two per core hide the rest."""
+  import os  # pylint: disable=g-import-not-at-top
+  threads = int(_get(data_config, "num_threads", 0) or 0)
+  return threads if threads > 0 else min(32, 2 * len(os.sched_getaffinity(0)))
 
 
 def _open(data_config):
@@ -236,7 +246,7 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   def batch_fn(examples):
     return {k: collate([e[k] for e in examples]) for k in examples[0]}
 
-  threads = int(_get(data_config, "num_threads", 8))
+  threads = num_threads(data_config)
   prefetch = int(_get(data_config, "prefetch", 2))
   # Imported here: training on accelerators without grain still benchmarks.
   import grain  # pylint: disable=g-import-not-at-top
@@ -338,7 +348,7 @@ def eval_sets(data_config, *, task, image_size=None):
   if task == "sbir" and kind != "sbir":
     raise ValueError(f"task 'sbir' needs a sketch/photo data set; got {name!r}.")
   size = int(image_size or _get(data_config, "image_size"))
-  threads = int(_get(data_config, "num_threads", 8))
+  threads = num_threads(data_config)
   splits = _open(data_config)
 
   def pack(source, label_field, category_field):
