@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml import data as data_lib
+from jaxdml.data import device_augment
 from jaxdml import losses, memory as memory_lib
 from jaxdml.losses import miners
 
@@ -41,6 +42,17 @@ def model_inputs(task: str, batch: dict, images: str = "same") -> tuple:
   if images == "image_hi":
     return (data_lib.normalize(batch["image_hi"]),)
   return (data_lib.normalize(batch["image_lo"] if "image_lo" in batch else batch["image"]),)
+
+
+def device_views(config, batch: dict) -> dict:
+  """The batch with RAML's coupled views made on the device (`image_hi`,
+  `image_lo`) where the host shipped crops and parameters for that
+  (`data.views.on_device`, the default); any other batch as it is."""
+  if device_augment.CROPS not in batch:
+    return batch
+  image_hi, image_lo = device_augment.coupled_views(batch, int(config.data.views["lo"]))
+  rest = {k: v for k, v in batch.items() if k not in device_augment.KEYS}
+  return {**rest, "image_hi": image_hi, "image_lo": image_lo}
 
 
 def towers(task: str) -> dict:

@@ -35,6 +35,7 @@ def make_train_step(parts: build_lib.Parts):
   task = config.task
 
   def step_fn(state, batch):
+    batch = tasks.device_views(config, batch)
     rng = jax.random.fold_in(sharding.as_key(state["rng"]), state["step"])
     has_bn = bool(jax.tree.leaves(state["batch_stats"]))
     teacher_out = None if teacher is None else teacher.apply(

@@ -2,10 +2,11 @@
 import itertools
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
-from jaxdml import data
+from jaxdml import data, tasks
 from jaxdml.data import augment, pipeline, samplers, sources, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -283,11 +284,25 @@ def test_single_and_views_batches(cache_dir):
   assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
   lab = batch["label"].reshape(4, 2)
   assert (lab == lab[:, :1]).all() and len(np.unique(lab[:, 0])) == 4 and lab.max() < 6
-  cfg.views = dict(num=3, hi=32, lo=16)
-  batch = next(data.train_batches(cfg, seed=0, global_batch_size=4, start_step=0, task="single"))
-  assert batch["image_hi"].shape == (12, 32, 32, 3) and batch["image_lo"].shape == (12, 16, 16, 3)
-  lab = batch["label"].reshape(4, 3)
+  cfg.views = dict(num=3, hi=32, lo=16, mixup=0.2, on_device=False)
+  cfg.augment.color_jitter = (0.4, 0.4, 0.4, 0.1)
+  host = next(data.train_batches(cfg, seed=0, global_batch_size=4, start_step=0, task="single"))
+  assert host["image_hi"].shape == (12, 32, 32, 3) and host["image_lo"].shape == (12, 16, 16, 3)
+  lab = host["label"].reshape(4, 3)
   assert (lab == lab[:, :1]).all()
+  # The default: crops and parameters for the train step, which makes the
+  # views (tasks.device_views) close to the host's from the same draws.
+  cfg.views.on_device = True
+  shipped = next(data.train_batches(cfg, seed=0, global_batch_size=4, start_step=0,
+                                    task="single"))
+  assert shipped["crops_hi"].shape == (12, 32, 32, 3) and "image_lo" not in shipped
+  assert shipped["jitter_order"].shape == shipped["jitter_factors"].shape == (12, 4)
+  assert shipped["mixup_lambda"].shape == (12,)
+  np.testing.assert_array_equal(shipped["label"], host["label"])
+  made = tasks.device_views(ml_collections.ConfigDict({"data": cfg}), shipped)
+  for key, bound in (("image_hi", 2.0), ("image_lo", 4.0)):
+    assert made[key].shape == host[key].shape
+    assert np.mean(np.abs(np.asarray(made[key]) - host[key])) < bound, key
 
 
 def test_eval_sets_synthetic(cache_dir, small):
@@ -371,23 +386,26 @@ def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path, monkeypatch):
   np.testing.assert_array_equal(10 + i // 2, ev["query"]["labels"])
 
 
-def test_views_mix_each_view_with_its_own_partner(cache_dir, monkeypatch):
+@pytest.mark.parametrize("on_device,function,key", [
+    (False, "coupled_views", "image_hi"), (True, "coupled_crops", "crops_hi")])
+def test_views_mix_each_view_with_its_own_partner(cache_dir, monkeypatch, on_device, function,
+                                                  key):
   """RAML's code draws a mixup partner image per view, not one per image."""
   calls = []
-  real = augment.coupled_views
+  real = getattr(augment, function)
 
   def recording(image, rng, *, num_views, **kw):
     calls.append(num_views)
     return real(image, rng, num_views=num_views, **kw)
 
-  monkeypatch.setattr(augment, "coupled_views", recording)
+  monkeypatch.setattr(augment, function, recording)
   cfg = _config(cache_dir, m_per_class=2)
-  cfg.views = dict(num=3, hi=32, lo=16, mixup=0.2)
+  cfg.views = dict(num=3, hi=32, lo=16, mixup=0.2, on_device=on_device)
   # One example, built the way train_batches builds each (its threads would
   # prefetch more while the calls are counted).
   indices, example, _ = pipeline._single_plan(cfg, pipeline._open(cfg), 4, 0)
   views = example(indices(0), 0, np.random.default_rng(0))
-  assert views["image_hi"].shape == (3, 32, 32, 3)
+  assert views[key].shape == (3, 32, 32, 3)
   assert calls == [3, 1, 1, 1], calls
 
 

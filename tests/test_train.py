@@ -71,10 +71,11 @@ def final_params(workdir, config):
 # the second step, and OBD-SD, whose previous-epoch teacher lives in the
 # state: all must shard and resume exactly.
 EQUALITY_CASES = [("sketchy_rtl.py", "smoke"), ("sop_xbn.py", "smoke,adapt=kalman"),
-                  ("cub_obdsd.py", "smoke")]
+                  ("cub_obdsd.py", "smoke"), ("cub_raml.py", "smoke")]
 # OBD-SD's resume is also what the damaged-checkpoint, SIGTERM and gs://
 # tests check (short_run): it runs in the slow suite.
-RESUME_CASES = EQUALITY_CASES[:2] + [pytest.param(*EQUALITY_CASES[2], marks=pytest.mark.slow)]
+RESUME_CASES = EQUALITY_CASES[:2] + [pytest.param(*c, marks=pytest.mark.slow)
+                                     for c in EQUALITY_CASES[2:]]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -124,6 +125,11 @@ def test_one_device_and_eight_devices_take_the_same_steps(tmp_path, name, arg):
     config.total_steps = 3
     config.eval.enabled = False
     config.mesh.data = n
+    if config.get("teacher") and config.teacher.kind == "frozen":
+      # RAML: its views, jitter and mixup are made inside the sharded step.
+      if n == 1:
+        train_teacher_of(config, str(tmp_path / "teacher"))
+      config.teacher.workdir = str(tmp_path / "teacher")
     workdir = str(tmp_path / f"dev{n}")
     train.train_and_evaluate(config, workdir)
     runs[n] = (losses_of(workdir), final_state(workdir, config))

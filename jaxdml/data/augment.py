@@ -244,6 +244,34 @@ def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 /
   return np.stack(out_hi), np.stack(out_lo)
 
 
+def coupled_crops(image, rng, *, num_views, hi, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                  flip=True, color_jitter=0.0):
+  """What `coupled_views` draws, with only the `hi` crops rendered (flipped,
+  not jittered): the device makes the rest (`device_augment.coupled_views`).
+
+  The random draws are `coupled_views`'s, in its order, so both paths give
+  one image the same boxes, flips and jitter.
+
+  Returns:
+    `(crops uint8 [num_views, hi, hi, 3], order int32 [num_views, 4],
+    factors float32 [num_views, 4])`; an op that is off has factor 1
+    (hue: 0).
+  """
+  image, _ = decoded_for(image, height_width(image)[::-1])
+  strengths = jitter_strengths(color_jitter)
+  crops, orders, factors = [], [], []
+  for _ in range(num_views):
+    box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
+    flipped = flip and rng.random() < 0.5
+    order, f = color_jitter_params(rng, strengths)
+    v = crop_resize(image, box, hi)
+    crops.append(v[:, ::-1] if flipped else v)
+    orders.append(order)
+    factors.append([1.0 if x is None else x for x in f[:3]] + [f[3] or 0.0])
+  return (np.ascontiguousarray(np.stack(crops)), np.asarray(orders, np.int32),
+          np.asarray(factors, np.float32))
+
+
 def blend(a, b, lam):
   """`lam * a + (1 - lam) * b` of uint8 images, rounded back to uint8 (mixup)."""
   mixed = lam * a.astype(np.float32) + (1.0 - lam) * b.astype(np.float32)

@@ -177,6 +177,9 @@ def _single_plan(data_config, splits, batch_size, seed):
       raise ValueError("data.augment.resize_square does not apply to views (RAML crops each "
                        "view with a random resized crop); set it to None.")
 
+    if _get(views, "on_device", True):
+      return indices, _device_views_example(source, labels, num, hi, mixup, aug), np.concatenate
+
     def example(idx, row, rng):
       i = idx[row]
       image_hi, image_lo = augment.coupled_views(source.lazy_image(i), rng, num_views=num, hi=hi, lo=lo, **aug)
@@ -199,6 +202,28 @@ def _single_plan(data_config, splits, batch_size, seed):
             "label": np.int32(labels[i])}
 
   return indices, example, np.stack
+
+
+def _device_views_example(source, labels, num, hi, mixup, aug):
+  """RAML's coupled views with the pixel work left to the train step
+  (`device_augment`): the same draws as the host version, hi crops only."""
+  from jaxdml.data import device_augment as dev  # pylint: disable=g-import-not-at-top
+
+  def example(idx, row, rng):
+    i = idx[row]
+    crops, order, factors = augment.coupled_crops(source.lazy_image(i), rng, num_views=num,
+                                                  hi=hi, **aug)
+    out = {dev.CROPS: crops, dev.ORDER: order, dev.FACTORS: factors,
+           "label": np.full(num, labels[i], np.int32)}
+    if mixup > 0:
+      partners = [augment.coupled_crops(source.lazy_image(int(rng.integers(len(source)))), rng,
+                                        num_views=1, hi=hi, **aug) for _ in range(num)]
+      out[dev.PARTNER_CROPS], out[dev.PARTNER_ORDER], out[dev.PARTNER_FACTORS] = (
+          np.concatenate(part) for part in zip(*partners))
+      out[dev.MIXUP] = rng.beta(mixup, mixup, size=num).astype(np.float32)
+    return out
+
+  return example
 
 
 def train_batches(data_config, *, seed, global_batch_size, start_step, process_index=0,

@@ -91,7 +91,9 @@ def raml(dataset: str, arg) -> ml_collections.ConfigDict:
   views = 8
   c.batch_size = 8  # images; each gives `views` rows
   c.data.image_size = 224
-  c.data.views = dict(num=views, hi=448, lo=224, mixup=0.2)
+  # on_device: colour jitter, mixup and the 224 px views made in the train
+  # step from the host's 448 px crops and drawn parameters (device_augment).
+  c.data.views = dict(num=views, hi=448, lo=224, mixup=0.2, on_device=True)
   c.optimizer.accumulate_steps = 25
   c.total_steps = 200 * 8_000 // c.batch_size
   # No ranking loss: the distillation term alone. The reference sums the
@@ -108,6 +110,7 @@ def raml(dataset: str, arg) -> ml_collections.ConfigDict:
     hi = embedded_overlay(c, smoke=arg.smoke)["data.image_size"]
     views = 2 if arg.smoke else 4
     _embedded(c, arg.smoke, {
-        "data.image_size": hi // 2, "data.views": dict(num=views, hi=hi, lo=hi // 2, mixup=0.2),
+        "data.image_size": hi // 2,
+        "data.views": dict(num=views, hi=hi, lo=hi // 2, mixup=0.2, on_device=True),
         "terms.raml.views_per_image": views, "optimizer.accumulate_steps": 1, "batch_size": 8})
   return c
