@@ -241,7 +241,10 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
     task: "sbir" -> `{"sketch", "photo", "label"}` (label: photo id; pairs
       of distinct photos), or "single" -> `{"image", "label"}` (m-per-class
       batches) or, with views, `{"image_hi", "image_lo", "label"}` with the
-      `views.num` views of an image in consecutive rows.
+      `views.num` views of an image in consecutive rows; with
+      `views.on_device` (the default) the hi crops and their parameters
+      instead (`device_augment.KEYS`), which `tasks.device_views` turns into
+      `image_hi` and `image_lo` inside the train step.
 
   Returns:
     an iterator of dicts of numpy arrays (uint8 images, int32 labels).
@@ -297,21 +300,27 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
 
 class _RecentSteps:
   """`indices(step)` remembered for the last steps: each batch's rows ask for
-  the same step. A plain class, not `functools.lru_cache`, so the pipeline
-  pickles into grain's worker processes (each starts with an empty cache)."""
+  the same step, from several threads. A plain class with a lock, not
+  `functools.lru_cache`, so the pipeline pickles into grain's worker
+  processes (each starts with an empty cache and its own lock)."""
 
   def __init__(self, indices, keep: int = 256):
-    self._indices, self._keep, self._cache = indices, keep, {}
+    self.__setstate__({"_indices": indices, "_keep": keep})
 
   def __call__(self, step):
-    if step not in self._cache:
-      if len(self._cache) >= self._keep:
-        self._cache.pop(next(iter(self._cache)))
-      self._cache[step] = self._indices(step)
-    return self._cache[step]
+    with self._lock:
+      if step not in self._cache:
+        if len(self._cache) >= self._keep:
+          self._cache.pop(next(iter(self._cache)))
+        self._cache[step] = self._indices(step)
+      return self._cache[step]
 
   def __getstate__(self):
-    return {"_indices": self._indices, "_keep": self._keep, "_cache": {}}
+    return {"_indices": self._indices, "_keep": self._keep}
+
+  def __setstate__(self, state):
+    import threading  # pylint: disable=g-import-not-at-top
+    self.__dict__.update(state, _cache={}, _lock=threading.Lock())
 
 
 class LazyImages:
