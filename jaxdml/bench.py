@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 import time
 
@@ -243,7 +244,6 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> 
   source image). CPU seconds are this process's, all its threads.
   """
   del peak
-  import os  # pylint: disable=g-import-not-at-top
   from jaxdml import config_lib, data as data_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.resolve(config)
   batches = data_lib.train_batches(config.data, seed=int(config.seed),

@@ -40,10 +40,15 @@ def define_flags():
   flags.DEFINE_bool("quick", False, "Tiny models, one step each: checks the script on CPU.")
 
 
+def _config_path(name: str) -> str:
+  """A recipe of this checkout's `configs/` (device_check runs from a checkout)."""
+  return os.path.join(os.path.dirname(__file__), os.pardir, "configs", name)
+
+
 def bench_config(model: str, quick: bool):
   """`configs/encoder_bench.py` for `model`; `quick` shrinks it to 32 px and a tiny model."""
   from jaxdml import config_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "encoder_bench.py")
+  path = _config_path("encoder_bench.py")
   family = "vit_s16" if model.startswith("vit") else "resnet50"
   config = config_lib.load_config(path, f"model={family if quick else model},smoke={quick}")
   if quick:
@@ -103,8 +108,7 @@ def search_job(backend, quick):
 def sbir_job(quick):
   def run():
     from jaxdml import config_lib, train  # pylint: disable=g-import-not-at-top
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "sketchy_rtl.py")
-    config = config_lib.load_config(path, "smoke" if quick else "demo")
+    config = config_lib.load_config(_config_path("sketchy_rtl.py"), "smoke" if quick else "demo")
     with tempfile.TemporaryDirectory() as workdir:
       start = time.perf_counter()
       results = train.train_and_evaluate(config, workdir)

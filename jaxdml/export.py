@@ -19,7 +19,8 @@ SavedModel for all three), each with its own kernels and, for
 and TPU; `Parts.tower_fns(portable=True)`); a platform some op has no
 lowering for is dropped with a warning, and the manifest's `platforms` lists
 what each signature kept. cuDNN attention needs a GPU host to be traced: an
-export made elsewhere runs XLA's attention on GPU. Export runs in one process on one device: it needs only the parameters.
+export made elsewhere runs XLA's attention on GPU. Export runs in one
+process on one device: it needs only the parameters.
 """
 
 from __future__ import annotations

@@ -228,14 +228,10 @@ def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 /
   Returns:
     `(views_hi uint8 [num_views, hi, hi, 3], views_lo uint8 [num_views, lo, lo, 3])`.
   """
-  # Decoded once, in full: the views' boxes differ and share the one decode.
-  image, _ = decoded_for(image, height_width(image)[::-1])
-  strengths = jitter_strengths(color_jitter)
+  image, draws = _coupled_draws(image, rng, num_views=num_views, scale=scale, ratio=ratio,
+                                flip=flip, color_jitter=color_jitter)
   out_hi, out_lo = [], []
-  for _ in range(num_views):
-    box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
-    flipped = flip and rng.random() < 0.5
-    params = color_jitter_params(rng, strengths)
+  for box, flipped, params in draws:
     for size, out in ((hi, out_hi), (lo, out_lo)):
       v = crop_resize(image, box, size)
       if flipped:
@@ -244,26 +240,37 @@ def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 /
   return np.stack(out_hi), np.stack(out_lo)
 
 
+def _coupled_draws(image, rng, *, num_views, scale, ratio, flip, color_jitter):
+  """The image decoded once, in full (the views' boxes differ and share the
+  one decode), and per view `(box, flipped, jitter params)`: every random
+  draw of `coupled_views` and `coupled_crops`, in one order for both."""
+  image, _ = decoded_for(image, height_width(image)[::-1])
+  strengths = jitter_strengths(color_jitter)
+  draws = []
+  for _ in range(num_views):
+    box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
+    flipped = flip and rng.random() < 0.5
+    draws.append((box, flipped, color_jitter_params(rng, strengths)))
+  return image, draws
+
+
 def coupled_crops(image, rng, *, num_views, hi, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
                   flip=True, color_jitter=0.0):
   """What `coupled_views` draws, with only the `hi` crops rendered (flipped,
   not jittered): the device makes the rest (`device_augment.coupled_views`).
 
-  The random draws are `coupled_views`'s, in its order, so both paths give
-  one image the same boxes, flips and jitter.
+  The random draws are `coupled_views`'s (`_coupled_draws`), so both paths
+  give one image the same boxes, flips and jitter.
 
   Returns:
     `(crops uint8 [num_views, hi, hi, 3], order int32 [num_views, 4],
     factors float32 [num_views, 4])`; an op that is off has factor 1
     (hue: 0).
   """
-  image, _ = decoded_for(image, height_width(image)[::-1])
-  strengths = jitter_strengths(color_jitter)
+  image, draws = _coupled_draws(image, rng, num_views=num_views, scale=scale, ratio=ratio,
+                                flip=flip, color_jitter=color_jitter)
   crops, orders, factors = [], [], []
-  for _ in range(num_views):
-    box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
-    flipped = flip and rng.random() < 0.5
-    order, f = color_jitter_params(rng, strengths)
+  for box, flipped, (order, f) in draws:
     v = crop_resize(image, box, hi)
     crops.append(v[:, ::-1] if flipped else v)
     orders.append(order)

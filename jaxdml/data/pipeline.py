@@ -11,11 +11,13 @@ whatever the thread count or process count.
 Images leave the pipeline as uint8; `jaxdml.data.normalize` runs on device.
 """
 import functools
+import os
 
 import ml_collections
 import numpy as np
 
 from jaxdml.data import augment
+from jaxdml.data import device_augment as dev
 from jaxdml.data import samplers
 from jaxdml.data import sources
 from jaxdml.data import synthetic
@@ -73,7 +75,6 @@ def _get(cfg, key, default=None):
 def num_threads(data_config) -> int:
   """`data.num_threads`, with 0 meaning twice this host's cores (at most 32):
   decoding and resizing release the GIL, and two per core hide the rest."""
-  import os  # pylint: disable=g-import-not-at-top
   threads = int(_get(data_config, "num_threads", 0) or 0)
   return threads if threads > 0 else min(32, 2 * len(os.sched_getaffinity(0)))
 
@@ -207,8 +208,6 @@ def _single_plan(data_config, splits, batch_size, seed):
 def _device_views_example(source, labels, num, hi, mixup, aug):
   """RAML's coupled views with the pixel work left to the train step
   (`device_augment`): the same draws as the host version, hi crops only."""
-  from jaxdml.data import device_augment as dev  # pylint: disable=g-import-not-at-top
-
   def example(idx, row, rng):
     i = idx[row]
     crops, order, factors = augment.coupled_crops(source.lazy_image(i), rng, num_views=num,

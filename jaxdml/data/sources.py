@@ -137,7 +137,7 @@ class TfdsSource:
 
   def lazy_image(self, i):
     """The stored file opened, not decoded (a PIL image): a transform decodes
-    only what its crop needs (JPEG DCT scaling, `augment.decoded_for_box`)."""
+    only what its crop needs (JPEG DCT scaling, `augment.decoded_for`)."""
     import io  # pylint: disable=g-import-not-at-top
     from PIL import Image  # pylint: disable=g-import-not-at-top
     return Image.open(io.BytesIO(bytes(self._encoded[int(i)]["image"])))

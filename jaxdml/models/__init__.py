@@ -53,13 +53,9 @@ def compute_dtype(dtype: str, platform: str | None = None) -> str:
 
 def with_dtype(spec: dict, dtype: str) -> dict:
   """A model spec (`name` + kwargs, two-tower towers included) with every `dtype` set."""
-  spec = {**spec, "dtype": dtype}
-  for side in ("query", "gallery"):
-    if isinstance(spec.get(side), dict):
-      spec[side] = {**spec[side], "dtype": dtype}
-  if spec.get("name") == "two_tower":
-    spec.pop("dtype")
-  return spec
+  if spec.get("name") != "two_tower":
+    return {**spec, "dtype": dtype}
+  return {**spec, **{side: {**spec[side], "dtype": dtype} for side in ("query", "gallery")}}
 
 
 def dtype_of(model: nn.Module) -> str:
