@@ -20,7 +20,7 @@ from jaxdml.retrieval.metrics import count_relevant
 from jaxdml.retrieval.metrics import metrics_from_neighbors
 from jaxdml.retrieval.picture import save_retrieval_grid
 
-__all__ = ["evaluate", "search", "metrics_from_neighbors", "count_relevant",
+__all__ = ["evaluate", "search", "search_and_audit", "metrics_from_neighbors", "count_relevant",
            "save_retrieval_grid", "BACKENDS"]
 
 BACKENDS = ("exact", "scann")
@@ -42,6 +42,9 @@ def _check_embeddings(name, x):
 def search(query, gallery, k, *, exclude_self=False, backend="exact",
            similarity="cosine", scann_config=None, mesh=None):
   """Top-k gallery items for each query, best first.
+
+  ``search_and_audit`` is the same search that also returns ScaNN's recall
+  audit (`scann_backend.audit`).
 
   Args:
     query: [Q, D] embeddings.
@@ -65,6 +68,20 @@ def search(query, gallery, k, *, exclude_self=False, backend="exact",
     is better. Exact ties go to the lower gallery index (faiss, used by
     AccuracyCalculator, may order ties differently).
   """
+  scores, indices, _ = search_and_audit(
+      query, gallery, k, exclude_self=exclude_self, backend=backend,
+      similarity=similarity, scann_config=scann_config, mesh=mesh)
+  return scores, indices
+
+
+def search_and_audit(query, gallery, k, *, exclude_self=False, backend="exact",
+                     similarity="cosine", scann_config=None, mesh=None, labels=None):
+  """``search``, plus ScaNN's audit report (``scann/...``, empty for exact).
+
+  ``labels``: ``(query_labels, gallery_labels)`` make the audit's target the
+  recall an evaluation reports; without them the exact neighbours are the
+  truth (``scann_backend.audit``).
+  """
   query = _check_embeddings("query", query)
   gallery = _check_embeddings("gallery", gallery)
   if query.shape[1] != gallery.shape[1]:
@@ -81,26 +98,45 @@ def search(query, gallery, k, *, exclude_self=False, backend="exact",
     raise ValueError(f"similarity={similarity!r}; choose from "
                      f"{exact.SIMILARITIES}.")
   if backend == "exact":
-    return exact.search(query, gallery, int(k), exclude_self=exclude_self,
-                        similarity=similarity, mesh=mesh)
+    return (*exact.search(query, gallery, int(k), exclude_self=exclude_self,
+                          similarity=similarity, mesh=mesh), {})
   if backend == "scann":
     run = lambda: scann_backend.search(query, gallery, int(k), exclude_self=exclude_self,
-                                       similarity=similarity, scann_config=scann_config)
+                                       similarity=similarity, scann_config=scann_config,
+                                       labels=labels)
     return run() if jax.process_count() == 1 else _on_process_0(run, query.shape[0], int(k))
   raise ValueError(f"backend={backend!r}; choose from {BACKENDS}.")
 
 
 def _on_process_0(run, num_queries: int, k: int):
   """On several processes one ScaNN index is enough: process 0 builds and
-  searches it, the others receive its [Q, k] results (a broadcast), where
-  every process would otherwise build the same index on its host."""
+  searches it, the others receive its [Q, k] results and audit report (a
+  broadcast), where every process would otherwise build the same index."""
   if jax.process_index() == 0:
-    scores, indices = run()
+    scores, indices, report = run()
   else:
-    scores, indices = np.zeros((num_queries, k), np.float32), np.zeros((num_queries, k))
-  scores, indices = multihost_utils.broadcast_one_to_all(
-      (np.asarray(scores, np.float32), np.asarray(indices, np.int32)))
-  return np.asarray(scores), np.asarray(indices, np.int64)
+    scores, indices, report = np.zeros((num_queries, k), np.float32), np.zeros((num_queries, k)), {}
+  # The report's keys depend on k and the audit, which every process shares.
+  names = sorted(report) if jax.process_index() == 0 else []
+  names = _broadcast_names(names)
+  values = np.array([float(report.get(n, 0.0)) for n in names], np.float64)
+  scores, indices, values = multihost_utils.broadcast_one_to_all(
+      (np.asarray(scores, np.float32), np.asarray(indices, np.int32), values))
+  return (np.asarray(scores), np.asarray(indices, np.int64),
+          dict(zip(names, np.asarray(values).tolist())))
+
+
+def _broadcast_names(names: list, size: int = 4096) -> list:
+  """Process 0's list of short strings, on every process (fixed-size bytes:
+  a broadcast needs the same shape everywhere)."""
+  data = "\n".join(names).encode()
+  if len(data) > size:
+    raise ValueError(f"{len(data)} bytes of names; at most {size} are broadcast.")
+  buffer = np.zeros(size, np.uint8)
+  buffer[:len(data)] = np.frombuffer(data, np.uint8)
+  received = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
+  text = received.tobytes().rstrip(b"\0").decode()
+  return text.split("\n") if text else []
 
 
 def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
@@ -127,7 +163,8 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
 
   Returns:
     dict: ``recall@K`` per K, ``r_precision``, ``map@r``, ``map``, ``mrr`` as asked,
-    averaged over the queries with at least one relevant gallery item.
+    averaged over the queries with at least one relevant gallery item;
+    with ``backend="scann"`` also the audit report (``scann/...``).
 
   The search depth is k = max(max(ks), max R) with R the relevant count per
   query (what AccuracyCalculator's ``k="max_bin_count"`` does), capped at
@@ -183,9 +220,11 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
                                  exclude_self=same_set, similarity=similarity,
                                  mesh=mesh)
   else:
-    _, idx = search(query_embeddings, gallery_embeddings, k,
-                    exclude_self=same_set, backend=backend,
-                    similarity=similarity, scann_config=scann_config)
+    _, idx, report = search_and_audit(
+        query_embeddings, gallery_embeddings, k, exclude_self=same_set, backend=backend,
+        similarity=similarity, scann_config=scann_config,
+        labels=(query_labels, gallery_labels))
+    results.update(report)
     blocks = [(0, None, idx)]
   parts = []
   for start, _, idx in blocks:

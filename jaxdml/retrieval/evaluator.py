@@ -32,7 +32,7 @@ import numpy as np
 from jaxdml import data as data_lib
 from jaxdml import paths
 from jaxdml import sharding as sharding_lib
-from jaxdml.retrieval import count_relevant, metrics_from_neighbors, search
+from jaxdml.retrieval import count_relevant, metrics_from_neighbors, search_and_audit
 from jaxdml.retrieval.picture import save_retrieval_grid
 
 
@@ -197,10 +197,10 @@ class Evaluator:
                 for p, key in label_sets.items()}
     available = len(g) - int(same_set)
     k = min(available, max(max(self.ks), *(int(r.max()) for r in relevant.values())))
-    _, indices = search(q, g, k, exclude_self=same_set, backend=self.backend,
-                        similarity=self.similarity, scann_config=self.scann_config,
-                        mesh=self.mesh)
-    results = {}
+    _, indices, results = search_and_audit(
+        q, g, k, exclude_self=same_set, backend=self.backend, similarity=self.similarity,
+        scann_config=self.scann_config, mesh=self.mesh,
+        labels=(self.query["labels"], gallery["labels"]))
     for prefix, key in label_sets.items():
       ks = tuple(x for x in self.ks if x <= k)
       scores = metrics_from_neighbors(gallery[key][indices], self.query[key],

@@ -5,13 +5,23 @@ below 20k items, where building a tree costs more than it saves; above,
 a k-means tree with ~sqrt(N) leaves, asymmetric hashing (2 dims per 4-bit
 code, anisotropic threshold 0.2 for inner products, codebooks trained on
 25k samples) and exact re-scoring of the best ``reorder_k`` = max(4k, 100)
-candidates. ``num_leaves_to_search`` is a fifth of the leaves: our choice,
-measured on SOP-sized clustered synthetic data (``benchmarks/search.py``): a fifth
-stays ~0.1 points from exact recall@1, a tenth ~0.2, 4% loses ~6 points
-(ScaNN's GloVe example searches 0.5% of the leaves).
+candidates. ``num_leaves_to_search`` starts at a fifth of the leaves: our
+choice, measured on SOP-sized clustered synthetic data
+(``benchmarks/search.py``): a fifth stays ~0.1 points from exact recall@1, a
+tenth ~0.2, 4% loses ~6 points (ScaNN's GloVe example searches 0.5%).
+
+No fixed fraction holds recall on every data set, so every tree search is
+audited (``audit``): a sample of the queries (``audit_sample``, 1,000) is
+searched exactly and with ScaNN, and ``num_leaves_to_search`` and
+``reorder_k`` double until the sample meets the target: recall@1 and
+recall@k within ``audit_max_gap`` points (0.1) of exact, by the labels when
+the caller has them (`evaluate`), else by the exact neighbours themselves.
+Where even every leaf and a 16x deeper re-scoring miss it, the whole search
+runs exactly instead. The report (``scann/...``) goes out with the metrics.
 """
 import math
 
+from absl import logging
 import numpy as np
 
 from jaxdml.retrieval import exact
@@ -20,7 +30,10 @@ BRUTE_FORCE_BELOW = 20_000
 CONFIG_KEYS = ("brute_force", "num_leaves", "num_leaves_to_search",
                "training_sample_size", "dimensions_per_block",
                "anisotropic_quantization_threshold", "ah_training_sample_size",
-               "ah_training_iterations", "reorder_k", "batch_size")
+               "ah_training_iterations", "reorder_k", "batch_size",
+               "audit_sample", "audit_max_gap")
+# How far the audit may deepen re-scoring beyond the configured reorder_k.
+AUDIT_MAX_REORDER_GROWTH = 16
 
 
 def _import_scann():
@@ -55,6 +68,10 @@ def default_config(num_gallery, k, similarity="cosine"):
       "ah_training_iterations": 5,
       "reorder_k": max(4 * k, 100),
       "batch_size": 256,
+      # Queries searched both ways to check recall (0 turns the audit off).
+      "audit_sample": 1000,
+      # Largest allowed recall loss on that sample, in points (percent).
+      "audit_max_gap": 0.1,
   }
 
 
@@ -95,26 +112,109 @@ def build_searcher(gallery, k, *, similarity="cosine", config):
   return builder.build()
 
 
-def drop_self(scores, indices):
-  """Removes each row's self hit (index == row); rows without one lose the
-  last column. The same rule as AccuracyCalculator after a k+1 search."""
+def drop_self(scores, indices, self_index=None):
+  """Removes each row's self hit (index == ``self_index``, default the row
+  number); rows without one lose the last column. The same rule as
+  AccuracyCalculator after a k+1 search."""
   q, k1 = indices.shape
-  is_self = indices == np.arange(q)[:, None]
+  self_index = np.arange(q) if self_index is None else np.asarray(self_index)
+  is_self = indices == self_index[:, None]
   is_self[~is_self.any(1), k1 - 1] = True
   keep = ~is_self
   return (scores[keep].reshape(q, k1 - 1), indices[keep].reshape(q, k1 - 1))
 
 
+def audit(searcher, q, g, k, *, exclude_self, similarity, config, labels=None, seed=0):
+  """Deepens the search until a sample of the queries meets the target.
+
+  Args:
+    searcher: a ScaNN tree searcher over ``g``.
+    q, g: prepared query and gallery embeddings.
+    k: neighbours per query (as searched, self included).
+    exclude_self: row i of ``q`` is gallery item i (leave-one-out).
+    similarity: as in ``search``.
+    config: the resolved config; ``audit_sample``, ``audit_max_gap``,
+      ``num_leaves``, ``num_leaves_to_search``, ``reorder_k`` are read.
+    labels: ``(query_labels, gallery_labels)`` or None. With labels the
+      target is the recall the evaluation reports (a hit is a neighbour of
+      the query's label); without, the exact top-k are the truth.
+
+  Returns:
+    dict: ``leaves`` and ``reorder_k`` to search with (None: the target is
+    out of reach, search exactly), and the ``scann/`` report.
+  """
+  n = min(int(config["audit_sample"]), q.shape[0])
+  rows = np.sort(np.random.default_rng(seed).choice(q.shape[0], n, replace=False))
+  k_out = k - int(exclude_self)
+  # The sample's exact answer: the same rule, k+1 then drop self by index.
+  exact_scores, exact_idx = exact.search(q[rows], g, k, similarity=similarity)
+  if exclude_self:
+    exact_scores, exact_idx = drop_self(exact_scores, exact_idx, rows)
+
+  def recalls(idx):
+    """recall@1 and recall@k of the sample, in points."""
+    if labels is None:  # the exact neighbours are the truth
+      r1 = np.mean(idx[:, 0] == exact_idx[:, 0])
+      rk = np.mean([np.isin(i, e).mean() for i, e in zip(idx, exact_idx)])
+    else:
+      hits = labels[1][idx] == labels[0][rows, None]
+      r1, rk = np.mean(hits[:, 0]), np.mean(hits.any(axis=1))
+    return 100 * float(r1), 100 * float(rk)
+
+  exact_r1, exact_rk = recalls(exact_idx)
+  leaves, reorder = int(config["num_leaves_to_search"]), int(config["reorder_k"])
+  max_reorder = reorder * AUDIT_MAX_REORDER_GROWTH
+  while True:
+    idx, _ = searcher.search_batched(q[rows], final_num_neighbors=k,
+                                     leaves_to_search=leaves,
+                                     pre_reorder_num_neighbors=reorder)
+    idx = np.asarray(idx, np.int64)
+    if exclude_self:
+      _, idx = drop_self(np.zeros(idx.shape, np.float32), idx, rows)
+    r1, rk = recalls(idx)
+    gap = max(exact_r1 - r1, exact_rk - rk)
+    agreement = float(np.mean([len(set(a) & set(b)) / k_out
+                               for a, b in zip(idx, exact_idx)]))
+    met = gap <= float(config["audit_max_gap"]) + 1e-9
+    if met or (leaves >= int(config["num_leaves"]) and reorder >= max_reorder):
+      break
+    leaves = min(2 * leaves, int(config["num_leaves"]))
+    reorder = min(2 * reorder, max_reorder)
+  return {"leaves": leaves if met else None, "reorder_k": reorder if met else None,
+          "report": {"scann/sample_size": n, "scann/sample_agreement": agreement,
+                     "scann/sample_recall_gap@1": exact_r1 - r1,
+                     f"scann/sample_recall_gap@{k_out}": exact_rk - rk,
+                     "scann/num_leaves_to_search": leaves, "scann/reorder_k": reorder,
+                     "scann/target_met": int(met)}}
+
+
 def search(query, gallery, k, *, exclude_self=False, similarity="cosine",
-           scann_config=None):
-  """ScaNN top-k; see ``jaxdml.retrieval.search`` for the arguments."""
+           scann_config=None, labels=None):
+  """ScaNN top-k and its audit; see ``jaxdml.retrieval.search`` for the
+  arguments, ``audit`` for ``labels``.
+
+  Returns:
+    ``(scores, indices, report)``: the ``scann/`` audit report is empty for
+    brute force (exact up to float rounding) or ``audit_sample=0``.
+  """
   q = exact.prepare(query, similarity)
   g = exact.prepare(gallery, similarity)
   k_search = k + 1 if exclude_self else k
   cfg = resolve_config(g.shape[0], k_search, similarity, scann_config)
   searcher = build_searcher(g, k_search, similarity=similarity, config=cfg)
+  chosen = {"leaves": None, "reorder_k": None, "report": {}}
+  if not cfg["brute_force"] and int(cfg["audit_sample"]) > 0:
+    chosen = audit(searcher, q, g, k_search, exclude_self=exclude_self,
+                   similarity=similarity, config=cfg, labels=labels)
+    if chosen["leaves"] is None:
+      logging.warning("ScaNN misses the recall target (%s) even searching every leaf: "
+                      "searching exactly instead.", chosen["report"])
+      scores, idx = exact.search(query, gallery, k, exclude_self=exclude_self,
+                                 similarity=similarity)
+      return scores, idx, {**chosen["report"], "scann/fallback_exact": 1}
   idx, dist = searcher.search_batched_parallel(
-      q, final_num_neighbors=k_search, batch_size=cfg["batch_size"])
+      q, final_num_neighbors=k_search, batch_size=cfg["batch_size"],
+      leaves_to_search=chosen["leaves"], pre_reorder_num_neighbors=chosen["reorder_k"])
   idx = np.asarray(idx, np.int64)
   scores = np.asarray(dist, np.float32)
   if similarity == "euclidean":
@@ -125,4 +225,4 @@ def search(query, gallery, k, *, exclude_self=False, similarity="cosine",
         "asked: search more leaves (scann_config['num_leaves_to_search']).")
   if exclude_self:
     scores, idx = drop_self(scores, idx)
-  return scores, idx
+  return scores, idx, chosen["report"]
