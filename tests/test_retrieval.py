@@ -2,6 +2,7 @@
 AccuracyCalculator (faiss k-NN), exact search against numpy and across device
 counts, ScaNN against exact, and the retrieval picture."""
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 from PIL import Image
@@ -242,6 +243,67 @@ def test_scann_default_close_to_exact_50k():
   assert 0.5 < ex["recall@1"] < 0.99
   print("50k x 128 recall@1 exact", ex["recall@1"], "scann", sc["recall@1"])
   assert abs(sc["recall@1"] - ex["recall@1"]) <= 0.002
+
+
+def test_scann_audit_deepens_a_too_shallow_search():
+  """One leaf of ~70 loses recall; the audit doubles leaves and re-scoring
+  until the sample is within 0.1 points, and the full search follows."""
+  pytest.importorskip("scann")
+  x, y = make_clustered(5000, 32, noise=0.8, seed=3)  # exact recall@1 ~0.81
+  shallow = {"brute_force": False, "num_leaves_to_search": 1, "reorder_k": 20,
+             "audit_sample": 0}
+  ex = retrieval.evaluate(x, y, ks=(1, 8))
+  unaudited = retrieval.evaluate(x, y, ks=(1, 8), backend="scann", scann_config=shallow)
+  assert ex["recall@1"] - unaudited["recall@1"] > 0.1  # the search is too shallow
+  assert not any(name.startswith("scann/") for name in unaudited)
+  audited = retrieval.evaluate(x, y, ks=(1, 8), backend="scann",
+                               scann_config={**shallow, "audit_sample": 1000})
+  assert audited["scann/target_met"] == 1 and audited["scann/sample_size"] == 1000
+  assert audited["scann/num_leaves_to_search"] > 1
+  assert audited["scann/sample_recall_gap@1"] <= 0.1
+  assert 0.9 < audited["scann/sample_agreement"] <= 1.0
+  # The sample is a fifth of the queries: the whole set stays close too.
+  assert abs(audited["recall@1"] - ex["recall@1"]) <= 0.004
+
+
+def test_scann_audit_without_labels_and_exact_fallback():
+  """search() audits against the exact neighbours themselves; a target no
+  setting can meet makes the whole search exact."""
+  pytest.importorskip("scann")
+  x, _ = make_clustered(3000, 16, noise=1.6, seed=4)
+  cfg = {"brute_force": False, "num_leaves_to_search": 2, "audit_sample": 300}
+  _, idx, report = retrieval.search_and_audit(x, x, 5, exclude_self=True,
+                                              backend="scann", scann_config=cfg)
+  assert report["scann/target_met"] == 1 and report["scann/sample_recall_gap@1"] <= 0.1
+  assert idx.shape == (3000, 5)
+  impossible = {**cfg, "audit_max_gap": -1.0}
+  s, idx, report = retrieval.search_and_audit(x, x, 5, exclude_self=True,
+                                              backend="scann", scann_config=impossible)
+  assert report["scann/target_met"] == 0 and report["scann/fallback_exact"] == 1
+  assert report["scann/num_leaves_to_search"] == scann_backend.resolve_config(
+      3000, 6, "cosine", impossible)["num_leaves"]
+  s_e, i_e = retrieval.search(x, x, 5, exclude_self=True)
+  np.testing.assert_array_equal(idx, i_e)
+  np.testing.assert_array_equal(s, s_e)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_chunked_top_k_equals_top_k_with_ties(k):
+  """Chunk maxima prune the row without changing the answer: small integer
+  scores make ties everywhere, masked -inf included."""
+  rng = np.random.default_rng(0)
+  raw = jnp.asarray(rng.integers(-3, 4, size=(40, 512)).astype(np.float32))
+  mask = jnp.asarray(rng.random((40, 512)) < 0.3)
+  mask = mask.at[7].set(True).at[8, :500].set(True)  # rows with few or no valid items
+
+  def score(values, pos):
+    return jnp.where(jnp.take_along_axis(mask, jnp.broadcast_to(pos, values.shape), 1),
+                     -jnp.inf, values)
+  got = exact._chunked_top_k(raw, score, k, 32)  # pylint: disable=protected-access
+  want = jax.lax.top_k(jnp.where(mask, -jnp.inf, raw), k)
+  np.testing.assert_array_equal(got[0], want[0])
+  valid = np.isfinite(np.asarray(want[0]))  # among -inf, any position is right
+  np.testing.assert_array_equal(np.asarray(got[1])[valid], np.asarray(want[1])[valid])
 
 
 def test_scann_config_is_validated():
