@@ -88,6 +88,16 @@ def check_reachable(path, what: str = "--workdir") -> None:
                      f"(gcloud storage buckets create {scheme}://{bucket}) or fix the URL.")
 
 
+def write_text_atomic(path, text: str) -> None:
+  """Writes `path` (local or a URL) whole or not at all: a temporary file
+  beside it, then a rename, so a reader never sees half of it."""
+  target = as_path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+  tmp.write_text(text)
+  tmp.rename(target)
+
+
 def upload_tree(local: str, destination, *, replace: bool) -> None:
   """Copies the local directory `local` into `destination` (a URL or a
   path); `replace`: what was there first goes."""

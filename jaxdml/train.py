@@ -8,12 +8,14 @@ registry say what each needs.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -164,6 +166,26 @@ def setup(config, workdir: str):
   return parts, ckpt
 
 
+CONFIG_FILE = "config.json"
+
+
+def save_config(config, workdir: str) -> None:
+  """`workdir/config.json`: the run's config as given, so tools that read
+  the run later (`jaxdml.index`) rebuild its model without `--config`."""
+  paths.write_text_atomic(paths.join(workdir, CONFIG_FILE), config.to_json(indent=2))
+
+
+def load_config(workdir: str):
+  """The config `save_config` wrote in `workdir`, as a ConfigDict."""
+  path = paths.as_path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} not found: runs trained before jaxdml wrote it have none. Pass the "
+        "run's recipe with --config=configs/NAME.py:ARG (with any --config.FIELD "
+        "overrides it was trained with).")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
 def restore_or_create(parts: build_lib.Parts, ckpt) -> dict:
   """The newest checkpoint that restores (a damaged newer one is reported
   and set aside, see `Checkpointer.restore_latest_good`), or a fresh state."""
@@ -190,6 +212,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   Returns the last evaluation's metrics (empty without evaluation).
   """
   parts, ckpt = setup(config, workdir)
+  if jax.process_index() == 0:
+    save_config(config, workdir)
   config = parts.config
   start = ckpt.latest_step() or 0
   batches_from = lambda step: sharding.prefetch_to_devices(data_lib.train_batches(

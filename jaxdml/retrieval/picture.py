@@ -1,4 +1,5 @@
-"""A PNG of queries and their top-k results, hits framed green, misses red."""
+"""A PNG of queries and their top-k results, hits framed green, misses red
+(neutral frames where there are no labels to judge them by, as at search time)."""
 import io
 
 import numpy as np
@@ -8,6 +9,7 @@ from jaxdml import paths
 GREEN = (0, 200, 0)
 RED = (220, 0, 0)
 QUERY_FRAME = (128, 128, 128)
+NEUTRAL = (70, 110, 180)  # a result nobody labelled: neither hit nor miss
 BACKGROUND = (255, 255, 255)
 GAP = 4         # pixels between tiles
 QUERY_GAP = 16  # extra space between the query column and its results
@@ -63,7 +65,8 @@ def save_retrieval_grid(path, query_images, gallery_images, indices, hits, *,
       the queries' (sketch vs photo): every image is resized to the tile.
     indices: int [Q, k] gallery indices, best first (from ``search``).
     hits: bool [Q, k], True where the result is correct (green frame),
-      False where wrong (red frame). The query gets a grey frame.
+      False where wrong (red frame); None (no labels, e.g. `jaxdml.search`)
+      frames every result in NEUTRAL blue. The query gets a grey frame.
     max_queries: rows drawn: the first ``max_queries`` queries.
     tile: side of each square tile in pixels.
 
@@ -74,7 +77,8 @@ def save_retrieval_grid(path, query_images, gallery_images, indices, hits, *,
   query_images = _as_rgb_uint8("query_images", query_images)
   gallery_images = _as_rgb_uint8("gallery_images", gallery_images)
   indices = np.asarray(indices)
-  hits = np.asarray(hits, bool)
+  labelled = hits is not None
+  hits = np.asarray(hits, bool) if labelled else np.zeros(indices.shape, bool)
   if indices.ndim != 2 or hits.shape != indices.shape:
     raise ValueError(f"indices and hits must both be [Q, k], got "
                      f"{indices.shape} and {hits.shape}.")
@@ -96,7 +100,7 @@ def save_retrieval_grid(path, query_images, gallery_images, indices, hits, *,
     canvas.paste(_tile(query_images[r], tile, QUERY_FRAME), (GAP, y))
     for c in range(k):
       x = GAP + (c + 1) * (tile + GAP) + QUERY_GAP
-      colour = GREEN if hits[r, c] else RED
+      colour = (GREEN if hits[r, c] else RED) if labelled else NEUTRAL
       canvas.paste(_tile(gallery_images[indices[r, c]], tile, colour), (x, y))
   target = paths.as_path(path)  # local or a URL
   target.parent.mkdir(parents=True, exist_ok=True)

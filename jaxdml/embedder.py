@@ -1,0 +1,136 @@
+"""A trained model as `(tower, uint8 images) -> float32 embeddings`.
+
+    model = embedder.from_workdir("workdirs/demo")     # its latest checkpoint
+    model = embedder.from_export("workdirs/demo/export")
+    model.embed("gallery", images)                     # uint8 [N, S, S, 3]
+
+Two routes to the same encoder: a run's workdir (its checkpoint, embedded
+batched and sharded over the run's mesh by `evaluator.embed_all`) or its
+`--mode=export` SavedModel (TensorFlow, float32 on CPU like JAX there).
+`jaxdml.index` and `jaxdml.search` take either. Images are made the size
+the model expects by `load_images` (evaluation's transform), so both
+routes see the same pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable
+
+import numpy as np
+
+from jaxdml import paths
+
+TOWERS = ("query", "gallery")
+
+
+@dataclasses.dataclass
+class Embedder:
+  """`source` says which model this is (`{"workdir": W, "step": S}` or
+  `{"export": E, "step": S}`); `config` is the run's config."""
+  source: dict
+  config: object
+  image_size: int
+  embed_fn: Callable[[str, np.ndarray], np.ndarray]  # (tower, images) -> embeddings
+
+  def embed(self, tower: str, images: np.ndarray) -> np.ndarray:
+    """float32 [N, D] embeddings of uint8 [N, image_size, image_size, 3]."""
+    if tower not in TOWERS:
+      raise ValueError(f"tower={tower!r}: expected one of {TOWERS}.")
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:] != (self.image_size,) * 2 + (3,):
+      raise ValueError(f"expected uint8 images [N, {self.image_size}, {self.image_size}, 3], "
+                       f"got {images.dtype} {images.shape}; load them with load_images.")
+    return np.asarray(self.embed_fn(tower, images), np.float32)
+
+  def describe(self) -> str:
+    return describe(self.source)
+
+
+def describe(source: dict) -> str:
+  """A model source in words, for messages."""
+  kind = "workdir" if "workdir" in source else "export"
+  return f"{kind} {source[kind]} (step {source['step']})"
+
+
+def from_workdir(workdir: str, config=None, *, batch_size: int = 256) -> Embedder:
+  """The latest checkpoint of `workdir`, on the run's mesh (all devices).
+
+  `config`: the run's config; default the `config.json` training wrote.
+  """
+  # Imported here: `--help` of the command-line tools answers without JAX.
+  from jaxdml import train  # pylint: disable=g-import-not-at-top
+  from jaxdml.retrieval import evaluator  # pylint: disable=g-import-not-at-top
+  config = train.load_config(workdir) if config is None else config
+  directory = paths.as_path(workdir) / "checkpoints"
+  # Checked before the Checkpointer, which would create the directory.
+  if not directory.is_dir() or not any(directory.iterdir()):
+    raise FileNotFoundError(f"No checkpoint in {directory}: train the run first "
+                            "(python -m jaxdml.main --config=... --workdir=...).")
+  parts, ckpt = train.setup(config, workdir)
+  try:
+    state, step = ckpt.restore_latest_good(parts.restore_target())
+  finally:
+    ckpt.close()
+  fns = parts.embed_fns(state)
+  embed = lambda tower, images: evaluator.embed_all(fns[tower], images, batch_size, parts.mesh)
+  return Embedder(source={"workdir": paths.join(workdir), "step": int(step)},
+                  config=parts.config, image_size=int(parts.config.data.image_size),
+                  embed_fn=embed)
+
+
+def from_export(export_dir: str, *, batch_size: int = 256) -> Embedder:
+  """A `--mode=export` SavedModel (`serving_default` the gallery tower,
+  `query` the query tower of two-tower models)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jaxdml import export  # pylint: disable=g-import-not-at-top
+  manifest_path = paths.as_path(export_dir) / export.MANIFEST
+  if not manifest_path.exists():
+    raise FileNotFoundError(f"{manifest_path} not found: {export_dir} is not a jaxdml "
+                            "export; make one with python -m jaxdml.main --mode=export.")
+  manifest = json.loads(manifest_path.read_text())
+  saved = export.load_saved_model(export_dir)
+  # Single-encoder exports have one signature: both towers are that encoder.
+  signatures = {"gallery": "serving_default",
+                "query": "query" if "query" in saved.signatures else "serving_default"}
+
+  def embed(tower, images):
+    serve = saved.signatures[signatures[tower]]
+    return np.concatenate([serve(images=tf.constant(images[i:i + batch_size]))["embeddings"]
+                           .numpy() for i in range(0, len(images), batch_size)])
+  return Embedder(source={"export": paths.join(export_dir), "step": int(manifest["step"])},
+                  config=ml_collections.ConfigDict(manifest["config"]),
+                  image_size=int(manifest["image_size"]), embed_fn=embed)
+
+
+def from_source(source: dict, config=None, *, batch_size: int = 256) -> Embedder:
+  """The model a `source` dict (`Embedder.source`) names."""
+  if "export" in source:
+    return from_export(source["export"], batch_size=batch_size)
+  return from_workdir(source["workdir"], config, batch_size=batch_size)
+
+
+def load_image(path, size: int) -> np.ndarray:
+  """One image file (JPEG, PNG, ...; local or a URL) as uint8 [size, size, 3]:
+  evaluation's transform (shorter side to size * 8/7, centre crop)."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jaxdml.data import augment  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(io.BytesIO(paths.as_path(path).read_bytes())) as image:
+      return augment.eval_transform(image, size=size)
+  except OSError as error:  # PIL's UnidentifiedImageError is one
+    raise ValueError(f"cannot read image {path}: {error}") from None
+
+
+def load_images(files, size: int, *, threads: int | None = None) -> np.ndarray:
+  """`load_image` of each file, decoded in a thread pool (PIL releases the GIL)."""
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  from jaxdml.data import pipeline  # pylint: disable=g-import-not-at-top
+  files = list(files)
+  if not files:
+    return np.zeros((0, size, size, 3), np.uint8)
+  with futures.ThreadPoolExecutor(threads or pipeline.num_threads({})) as pool:
+    return np.stack(list(pool.map(lambda f: load_image(f, size), files)))
