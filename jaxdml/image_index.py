@@ -45,6 +45,8 @@ PROBE_ROWS = 4
 PROBE_MIN_COSINE = 0.999
 # ScaNN's re-scoring depth is set at build time for this many neighbours.
 SCANN_BUILD_K = 100
+# Neighbours per image the build-time recall audit checks.
+AUDIT_K = 10
 
 
 class ModelMismatchError(ValueError):
@@ -137,9 +139,12 @@ def build_index(model: Embedder, images, out, *, tower="gallery", batch_size=256
   if backend == "scann":
     settings = scann_backend.resolve_config(len(files), min(SCANN_BUILD_K, len(files)),
                                             similarity, scann_config)
-    searcher = scann_backend.build_searcher(exact.prepare(embeddings, similarity),
-                                            min(SCANN_BUILD_K, len(files)),
+    prepared = exact.prepare(embeddings, similarity)
+    searcher = scann_backend.build_searcher(prepared, min(SCANN_BUILD_K, len(files)),
                                             similarity=similarity, config=settings)
+    if not settings["brute_force"] and int(settings["audit_sample"]) > 0:
+      searcher, settings = _audited(searcher, prepared, settings, similarity)
+      backend = "exact" if searcher is None else backend
   manifest = {
       "format": FORMAT, "model": model.source, "config": json.loads(model.config.to_json()),
       "image_size": model.image_size, "tower": tower, "similarity": similarity,
@@ -150,6 +155,25 @@ def build_index(model: Embedder, images, out, *, tower="gallery", batch_size=256
   _write(out, manifest, embeddings, {"folder": folder, "files": files}, searcher)
   return Index(path=paths.join(out), manifest=manifest, embeddings=embeddings, folder=folder,
                files=files, searcher=searcher)
+
+
+def _audited(searcher, prepared, settings, similarity):
+  """The searcher and its settings deepened until a sample of the indexed
+  images, used as queries, finds its exact 10 nearest neighbours as the
+  target asks (`scann_backend.audit`); (None, settings) where no setting
+  meets it: the index then searches exactly."""
+  from jaxdml.retrieval import scann_backend  # pylint: disable=g-import-not-at-top
+  k = min(AUDIT_K, len(prepared) - 1) + 1  # + the image itself
+  chosen = scann_backend.audit(searcher, prepared, prepared, k, exclude_self=True,
+                               similarity=similarity, config=settings)
+  settings = {**settings, "audit": chosen["report"]}
+  if chosen["leaves"] is None:
+    print(f"ScaNN misses the recall target even searching every leaf ({chosen['report']}): "
+          "this index searches exactly.")
+    return None, settings
+  settings.update(num_leaves_to_search=chosen["leaves"],
+                  reorder_k=max(chosen["reorder_k"], settings["reorder_k"]))
+  return searcher, settings
 
 
 def _check_replaceable(out) -> None:
@@ -263,8 +287,11 @@ def search_embeddings(index: Index, queries: np.ndarray, k: int = 10):
   if not settings["brute_force"] and k > settings["reorder_k"]:
     raise ValueError(f"k={k}: this ScaNN index re-scores {settings['reorder_k']} candidates; "
                      "ask for fewer, or rebuild it with --backend=exact.")
-  rows, scores = index.searcher.search_batched(exact.prepare(queries, similarity),
-                                               final_num_neighbors=k)
+  tree = not settings["brute_force"]  # searched as deep as the build's audit chose
+  rows, scores = index.searcher.search_batched(
+      exact.prepare(queries, similarity), final_num_neighbors=k,
+      leaves_to_search=settings["num_leaves_to_search"] if tree else None,
+      pre_reorder_num_neighbors=settings["reorder_k"] if tree else None)
   scores = np.asarray(scores, np.float32)
   # ScaNN returns squared distances for euclidean; scores rank larger-is-better.
   return (-scores if similarity == "euclidean" else scores), np.asarray(rows, np.int64)

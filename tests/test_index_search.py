@@ -249,3 +249,27 @@ def test_training_writes_its_config_for_the_tools(tmp_path):
   train.train_and_evaluate(config, str(tmp_path), stop_after=0)  # set-up only, no step
   saved = train.load_config(str(tmp_path))
   assert json.loads(saved.to_json()) == json.loads(config.to_json())  # tuples come back as lists
+
+
+def test_tree_index_searches_as_deep_as_its_audit_chose():
+  """A tree index built to search one leaf is deepened at build time until
+  a sample of its own images finds its exact neighbours; searches use that."""
+  pytest.importorskip("scann")
+  from jaxdml import retrieval  # pylint: disable=g-import-not-at-top
+  from jaxdml.retrieval import exact, scann_backend  # pylint: disable=g-import-not-at-top
+  from jaxdml.retrieval.search_bench import make_clustered  # pylint: disable=g-import-not-at-top
+  x, _ = make_clustered(4000, 16, noise=0.8, seed=5)
+  settings = scann_backend.resolve_config(4000, 100, "cosine", {
+      "brute_force": False, "num_leaves_to_search": 1, "audit_sample": 500})
+  searcher = scann_backend.build_searcher(exact.prepare(x, "cosine"), 100, config=settings)
+  searcher, chosen = image_index._audited(  # pylint: disable=protected-access
+      searcher, exact.prepare(x, "cosine"), settings, "cosine")
+  assert searcher is not None and chosen["audit"]["scann/target_met"] == 1
+  assert chosen["num_leaves_to_search"] > 1
+  index = image_index.Index(path="mem", manifest={"similarity": "cosine", "scann_config": chosen},
+                            embeddings=x, folder="", files=[str(i) for i in range(4000)],
+                            searcher=searcher)
+  queries = x[:300] + 0.05 * np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+  _, rows = image_index.search_embeddings(index, queries, k=10)
+  _, want = retrieval.search(queries, x, 10)
+  assert np.mean(rows[:, 0] == want[:, 0]) >= 0.99
