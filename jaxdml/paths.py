@@ -95,7 +95,7 @@ def write_text_atomic(path, text: str) -> None:
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
   tmp.write_text(text)
-  tmp.rename(target)
+  tmp.replace(target)  # rename() refuses an existing target (a resumed run)
 
 
 def upload_tree(local: str, destination, *, replace: bool) -> None:
