@@ -19,7 +19,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from jaxdml.retrieval.search_bench import make_clustered, time_backend, time_matmul_limits
+from jaxdml.retrieval.search_bench import (leave_one_out_k, make_clustered, time_backend,
+                                           time_matmul_limits)
 
 _NUM = flags.DEFINE_integer("num", 60_502, "Number of embeddings (SOP test).")
 _DIM = flags.DEFINE_integer("dim", 512, "Embedding dimension.")
@@ -43,8 +44,8 @@ def main(argv):
         flush=True)
   for backend in _BACKENDS.value:
     if backend == "limits":
-      k = max(8, int(np.unique(labels, return_counts=True)[1].max()) - 1)
-      print(json.dumps({"backend": "limits", **time_matmul_limits(x, k)}), flush=True)
+      print(json.dumps({"backend": "limits",
+                        **time_matmul_limits(x, leave_one_out_k(labels))}), flush=True)
     else:
       print(json.dumps(time_backend(backend, x, labels)), flush=True)
 

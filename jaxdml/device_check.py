@@ -11,7 +11,8 @@ tables) as it goes, so a run cut short still leaves its report:
 - the same train step in PyTorch, eager and `torch.compile`, when torch is
   importable (`jaxdml/torch_step.py`);
 - cuDNN against XLA attention (ViT-S/16 shapes), where cuDNN traces;
-- exact and ScaNN leave-one-out search at SOP size (60,502 x 512);
+- exact and ScaNN leave-one-out search at SOP size (60,502 x 512), and exact
+  search beside the device's matmul + top-k over the same blocks;
 - the SBIR demo end to end (`configs/sketchy_rtl.py:demo`: wall time, R@1).
 Jobs run in priority order (the issue's targets first: bf16 at batch 256
 against torch eager) and whatever would start after `--budget_s` is listed
@@ -100,8 +101,11 @@ def search_job(backend, quick):
     from jaxdml.retrieval import search_bench  # pylint: disable=g-import-not-at-top
     num, dim = (2000, 32) if quick else (60_502, 512)
     x, labels = search_bench.make_clustered(num, dim, seed=0)
-    return {"measurement": "search", "num": num, "dim": dim,
-            **search_bench.time_backend(backend, x, labels)}
+    if backend == "limits":  # exact search beside the device's matmul + top-k
+      timed = search_bench.time_matmul_limits(x, search_bench.leave_one_out_k(labels))
+    else:
+      timed = search_bench.time_backend(backend, x, labels)
+    return {"measurement": "search", "num": num, "dim": dim, **timed}
   return (f"search {backend}", run)
 
 
@@ -135,7 +139,7 @@ def plan(quick: bool, steps: int) -> list:
   jobs += [torch_job(m, "bfloat16", big, True, quick, steps) for m in others]
   jobs += [jax_job(m, "inference", "bfloat16", big, quick, steps) for m in others]
   jobs += [attention_job(quick), search_job("exact", quick), search_job("scann", quick),
-           sbir_job(quick)]
+           search_job("limits", quick), sbir_job(quick)]
   if quick:  # one float32 and one smaller-batch run keep those paths checked
     return jobs + [jax_job(models[0], "train", "float32", small, quick, steps)]
   for m in models:

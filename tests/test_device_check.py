@@ -16,6 +16,11 @@ def test_quick_device_check_runs_every_job_and_writes_its_report(tmp_path):
   assert all(0 < r["mfu"] <= 1 for r in records if "mfu" in r)
   exact, scann = jobs["search exact"], jobs["search scann"]
   assert exact["recall@1"] > 0 and abs(scann["recall@1"] - exact["recall@1"]) < 0.05
+  limits = jobs["search limits"]
+  # 2,000 queries are one block: each anchor timed over the whole set.
+  assert limits["k"] >= 8 and limits["block"] == limits["num"] == 2000
+  assert all(limits[f"{name}_seconds"] >= 0 for name in (
+      "exact", "blas_matmul_top_k", "xla_matmul_top_k", "xla_matmul_only"))
   assert jobs["attention cuDNN vs XLA"]["max_abs_diff_vs_xla"] < 1e-2
   assert 0 <= jobs["SBIR demo end to end"]["recall@1"] <= 1
   header = device_check.header_for(quick=True)

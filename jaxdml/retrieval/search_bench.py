@@ -88,12 +88,18 @@ def _xla_matmul(q, g):
   return jnp.dot(q, g.T, precision=jax.lax.Precision.HIGHEST).max(axis=1)
 
 
+def leave_one_out_k(labels):
+  """The depth `evaluate` searches leave-one-out with its default metrics:
+  max(8, the largest class - 1)."""
+  return max(8, int(np.unique(labels, return_counts=True)[1].max()) - 1)
+
+
 def time_matmul_limits(x, k, *, rounds=2):
   """Seconds of leave-one-out top-``k`` over unit rows ``x``, best of
   ``rounds``, side by side: jaxdml's exact search and the anchors above.
   Query blocks are exact search's own on one device."""
   x = exact.prepare(x, "cosine")
-  block = exact.query_block_size(len(x), k, jax.local_device_count())
+  block = min(exact.query_block_size(len(x), k, jax.local_device_count()), len(x))
   starts = range(0, len(x) - block + 1, block)  # whole blocks only...
   scale = len(x) / (len(starts) * block)  # ...scaled to the whole set
   xd = jax.device_put(x)
