@@ -15,7 +15,6 @@ routes see the same pixels.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Callable
 
 import numpy as np
@@ -86,11 +85,7 @@ def from_export(export_dir: str, *, batch_size: int = 256) -> Embedder:
   import ml_collections  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jaxdml import export  # pylint: disable=g-import-not-at-top
-  manifest_path = paths.as_path(export_dir) / export.MANIFEST
-  if not manifest_path.exists():
-    raise FileNotFoundError(f"{manifest_path} not found: {export_dir} is not a jaxdml "
-                            "export; make one with python -m jaxdml.main --mode=export.")
-  manifest = json.loads(manifest_path.read_text())
+  manifest = export.read_manifest(export_dir)
   saved = export.load_saved_model(export_dir)
   # Single-encoder exports have one signature: both towers are that encoder.
   signatures = {"gallery": "serving_default",

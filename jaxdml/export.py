@@ -205,6 +205,16 @@ def load_saved_model(export_dir: str):
     local.close()
 
 
+def read_manifest(export_dir: str) -> dict:
+  """An export's `jaxdml_export.json` (step, image size, config, ...)."""
+  manifest_path = paths.as_path(export_dir) / MANIFEST
+  if not manifest_path.exists():
+    raise FileNotFoundError(
+        f"{manifest_path} not found: {export_dir} is not a jaxdml export; "
+        "make one with --mode=export.")
+  return json.loads(manifest_path.read_text())
+
+
 def load_embed_fn(export_dir: str, tower: str = "gallery"):
   """The JAX function an export was made from: uint8 images -> embeddings.
 
@@ -213,12 +223,7 @@ def load_embed_fn(export_dir: str, tower: str = "gallery"):
   here `jax.image.resize`) and normalisation. `tower` is `"gallery"`
   (`serving_default`) or, for two-tower models, `"query"`.
   """
-  manifest_path = paths.as_path(export_dir) / MANIFEST
-  if not manifest_path.exists():
-    raise FileNotFoundError(
-        f"{manifest_path} not found: {export_dir} is not a jaxdml export; "
-        "make one with --mode=export.")
-  manifest = json.loads(manifest_path.read_text())
+  manifest = read_manifest(export_dir)
   config = ml_collections.ConfigDict(manifest["config"])
   towers = list(_signatures(config).values())
   if tower not in towers:

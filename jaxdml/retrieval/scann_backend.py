@@ -156,7 +156,10 @@ def audit(searcher, q, g, k, *, exclude_self, similarity, config, labels=None, s
   rows = np.sort(np.random.default_rng(seed).choice(q.shape[0], n, replace=False))
   k_out = k - int(exclude_self)
   # The sample's exact answer: the same rule, k+1 then drop self by index.
-  exact_scores, exact_idx = exact.search(q[rows], g, k, similarity=similarity)
+  # Rows are prepared already: cosine is their dot (no second normalisation
+  # of the whole gallery).
+  exact_scores, exact_idx = exact.search(
+      q[rows], g, k, similarity="dot" if similarity == "cosine" else similarity)
   if exclude_self:
     exact_scores, exact_idx = drop_self(exact_scores, exact_idx, rows)
 
