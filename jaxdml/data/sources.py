@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from jaxdml import paths
 from jaxdml.data import synthetic
 
 SYNTHETIC = "synthetic_sketchy"
@@ -176,6 +177,7 @@ def resolve_data_dir(data_dir):
 
 def _check_prepared(name, data_dir):
   from etils import epath  # pylint: disable=g-import-not-at-top  (tfds's path library: GCS too)
+  paths.check_reachable(data_dir, "data.data_dir")  # a missing bucket: say so, not "not prepared"
   root = epath.Path(data_dir) / name
   found = root.exists() and any(root.glob("*/dataset_info.json"))
   if not found:
