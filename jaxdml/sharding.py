@@ -255,10 +255,6 @@ def prefetch_to_devices(local_batches, mesh: Mesh, ahead: int = 2):
     yield queue.popleft()
 
 
-def put_replicated(tree, mesh: Mesh):
-  return jax.device_put(tree, replicated(mesh))
-
-
 def to_host(tree):
   """Fetches (possibly multi-host, replicated) arrays as numpy."""
   def fetch(x):

@@ -41,7 +41,31 @@ def mp_config():
 
 def train(workdir, stop_after):
   from jaxdml import train as train_lib  # pylint: disable=g-import-not-at-top
+  forbid_hidden_gathers()
   train_lib.train_and_evaluate(mp_config(), workdir, stop_after=int(stop_after))
+
+
+def forbid_hidden_gathers():
+  """`jax.device_put` of a host value onto devices of several processes makes
+  JAX compare the value across processes (an all-gather of all of it): a
+  gallery put that way is gathered whole, per query block too. Fail on it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  put = jax.device_put
+
+  def checked(x, device=None, **kw):
+    leaves = jax.tree.leaves(x)
+    if isinstance(device, jax.sharding.Sharding):
+      places = [device] * len(leaves)
+    else:  # None, a device, or one sharding per leaf
+      places = jax.tree.leaves(device, is_leaf=lambda d: isinstance(d, jax.sharding.Sharding))
+    for leaf, place in zip(leaves, places):
+      if (isinstance(place, jax.sharding.Sharding) and not place.is_fully_addressable
+          and not isinstance(leaf, jax.Array)):
+        raise AssertionError(f"jax.device_put of a host {type(leaf).__name__} "
+                             f"{getattr(leaf, 'shape', '')} onto {place}: a hidden gather")
+    return put(x, device, **kw)
+
+  jax.device_put = checked
 
 
 def long(workdir):
