@@ -261,9 +261,16 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> 
       "measurement": "input_pipeline", "config_data": config.data.name, "task": config.task,
       "batch_size": batch_size, "steps": steps, "images_per_sec": images / wall,
       "views_per_sec": views / wall, "cpu_seconds_per_image": cpu / images,
-      "workers": int(config.data.get("num_workers", 0) or 0) or data_lib.num_threads(config.data),
-      "worker_kind": "processes" if config.data.get("num_workers") else "threads",
+      **_workers(config.data),
       "host_cores": len(os.sched_getaffinity(0)), "seconds": wall}
+
+
+def _workers(data_config) -> dict:
+  from jaxdml import data as data_lib  # pylint: disable=g-import-not-at-top
+  processes, threads = data_lib.worker_layout(data_config)
+  if processes:  # their CPU is not in this process's: cpu_seconds_per_image omits it
+    return {"workers": processes, "worker_kind": "processes", "threads_per_worker": threads}
+  return {"workers": threads, "worker_kind": "threads"}
 
 
 RUNNERS = {"train": bench_train, "inference": bench_inference, "input": bench_input}

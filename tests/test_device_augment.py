@@ -44,7 +44,8 @@ def test_hue_rotation_is_within_a_few_levels_of_pils_8_bit_hsv():
 def test_device_views_match_the_host_views_drawn_from_the_same_seed():
   """Same (seed, image): the crops, flips and jitter the host version draws.
   Stated tolerance: hi views within 2 levels on average (hue's 8-bit HSV),
-  lo views within 4 (resized from the hi crop, not from the original)."""
+  lo views within 2.5 (both reduce the hi crop: antialiased linear on the
+  device, area averaging on the host)."""
   image = photo(3)
   kw = dict(num_views=4, hi=96, scale=(0.2, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1))
   host_hi, host_lo = augment.coupled_views(image, np.random.default_rng(5), lo=48, **kw)
@@ -54,7 +55,7 @@ def test_device_views_match_the_host_views_drawn_from_the_same_seed():
   dev_hi, dev_lo = jax.jit(device_augment.coupled_views, static_argnums=1)(batch, 48)
   hi_diff = np.abs(np.asarray(dev_hi) - host_hi)
   lo_diff = np.abs(np.asarray(dev_lo) - host_lo)
-  assert hi_diff.mean() < 2.0 and lo_diff.mean() < 4.0, (hi_diff.mean(), lo_diff.mean())
+  assert hi_diff.mean() < 2.0 and lo_diff.mean() < 2.5, (hi_diff.mean(), lo_diff.mean())
   lam = np.asarray([0.25, 0.5, 1.0, 0.0], np.float32)
   mixed = device_augment.mix(dev_hi, dev_hi[::-1], lam)
   np.testing.assert_allclose(np.asarray(mixed), augment.blend(

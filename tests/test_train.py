@@ -233,7 +233,20 @@ def test_proxy_anchor_recipe_trains_sharded_proxies_and_resumes(tmp_path):
   assert 0.8 * reach < moved.max() < 1.01 * reach
   np.testing.assert_allclose(losses_of(str(tmp_path / "one")), losses_of(str(tmp_path / "eight")),
                              rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), one, eight)
+  # Adam turns a gradient that is float-summation noise (near zero) into up
+  # to a whole step, so one element in a thousand may differ by a fraction of
+  # the learning rate; everything else agrees to float precision.
+  encoder_reach = sum(float(parts.schedule(i)) for i in range(3))
+
+  def close(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    off = np.abs(a - b) > 1e-5 + 1e-4 * np.abs(b)
+    assert off.mean() <= 1e-3 and np.abs(a - b).max() <= encoder_reach, (off.sum(), off.size)
+
+  rest = [{k: v for k, v in state.items() if k != "loss_params"} for state in (one, eight)]
+  jax.tree.map(close, *rest)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               one["loss_params"], eight["loss_params"])
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):

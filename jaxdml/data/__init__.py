@@ -19,8 +19,9 @@ from jaxdml.data.pipeline import LazyImages
 from jaxdml.data.pipeline import num_classes
 from jaxdml.data.pipeline import num_threads
 from jaxdml.data.pipeline import train_batches
+from jaxdml.data.pipeline import worker_layout
 
 __all__ = [
     "MEAN", "STD", "normalize", "default_data_config", "train_batches", "eval_sets",
-    "LazyImages", "num_classes", "num_threads", "augment", "samplers", "sources", "synthetic",
+    "LazyImages", "num_classes", "num_threads", "worker_layout", "augment", "samplers", "sources", "synthetic",
 ]

@@ -1,10 +1,13 @@
-"""Per-image augmentations (numpy + PIL on the host) and on-device normalisation.
+"""Per-image augmentations (on the host) and on-device normalisation.
 
-Host transforms take a uint8 [H, W, 3] image and an `np.random.Generator`
-and return uint8; the pipeline seeds the generator from (seed, step, row), so
-augmentations are reproducible and independent of threading. The random
-draws follow torchvision's defaults (RandomResizedCrop, RandomHorizontalFlip,
-ColorJitter) and its PIL backend's pixel operations.
+Host transforms take a uint8 [H, W, 3] image (or a stored file,
+`EncodedImage`) and an `np.random.Generator` and return uint8; the pipeline
+seeds the generator from (seed, step, row), so augmentations are
+reproducible and independent of threading. The random draws follow
+torchvision's defaults (RandomResizedCrop, RandomHorizontalFlip,
+ColorJitter) and its PIL backend's colour operations. Training crops are
+decoded by libjpeg-turbo (simplejpeg) and resized by OpenCV: both release
+the GIL, so the pipeline's threads use every core.
 """
 import math
 
@@ -22,22 +25,82 @@ def normalize(images):
   return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
 
 
+class EncodedImage:
+  """A stored image file, not decoded: what `Source.lazy_image` hands a
+  transform, so a crop decodes only what it needs. `size` is (W, H) read
+  from the header (no decode); `format` is "JPEG", "PNG", ..."""
+
+  def __init__(self, data: bytes):
+    self.data = data
+    self.turbo = False  # decoded by libjpeg-turbo (simplejpeg); else by PIL
+    if data[:3] == b"\xff\xd8\xff":
+      import simplejpeg  # pylint: disable=g-import-not-at-top
+      try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+      except ValueError:  # a JPEG libjpeg-turbo cannot parse: PIL's turn
+        pass
+      else:
+        # libjpeg-turbo does not turn CMYK into RGB; PIL does.
+        self.turbo = colorspace not in ("CMYK", "YCCK")
+        self.format, self.size = "JPEG", (width, height)
+        return
+    pil = self.to_pil()
+    self.format, self.size = pil.format, pil.size
+
+  def to_pil(self):
+    """The file opened with PIL (decoded when its pixels are read)."""
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    return Image.open(io.BytesIO(self.data))
+
+
 def height_width(image) -> tuple[int, int]:
-  """(H, W) of an array or of an opened, not yet decoded, PIL image."""
+  """(H, W) of an array, an `EncodedImage` or an opened, not yet decoded, PIL image."""
   if hasattr(image, "size") and not isinstance(image, np.ndarray):
     return image.size[1], image.size[0]
   return tuple(np.shape(image)[:2])
 
 
+def _dct_scale(width, height, scale_to) -> int:
+  """The largest JPEG DCT-domain reduction (1, 2, 4 or 8) that still leaves
+  `scale_to = (w, h)` pixels for the whole image."""
+  factor = 1
+  while factor < 8 and width / (2 * factor) >= scale_to[0] and height / (2 * factor) >= scale_to[1]:
+    factor *= 2
+  return factor
+
+
+def decoded_array(image, scale_to: tuple[int, int]):
+  """`image` decoded to uint8 RGB [H', W', 3] and its size relative to the
+  original (sx, sy). A JPEG is decoded with libjpeg-turbo (simplejpeg) at
+  the smallest DCT scale that still holds `scale_to = (w, h)` pixels for the
+  whole image: a crop that ends up at 224 px never pays for decoding the
+  rest at full resolution. Anything else is decoded by PIL."""
+  if isinstance(image, np.ndarray):
+    return to_rgb(image), (1.0, 1.0)
+  width, height = image.size
+  if isinstance(image, EncodedImage) and image.turbo:
+    import simplejpeg  # pylint: disable=g-import-not-at-top
+    factor = _dct_scale(width, height, scale_to)
+    # Asking for a size at all takes a slower path in simplejpeg (2x): only when it pays.
+    kw = {} if factor == 1 else {"min_width": -(-width // factor), "min_height": -(-height // factor)}
+    pixels = simplejpeg.decode_jpeg(image.data, colorspace="RGB", **kw)
+  else:
+    pil, _ = decoded_for(image, scale_to)
+    pixels = np.asarray(pil)
+  return pixels, (pixels.shape[1] / width, pixels.shape[0] / height)
+
+
 def decoded_for(image, scale_to: tuple[int, int]):
   """A decoded RGB PIL image and its size relative to `image`'s (sx, sy).
 
-  `image` is an array or an opened PIL image (`Source.lazy_image`). A JPEG
-  is decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that still holds
-  `scale_to = (w, h)` pixels for the whole image: a crop that ends up at
-  224 px never pays for decoding the rest at full resolution.
+  `image` is an array, an `EncodedImage` or an opened PIL image. A JPEG is
+  decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that still holds
+  `scale_to = (w, h)` pixels for the whole image.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  if isinstance(image, EncodedImage):
+    image = image.to_pil()
   if isinstance(image, np.ndarray) or not hasattr(image, "draft"):
     return Image.fromarray(to_rgb(image)), (1.0, 1.0)
   width, height = image.size
@@ -103,18 +166,31 @@ def resized_square_crop_box(rng, height, width, *, resize, size):
   return left * sx, top * sy, size * sx, size * sy
 
 
-def crop_resize(image, box, size):
-  """Crops `box = (left, top, w, h)` and resizes to `size` x `size` (PIL bilinear).
+def crop_resize(image, box, size, *, flip=False):
+  """Crops `box = (left, top, w, h)` (fractional original pixels) and resizes
+  it to `size` x `size`.
 
-  `image`: an array or an opened PIL image (decoded here, only as finely as
-  the box at `size` px needs).
+  The filter: JPEG DCT-domain downscaling by 2^k (`decoded_array`), which
+  leaves at most a 2x reduction, then bilinear interpolation with
+  half-pixel centres (OpenCV's INTER_LINEAR, TensorFlow's and big_vision's
+  bilinear), not antialiased: a reduction under 2x blends the 2x2 source
+  pixels nearest each output pixel's centre. `image`: an array, an
+  `EncodedImage` or an opened PIL image.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import cv2  # pylint: disable=g-import-not-at-top
   left, top, w, h = box
   height, width = height_width(image)
-  pil, (sx, sy) = decoded_for(image, (width * size / w, height * size / h))
-  box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-  return np.asarray(pil.resize((size, size), Image.BILINEAR, box=box))
+  pixels, (sx, sy) = decoded_array(image, (width * size / w, height * size / h))
+  # Output pixel centre x + 1/2 samples the source at left + (x + 1/2) * w / size,
+  # in decoded pixels, whose own centres sit at + 1/2.
+  # Flipped, it samples left + w - (x + 1/2) * w / size.
+  fx, fy = w * sx / size, h * sy / size
+  row_x = ([-fx, 0.0, (left + w) * sx - 0.5 * fx - 0.5] if flip
+           else [fx, 0.0, left * sx + 0.5 * fx - 0.5])
+  to_source = np.array([row_x, [0.0, fy, top * sy + 0.5 * fy - 0.5]])
+  return cv2.warpAffine(pixels, to_source, (size, size),
+                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                        borderMode=cv2.BORDER_REPLICATE)
 
 
 def resize_center_crop(image, *, size, resize=None):
@@ -202,18 +278,19 @@ def train_transform(image, rng, *, size, random_resized_crop=True, scale=(0.2, 1
   `size` crop of that (IRT); else a random resized crop; else (both off) the
   shorter side to `size` and a centre crop.
   """
+  box = None
   if resize_square:
     box = resized_square_crop_box(rng, *height_width(image), resize=int(resize_square), size=size)
-    out = crop_resize(image, box, size)
   elif random_resized_crop:
     box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
-    out = crop_resize(image, box, size)
+  flipped = flip and rng.random() < 0.5
+  if box is not None:
+    out = crop_resize(image, box, size, flip=flipped)
   else:
     out = resize_center_crop(image, size=size)
-  if flip and rng.random() < 0.5:
-    out = out[:, ::-1]
+    out = np.ascontiguousarray(out[:, ::-1]) if flipped else out
   params = color_jitter_params(rng, jitter_strengths(color_jitter))
-  return apply_color_jitter(np.ascontiguousarray(out), params)
+  return apply_color_jitter(out, params)
 
 
 def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
@@ -221,22 +298,22 @@ def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 /
   """RAML's coupled views: each view is one crop rendered at `hi` and `lo` px.
 
   Both renderings of a view share the crop box, the flip and the jitter
-  factors, and both are resized from the original pixels (not one from the
-  other), so downscaling the `hi` view to `lo` gives the `lo` view up to
-  interpolation error.
+  factors: the `lo` view is the `hi` crop reduced by area averaging
+  (OpenCV's INTER_AREA, antialiased), then jittered, as the train step's
+  device version makes it (`device_augment.coupled_views`).
 
   Returns:
     `(views_hi uint8 [num_views, hi, hi, 3], views_lo uint8 [num_views, lo, lo, 3])`.
   """
   image, draws = _coupled_draws(image, rng, num_views=num_views, scale=scale, ratio=ratio,
                                 flip=flip, color_jitter=color_jitter)
+  import cv2  # pylint: disable=g-import-not-at-top
   out_hi, out_lo = [], []
   for box, flipped, params in draws:
-    for size, out in ((hi, out_hi), (lo, out_lo)):
-      v = crop_resize(image, box, size)
-      if flipped:
-        v = v[:, ::-1]
-      out.append(apply_color_jitter(np.ascontiguousarray(v), params))
+    crop = crop_resize(image, box, hi, flip=flipped)
+    out_lo.append(apply_color_jitter(cv2.resize(crop, (lo, lo), interpolation=cv2.INTER_AREA),
+                                     params))
+    out_hi.append(apply_color_jitter(crop, params))
   return np.stack(out_hi), np.stack(out_lo)
 
 
@@ -244,7 +321,7 @@ def _coupled_draws(image, rng, *, num_views, scale, ratio, flip, color_jitter):
   """The image decoded once, in full (the views' boxes differ and share the
   one decode), and per view `(box, flipped, jitter params)`: every random
   draw of `coupled_views` and `coupled_crops`, in one order for both."""
-  image, _ = decoded_for(image, height_width(image)[::-1])
+  image, _ = decoded_array(image, height_width(image)[::-1])
   strengths = jitter_strengths(color_jitter)
   draws = []
   for _ in range(num_views):
@@ -271,8 +348,7 @@ def coupled_crops(image, rng, *, num_views, hi, scale=(0.2, 1.0), ratio=(3 / 4, 
                                 flip=flip, color_jitter=color_jitter)
   crops, orders, factors = [], [], []
   for box, flipped, (order, f) in draws:
-    v = crop_resize(image, box, hi)
-    crops.append(v[:, ::-1] if flipped else v)
+    crops.append(crop_resize(image, box, hi, flip=flipped))
     orders.append(order)
     factors.append([1.0 if x is None else x for x in f[:3]] + [f[3] or 0.0])
   return (np.ascontiguousarray(np.stack(crops)), np.asarray(orders, np.int32),

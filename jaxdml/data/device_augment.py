@@ -12,9 +12,9 @@ Against the host version (`augment.coupled_views` + `blend`) on the same
 parameters: brightness, contrast and saturation follow PIL's `ImageEnhance`
 (a blend with a black, mean-grey or greyscale image, truncated to uint8 after
 each op) to within one level; hue is an exact float HSV rotation where PIL
-quantises H to 8 bits (a few levels apart); the low-resolution views are
-resized from the high-resolution crop (antialiased linear) where the host
-resizes the original, which differs by interpolation error.
+quantises H to 8 bits (a few levels apart); both resize the low-resolution
+views from the high-resolution crop, here antialiased linear, there area
+averaging (OpenCV's INTER_AREA).
 """
 import jax
 import jax.numpy as jnp

@@ -54,14 +54,12 @@ def default_data_config():
       # Sketch/photo sets with one encoder: "category" classes of photos, or
       # "instance": a photo and its sketches form a class.
       "single_labels": "category",
-      # 0: twice the host's cores, up to 32 (`num_threads`); measured best on
-      # 2 cores (docs/benchmarks.md: 1 thread 553 img/s, 4 ~1,030, 8 ~940).
+      # Threads per process; 0: one per core of the process's share, up to 32.
       "num_threads": 0,
       # Worker processes (grain's mp_prefetch), each running `num_threads`
-      # threads; 0: threads in this process only. Measured no faster on 2
-      # cores (docs/benchmarks.md); for many-core hosts, where threads are
-      # held back by the GIL.
-      "num_workers": 0,
+      # threads; 0: threads in this process only; -1: picked from the cores,
+      # one process per 4 (`worker_layout`, docs/benchmarks.md).
+      "num_workers": -1,
       "prefetch": 2,  # batches buffered ahead on the host
       "device_prefetch": 2,  # batches already on the devices ahead of the step
   })
@@ -72,11 +70,35 @@ def _get(cfg, key, default=None):
   return default if value is None and default is not None else value
 
 
-def num_threads(data_config) -> int:
-  """`data.num_threads`, with 0 meaning twice this host's cores (at most 32):
-  decoding and resizing release the GIL, and two per core hide the rest."""
+# Cores one process's threads keep busy: decoding and resizing release the
+# GIL, but ~0.3 of the ~1.3 ms of CPU per single-image crop holds it
+# (docs/benchmarks.md), so one process tops out near 4 cores' work.
+CORES_PER_PROCESS = 4
+
+
+def worker_layout(data_config) -> tuple[int, int]:
+  """`(worker processes, threads in each)` for this host (0 processes: the
+  threads run in the training process).
+
+  `data.num_workers` -1 (the default) picks from the cores this process may
+  use: threads alone up to `CORES_PER_PROCESS` cores, else one worker
+  process per `CORES_PER_PROCESS` cores. `data.num_threads` 0 (the
+  default) is one thread per core of a process's share, at most 32 (each
+  thread makes whole batches; more threads than cores measured slower).
+  """
+  cores = len(os.sched_getaffinity(0))
+  workers = int(_get(data_config, "num_workers", -1))
+  if workers < 0:
+    workers = 0 if cores <= CORES_PER_PROCESS else -(-cores // CORES_PER_PROCESS)
   threads = int(_get(data_config, "num_threads", 0) or 0)
-  return threads if threads > 0 else min(32, 2 * len(os.sched_getaffinity(0)))
+  if threads <= 0:
+    threads = min(32, max(1, cores // max(1, workers)))
+  return workers, threads
+
+
+def num_threads(data_config) -> int:
+  """Threads per process (`worker_layout`)."""
+  return worker_layout(data_config)[1]
 
 
 def _open(data_config):
@@ -273,25 +295,23 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   def batch_fn(examples):
     return {k: collate([e[k] for e in examples]) for k in examples[0]}
 
-  threads = num_threads(data_config)
+  workers, threads = worker_layout(data_config)
   prefetch = int(_get(data_config, "prefetch", 2))
   # Imported here: training on accelerators without grain still benchmarks.
   import grain  # pylint: disable=g-import-not-at-top
-  workers = int(_get(data_config, "num_workers", 0) or 0)
-  if workers <= 0:
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch * b))
-    ds = grain.MapDataset.range(start_step * b, _NUM_STEPS * b).map(make)
-    ds = ds.to_iter_dataset(read).batch(b, batch_fn=batch_fn)
-  else:
+  # Each thread makes whole batches (steps s, s + threads, ...): grain's
+  # per-element machinery cost ~30 % of the CPU when threads shared one
+  # batch's examples (docs/benchmarks.md).
+  make_batch = lambda step: batch_fn([make(step * b + j) for j in range(b)])
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch))
+  ds = grain.MapDataset.range(start_step, _NUM_STEPS).map(make_batch).to_iter_dataset(read)
+  if workers:
     # Worker processes: worker i makes the batches of steps i, i + n, ...
-    # (its `num_threads` threads a batch each) and grain hands them back
-    # round robin: the same batches, in the same order, as threads make.
+    # and grain hands them back round robin: the same batches, in the same
+    # order, as threads alone make.
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain reads its flags; a library caller parsed none
       flags.FLAGS.mark_as_parsed()
-    make_batch = lambda step: batch_fn([make(step * b + j) for j in range(b)])
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch))
-    ds = grain.MapDataset.range(start_step, _NUM_STEPS).map(make_batch).to_iter_dataset(read)
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=prefetch))
   return iter(ds)

@@ -137,11 +137,10 @@ class TfdsSource:
     return np.asarray(self._ds[int(i)]["image"])
 
   def lazy_image(self, i):
-    """The stored file opened, not decoded (a PIL image): a transform decodes
-    only what its crop needs (JPEG DCT scaling, `augment.decoded_for`)."""
-    import io  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    return Image.open(io.BytesIO(bytes(self._encoded[int(i)]["image"])))
+    """The stored file, not decoded (`augment.EncodedImage`): a transform
+    decodes only what its crop needs (JPEG DCT scaling, `augment.decoded_array`)."""
+    from jaxdml.data import augment  # pylint: disable=g-import-not-at-top
+    return augment.EncodedImage(bytes(self._encoded[int(i)]["image"]))
 
   def field(self, name):
     if name not in self._meta:
