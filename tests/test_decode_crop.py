@@ -97,3 +97,15 @@ def test_a_large_jpeg_decodes_only_as_finely_as_the_crop_needs():
   small = augment.crop_resize(encoded, (100, 50, 1200, 1100), 224)
   full = _bilinear(array, (100, 50, 1200, 1100), 224)  # the original, not decoded
   assert np.abs(small - full).mean() < 1.5
+
+
+def test_crops_render_into_a_given_array_or_refuse_one_they_cannot_use():
+  image = _smooth(60, 80)
+  batch = np.zeros((2, 24, 24, 3), np.uint8)
+  got = augment.crop_resize(image, (10, 5, 40, 30), 24, out=batch[1])
+  assert got is batch[1] or np.shares_memory(got, batch)
+  np.testing.assert_array_equal(batch[1], augment.crop_resize(image, (10, 5, 40, 30), 24))
+  assert not batch[0].any()
+  for bad in (np.zeros((24, 24, 3), np.float32), np.zeros((24, 48, 3), np.uint8)[:, ::2]):
+    with pytest.raises(ValueError, match="C-contiguous uint8"):
+      augment.crop_resize(image, (10, 5, 40, 30), 24, out=bad)

@@ -166,7 +166,7 @@ def resized_square_crop_box(rng, height, width, *, resize, size):
   return left * sx, top * sy, size * sx, size * sy
 
 
-def crop_resize(image, box, size, *, flip=False):
+def crop_resize(image, box, size, *, flip=False, out=None):
   """Crops `box = (left, top, w, h)` (fractional original pixels) and resizes
   it to `size` x `size`.
 
@@ -188,7 +188,11 @@ def crop_resize(image, box, size, *, flip=False):
   row_x = ([-fx, 0.0, (left + w) * sx - 0.5 * fx - 0.5] if flip
            else [fx, 0.0, left * sx + 0.5 * fx - 0.5])
   to_source = np.array([row_x, [0.0, fy, top * sy + 0.5 * fy - 0.5]])
-  return cv2.warpAffine(pixels, to_source, (size, size),
+  if out is not None and not (out.dtype == np.uint8 and out.shape == (size, size, 3)
+                              and out.flags.c_contiguous):
+    raise ValueError(f"out must be a C-contiguous uint8 [{size}, {size}, 3] array; got "
+                     f"{out.dtype} {out.shape}.")
+  return cv2.warpAffine(pixels, to_source, (size, size), dst=out,
                         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                         borderMode=cv2.BORDER_REPLICATE)
 
@@ -332,12 +336,13 @@ def _coupled_draws(image, rng, *, num_views, scale, ratio, flip, color_jitter):
 
 
 def coupled_crops(image, rng, *, num_views, hi, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                  flip=True, color_jitter=0.0):
+                  flip=True, color_jitter=0.0, out=None):
   """What `coupled_views` draws, with only the `hi` crops rendered (flipped,
   not jittered): the device makes the rest (`device_augment.coupled_views`).
 
   The random draws are `coupled_views`'s (`_coupled_draws`), so both paths
-  give one image the same boxes, flips and jitter.
+  give one image the same boxes, flips and jitter. `out`: a uint8
+  [num_views, hi, hi, 3] array the crops are rendered into (else a new one).
 
   Returns:
     `(crops uint8 [num_views, hi, hi, 3], order int32 [num_views, 4],
@@ -346,13 +351,13 @@ def coupled_crops(image, rng, *, num_views, hi, scale=(0.2, 1.0), ratio=(3 / 4, 
   """
   image, draws = _coupled_draws(image, rng, num_views=num_views, scale=scale, ratio=ratio,
                                 flip=flip, color_jitter=color_jitter)
-  crops, orders, factors = [], [], []
-  for box, flipped, (order, f) in draws:
-    crops.append(crop_resize(image, box, hi, flip=flipped))
+  crops = np.empty((num_views, hi, hi, 3), np.uint8) if out is None else out
+  orders, factors = [], []
+  for view, (box, flipped, (order, f)) in enumerate(draws):
+    crop_resize(image, box, hi, flip=flipped, out=crops[view])
     orders.append(order)
     factors.append([1.0 if x is None else x for x in f[:3]] + [f[3] or 0.0])
-  return (np.ascontiguousarray(np.stack(crops)), np.asarray(orders, np.int32),
-          np.asarray(factors, np.float32))
+  return crops, np.asarray(orders, np.int32), np.asarray(factors, np.float32)
 
 
 def blend(a, b, lam):

@@ -237,9 +237,12 @@ def _device_views_example(source, labels, num, hi, mixup, aug):
     out = {dev.CROPS: crops, dev.ORDER: order, dev.FACTORS: factors,
            "label": np.full(num, labels[i], np.int32)}
     if mixup > 0:
+      # Each partner's crop is rendered into its row: no copies afterwards.
+      out[dev.PARTNER_CROPS] = np.empty((num, hi, hi, 3), np.uint8)
       partners = [augment.coupled_crops(source.lazy_image(int(rng.integers(len(source)))), rng,
-                                        num_views=1, hi=hi, **aug) for _ in range(num)]
-      out[dev.PARTNER_CROPS], out[dev.PARTNER_ORDER], out[dev.PARTNER_FACTORS] = (
+                                        num_views=1, hi=hi, out=out[dev.PARTNER_CROPS][v:v + 1],
+                                        **aug)[1:] for v in range(num)]
+      out[dev.PARTNER_ORDER], out[dev.PARTNER_FACTORS] = (
           np.concatenate(part) for part in zip(*partners))
       out[dev.MIXUP] = rng.beta(mixup, mixup, size=num).astype(np.float32)
     return out
