@@ -91,9 +91,15 @@ def test_every_config_resolves_and_builds(path):
       assert jax.tree.leaves(build.build(config).abstract["params"])
 
 
+# sketchy_rtl_kd trains end to end (teacher, then 3 student steps) in
+# test_teacher.py's frozen-teacher test; its smoke run here adds only an
+# evaluation, already covered by every other config: slow, for CI time.
+SLOW_SMOKE = SAME_RECIPE_OTHER_DATA + ("sketchy_rtl_kd",)
+
+
 @pytest.mark.parametrize("path", [
     pytest.param(p, marks=pytest.mark.slow)
-    if os.path.basename(p).startswith(SAME_RECIPE_OTHER_DATA) else p for p in CONFIGS],
+    if os.path.basename(p).startswith(SLOW_SMOKE) else p for p in CONFIGS],
     ids=os.path.basename)
 def test_every_config_smoke_runs_end_to_end(path, tmp_path):
   config = load_config(os.path.basename(path))
