@@ -373,6 +373,8 @@ def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path, monkeypatch):
   assert len(train) == 8 and sorted(train.field("label")) == [0, 0, 1, 1, 2, 2, 3, 3]
   for i in range(8):  # decoded image i belongs to its record's label
     assert train.image(i)[0, 0, 0] // 20 == train.field("label")[i]
+    # The stored file, read past TFDS's decoding, is the one TFDS reads.
+    assert train.lazy_image(i).data == bytes(train._encoded[i]["image"])
   cfg = data.default_data_config()
   cfg.name, cfg.data_dir, cfg.image_size, cfg.m_per_class, cfg.num_threads = "cub", str(tmp_path), 16, 2, 2
   batch = next(data.train_batches(cfg, seed=0, global_batch_size=4, start_step=0, task="single"))

@@ -140,7 +140,15 @@ class TfdsSource:
     """The stored file, not decoded (`augment.EncodedImage`): a transform
     decodes only what its crop needs (JPEG DCT scaling, `augment.decoded_array`)."""
     from jaxdml.data import augment  # pylint: disable=g-import-not-at-top
-    return augment.EncodedImage(bytes(self._encoded[int(i)]["image"]))
+    return augment.EncodedImage(self.encoded_image(i))
+
+  def encoded_image(self, i) -> bytes:
+    """Record i's stored image file. The record is parsed by protobuf's C
+    implementation alone: TFDS's feature decoding of the same record cost
+    4x as much, all of it holding the GIL (docs/benchmarks.md)."""
+    from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+    record = example_pb2.Example.FromString(self._encoded.data_source[int(i)])
+    return record.features.feature["image"].bytes_list.value[0]
 
   def field(self, name):
     if name not in self._meta:
