@@ -155,6 +155,8 @@ def test_resume_equals_uninterrupted_run(tmp_path, name, arg):
   config.total_steps = 4
   config.checkpoint_every = 100
   config.eval.enabled = False
+  if config.get("teacher") and config.teacher.kind == "frozen":  # RAML distils a trained teacher
+    train_teacher_of(config, str(tmp_path / "teacher"))
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.train_and_evaluate(config, straight)
   train.train_and_evaluate(config, resumed, stop_after=2)
