@@ -87,8 +87,7 @@ def build(name: str, *, manual_dir: str, data_dir: str,
     return cls(data_dir=where, config=config, file_format="array_record",
                skip_bad_images=skip_bad_images, max_side=max_side)
 
-  if paths.is_url(data_dir):
-    paths.check_reachable(data_dir, "--data_dir")
+  paths.check_reachable(data_dir, "--data_dir")  # a local path passes as it is
   builder = make_builder(data_dir)
   was_prepared = builder.is_prepared() and not overwrite
   if was_prepared:

@@ -27,6 +27,11 @@ def load_config(name, arg="smoke"):
   return config_lib.load_config(os.path.join(ROOT, "configs", name), arg)
 
 
+def has_frozen_teacher(config) -> bool:
+  """The recipe distils a trained teacher (RAML, SBIR KD): train it first."""
+  return bool(config.get("teacher")) and config.teacher.kind == "frozen"
+
+
 def train_teacher_of(config, workdir):
   """Trains the smoke teacher a frozen-teacher recipe names; sets its workdir."""
   file, _, arg = config.teacher.recipe.partition(":")
@@ -86,7 +91,7 @@ def test_every_config_resolves_and_builds(path):
   from jaxdml import build  # pylint: disable=g-import-not-at-top
   for arg in ("smoke", ""):
     config = config_lib.resolve(load_config(os.path.basename(path), arg))
-    frozen_teacher = config.get("teacher") and config.teacher.kind == "frozen"
+    frozen_teacher = has_frozen_teacher(config)
     if arg and not frozen_teacher:
       assert jax.tree.leaves(build.build(config).abstract["params"])
 
@@ -104,7 +109,7 @@ SLOW_SMOKE = SAME_RECIPE_OTHER_DATA + ("sketchy_rtl_kd",)
 def test_every_config_smoke_runs_end_to_end(path, tmp_path):
   config = load_config(os.path.basename(path))
   config.total_steps = 1
-  if config.get("teacher") and config.teacher.kind == "frozen":
+  if has_frozen_teacher(config):
     train_teacher_of(config, str(tmp_path / "teacher"))
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
@@ -136,7 +141,7 @@ def test_one_device_and_eight_devices_take_the_same_steps(tmp_path, name, arg):
     config.total_steps = 3
     config.eval.enabled = False
     config.mesh.data = n
-    if config.get("teacher") and config.teacher.kind == "frozen":
+    if has_frozen_teacher(config):
       # RAML: its views, jitter and mixup are made inside the sharded step.
       if n == 1:
         train_teacher_of(config, str(tmp_path / "teacher"))
@@ -155,7 +160,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, name, arg):
   config.total_steps = 4
   config.checkpoint_every = 100
   config.eval.enabled = False
-  if config.get("teacher") and config.teacher.kind == "frozen":  # RAML distils a trained teacher
+  if has_frozen_teacher(config):
     train_teacher_of(config, str(tmp_path / "teacher"))
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.train_and_evaluate(config, straight)

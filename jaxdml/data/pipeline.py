@@ -71,7 +71,7 @@ def _get(cfg, key, default=None):
 
 
 # Cores one process's threads keep busy: decoding and resizing release the
-# GIL, but ~0.3 of the ~1.3 ms of CPU per single-image crop holds it
+# GIL, but ~0.24 ms of a single-image crop's ~1.0 ms holds it
 # (docs/benchmarks.md), so one process tops out near 4 cores' work.
 CORES_PER_PROCESS = 4
 
