@@ -278,6 +278,28 @@ def test_resume_and_processes_reproduce_the_uninterrupted_run(cache_dir):
   assert not np.array_equal(full[0]["photo"], full[1]["photo"])
 
 
+@pytest.mark.parametrize("task, views", [
+    ("single", None), ("sbir", None),
+    ("single", dict(num=3, hi=32, lo=16, mixup=0.2, on_device=True)),
+    ("single", dict(num=3, hi=32, lo=16, mixup=0.2, on_device=False))])
+def test_a_batch_holds_its_examples_made_one_by_one(cache_dir, task, views):
+  """A batch's examples are rendered straight into its rows
+  (`pipeline._make_batch`); each row must equal the example made alone."""
+  cfg = _config(cache_dir, m_per_class=2)
+  cfg.views = views
+  if views:
+    cfg.augment.color_jitter = (0.4, 0.4, 0.4, 0.1)
+  batch = next(data.train_batches(cfg, seed=3, global_batch_size=4, start_step=2, task=task))
+  plan = pipeline._sbir_plan if task == "sbir" else pipeline._single_plan
+  indices, example, joined = plan(cfg, pipeline._open(cfg), 4, 3)
+  alone = [example(indices(2), row, np.random.default_rng([3, pipeline._AUG, 2, row]))
+           for row in range(4)]
+  join = np.concatenate if joined == pipeline.CONCATENATE else np.stack
+  assert sorted(batch) == sorted(alone[0])
+  for k, got in batch.items():
+    np.testing.assert_array_equal(got, join([e[k] for e in alone]), err_msg=k)
+
+
 def test_single_and_views_batches(cache_dir):
   cfg = _config(cache_dir, m_per_class=2)
   batch = next(data.train_batches(cfg, seed=0, global_batch_size=8, start_step=0, task="single"))

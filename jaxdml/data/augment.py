@@ -61,6 +61,26 @@ def height_width(image) -> tuple[int, int]:
   return tuple(np.shape(image)[:2])
 
 
+_CV2 = None
+
+
+def _opencv():
+  """cv2, its own thread pool turned off (once per process that crops).
+
+  The pipeline's threads (or worker processes) already keep every core
+  busy; OpenCV's pool split each 224 px warp across threads that then
+  waited on each other: ~0.6 ms of system CPU per image with one pipeline
+  thread, and no faster (docs/benchmarks.md). The setting is per process,
+  as OpenCV has it.
+  """
+  global _CV2
+  if _CV2 is None:
+    import cv2  # pylint: disable=g-import-not-at-top
+    cv2.setNumThreads(1)
+    _CV2 = cv2
+  return _CV2
+
+
 def _dct_scale(width, height, scale_to) -> int:
   """The largest JPEG DCT-domain reduction (1, 2, 4 or 8) that still leaves
   `scale_to = (w, h)` pixels for the whole image."""
@@ -177,7 +197,7 @@ def crop_resize(image, box, size, *, flip=False, out=None):
   pixels nearest each output pixel's centre. `image`: an array, an
   `EncodedImage` or an opened PIL image.
   """
-  import cv2  # pylint: disable=g-import-not-at-top
+  cv2 = _opencv()
   left, top, w, h = box
   height, width = height_width(image)
   pixels, (sx, sy) = decoded_array(image, (width * size / w, height * size / h))
@@ -275,12 +295,15 @@ def apply_color_jitter(image, params):
 
 
 def train_transform(image, rng, *, size, random_resized_crop=True, scale=(0.2, 1.0),
-                    ratio=(3 / 4, 4 / 3), flip=True, color_jitter=0.0, resize_square=None):
+                    ratio=(3 / 4, 4 / 3), flip=True, color_jitter=0.0, resize_square=None,
+                    out=None):
   """Training view: a crop, flip, jitter.
 
   The crop: with `resize_square=R`, the image resized to R x R and a random
   `size` crop of that (IRT); else a random resized crop; else (both off) the
-  shorter side to `size` and a centre crop.
+  shorter side to `size` and a centre crop. `out`: a uint8 [size, size, 3]
+  array a crop without jitter is rendered into (a batch's row); the result
+  is returned either way.
   """
   box = None
   if resize_square:
@@ -289,12 +312,14 @@ def train_transform(image, rng, *, size, random_resized_crop=True, scale=(0.2, 1
     box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
   flipped = flip and rng.random() < 0.5
   if box is not None:
-    out = crop_resize(image, box, size, flip=flipped)
+    view = crop_resize(image, box, size, flip=flipped, out=out)
   else:
-    out = resize_center_crop(image, size=size)
-    out = np.ascontiguousarray(out[:, ::-1]) if flipped else out
-  params = color_jitter_params(rng, jitter_strengths(color_jitter))
-  return apply_color_jitter(out, params)
+    view = resize_center_crop(image, size=size)
+    view = np.ascontiguousarray(view[:, ::-1]) if flipped else view
+  strengths = jitter_strengths(color_jitter)
+  if not any(strengths):  # nothing to draw: the permutation alone cost ~6 us a crop
+    return view
+  return apply_color_jitter(view, color_jitter_params(rng, strengths))
 
 
 def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
@@ -311,7 +336,7 @@ def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 /
   """
   image, draws = _coupled_draws(image, rng, num_views=num_views, scale=scale, ratio=ratio,
                                 flip=flip, color_jitter=color_jitter)
-  import cv2  # pylint: disable=g-import-not-at-top
+  cv2 = _opencv()
   out_hi, out_lo = [], []
   for box, flipped, params in draws:
     crop = crop_resize(image, box, hi, flip=flipped)

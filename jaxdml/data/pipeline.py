@@ -168,7 +168,8 @@ def _sbir_plan(data_config, splits, batch_size, seed):
   def indices(step):
     return samplers.pair_batch_indices(eligible, groups, batch_size=batch_size, seed=seed, step=step)
 
-  def example(idx, row, rng):
+  def example(idx, row, rng, rows=None):
+    del rows  # the pair's flip comes after the crops: the batch copies them in
     p, s = idx[0][row], idx[1][row]
     # One flip for the pair: the instance's pose must match across modalities.
     flipped = flip and rng.random() < 0.5
@@ -176,10 +177,9 @@ def _sbir_plan(data_config, splits, batch_size, seed):
     sketch = augment.train_transform(sketches.lazy_image(s), rng, size=size, flip=False, **aug)
     if flipped:
       photo, sketch = photo[:, ::-1], sketch[:, ::-1]
-    return {"sketch": np.ascontiguousarray(sketch), "photo": np.ascontiguousarray(photo),
-            "label": np.int32(ids[p])}
+    return {"sketch": sketch, "photo": photo, "label": np.int32(ids[p])}
 
-  return indices, example, np.stack
+  return indices, example, STACK
 
 
 def _single_plan(data_config, splits, batch_size, seed):
@@ -201,9 +201,10 @@ def _single_plan(data_config, splits, batch_size, seed):
                        "view with a random resized crop); set it to None.")
 
     if _get(views, "on_device", True):
-      return indices, _device_views_example(source, labels, num, hi, mixup, aug), np.concatenate
+      return indices, _device_views_example(source, labels, num, hi, mixup, aug), CONCATENATE
 
-    def example(idx, row, rng):
+    def example(idx, row, rng, rows=None):
+      del rows  # the batch copies the views in
       i = idx[row]
       image_hi, image_lo = augment.coupled_views(source.lazy_image(i), rng, num_views=num, hi=hi, lo=lo, **aug)
       if mixup > 0:
@@ -217,28 +218,31 @@ def _single_plan(data_config, splits, batch_size, seed):
         image_hi, image_lo = (augment.blend(a, b, lam) for a, b in zip((image_hi, image_lo), other))
       return {"image_hi": image_hi, "image_lo": image_lo, "label": np.full(num, labels[i], np.int32)}
 
-    return indices, example, np.concatenate  # views of an image stay contiguous
+    return indices, example, CONCATENATE  # views of an image stay contiguous
 
-  def example(idx, row, rng):  # pylint: disable=function-redefined
+  def example(idx, row, rng, rows=None):  # pylint: disable=function-redefined
     i = idx[row]
-    return {"image": augment.train_transform(source.lazy_image(i), rng, size=size, **aug),
-            "label": np.int32(labels[i])}
+    image = augment.train_transform(source.lazy_image(i), rng, size=size,
+                                    out=None if rows is None else rows["image"], **aug)
+    return {"image": image, "label": np.int32(labels[i])}
 
-  return indices, example, np.stack
+  return indices, example, STACK
 
 
 def _device_views_example(source, labels, num, hi, mixup, aug):
   """RAML's coupled views with the pixel work left to the train step
   (`device_augment`): the same draws as the host version, hi crops only."""
-  def example(idx, row, rng):
+  def example(idx, row, rng, rows=None):
     i = idx[row]
-    crops, order, factors = augment.coupled_crops(source.lazy_image(i), rng, num_views=num,
-                                                  hi=hi, **aug)
+    crops, order, factors = augment.coupled_crops(
+        source.lazy_image(i), rng, num_views=num, hi=hi,
+        out=None if rows is None else rows[dev.CROPS], **aug)
     out = {dev.CROPS: crops, dev.ORDER: order, dev.FACTORS: factors,
            "label": np.full(num, labels[i], np.int32)}
     if mixup > 0:
-      # Each partner's crop is rendered into its row: no copies afterwards.
-      out[dev.PARTNER_CROPS] = np.empty((num, hi, hi, 3), np.uint8)
+      # Each partner's crop is rendered into its row of the batch.
+      out[dev.PARTNER_CROPS] = (np.empty((num, hi, hi, 3), np.uint8) if rows is None
+                                else rows[dev.PARTNER_CROPS])
       partners = [augment.coupled_crops(source.lazy_image(int(rng.integers(len(source)))), rng,
                                         num_views=1, hi=hi, out=out[dev.PARTNER_CROPS][v:v + 1],
                                         **aug)[1:] for v in range(num)]
@@ -289,14 +293,11 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   cached_indices = _RecentSteps(indices)
   cached_indices(start_step)  # sampler errors (batch too big, ...) raise here, not in a worker
 
-  def make(pos):
+  def make(pos, rows=None):
     step, j = divmod(pos, b)
     row = process_index * b + j  # global row: augmentation ignores the process layout
     rng = np.random.default_rng([seed, _AUG, step, row])
-    return example(cached_indices(step), row, rng)
-
-  def batch_fn(examples):
-    return {k: collate([e[k] for e in examples]) for k in examples[0]}
+    return example(cached_indices(step), row, rng, rows)
 
   workers, threads = worker_layout(data_config)
   prefetch = int(_get(data_config, "prefetch", 2))
@@ -305,7 +306,7 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   # Each thread makes whole batches (steps s, s + threads, ...): grain's
   # per-element machinery cost ~30 % of the CPU when threads shared one
   # batch's examples (docs/benchmarks.md).
-  make_batch = lambda step: batch_fn([make(step * b + j) for j in range(b)])
+  make_batch = functools.partial(_make_batch, make, b, concatenate=collate == CONCATENATE)
   read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch))
   ds = grain.MapDataset.range(start_step, _NUM_STEPS).map(make_batch).to_iter_dataset(read)
   if workers:
@@ -318,6 +319,32 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=prefetch))
   return iter(ds)
+
+
+STACK, CONCATENATE = "stack", "concatenate"  # how a plan's examples form a batch
+
+
+def _make_batch(make, b, step, *, concatenate):
+  """The batch of `step`: its `b` examples rendered into one array per key.
+
+  The first example gives the shapes; the rest are made straight into their
+  rows (`make(pos, rows)`: a crop renders into its row, anything else is
+  copied in). This takes the place of stacking: a new array per crop and a
+  stacked copy cost ~40 us and ~37 page faults an image (docs/benchmarks.md).
+  With `concatenate`, each example's leading axis (RAML's views) joins the
+  batch axis.
+  """
+  first = make(step * b)
+  batch = {k: np.empty((b,) + np.shape(v), np.asarray(v).dtype) for k, v in first.items()}
+  for j in range(b):
+    rows = {k: v[j, ...] for k, v in batch.items()}  # views; 0-d for scalars
+    made = first if j == 0 else make(step * b + j, rows)
+    for k, v in made.items():
+      if v is not rows[k]:
+        rows[k][...] = v
+  if concatenate:
+    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+  return batch
 
 
 class _RecentSteps:
