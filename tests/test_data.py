@@ -466,29 +466,30 @@ def test_every_recipes_training_crop_is_random_on_non_square_images(recipe):
 
 
 def test_irt_crop_is_a_random_crop_of_the_image_resized_to_256():
-  """IRT: resize to 256 x 256 (aspect not kept), random 224 crop. One box in
-  original pixels, resized once, equals the two-step version with the same
-  bilinear filter (OpenCV's resize) up to the uint8 rounding of the
-  intermediate image."""
+  """IRT: resize to 256 x 256 (aspect not kept), random 224 crop, flip: the
+  training transform with IRT's own settings is exactly those steps, its
+  crop moving over all of the square."""
   import cv2
   from jaxdml import config_lib
   config = config_lib.load_config(os.path.join(ROOT, "configs", "cub_irt.py"))
   assert config.data.augment.resize_square == 256 and config.data.image_size == 224
-  image = np.random.default_rng(1).integers(0, 256, (375, 500, 3), dtype=np.uint8)
-  lefts = set()
-  for seed in range(20):
-    left, top, w, h = augment.resized_square_crop_box(
-        np.random.default_rng(seed), 375, 500, resize=256, size=224)
-    assert (w, h) == (224 * 500 / 256, 224 * 375 / 256)
-    assert 0 <= left <= 500 - w and 0 <= top <= 375 - h
-    lefts.add(left)
-    one_step = augment.crop_resize(image, (left, top, w, h), 224)
-    l, t = round(left * 256 / 500), round(top * 256 / 375)
-    two_step = cv2.resize(image, (256, 256), interpolation=cv2.INTER_LINEAR)[t:t + 224, l:l + 224]
-    assert np.mean(np.abs(one_step.astype(int) - two_step)) < 1.0
-  assert len(lefts) > 10
+  aug = pipeline._augment_kwargs(config.data)
+  corners, flips = set(), set()
+  for shape in ((375, 500, 3), (500, 375, 3)):
+    image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    square = cv2.resize(image, (256, 256), interpolation=cv2.INTER_LINEAR)
+    for seed in range(12):
+      got = augment.train_transform(image, np.random.default_rng(seed), size=224, **aug)
+      draws = np.random.default_rng(seed)
+      left, top = augment.square_crop_offsets(draws, resize=256, size=224)
+      want = square[top:top + 224, left:left + 224]
+      flipped = draws.random() < 0.5
+      np.testing.assert_array_equal(got, want[:, ::-1] if flipped else want)
+      corners.add((left, top))
+      flips.add(flipped)
+  assert len(corners) >= 10 and flips == {False, True}
   with pytest.raises(ValueError, match="resize_square=200 is smaller than the crop"):
-    augment.resized_square_crop_box(np.random.default_rng(0), 375, 500, resize=200, size=224)
+    augment.square_crop_offsets(np.random.default_rng(0), resize=200, size=224)
 
 
 def test_worker_processes_make_the_same_batches_as_threads(cache_dir):

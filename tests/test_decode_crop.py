@@ -26,17 +26,19 @@ def _encoded(array, fmt="JPEG", mode=None, **kw):
 
 
 def _bilinear(image, box, size, flip=False):
-  """Half-pixel-centre bilinear sampling of `box` in float64, edges clamped."""
+  """Half-pixel-centre bilinear sampling of `box` in float64; samples past
+  the crop (the box widened to whole pixels) take its edge pixel."""
   left, top, w, h = box
   xs = left + (np.arange(size) + 0.5) * w / size - 0.5
   ys = top + (np.arange(size) + 0.5) * h / size - 0.5
   if flip:
     xs = xs[::-1]
-  def axis(coords, n):
-    lo = np.clip(np.floor(coords).astype(int), 0, n - 1)
-    hi = np.clip(lo + 1, 0, n - 1)
-    return lo, hi, np.clip(coords - np.floor(coords), 0, 1)
-  (y0, y1, fy), (x0, x1, fx) = axis(ys, image.shape[0]), axis(xs, image.shape[1])
+  def axis(coords, start, length):
+    first, last = int(np.floor(start)), int(np.ceil(start + length)) - 1
+    lo = np.clip(np.floor(coords).astype(int), first, last)
+    hi = np.clip(np.floor(coords).astype(int) + 1, first, last)
+    return lo, hi, coords - np.floor(coords)
+  (y0, y1, fy), (x0, x1, fx) = axis(ys, top, h), axis(xs, left, w)
   img = image.astype(np.float64)
   top_row = img[y0][:, x0] * (1 - fx)[None, :, None] + img[y0][:, x1] * fx[None, :, None]
   bottom = img[y1][:, x0] * (1 - fx)[None, :, None] + img[y1][:, x1] * fx[None, :, None]
@@ -69,7 +71,9 @@ def test_other_files_decode_as_pil_decodes_them(fmt, mode):
 @pytest.mark.parametrize("flip", [False, True])
 def test_crop_resize_is_half_pixel_bilinear(flip):
   image = np.random.default_rng(3).integers(0, 256, (60, 80, 3), dtype=np.uint8)
-  for box in [(10.0, 5.0, 40.0, 30.0), (3.3, 7.75, 21.5, 50.2), (0, 0, 80, 60)]:
+  # Whole-pixel boxes (OpenCV's resize), up- and downscaled; fractional ones (warpAffine).
+  for box in [(10.0, 5.0, 40.0, 30.0), (30, 20, 12, 16), (0, 0, 80, 60), (3.3, 7.75, 21.5, 50.2),
+              (40.5, 1.25, 11.5, 9.0)]:
     got = augment.crop_resize(image, box, 24, flip=flip)
     want = _bilinear(image, box, 24, flip)
     assert got.dtype == np.uint8 and got.shape == (24, 24, 3)
