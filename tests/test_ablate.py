@@ -21,6 +21,7 @@ SPEC = (("recall@1",), [
 ], 1)
 
 
+@pytest.mark.slow  # two trainings, ~75 s: slow, to keep CI near 15 minutes.
 def test_study_trains_the_teacher_first_shares_runs_and_resumes(tmp_path, monkeypatch):
   results = ablate.run_study("t", SPEC, 1, str(tmp_path), configs_dir=CONFIGS)
   assert set(results) == {("teacher", 0), ("student", 0)}

@@ -96,6 +96,41 @@ def test_batch_size_sweep_and_dtype_override():
 BARE_REQUIREMENTS = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections")
 
 
+# The packages jaxdml depends on beyond BARE_REQUIREMENTS' closure (and the
+# test extra), as import names.
+NOT_ON_AN_ACCELERATOR_BOX = ("PIL", "simplejpeg", "cv2", "tqdm", "clu", "grain",
+                             "tensorflow_datasets", "tensorflow", "scann", "safetensors",
+                             "sklearn", "gcsfs", "torch", "pytorch_metric_learning", "faiss")
+IMPORTS_REFUSED = """
+import runpy, sys
+class Refuse:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in {absent!r}:
+      raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Refuse())
+sys.argv = ["jaxdml.bench"] + {argv!r}
+runpy.run_module("jaxdml.bench", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_bench_runs_with_the_packages_an_accelerator_box_lacks_unimportable(tmp_path):
+  """The fast stand-in for the venv test below: the same bench run, in this
+  environment, with every package outside jax/flax/optax/orbax/ml_collections
+  refused at import."""
+  import subprocess
+  import sys
+  argv = [f"--config={ROOT}/configs/encoder_bench.py:smoke=True", "--batch_size=8",
+          "--steps=1", "--warmup=0"]
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  code = IMPORTS_REFUSED.format(absent=NOT_ON_AN_ACCELERATOR_BOX, argv=argv)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=tmp_path, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert [r["measurement"] for r in records] == ["train_step", "inference"]
+
+
+@pytest.mark.slow  # ~75 s of pip installs: the test above checks the same imports in CI.
 def test_bench_runs_in_a_venv_with_only_jax_flax_optax_orbax_ml_collections(tmp_path):
   """What an accelerator box has: a fresh venv with those five (their own
   dependencies, the versions of this environment), jaxdml installed with

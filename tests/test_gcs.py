@@ -72,6 +72,10 @@ def _bucket_steps(url):
                 if p.name.isdigit() and (p / "commit_success.txt").exists())
 
 
+# ~90 s: slow, to keep CI near 15 minutes. CI still trains, evaluates and
+# restores through the bucket (the tests below); the kill and resume
+# are checked on local disk by tests/test_preemption.py.
+@pytest.mark.slow
 def test_a_gs_workdir_trains_resumes_after_kill_evaluates_and_exports(gcs, tmp_path, capsys):
   url = f"gs://{BUCKET}/run"
   config, flags = short_run(TOTAL, checkpoint_every=2)
