@@ -36,6 +36,13 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def xla_flags_with_host_devices(n: int) -> str:
+  """The suite's XLA flags (conftest) with `n` host devices instead of 8."""
+  flags = [f for f in os.environ["XLA_FLAGS"].split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+
+
 def run_pair(*args, workdir, timeout, poke=None):
   """Runs the worker as processes 0 and 1; fails with their logs on error.
   `poke(procs)` is called while they run until it returns True (to signal
@@ -44,7 +51,7 @@ def run_pair(*args, workdir, timeout, poke=None):
   os.makedirs(workdir, exist_ok=True)
   procs, logs = [], []
   for i in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=xla_flags_with_host_devices(4),
                JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
@@ -139,7 +146,6 @@ def test_two_processes_train_like_one_and_one_process_resumes(tmp_path):
   assert_params_close(params_at(pair, config, 4), params_at(single, config, 4))
 
 
-@pytest.mark.slow  # ~55 s; one process's SIGTERM and rerun: tests/test_preemption.py.
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   """A preempted host gets SIGTERM; its peer does not. JAX's preemption sync
   point makes both stop after the same step, save it together and exit 0."""
