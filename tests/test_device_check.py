@@ -20,18 +20,18 @@ def run_and_check(jobs, tmp_path):
   errors = {r["job"]: r["error"] for r in records if "error" in r}
   assert not errors, errors
   assert [r["job"] for r in records] == [name for name, _ in jobs]
-  jobs = {r["job"]: r for r in records}
+  by_name = {r["job"]: r for r in records}
   frameworks = {r.get("framework") for r in records}
   assert {"jaxdml", "torch eager", "torch.compile"} <= frameworks  # torch: the test extra
   assert all(0 < r["mfu"] <= 1 for r in records if "mfu" in r)
-  exact, scann = jobs["search exact"], jobs["search scann"]
+  exact, scann = by_name["search exact"], by_name["search scann"]
   assert exact["recall@1"] > 0 and abs(scann["recall@1"] - exact["recall@1"]) < 0.05
-  limits = jobs["search limits"]
+  limits = by_name["search limits"]
   # 2,000 queries are one block: each anchor timed over the whole set.
   assert limits["k"] >= 8 and limits["block"] == limits["num"] == 2000
   assert all(limits[f"{name}_seconds"] >= 0 for name in (
       "exact", "blas_matmul_top_k", "xla_matmul_top_k", "xla_matmul_only"))
-  assert jobs["attention cuDNN vs XLA"]["max_abs_diff_vs_xla"] < 1e-2
+  assert by_name["attention cuDNN vs XLA"]["max_abs_diff_vs_xla"] < 1e-2
   header = device_check.header_for(quick=True)
   device_check.write_report(str(tmp_path), header, records)
   saved = json.loads((tmp_path / "device_check.json").read_text())
