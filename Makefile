@@ -6,7 +6,8 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-slow bench device-check ablations clean
 
-$(VENV)/.installed: pyproject.toml
+# The C source too: pip builds the partial JPEG decoder from it.
+$(VENV)/.installed: pyproject.toml jaxdml/data/_jpeg_region.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

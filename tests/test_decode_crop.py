@@ -113,3 +113,89 @@ def test_crops_render_into_a_given_array_or_refuse_one_they_cannot_use():
   for bad in (np.zeros((24, 24, 3), np.float32), np.zeros((24, 48, 3), np.uint8)[:, ::2]):
     with pytest.raises(ValueError, match="C-contiguous uint8"):
       augment.crop_resize(image, (10, 5, 40, 30), 24, out=bad)
+
+
+def _headers_found():
+  import glob  # pylint: disable=g-import-not-at-top
+  return bool(glob.glob("/usr/include/jpeglib.h") + glob.glob("/usr/local/include/jpeglib.h"))
+
+
+def test_the_region_decoder_is_built_where_libjpeg_turbos_headers_are():
+  """Without this, a build that silently skipped the extension would pass
+  every test below on the slower full-decode path."""
+  if not _headers_found():
+    pytest.skip("no jpeglib.h: pip skips the optional _jpeg_region extension here")
+  assert augment._jpeg_region is not None, (
+      "jaxdml.data._jpeg_region was not built although jpeglib.h exists: reinstall "
+      "(pip install -e .) and read the compiler's error")
+
+
+_REGION = pytest.mark.skipif(augment._jpeg_region is None, reason="_jpeg_region not built")
+
+# Layouts libjpeg handles differently: chroma subsampling (fancy upsampling
+# across the crop's edges), progressive scans, one component, odd sizes.
+_VARIANTS = {
+    "420_q90": dict(quality=90),
+    "444": dict(quality=90, subsampling=0),
+    "422": dict(quality=85, subsampling=1),
+    "progressive": dict(quality=90, progressive=True),
+    "gray": dict(quality=90, mode="L"),
+}
+
+
+@_REGION
+@pytest.mark.parametrize("variant", sorted(_VARIANTS))
+@pytest.mark.parametrize("shape", [(375, 500), (251, 333)])
+def test_region_decode_equals_the_same_rectangle_of_a_full_decode(variant, shape):
+  import simplejpeg  # pylint: disable=g-import-not-at-top
+  kw = dict(_VARIANTS[variant])
+  noisy = np.clip(_smooth(*shape).astype(int)
+                  + np.random.default_rng(1).integers(-20, 21, shape + (3,)), 0, 255)
+  encoded = _encoded(noisy.astype(np.uint8), mode=kw.pop("mode", None), **kw)
+  rng = np.random.default_rng(0)
+  for factor in (1, 2, 4, 8):
+    size = {} if factor == 1 else {"min_width": -(-shape[1] // factor),
+                                   "min_height": -(-shape[0] // factor)}
+    full = simplejpeg.decode_jpeg(encoded.data, colorspace="RGB", **size)
+    height, width = full.shape[:2]
+    # Random rectangles, the whole image, and ones touching each edge.
+    boxes = [(0, 0, width, height), (width - 1, height - 1, 1, 1), (0, 3, 5, height - 3)]
+    for _ in range(12):
+      w, h = int(rng.integers(1, width + 1)), int(rng.integers(1, height + 1))
+      boxes.append((int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h))
+    for left, top, w, h in boxes:
+      got = np.empty((h, w, 3), np.uint8)
+      augment._jpeg_region.decode_region(encoded.data, factor, left, top, w, h, got)
+      np.testing.assert_array_equal(got, full[top:top + h, left:left + w],
+                                    err_msg=f"{variant} 1/{factor} {(left, top, w, h)}")
+
+
+@_REGION
+def test_crops_are_the_same_pixels_with_and_without_the_region_decoder(monkeypatch):
+  encoded = _encoded(_smooth(375, 500), quality=90)
+  rng = np.random.default_rng(5)
+  boxes = [augment.random_resized_crop_box(rng, 375, 500) for _ in range(20)]
+  boxes += [(3.3, 7.75, 121.5, 50.2), (0, 0, 500, 375), (480, 360, 20, 15)]  # fractional, edges
+  with_region = [augment.crop_resize(encoded, box, 64, flip=i % 2 == 1) for i, box in enumerate(boxes)]
+  monkeypatch.setattr(augment, "_jpeg_region", None)
+  for i, (box, got) in enumerate(zip(boxes, with_region)):
+    np.testing.assert_array_equal(got, augment.crop_resize(encoded, box, 64, flip=i % 2 == 1),
+                                  err_msg=str(box))
+
+
+@_REGION
+def test_region_decoder_errors_name_the_problem():
+  encoded = _encoded(_smooth(30, 40), quality=90)
+  region = augment._jpeg_region.decode_region
+  with pytest.raises(ValueError, match=r"leaves the 40x30 image decoded at 1/1"):
+    region(encoded.data, 1, 30, 0, 11, 5, np.empty((5, 11, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"leaves the 20x15 image decoded at 1/2"):
+    region(encoded.data, 2, 0, 10, 4, 6, np.empty((6, 4, 3), np.uint8))
+  with pytest.raises(ValueError, match="height \\* width \\* 3 bytes"):
+    region(encoded.data, 1, 0, 0, 4, 4, np.empty((4, 5, 3), np.uint8))
+  with pytest.raises(ValueError, match="denom must be 1, 2, 4 or 8"):
+    region(encoded.data, 3, 0, 0, 4, 4, np.empty((4, 4, 3), np.uint8))
+  with pytest.raises(ValueError, match="libjpeg could not decode the file"):
+    region(b"\xff\xd8\xff" + b"\x00" * 64, 1, 0, 0, 4, 4, np.empty((4, 4, 3), np.uint8))
+  with pytest.raises(TypeError):  # the output must be writable
+    region(encoded.data, 1, 0, 0, 4, 4, b"\x00" * 48)
