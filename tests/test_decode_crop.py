@@ -199,3 +199,20 @@ def test_region_decoder_errors_name_the_problem():
     region(b"\xff\xd8\xff" + b"\x00" * 64, 1, 0, 0, 4, 4, np.empty((4, 4, 3), np.uint8))
   with pytest.raises(TypeError):  # the output must be writable
     region(encoded.data, 1, 0, 0, 4, 4, b"\x00" * 48)
+
+
+@_REGION
+@pytest.mark.parametrize("num_views", [1, 3])
+def test_raml_crops_are_the_same_with_and_without_the_region_decoder(num_views, monkeypatch):
+  """A lone view (RAML's mixup partner) decodes only its box; several share
+  one whole decode. Either way the crops, flips and jitter draws are the
+  full decode's."""
+  encoded = _encoded(_smooth(375, 500, seed=4), quality=90)
+  kw = dict(num_views=num_views, hi=64, color_jitter=(0.4, 0.4, 0.4, 0.1))
+  got = augment.coupled_crops(encoded, np.random.default_rng(3), **kw)
+  views = augment.coupled_views(encoded, np.random.default_rng(3), lo=32, **kw)
+  monkeypatch.setattr(augment, "_jpeg_region", None)
+  for a, b in zip(got, augment.coupled_crops(encoded, np.random.default_rng(3), **kw)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(views, augment.coupled_views(encoded, np.random.default_rng(3), lo=32, **kw)):
+    np.testing.assert_array_equal(a, b)

@@ -399,12 +399,12 @@ def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 /
   Returns:
     `(views_hi uint8 [num_views, hi, hi, 3], views_lo uint8 [num_views, lo, lo, 3])`.
   """
-  image, draws = _coupled_draws(image, rng, num_views=num_views, scale=scale, ratio=ratio,
-                                flip=flip, color_jitter=color_jitter)
+  pixels, draws = _coupled_draws(image, rng, num_views=num_views, scale=scale, ratio=ratio,
+                                 flip=flip, color_jitter=color_jitter)
   cv2 = _opencv()
   out_hi, out_lo = [], []
   for box, flipped, params in draws:
-    crop = crop_resize(image, box, hi, flip=flipped)
+    crop = crop_resize(pixels, box, hi, flip=flipped)
     out_lo.append(apply_color_jitter(cv2.resize(crop, (lo, lo), interpolation=cv2.INTER_AREA),
                                      params))
     out_hi.append(apply_color_jitter(crop, params))
@@ -412,17 +412,24 @@ def coupled_views(image, rng, *, num_views, hi, lo, scale=(0.2, 1.0), ratio=(3 /
 
 
 def _coupled_draws(image, rng, *, num_views, scale, ratio, flip, color_jitter):
-  """The image decoded once, in full (the views' boxes differ and share the
-  one decode), and per view `(box, flipped, jitter params)`: every random
-  draw of `coupled_views` and `coupled_crops`, in one order for both."""
-  image, _ = decoded_array(image, height_width(image)[::-1])
+  """Every random draw of `coupled_views` and `coupled_crops`, in one order
+  for both, and the pixels they crop: `(pixels, [(box, flipped, jitter
+  params)] per view)`. Several views share one full-scale decode of the
+  whole image; a single view (RAML's mixup partners) decodes only its box,
+  at full scale too (`decoded_crop`: the same pixels), its box then
+  relative to that crop."""
+  height, width = height_width(image)
   strengths = jitter_strengths(color_jitter)
   draws = []
   for _ in range(num_views):
-    box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
+    box = random_resized_crop_box(rng, height, width, scale=scale, ratio=ratio)
     flipped = flip and rng.random() < 0.5
     draws.append((box, flipped, color_jitter_params(rng, strengths)))
-  return image, draws
+  if num_views != 1:
+    return decoded_array(image, (width, height))[0], draws
+  (left, top, w, h), flipped, params = draws[0]
+  pixels, (x0, y0), _ = decoded_crop(image, (left, top, w, h), (width, height))
+  return pixels, [((left - x0, top - y0, w, h), flipped, params)]
 
 
 def coupled_crops(image, rng, *, num_views, hi, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
@@ -439,12 +446,12 @@ def coupled_crops(image, rng, *, num_views, hi, scale=(0.2, 1.0), ratio=(3 / 4, 
     factors float32 [num_views, 4])`; an op that is off has factor 1
     (hue: 0).
   """
-  image, draws = _coupled_draws(image, rng, num_views=num_views, scale=scale, ratio=ratio,
-                                flip=flip, color_jitter=color_jitter)
+  pixels, draws = _coupled_draws(image, rng, num_views=num_views, scale=scale, ratio=ratio,
+                                 flip=flip, color_jitter=color_jitter)
   crops = np.empty((num_views, hi, hi, 3), np.uint8) if out is None else out
   orders, factors = [], []
   for view, (box, flipped, (order, f)) in enumerate(draws):
-    crop_resize(image, box, hi, flip=flipped, out=crops[view])
+    crop_resize(pixels, box, hi, flip=flipped, out=crops[view])
     orders.append(order)
     factors.append([1.0 if x is None else x for x in f[:3]] + [f[3] or 0.0])
   return crops, np.asarray(orders, np.int32), np.asarray(factors, np.float32)
