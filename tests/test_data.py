@@ -364,7 +364,9 @@ def test_missing_tfds_dataset_error_names_the_build_command(tmp_path):
   assert "demo" in msg and "synthetic_sketchy" in msg
 
 
-def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path, monkeypatch):
+def _tiny_cub(tmp_path, monkeypatch, image, *, train=8, encoding="png"):
+  """A TFDS set under `jaxdml_cub`'s name in `tmp_path`: `train` images
+  `image(i, offset)` (test: 4 from offset 10), labels `offset + i // 2`."""
   tfds = pytest.importorskip("tensorflow_datasets")
   from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
   # The stand-in takes the real builder's name for this test only: a private
@@ -377,19 +379,22 @@ def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path, monkeypatch):
 
     def _info(self):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format=encoding),
           "label": tfds.features.Scalar(np.int64), "name": tfds.features.Text()}))
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {"train": self._generate_examples(0, 8), "test": self._generate_examples(10, 4)}
+      return {"train": self._generate_examples(0, train), "test": self._generate_examples(10, 4)}
 
     def _generate_examples(self, offset, n):
       for i in range(n):
-        yield i, {"image": np.full((20 + i, 30, 3), 10 * i + offset, np.uint8),
-                  "label": offset + i // 2, "name": f"x{i}"}
+        yield i, {"image": image(i, offset), "label": offset + i // 2, "name": f"x{i}"}
 
   JaxdmlCub(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+
+
+def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path, monkeypatch):
+  _tiny_cub(tmp_path, monkeypatch, lambda i, offset: np.full((20 + i, 30, 3), 10 * i + offset, np.uint8))
   splits = sources.open_splits("jaxdml_cub", data_dir=str(tmp_path))
   train = splits["train"]
   assert len(train) == 8 and sorted(train.field("label")) == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -408,6 +413,36 @@ def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path, monkeypatch):
   imgs = np.asarray(ev["query"]["images"])
   i = imgs[:, 0, 0, 0].astype(int) // 10 - 1  # test image i has value 10 * i + 10
   np.testing.assert_array_equal(10 + i // 2, ev["query"]["labels"])
+
+
+def test_jpeg_batches_are_the_same_from_region_decodes_threads_and_processes(tmp_path, monkeypatch):
+  """Stored JPEGs through the whole pipeline: crops decoded over their
+  rectangle (`_jpeg_region`) in threads and in worker processes equal the
+  whole-image decodes'."""
+  textures = np.random.default_rng(0).integers(0, 256, (16, 12, 3, 3))
+
+  def image(i, offset):  # a textured 120x90 or 90x120 photo
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    size = (120, 90) if i % 2 else (90, 120)
+    return np.asarray(Image.fromarray(textures[i].astype(np.uint8)).resize(size, Image.BICUBIC))
+
+  _tiny_cub(tmp_path, monkeypatch, image, train=16, encoding="jpeg")
+  cfg = data.default_data_config()
+  cfg.name, cfg.data_dir, cfg.image_size, cfg.m_per_class = "cub", str(tmp_path), 32, 2
+  cfg.augment.scale = (0.1, 0.6)  # small crops: the region decoder has rows and columns to skip
+
+  def batches(threads, workers):
+    cfg.num_threads, cfg.num_workers = threads, workers
+    it = data.train_batches(cfg, seed=1, global_batch_size=8, start_step=2, task="single")
+    return [next(it)["image"] for _ in range(3)]
+
+  in_threads, in_processes = batches(2, 0), batches(1, 2)
+  monkeypatch.setattr(augment, "_jpeg_region", None)
+  whole = batches(2, 0)
+  for a, b, c in zip(in_threads, in_processes, whole):
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, c)
+  assert np.std(whole[0].astype(float)) > 10  # the crops carry texture, not a flat colour
 
 
 @pytest.mark.parametrize("on_device,function,key", [
