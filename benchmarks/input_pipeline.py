@@ -37,6 +37,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed batches.")
 _WORKERS = flags.DEFINE_list("workers", ["1", "2"], "torchvision DataLoader worker processes.")
 _THREADS = flags.DEFINE_list("jaxdml_threads", ["1", "8"], "jaxdml data.num_threads to time.")
+_TFDATA_THREADS = flags.DEFINE_list("tfdata_threads", ["0"],
+                                    "tf.data threads to time (0: autotuned map and pool).")
 
 
 def realistic_jpeg(rng, height, width) -> bytes:
@@ -94,7 +96,9 @@ def _cpu_seconds():
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def time_tfdata(files, batch, steps) -> dict:
+def time_tfdata(files, batch, steps, threads=0) -> dict:
+  """`threads` 0: autotuned; n: n map calls in flight on a private pool of n
+  threads (tf.data's per-core scaling beside jaxdml's)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   def load(path):
@@ -111,10 +115,15 @@ def time_tfdata(files, batch, steps) -> dict:
     return tf.cast(image, tf.uint8)
 
   ds = tf.data.Dataset.from_tensor_slices(files).repeat().shuffle(len(files))
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(2)
+  ds = ds.map(load, num_parallel_calls=threads or tf.data.AUTOTUNE).batch(batch).prefetch(2)
+  if threads:
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    ds = ds.with_options(options)
   it = iter(ds)
   next(it)
-  return _timed(lambda: next(it), batch, steps, "tf.data decode_and_crop_jpeg")
+  name = "tf.data decode_and_crop_jpeg" + (f" x{threads}" if threads else "")
+  return {**_timed(lambda: next(it), batch, steps, name), "threads": threads or "autotune"}
 
 
 def time_torchvision(files, batch, steps, workers) -> dict:
@@ -183,7 +192,8 @@ def main(argv):
       for threads in _THREADS.value:
         print(json.dumps(time_jaxdml(recipe, data_dir, b, steps, int(threads))), flush=True)
   if "tfdata" in _PIPELINES.value:
-    print(json.dumps(time_tfdata(files, batch, steps)), flush=True)
+    for threads in _TFDATA_THREADS.value:
+      print(json.dumps(time_tfdata(files, batch, steps, int(threads))), flush=True)
   if "torchvision" in _PIPELINES.value:
     for workers in _WORKERS.value:
       print(json.dumps(time_torchvision(files, batch, steps, int(workers))), flush=True)
