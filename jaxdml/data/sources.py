@@ -138,7 +138,8 @@ class TfdsSource:
 
   def lazy_image(self, i):
     """The stored file, not decoded (`augment.EncodedImage`): a transform
-    decodes only what its crop needs (JPEG DCT scaling, `augment.decoded_array`)."""
+    decodes only what its crop needs (JPEG DCT scaling, and only the crop's
+    rectangle: `augment.decoded_crop`)."""
     from jaxdml.data import augment  # pylint: disable=g-import-not-at-top
     return augment.EncodedImage(self.encoded_image(i))
 
