@@ -191,6 +191,8 @@ def test_region_decoder_errors_name_the_problem():
     region(encoded.data, 1, 30, 0, 11, 5, np.empty((5, 11, 3), np.uint8))
   with pytest.raises(ValueError, match=r"leaves the 20x15 image decoded at 1/2"):
     region(encoded.data, 2, 0, 10, 4, 6, np.empty((6, 4, 3), np.uint8))
+  with pytest.raises(ValueError, match=r"leaves the 40x30 image"):  # left + width past int's range
+    region(encoded.data, 1, 2**31 - 1, 0, 2, 1, np.empty((1, 2, 3), np.uint8))
   with pytest.raises(ValueError, match="height \\* width \\* 3 bytes"):
     region(encoded.data, 1, 0, 0, 4, 4, np.empty((4, 5, 3), np.uint8))
   with pytest.raises(ValueError, match="denom must be 1, 2, 4 or 8"):

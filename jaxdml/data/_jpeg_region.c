@@ -41,6 +41,12 @@ static void on_error(j_common_ptr cinfo) {
    grey, as simplejpeg's and PIL's non-strict decodes have it. */
 static void on_message(j_common_ptr cinfo, int level) { (void)cinfo; (void)level; }
 
+/* [start, start + length) lies in [0, size); start, length >= 0 were checked,
+   and the sum is taken unsigned so no int overflows. */
+static int inside(int start, int length, JDIMENSION size) {
+  return (JDIMENSION)start + (JDIMENSION)length <= size;
+}
+
 static PyObject *decode_region(PyObject *self, PyObject *args) {
   Py_buffer src, dst;
   int denom, left, top, width, height;
@@ -83,8 +89,8 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
     jpeg_start_decompress(&cinfo);
     image_width = cinfo.output_width;
     image_height = cinfo.output_height;
-    if ((JDIMENSION)(left + width) <= image_width && (JDIMENSION)(top + height) <= image_height) {
-      JDIMENSION right = left + width + EDGE_MARGIN;
+    if (inside(left, width, image_width) && inside(top, height, image_height)) {
+      JDIMENSION right = (JDIMENSION)left + (JDIMENSION)width + EDGE_MARGIN;
       if (right > image_width) right = image_width;
       /* jpeg_crop_scanline moves x back to an iMCU boundary and widens w. */
       JDIMENSION x = left > EDGE_MARGIN ? left - EDGE_MARGIN : 0, w = right - x;
@@ -111,7 +117,7 @@ static PyObject *decode_region(PyObject *self, PyObject *args) {
   if (failed == 1) return PyErr_Format(PyExc_ValueError, "libjpeg could not decode the file: %s",
                                        err.message);
   if (failed == 2) return PyErr_NoMemory();
-  if ((JDIMENSION)(left + width) > image_width || (JDIMENSION)(top + height) > image_height)
+  if (!inside(left, width, image_width) || !inside(top, height, image_height))
     return PyErr_Format(PyExc_ValueError,
                         "region (left %d, top %d, width %d, height %d) leaves the %ux%u image "
                         "decoded at 1/%d scale", left, top, width, height, image_width,

@@ -87,13 +87,15 @@ def _opencv():
   return _CV2
 
 
-def _dct_scale(width, height, scale_to) -> int:
-  """The largest JPEG DCT-domain reduction (1, 2, 4 or 8) that still leaves
-  `scale_to = (w, h)` pixels for the whole image."""
+def _dct_scale(width, height, scale_to) -> tuple[int, tuple[int, int]]:
+  """`(factor, (w', h'))`: the largest JPEG DCT-domain reduction (1, 2, 4 or
+  8) that still leaves `scale_to = (w, h)` pixels for the whole image, and
+  the size libjpeg decodes at (rounded up, as simplejpeg's and
+  `_jpeg_region`'s decodes both have it)."""
   factor = 1
   while factor < 8 and width / (2 * factor) >= scale_to[0] and height / (2 * factor) >= scale_to[1]:
     factor *= 2
-  return factor
+  return factor, (-(-width // factor), -(-height // factor))
 
 
 def decoded_array(image, scale_to: tuple[int, int]):
@@ -107,9 +109,9 @@ def decoded_array(image, scale_to: tuple[int, int]):
   width, height = image.size
   if isinstance(image, EncodedImage) and image.turbo:
     import simplejpeg  # pylint: disable=g-import-not-at-top
-    factor = _dct_scale(width, height, scale_to)
+    factor, (min_width, min_height) = _dct_scale(width, height, scale_to)
     # Asking for a size at all takes a slower path in simplejpeg (2x): only when it pays.
-    kw = {} if factor == 1 else {"min_width": -(-width // factor), "min_height": -(-height // factor)}
+    kw = {} if factor == 1 else {"min_width": min_width, "min_height": min_height}
     pixels = simplejpeg.decode_jpeg(image.data, colorspace="RGB", **kw)
   else:
     pil, _ = decoded_for(image, scale_to)
@@ -130,8 +132,7 @@ def decoded_crop(image, box, scale_to: tuple[int, int]):
   height, width = height_width(image)
   region = _jpeg_region is not None and isinstance(image, EncodedImage) and image.turbo
   if region:
-    factor = _dct_scale(width, height, scale_to)
-    decoded = (-(-width // factor), -(-height // factor))  # libjpeg rounds up, as simplejpeg
+    factor, decoded = _dct_scale(width, height, scale_to)
   else:
     pixels, _ = decoded_array(image, scale_to)
     decoded = (pixels.shape[1], pixels.shape[0])
