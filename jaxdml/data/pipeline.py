@@ -19,6 +19,7 @@ import numpy as np
 from jaxdml.data import augment
 from jaxdml.data import device_augment as dev
 from jaxdml.data import samplers
+from jaxdml.data import seeding
 from jaxdml.data import sources
 from jaxdml.data import synthetic
 
@@ -293,11 +294,14 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   cached_indices = _RecentSteps(indices)
   cached_indices(start_step)  # sampler errors (batch too big, ...) raise here, not in a worker
 
-  def make(pos, rows=None):
-    step, j = divmod(pos, b)
-    row = process_index * b + j  # global row: augmentation ignores the process layout
-    rng = np.random.default_rng([seed, _AUG, step, row])
-    return example(cached_indices(step), row, rng, rows)
+  global_rows = process_index * b + np.arange(b)  # augmentation ignores the process layout
+
+  def generators(step):
+    # Row r of step s draws from default_rng([seed, _AUG, s, r]), made for all rows at once.
+    return seeding.row_generators([seed, _AUG, step], global_rows)
+
+  def make(step, j, rng, rows=None):
+    return example(cached_indices(step), int(global_rows[j]), rng, rows)
 
   workers, threads = worker_layout(data_config)
   prefetch = int(_get(data_config, "prefetch", 2))
@@ -306,7 +310,7 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   # Each thread makes whole batches (steps s, s + threads, ...): grain's
   # per-element machinery cost ~30 % of the CPU when threads shared one
   # batch's examples (docs/benchmarks.md).
-  make_batch = functools.partial(_make_batch, make, b, concatenate=collate == CONCATENATE)
+  make_batch = functools.partial(_make_batch, make, generators, concatenate=collate == CONCATENATE)
   read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch))
   ds = grain.MapDataset.range(start_step, _NUM_STEPS).map(make_batch).to_iter_dataset(read)
   if workers:
@@ -324,21 +328,24 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
 STACK, CONCATENATE = "stack", "concatenate"  # how a plan's examples form a batch
 
 
-def _make_batch(make, b, step, *, concatenate):
-  """The batch of `step`: its `b` examples rendered into one array per key.
+def _make_batch(make, generators, step, *, concatenate):
+  """The batch of `step`: its examples rendered into one array per key.
 
-  The first example gives the shapes; the rest are made straight into their
-  rows (`make(pos, rows)`: a crop renders into its row, anything else is
-  copied in). This takes the place of stacking: a new array per crop and a
+  `generators(step)` gives one generator per example (row j's is `rng`
+  below). The first example gives the shapes; the rest are made straight
+  into their rows (`make(step, j, rng, rows)`: a crop renders into its row,
+  anything else is copied in). This takes the place of stacking: a new array per crop and a
   stacked copy cost ~40 us and ~37 page faults an image (docs/benchmarks.md).
   With `concatenate`, each example's leading axis (RAML's views) joins the
   batch axis.
   """
-  first = make(step * b)
+  rngs = generators(step)
+  b = len(rngs)
+  first = make(step, 0, rngs[0])
   batch = {k: np.empty((b,) + np.shape(v), np.asarray(v).dtype) for k, v in first.items()}
   for j in range(b):
     rows = {k: v[j, ...] for k, v in batch.items()}  # views; 0-d for scalars
-    made = first if j == 0 else make(step * b + j, rows)
+    made = first if j == 0 else make(step, j, rngs[j], rows)
     for k, v in made.items():
       if v is not rows[k]:
         rows[k][...] = v
