@@ -193,14 +193,29 @@ def test_region_decoder_errors_name_the_problem():
     region(encoded.data, 2, 0, 10, 4, 6, np.empty((6, 4, 3), np.uint8))
   with pytest.raises(ValueError, match=r"leaves the 40x30 image"):  # left + width past int's range
     region(encoded.data, 1, 2**31 - 1, 0, 2, 1, np.empty((1, 2, 3), np.uint8))
-  with pytest.raises(ValueError, match="height \\* width \\* 3 bytes"):
-    region(encoded.data, 1, 0, 0, 4, 4, np.empty((4, 5, 3), np.uint8))
+  for out in (np.empty((4, 5, 3), np.uint8), np.empty((4, 8, 3), np.uint8)[:, ::2],
+              np.empty((4, 4, 3), np.float32)):
+    with pytest.raises(ValueError, match=r"out must be a uint8 \[height, width, 3\] array"):
+      region(encoded.data, 1, 0, 0, 4, 4, out)
   with pytest.raises(ValueError, match="denom must be 1, 2, 4 or 8"):
     region(encoded.data, 3, 0, 0, 4, 4, np.empty((4, 4, 3), np.uint8))
   with pytest.raises(ValueError, match="libjpeg could not decode the file"):
     region(b"\xff\xd8\xff" + b"\x00" * 64, 1, 0, 0, 4, 4, np.empty((4, 4, 3), np.uint8))
-  with pytest.raises(TypeError):  # the output must be writable
+  with pytest.raises(BufferError):  # the output must be writable
     region(encoded.data, 1, 0, 0, 4, 4, b"\x00" * 48)
+
+
+@_REGION
+def test_region_decoder_writes_into_rows_of_a_larger_image():
+  """`out` may be a window of a larger image (IRT's crop decodes into its
+  place in a whole-image canvas): only that window is written."""
+  encoded = _encoded(_smooth(120, 160, seed=2), quality=90)
+  full = augment.decoded_array(encoded, (160, 120))[0]
+  canvas = np.full((120, 160, 3), 7, np.uint8)
+  augment._jpeg_region.decode_region(encoded.data, 1, 35, 20, 90, 70, canvas[20:90, 35:125])
+  np.testing.assert_array_equal(canvas[20:90, 35:125], full[20:90, 35:125])
+  canvas[20:90, 35:125] = 7
+  assert (canvas == 7).all()
 
 
 @_REGION
