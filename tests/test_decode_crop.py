@@ -184,6 +184,45 @@ def test_crops_are_the_same_pixels_with_and_without_the_region_decoder(monkeypat
 
 
 @_REGION
+@pytest.mark.parametrize("variant", ["420_q90", "422", "progressive", "gray"])
+@pytest.mark.parametrize("shape, resize, size", [
+    ((375, 500), 256, 224), ((500, 375), 256, 224), ((251, 333), 64, 56),  # 64: DCT 1/2, 1/4
+    ((90, 120), 256, 224), ((375, 500), 40, 8)])  # upsampled; a small crop: 1/8
+def test_irt_crops_decode_only_their_window_and_are_the_same_pixels(variant, shape, resize,
+                                                                      size, monkeypatch):
+  """IRT's crop decodes only the window its crop of the resized image reads
+  (`_decoded_for_square_crop`). Noise written over everything outside that
+  window must not reach the crop: the window covers every pixel the
+  bilinear resize reads for it."""
+  kw = dict(_VARIANTS[variant])
+  noisy = np.clip(_smooth(*shape).astype(int)
+                  + np.random.default_rng(1).integers(-20, 21, shape + (3,)), 0, 255)
+  encoded = _encoded(noisy.astype(np.uint8), mode=kw.pop("mode", None), **kw)
+  rng = np.random.default_rng(2)
+  crops = [(0, 0), (resize - size, resize - size)] + [
+      augment.square_crop_offsets(rng, resize=resize, size=size) for _ in range(6)]
+  cv2 = augment._opencv()
+  got = {}
+  for i, (left, top) in enumerate(crops):
+    pixels, (x0, y0, x1, y1) = augment._decoded_for_square_crop(encoded, resize, (left, top, size))
+    outside = np.ones(pixels.shape[:2], bool)
+    outside[y0:y1, x0:x1] = False
+    pixels[outside] = rng.integers(0, 256, (outside.sum(), 3))
+    if variant == "420_q90" and resize == 256:  # a 224 crop of 256 reads ~77 % of the image
+      assert 0.6 < (x1 - x0) * (y1 - y0) / outside.size < 0.85
+    square = cv2.resize(pixels, (resize, resize), interpolation=cv2.INTER_LINEAR)
+    got[i] = square[top:top + size, left:left + size]
+    np.testing.assert_array_equal(  # and the pipeline's own call, flipped
+        augment.resized_square_crop(encoded, (left, top), resize=resize, size=size, flip=True),
+        got[i][:, ::-1])
+  monkeypatch.setattr(augment, "_jpeg_region", None)
+  for i, offsets in enumerate(crops):
+    np.testing.assert_array_equal(
+        got[i], augment.resized_square_crop(encoded, offsets, resize=resize, size=size),
+        err_msg=f"{variant} {shape} {offsets}")
+
+
+@_REGION
 def test_region_decoder_errors_name_the_problem():
   encoded = _encoded(_smooth(30, 40), quality=90)
   region = augment._jpeg_region.decode_region

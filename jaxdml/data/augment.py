@@ -224,9 +224,9 @@ def resized_square_crop(image, offsets, *, resize, size, flip=False, out=None):
   the equivalent fractional box."""
   cv2 = _opencv()
   _check_out(out, size)
-  pixels, _ = decoded_array(image, (resize, resize))
-  square = cv2.resize(pixels, (resize, resize), interpolation=cv2.INTER_LINEAR)
   left, top = offsets
+  pixels, _ = _decoded_for_square_crop(image, resize, (left, top, size))
+  square = cv2.resize(pixels, (resize, resize), interpolation=cv2.INTER_LINEAR)
   crop = square[top:top + size, left:left + size]
   if flip:
     return cv2.flip(crop, 1, dst=out)
@@ -234,6 +234,38 @@ def resized_square_crop(image, offsets, *, resize, size, flip=False, out=None):
     return np.ascontiguousarray(crop)
   out[...] = crop
   return out
+
+
+def _decoded_for_square_crop(image, resize, crop):
+  """`(pixels, window)`: the decoded image `resized_square_crop` resizes, as
+  `decoded_array` decodes it, but with only the `window = (x0, y0, x1, y1)`
+  that the `crop = (left, top, size)` of the `resize` x `resize` image
+  samples decoded where `_jpeg_region` was built (else the whole image,
+  window None). Pixels outside the window hold whatever the buffer held;
+  they reach only resized pixels the crop drops. For a 256 -> 224 crop the
+  window is ~77 % of the image."""
+  if not (_jpeg_region is not None and isinstance(image, EncodedImage) and image.turbo):
+    return decoded_array(image, (resize, resize))[0], None
+  width, height = image.size
+  factor, (w, h) = _dct_scale(width, height, (resize, resize))
+  left, top, size = crop
+  x0, x1 = _bilinear_source_span(left, size, w, resize)
+  y0, y1 = _bilinear_source_span(top, size, h, resize)
+  canvas = np.empty((h, w, 3), np.uint8)
+  _jpeg_region.decode_region(image.data, factor, x0, y0, x1 - x0, y1 - y0, canvas[y0:y1, x0:x1])
+  return canvas, (x0, y0, x1, y1)
+
+
+def _bilinear_source_span(start, length, source, resized) -> tuple[int, int]:
+  """`[first, last)` source pixels that a half-pixel-centre bilinear resize
+  of `source` to `resized` pixels reads for outputs `[start, start +
+  length)`: output x samples `(x + 1/2) * source / resized - 1/2` and its
+  right neighbour, clamped to the image. One pixel more each side absorbs
+  OpenCV's single-precision coordinates."""
+  scale = source / resized
+  first = math.floor((start + 0.5) * scale - 0.5) - 1
+  last = math.floor((start + length - 0.5) * scale - 0.5) + 3
+  return max(0, first), min(source, last)
 
 
 def _check_out(out, size):
