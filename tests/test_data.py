@@ -300,6 +300,56 @@ def test_a_batch_holds_its_examples_made_one_by_one(cache_dir, task, views):
     np.testing.assert_array_equal(got, join([e[k] for e in alone]), err_msg=k)
 
 
+def test_a_worker_renders_its_batch_into_shared_memory_that_grain_passes_on():
+  """In a worker process (`shared`), a batch's large arrays are grain
+  SharedMemoryArrays: grain's mp_prefetch then sends their names, not a copy
+  in a new segment. A batch that fails frees its segment."""
+  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  import grain  # pylint: disable=g-import-not-at-top
+
+  def make(step, j, rng, rows=None):
+    del rng, rows
+    return {"image": np.full((256, 256, 3), step * 10 + j, np.uint8), "label": np.int32(j)}
+
+  def generators(step):
+    return [np.random.default_rng([step, j]) for j in range(8)]
+
+  batch = pipeline._make_batch(make, generators, 3, concatenate=False, shared_min_bytes=1 << 20)
+  assert isinstance(batch["image"], grain.multiprocessing.SharedMemoryArray)
+  assert type(batch["label"]) is np.ndarray  # 32 bytes: pickled, no segment
+  np.testing.assert_array_equal(batch["image"][:, 5, 7], np.repeat(30 + np.arange(8)[:, None], 3, 1))
+  sent = shared_memory_array.copy_to_shm(batch, min_size=1 << 20)  # what grain's worker queues
+  assert sent["image"].name == batch["image"].shm.name and sent["label"] is batch["label"]
+  received = shared_memory_array.open_from_shm(sent)
+  np.testing.assert_array_equal(received["image"], batch["image"])
+  received["image"].unlink_on_del()
+  del received, sent, batch
+
+  def broken(step, j, rng, rows=None):
+    if j == 5:
+      raise RuntimeError("a bad file")
+    return make(step, j, rng, rows)
+
+  import multiprocessing.shared_memory as shm  # pylint: disable=g-import-not-at-top
+  names = []
+  original = grain.multiprocessing.SharedMemoryArray.__new__
+
+  def recording_new(cls, shape, dtype=float):
+    array = original(cls, shape, dtype)
+    names.append(array.shm.name)
+    return array
+
+  grain.multiprocessing.SharedMemoryArray.__new__ = recording_new
+  try:
+    with pytest.raises(RuntimeError, match="a bad file"):
+      pipeline._make_batch(broken, generators, 3, concatenate=False, shared_min_bytes=1 << 20)
+  finally:
+    grain.multiprocessing.SharedMemoryArray.__new__ = original
+  assert len(names) == 1
+  with pytest.raises(FileNotFoundError):  # unlinked, not left in /dev/shm
+    shm.SharedMemory(names[0])
+
+
 def test_single_and_views_batches(cache_dir):
   cfg = _config(cache_dir, m_per_class=2)
   batch = next(data.train_batches(cfg, seed=0, global_batch_size=8, start_step=0, task="single"))
@@ -527,9 +577,13 @@ def test_irt_crop_is_a_random_crop_of_the_image_resized_to_256():
     augment.square_crop_offsets(np.random.default_rng(0), resize=200, size=224)
 
 
-def test_worker_processes_make_the_same_batches_as_threads(cache_dir):
+def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatch):
   """`num_workers` moves the work into grain's worker processes; the batch of
-  step s must stay the pure function of (seed, s) that resume relies on."""
+  step s must stay the pure function of (seed, s) that resume relies on.
+  Images arrive in the shared memory the workers rendered them into; the
+  labels, under the threshold, pickled."""
+  import grain  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pipeline, "_SHARED_MIN_BYTES", 1024)  # 8 x 32 x 32 x 3 images: 24 KiB
   cfg = data.default_data_config()
   cfg.cache_dir, cfg.image_size, cfg.num_threads = cache_dir, 32, 2
   def first(workers, start):
@@ -537,6 +591,8 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir):
     it = data.train_batches(cfg, seed=3, global_batch_size=8, start_step=start, task="single")
     return [next(it) for _ in range(3)]
   threads, processes = first(0, 5), first(2, 5)
+  assert isinstance(processes[0]["image"], grain.multiprocessing.SharedMemoryArray)
+  assert type(processes[0]["label"]) is np.ndarray and type(threads[0]["image"]) is np.ndarray
   for a, b in zip(threads, processes):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
