@@ -119,6 +119,12 @@ def decoded_array(image, scale_to: tuple[int, int]):
   return pixels, (pixels.shape[1] / width, pixels.shape[0] / height)
 
 
+def _region_decodable(image) -> bool:
+  """Whether `_jpeg_region` can decode part of `image`: it was built and
+  the image is a stored JPEG that libjpeg-turbo reads."""
+  return _jpeg_region is not None and isinstance(image, EncodedImage) and image.turbo
+
+
 def decoded_crop(image, box, scale_to: tuple[int, int]):
   """The whole decoded pixels under `box = (left, top, w, h)` (original
   pixels), decoded as `decoded_array` decodes them (same scale, same
@@ -130,7 +136,7 @@ def decoded_crop(image, box, scale_to: tuple[int, int]):
   resized crop of a 500x375 photo (docs/benchmarks.md).
   """
   height, width = height_width(image)
-  region = _jpeg_region is not None and isinstance(image, EncodedImage) and image.turbo
+  region = _region_decodable(image)
   if region:
     factor, decoded = _dct_scale(width, height, scale_to)
   else:
@@ -244,7 +250,7 @@ def _decoded_for_square_crop(image, resize, crop):
   window None). Pixels outside the window hold whatever the buffer held;
   they reach only resized pixels the crop drops. For a 256 -> 224 crop the
   window is ~77 % of the image."""
-  if not (_jpeg_region is not None and isinstance(image, EncodedImage) and image.turbo):
+  if not _region_decodable(image):
     return decoded_array(image, (resize, resize))[0], None
   width, height = image.size
   factor, (w, h) = _dct_scale(width, height, (resize, resize))

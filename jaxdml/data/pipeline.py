@@ -361,8 +361,9 @@ def _make_batch(make, generators, step, *, concatenate, shared_min_bytes=None):
   `generators(step)` gives one generator per example (row j's is `rng`
   below). The first example gives the shapes; the rest are made straight
   into their rows (`make(step, j, rng, rows)`: a crop renders into its row,
-  anything else is copied in). This takes the place of stacking: a new array per crop and a
-  stacked copy cost ~40 us and ~37 page faults an image (docs/benchmarks.md).
+  anything else is copied in). This takes the place of stacking: a new
+  array per crop and a stacked copy cost ~40 us and ~37 page faults an
+  image (docs/benchmarks.md).
   With `concatenate`, each example's leading axis (RAML's views) joins the
   batch axis.
   """
