@@ -300,12 +300,13 @@ def test_a_batch_holds_its_examples_made_one_by_one(cache_dir, task, views):
     np.testing.assert_array_equal(got, join([e[k] for e in alone]), err_msg=k)
 
 
-def test_a_worker_renders_its_batch_into_shared_memory_that_grain_passes_on():
-  """In a worker process (`shared`), a batch's large arrays are grain
-  SharedMemoryArrays: grain's mp_prefetch then sends their names, not a copy
-  in a new segment. A batch that fails frees its segment."""
+def test_a_worker_renders_its_batch_into_shared_memory_it_sends_by_name():
+  """In a worker process (`shared`), a batch's large arrays live in the
+  worker's recycled shared memory and leave as `Handle`s, which grain's queue
+  passes on as they are; small ones (labels) are pickled. A batch that fails
+  frees its segment for the next."""
   from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
-  import grain  # pylint: disable=g-import-not-at-top
+  from jaxdml.data import shared_batches  # pylint: disable=g-import-not-at-top
 
   def make(step, j, rng, rows=None):
     del rng, rows
@@ -315,14 +316,13 @@ def test_a_worker_renders_its_batch_into_shared_memory_that_grain_passes_on():
     return [np.random.default_rng([step, j]) for j in range(8)]
 
   batch = pipeline._make_batch(make, generators, 3, concatenate=False, shared_min_bytes=1 << 20)
-  assert isinstance(batch["image"], grain.multiprocessing.SharedMemoryArray)
+  assert isinstance(batch["image"], shared_batches.Handle)
   assert type(batch["label"]) is np.ndarray  # 32 bytes: pickled, no segment
-  np.testing.assert_array_equal(batch["image"][:, 5, 7], np.repeat(30 + np.arange(8)[:, None], 3, 1))
   sent = shared_memory_array.copy_to_shm(batch, min_size=1 << 20)  # what grain's worker queues
-  assert sent["image"].name == batch["image"].shm.name and sent["label"] is batch["label"]
-  received = shared_memory_array.open_from_shm(sent)
-  np.testing.assert_array_equal(received["image"], batch["image"])
-  received["image"].unlink_on_del()
+  assert sent["image"] is batch["image"] and sent["label"] is batch["label"]
+  received = shared_batches.Mappings().open_arrays(sent)
+  np.testing.assert_array_equal(received["image"][:, 5, 7], np.repeat(30 + np.arange(8)[:, None], 3, 1))
+  name = batch["image"].name
   del received, sent, batch
 
   def broken(step, j, rng, rows=None):
@@ -330,24 +330,10 @@ def test_a_worker_renders_its_batch_into_shared_memory_that_grain_passes_on():
       raise RuntimeError("a bad file")
     return make(step, j, rng, rows)
 
-  import multiprocessing.shared_memory as shm  # pylint: disable=g-import-not-at-top
-  names = []
-  original = grain.multiprocessing.SharedMemoryArray.__new__
-
-  def recording_new(cls, shape, dtype=float):
-    array = original(cls, shape, dtype)
-    names.append(array.shm.name)
-    return array
-
-  grain.multiprocessing.SharedMemoryArray.__new__ = recording_new
-  try:
-    with pytest.raises(RuntimeError, match="a bad file"):
-      pipeline._make_batch(broken, generators, 3, concatenate=False, shared_min_bytes=1 << 20)
-  finally:
-    grain.multiprocessing.SharedMemoryArray.__new__ = original
-  assert len(names) == 1
-  with pytest.raises(FileNotFoundError):  # unlinked, not left in /dev/shm
-    shm.SharedMemory(names[0])
+  with pytest.raises(RuntimeError, match="a bad file"):
+    pipeline._make_batch(broken, generators, 4, concatenate=False, shared_min_bytes=1 << 20)
+  again = pipeline._make_batch(make, generators, 4, concatenate=False, shared_min_bytes=1 << 20)
+  assert again["image"].name == name  # the failed batch's segment, freed, then reused
 
 
 def test_single_and_views_batches(cache_dir):
@@ -580,22 +566,48 @@ def test_irt_crop_is_a_random_crop_of_the_image_resized_to_256():
 def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatch):
   """`num_workers` moves the work into grain's worker processes; the batch of
   step s must stay the pure function of (seed, s) that resume relies on.
-  Images arrive in the shared memory the workers rendered them into; the
-  labels, under the threshold, pickled."""
-  import grain  # pylint: disable=g-import-not-at-top
+  Images arrive in the shared memory the workers rendered them into, and a
+  worker reuses a segment once the training process drops its batch: over
+  48 batches the workers create at most 20 segments, not 48 (`/dev/shm` names
+  carry the creating worker's pid). The labels, under the threshold, come
+  pickled. A stopped worker unlinks its segments."""
+  import gc  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(pipeline, "_SHARED_MIN_BYTES", 1024)  # 8 x 32 x 32 x 3 images: 24 KiB
   cfg = data.default_data_config()
   cfg.cache_dir, cfg.image_size, cfg.num_threads = cache_dir, 32, 2
-  def first(workers, start):
+
+  def segments(pids):
+    return {p for pid in pids for p in glob.glob(f"/dev/shm/jaxdml_{pid}_*")}
+
+  def first(workers, start, count):
     cfg.num_workers = workers
     it = data.train_batches(cfg, seed=3, global_batch_size=8, start_step=start, task="single")
-    return [next(it) for _ in range(3)]
-  threads, processes = first(0, 5), first(2, 5)
-  assert isinstance(processes[0]["image"], grain.multiprocessing.SharedMemoryArray)
-  assert type(processes[0]["label"]) is np.ndarray and type(threads[0]["image"]) is np.ndarray
+    batches, seen = [], set()
+    for _ in range(count):
+      batch = next(it)
+      assert workers == 0 or not batch["image"].flags.owndata
+      batches.append({k: v.copy() for k, v in batch.items()})
+      del batch
+      seen |= segments(p.pid for p in multiprocessing.active_children())
+    return batches, seen, it
+
+  threads, _, _ = first(0, 5, 16)
+  processes, seen, it = first(2, 5, 48)
   for a, b in zip(threads, processes):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
+  if os.path.isdir("/dev/shm"):  # Linux lists POSIX shared memory there
+    # 8 per worker here, however many batches: 2 being made (2 threads), 2 in
+    # their buffer, 2 in grain's queue, 2 on this side.
+    assert 2 <= len(seen) <= 20, sorted(seen)
+    workers = [p for p in multiprocessing.active_children() if segments([p.pid])]
+    del it
+    gc.collect()
+    for p in workers:
+      p.join(timeout=30)
+    assert not segments(p.pid for p in workers)
 
 
 @pytest.mark.parametrize("cores,workers,threads", [

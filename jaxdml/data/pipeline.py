@@ -21,6 +21,7 @@ from jaxdml.data import augment
 from jaxdml.data import device_augment as dev
 from jaxdml.data import samplers
 from jaxdml.data import seeding
+from jaxdml.data import shared_batches
 from jaxdml.data import sources
 from jaxdml.data import synthetic
 
@@ -311,8 +312,8 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   # Each thread makes whole batches (steps s, s + threads, ...): grain's
   # per-element machinery cost ~30 % of the CPU when threads shared one
   # batch's examples (docs/benchmarks.md).
-  # A worker process renders each batch straight into shared memory, which
-  # grain then passes to this process by name: no copy on either side.
+  # A worker process renders each batch straight into shared memory it
+  # reuses, and sends its name: no copy and no fresh pages on either side.
   shared = _SHARED_MIN_BYTES if workers else None
   make_batch = functools.partial(_make_batch, make, generators, concatenate=collate == CONCATENATE,
                                  shared_min_bytes=shared)
@@ -331,6 +332,8 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
         ds, grain.experimental.DatasetOptions(min_shm_size=shared))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=prefetch))
+    # As many idle mappings as the workers' pools keep free segments.
+    ds = ds.map(shared_batches.Mappings(max_idle=workers * shared_batches.MAX_IDLE).open_arrays)
   return iter(ds)
 
 
@@ -344,14 +347,12 @@ _SHARED_MIN_BYTES = 1 << 20
 
 def _batch_array(shape, dtype, shared_min_bytes):
   """A batch's array: in a worker process (`shared_min_bytes` set), one of
-  at least that size is a `grain.multiprocessing.SharedMemoryArray`, which
-  grain's `mp_prefetch` hands to the training process by name instead of
-  copying it into a new segment (two workers on 2 cores: 2-4 % more
-  images/s, ahead in 9 of 11 runs; docs/benchmarks.md)."""
+  at least that size lives in the worker's recycled shared memory
+  (`shared_batches`), which the training process maps by name instead of
+  receiving a copy."""
   nbytes = math.prod(shape) * np.dtype(dtype).itemsize
   if shared_min_bytes is not None and nbytes >= shared_min_bytes:
-    import grain  # pylint: disable=g-import-not-at-top
-    return grain.multiprocessing.SharedMemoryArray(shape, dtype)
+    return shared_batches.worker_pool().array(shape, dtype)
   return np.empty(shape, dtype)
 
 
@@ -381,11 +382,14 @@ def _make_batch(make, generators, step, *, concatenate, shared_min_bytes=None):
           rows[k][...] = v
   except BaseException:
     for v in batch.values():  # a failed batch's shared memory is not handed on: free it
-      if hasattr(v, "unlink_on_del"):
-        v.unlink_on_del()
+      if shared_min_bytes is not None and v.nbytes >= shared_min_bytes:
+        shared_batches.worker_pool().release(v)
     raise
   if concatenate:
-    return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+    batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+  if shared_min_bytes is not None:  # sent by name: `shared_batches.Mappings` maps it
+    batch = {k: shared_batches.worker_pool().handle(v) if v.nbytes >= shared_min_bytes else v
+             for k, v in batch.items()}
   return batch
 
 
