@@ -611,13 +611,17 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatc
 
 
 @pytest.mark.parametrize("cores,workers,threads", [
-    (1, 0, 1), (2, 0, 2), (4, 0, 4), (8, 2, 4), (16, 4, 4), (100, 25, 4), (240, 60, 4)])
+    (1, 0, 1), (2, 2, 1), (3, 3, 1), (4, 4, 1), (5, 4, 1), (8, 4, 2), (16, 4, 4), (17, 5, 3),
+    (100, 25, 4), (240, 60, 4)])
 def test_worker_processes_are_picked_from_the_core_count(monkeypatch, cores, workers, threads):
   monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
   cfg = data.default_data_config()
   assert cfg.num_workers == -1 and cfg.num_threads == 0
+  assert data.worker_layout(cfg) == (0, min(32, cores))  # the embedded set stays in memory
+  cfg.name = "cub"  # files: one worker per core, then one per 4 cores
   assert data.worker_layout(cfg) == (workers, threads)
+  assert data.num_threads(cfg) == min(32, cores)  # evaluation in this process uses every core
   cfg.num_workers = 0  # threads only: one per core, at most 32
   assert data.worker_layout(cfg) == (0, min(32, cores)) and data.num_threads(cfg) == min(32, cores)
   cfg.num_workers, cfg.num_threads = 3, 5
-  assert data.worker_layout(cfg) == (3, 5)
+  assert data.worker_layout(cfg) == (3, 5) and data.num_threads(cfg) == 5

@@ -73,26 +73,31 @@ def _get(cfg, key, default=None):
   return default if value is None and default is not None else value
 
 
-# Cores one process's threads keep busy: decoding and resizing release the
-# GIL, but ~0.24 ms of a single-image crop's ~1.0 ms holds it
-# (docs/benchmarks.md), so one process tops out near 4 cores' work.
+# Cores one worker process's threads share on a large host. Two threads
+# lose ~8 % a core against two processes (docs/benchmarks.md), so
+# small hosts get one single-threaded worker per core; past 4 workers each
+# takes 4 cores, since every worker holds ~0.8 GB and batches of its own.
 CORES_PER_PROCESS = 4
 
 
 def worker_layout(data_config) -> tuple[int, int]:
-  """`(worker processes, threads in each)` for this host (0 processes: the
-  threads run in the training process).
+  """`(worker processes, threads in each)` for this host's training batches
+  (0 processes: the threads run in the training process).
 
   `data.num_workers` -1 (the default) picks from the cores this process may
-  use: threads alone up to `CORES_PER_PROCESS` cores, else one worker
-  process per `CORES_PER_PROCESS` cores. `data.num_threads` 0 (the
-  default) is one thread per core of a process's share, at most 32 (each
-  thread makes whole batches; more threads than cores measured slower).
+  use: one worker per core up to `CORES_PER_PROCESS` workers, then one per
+  `CORES_PER_PROCESS` cores. One core, or the embedded synthetic set (in
+  memory: every worker would get a pickled copy, and its crops are cheap),
+  keeps the threads in this process. `data.num_threads` 0 (the default) is
+  one thread per core of a process's share, at most 32 (each thread makes
+  whole batches; more threads than cores measured slower).
   """
   cores = len(os.sched_getaffinity(0))
   workers = int(_get(data_config, "num_workers", -1))
   if workers < 0:
-    workers = 0 if cores <= CORES_PER_PROCESS else -(-cores // CORES_PER_PROCESS)
+    name = sources.canonical_name(_get(data_config, "name", sources.SYNTHETIC))
+    workers = 0 if cores == 1 or name == sources.SYNTHETIC else max(
+        min(cores, CORES_PER_PROCESS), -(-cores // CORES_PER_PROCESS))
   threads = int(_get(data_config, "num_threads", 0) or 0)
   if threads <= 0:
     threads = min(32, max(1, cores // max(1, workers)))
@@ -100,8 +105,10 @@ def worker_layout(data_config) -> tuple[int, int]:
 
 
 def num_threads(data_config) -> int:
-  """Threads per process (`worker_layout`)."""
-  return worker_layout(data_config)[1]
+  """Threads for work this process does itself (evaluation, indexing):
+  `data.num_threads`, else one per core, at most 32."""
+  threads = int(_get(data_config, "num_threads", 0) or 0)
+  return threads if threads > 0 else min(32, len(os.sched_getaffinity(0)))
 
 
 def _open(data_config):
