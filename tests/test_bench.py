@@ -1,6 +1,9 @@
 """jaxdml.bench: what it reports must mean the same on one device and on many."""
 import json
 import os
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -117,8 +120,6 @@ def test_bench_runs_with_the_packages_an_accelerator_box_lacks_unimportable(tmp_
   """The fast stand-in for the venv test below: the same bench run, in this
   environment, with every package outside jax/flax/optax/orbax/ml_collections
   refused at import."""
-  import subprocess
-  import sys
   argv = [f"--config={ROOT}/configs/encoder_bench.py:smoke=True", "--batch_size=8",
           "--steps=1", "--warmup=0"]
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
@@ -137,8 +138,6 @@ def test_bench_runs_in_a_venv_with_only_jax_flax_optax_orbax_ml_collections(tmp_
   --no-deps. `python -m jaxdml.bench` must run there: no tqdm, PIL,
   TensorFlow, grain or scann on its import path."""
   import importlib.metadata
-  import subprocess
-  import sys
   venv = tmp_path / "bare"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
   python = str(venv / "bin" / "python")
@@ -175,3 +174,20 @@ def test_input_measurement_counts_source_images_and_views(recipe, views_per_imag
   ratio = record["views_per_sec"] / record["images_per_sec"]
   assert ratio == pytest.approx(views_per_image)
   assert record["cpu_seconds_per_image"] > 0 and record["workers"] >= 1
+
+
+def test_input_cpu_seconds_count_live_worker_processes():
+  """grain's workers do the input pipeline's work: their CPU is counted."""
+  if not os.path.isdir("/proc"):
+    pytest.skip("child processes' CPU is read from /proc")
+  child = subprocess.Popen(  # burns 0.5 s of CPU, then waits alive
+      [sys.executable, "-c", "import sys, time\nt = time.process_time()\n"
+       "while time.process_time() - t < 0.5: pass\nprint('done', flush=True)\nsys.stdin.read()"],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    own, total = time.process_time(), bench._cpu_seconds()  # pylint: disable=protected-access
+    assert child.stdout.readline() == "done\n"
+    own, total = time.process_time() - own, bench._cpu_seconds() - total  # pylint: disable=protected-access
+  finally:
+    child.communicate("")
+  assert own < 0.2 and total - own >= 0.4
