@@ -6,8 +6,9 @@ r"""The input pipeline on real JPEG files: jaxdml per recipe beside tf.data and 
 Makes a CUB-layout tree of realistic JPEGs (500x375 and 375x500, quality 90,
 ~50 KB: smooth multi-scale colour fields with fine grain, so the encoder has
 real work), prepares it with `data_prep.build cub`, and prints one JSON line
-per pipeline with images/s and CPU seconds per image. The anchors read the
-same files:
+per pipeline with images/s and CPU seconds per image (jaxdml's include its
+worker processes'). `sop_*` recipes read the same kind of files in SOP's
+layout (`make_sop_tree`). The anchors read the CUB files:
 - `tfdata`: big_vision's path, `decode_and_crop_jpeg` with an inception
   crop (scale 0.2-1), resize to 224, flip, batched, autotuned;
 - `torchvision`: a DataLoader with PIL decode, RandomResizedCrop(224,
@@ -32,11 +33,16 @@ _ROOT = flags.DEFINE_string("root", "/tmp/jaxdml_jpegs", "Folder for the tree an
 _NUM = flags.DEFINE_integer("num_images", 400, "JPEG files to make (half per split).")
 _PIPELINES = flags.DEFINE_list("pipelines", ["jaxdml", "tfdata", "torchvision"], "What to time.")
 _RECIPES = flags.DEFINE_list("recipes", ["cub_obdsd.py", "cub_irt.py", "cub_proxy_anchor.py",
-                                         "cub_raml.py"], "jaxdml recipes (CUB data) to time.")
+                                         "cub_raml.py", "sop_xbn.py"],
+                             "jaxdml recipes to time (CUB data; sop_*: the same kind of files "
+                             "in SOP's layout, `make_sop_tree`).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed batches.")
 _WORKERS = flags.DEFINE_list("workers", ["1", "2"], "torchvision DataLoader worker processes.")
-_THREADS = flags.DEFINE_list("jaxdml_threads", ["1", "8"], "jaxdml data.num_threads to time.")
+_LAYOUTS = flags.DEFINE_list(
+    "jaxdml_layouts", ["0x1", "0x2", "2x1"],
+    "jaxdml layouts to time, WORKERSxTHREADS: data.num_workers worker processes (0: none) of "
+    "data.num_threads threads each; 'default' leaves both to the host's core count.")
 _TFDATA_THREADS = flags.DEFINE_list("tfdata_threads", ["0"],
                                     "tf.data threads to time (0: autotuned map and pool).")
 
@@ -82,11 +88,37 @@ def make_cub_tree(root: str, num_images: int, seed: int = 0) -> str:
   return top
 
 
-def prepare(root: str) -> str:
+def make_sop_tree(root: str, num_images: int, seed: int = 1) -> str:
+  """`root/manual/Stanford_Online_Products`: JPEGs made as `make_cub_tree`
+  makes them, in SOP's layout, 4 images a product (sop_xbn's m_per_class).
+  Real SOP photos vary more in size; this times sop_xbn's own pipeline
+  (its sampler and crop) on files like CUB's."""
+  top = os.path.join(root, "manual", "Stanford_Online_Products")
+  if os.path.exists(os.path.join(top, "Ebay_test.txt")):
+    return top
+  rng = np.random.default_rng(seed)
+  lists = {"train": [], "test": []}
+  for i in range(num_images):
+    split = "train" if i < num_images // 2 else "test"
+    product = 1 + i // 4
+    rel = f"bicycle_final/{product:06d}_{i % 4}.JPG"
+    path = os.path.join(top, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    h, w = (375, 500) if i % 3 else (500, 375)
+    with open(path, "wb") as f:
+      f.write(realistic_jpeg(rng, h, w))
+    lists[split].append(f"{i + 1} {product} 1 {rel}\n")
+  for split, lines in lists.items():
+    with open(os.path.join(top, f"Ebay_{split}.txt"), "w") as f:
+      f.writelines(["image_id class_id super_class_id path\n"] + lines)
+  return top
+
+
+def prepare(root: str, dataset: str = "cub") -> str:
   data_dir = os.path.join(root, "data")
-  if not glob.glob(os.path.join(data_dir, "jaxdml_cub", "*", "*")):
+  if not glob.glob(os.path.join(data_dir, f"jaxdml_{dataset}", "*", "*")):
     from data_prep import build  # pylint: disable=g-import-not-at-top
-    build.build("cub", manual_dir=os.path.join(root, "manual"), data_dir=data_dir,
+    build.build(dataset, manual_dir=os.path.join(root, "manual"), data_dir=data_dir,
                 expect_counts="none")
   return data_dir
 
@@ -161,15 +193,19 @@ def _timed(next_batch, batch, steps, name) -> dict:
           "cpu_seconds_per_image": cpu / (batch * steps), "batch_size": batch}
 
 
-def time_jaxdml(recipe, data_dir, batch, steps, threads) -> dict:
+def time_jaxdml(recipe, data_dir, batch, steps, layout) -> dict:
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  overrides = []
+  if layout != "default":
+    workers, threads = layout.split("x")
+    overrides = [f"--config.data.num_workers={workers}", f"--config.data.num_threads={threads}"]
   out = subprocess.run(
       [sys.executable, "-m", "jaxdml.bench", f"--config={repo}/configs/{recipe}",
-       f"--config.data.data_dir={data_dir}", f"--config.data.num_threads={threads}",
+       f"--config.data.data_dir={data_dir}", *overrides,
        "--measure=input", f"--batch_size={batch}", f"--steps={steps}", "--warmup=2"],
       capture_output=True, text=True, cwd=repo, check=True)
   record = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-  return {"pipeline": f"jaxdml {recipe}", **record}
+  return {"pipeline": f"jaxdml {recipe}", "layout": layout, **record}
 
 
 def main(argv):
@@ -186,11 +222,14 @@ def main(argv):
   batch, steps = _BATCH.value, _STEPS.value
   if "jaxdml" in _PIPELINES.value:
     data_dir = prepare(root)
+    if any(r.startswith("sop_") for r in _RECIPES.value):
+      make_sop_tree(root, _NUM.value)
+      prepare(root, "sop")
     for recipe in _RECIPES.value:
       # RAML's batch counts source images, each 8 views at 448 + 224: fewer per step.
       b = max(batch // 8, 2) if "raml" in recipe else batch
-      for threads in _THREADS.value:
-        print(json.dumps(time_jaxdml(recipe, data_dir, b, steps, int(threads))), flush=True)
+      for layout in _LAYOUTS.value:
+        print(json.dumps(time_jaxdml(recipe, data_dir, b, steps, layout)), flush=True)
   if "tfdata" in _PIPELINES.value:
     for threads in _TFDATA_THREADS.value:
       print(json.dumps(time_tfdata(files, batch, steps, int(threads))), flush=True)
