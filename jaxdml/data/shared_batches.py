@@ -45,6 +45,18 @@ _FREE, _HELD = 0, 1
 MAX_IDLE = 8
 
 
+class _Segment(shared_memory.SharedMemory):
+  """A segment whose mapping outlives this object while arrays use it: the
+  last array's death unmaps it (Python's own `__del__` would report the
+  BufferError of closing under a live array)."""
+
+  def __del__(self):
+    try:
+      self.close()
+    except BufferError:
+      pass
+
+
 class Handle:
   """An array a worker rendered into segment `name`, sent by name."""
   __slots__ = ("name", "shape", "dtype")
@@ -78,16 +90,15 @@ class SegmentPool:
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     with self._lock:
       idle = [s for s, n in self._segments if n == nbytes and s.buf[0] == _FREE]
+      if idle:
+        segment = idle.pop(0)
+      else:
+        segment = _Segment(next(self._names), create=True, size=_HEADER + max(nbytes, 1))
+        self._segments.append((segment, nbytes))
       for extra in idle[self._max_idle:]:
         self._drop(extra)
-      if idle:
-        segment = idle[0]
-      else:
-        segment = shared_memory.SharedMemory(next(self._names), create=True,
-                                             size=_HEADER + max(nbytes, 1))
-        self._segments.append((segment, nbytes))
       segment.buf[0] = _HELD
-      array = np.ndarray(shape, dtype, buffer=segment.buf, offset=_HEADER)
+      array, _ = _array_over(segment, shape, dtype)
       self._by_address[array.__array_interface__["data"][0]] = segment
       return array
 
@@ -109,7 +120,8 @@ class SegmentPool:
   def _drop(self, segment):
     self._segments = [(s, n) for s, n in self._segments if s is not segment]
     self._by_address = {a: s for a, s in self._by_address.items() if s is not segment}
-    segment.close()
+    # Unmapped by `_Segment.__del__` once nothing refers to it, or, while a
+    # failed batch's arrays live on in its traceback, when the last one dies.
     segment.unlink()
 
   def close(self) -> None:
@@ -122,6 +134,18 @@ class SegmentPool:
         except FileNotFoundError:
           pass
       self._segments, self._by_address = [], {}
+
+
+def _array_over(segment, shape, dtype) -> tuple[np.ndarray, np.ndarray]:
+  """`(array, root)`: every view of `array` keeps `root` alive (NumPy points
+  views at the first array up the chain that holds the buffer).
+
+  np.frombuffer holds the buffer, so closing the segment under a live array
+  raises BufferError; np.ndarray(buffer=...) does not, and the array would
+  point at unmapped memory.
+  """
+  root = np.frombuffer(segment.buf, dtype, math.prod(shape), offset=_HEADER)
+  return root.reshape(shape), root
 
 
 _pool: SegmentPool | None = None
@@ -165,11 +189,11 @@ class Mappings:
     with self._lock:
       segment = self._open.get(handle.name)
       if segment is None:
-        segment = self._open[handle.name] = shared_memory.SharedMemory(handle.name)
+        segment = self._open[handle.name] = _Segment(handle.name)
       self._open.move_to_end(handle.name)
       self._live[handle.name] += 1
-      array = np.ndarray(handle.shape, handle.dtype, buffer=segment.buf, offset=_HEADER)
-    weakref.finalize(array, self._release, handle.name)  # holds self: mappings outlive arrays
+      array, root = _array_over(segment, handle.shape, handle.dtype)
+    weakref.finalize(root, self._release, handle.name)  # holds self: mappings outlive arrays
     return array
 
   def _release(self, name: str) -> None:
