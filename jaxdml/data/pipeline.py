@@ -61,7 +61,7 @@ def default_data_config():
       "num_threads": 0,
       # Worker processes (grain's mp_prefetch), each running `num_threads`
       # threads; 0: threads in this process only; -1: picked from the cores,
-      # one process per 4 (`worker_layout`, docs/benchmarks.md).
+      # one per core up to 4, then one per 4 cores (`worker_layout`).
       "num_workers": -1,
       "prefetch": 2,  # batches buffered ahead on the host
       "device_prefetch": 2,  # batches already on the devices ahead of the step
