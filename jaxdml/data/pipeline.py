@@ -375,6 +375,8 @@ def _make_batch(make, generators, step, *, concatenate, shared_min_bytes=None):
   With `concatenate`, each example's leading axis (RAML's views) joins the
   batch axis.
   """
+  if shared_min_bytes is not None:  # in a worker process
+    shared_batches.exit_with_parent()
   rngs = generators(step)
   b = len(rngs)
   first = make(step, 0, rngs[0])
