@@ -583,6 +583,7 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatc
 
   def first(workers, start, count):
     cfg.num_workers = workers
+    earlier = {p.pid for p in multiprocessing.active_children()}  # other tests' workers
     it = data.train_batches(cfg, seed=3, global_batch_size=8, start_step=start, task="single")
     batches, seen = [], set()
     for _ in range(count):
@@ -590,11 +591,12 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatc
       assert workers == 0 or not batch["image"].flags.owndata
       batches.append({k: v.copy() for k, v in batch.items()})
       del batch
-      seen |= segments(p.pid for p in multiprocessing.active_children())
-    return batches, seen, it
+      ours = [p for p in multiprocessing.active_children() if p.pid not in earlier]
+      seen |= segments(p.pid for p in ours)
+    return batches, seen, it, ours
 
-  threads, _, _ = first(0, 5, 16)
-  processes, seen, it = first(2, 5, 48)
+  threads = first(0, 5, 16)[0]
+  processes, seen, it, ours = first(2, 5, 48)
   for a, b in zip(threads, processes):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
@@ -602,12 +604,11 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatc
     # 8 per worker here, however many batches: 2 being made (2 threads), 2 in
     # their buffer, 2 in grain's queue, 2 on this side.
     assert 2 <= len(seen) <= 20, sorted(seen)
-    workers = [p for p in multiprocessing.active_children() if segments([p.pid])]
     del it
     gc.collect()
-    for p in workers:
+    for p in ours:
       p.join(timeout=30)
-    assert not segments(p.pid for p in workers)
+    assert not segments(p.pid for p in ours)
 
 
 @pytest.mark.parametrize("cores,workers,threads", [
