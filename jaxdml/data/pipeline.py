@@ -352,13 +352,16 @@ STACK, CONCATENATE = "stack", "concatenate"  # how a plan's examples form a batc
 _SHARED_MIN_BYTES = 1 << 20
 
 
+def _in_shared_memory(nbytes, shared_min_bytes) -> bool:
+  """Whether a batch array of `nbytes` lives in the worker's recycled shared
+  memory (`shared_batches`), which the training process maps by name
+  instead of receiving a copy: in a worker process (`shared_min_bytes`
+  set), arrays of at least that size."""
+  return shared_min_bytes is not None and nbytes >= shared_min_bytes
+
+
 def _batch_array(shape, dtype, shared_min_bytes):
-  """A batch's array: in a worker process (`shared_min_bytes` set), one of
-  at least that size lives in the worker's recycled shared memory
-  (`shared_batches`), which the training process maps by name instead of
-  receiving a copy."""
-  nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-  if shared_min_bytes is not None and nbytes >= shared_min_bytes:
+  if _in_shared_memory(math.prod(shape) * np.dtype(dtype).itemsize, shared_min_bytes):
     return shared_batches.worker_pool().array(shape, dtype)
   return np.empty(shape, dtype)
 
@@ -391,14 +394,14 @@ def _make_batch(make, generators, step, *, concatenate, shared_min_bytes=None):
           rows[k][...] = v
   except BaseException:
     for v in batch.values():  # a failed batch's shared memory is not handed on: free it
-      if shared_min_bytes is not None and v.nbytes >= shared_min_bytes:
+      if _in_shared_memory(v.nbytes, shared_min_bytes):
         shared_batches.worker_pool().release(v)
     raise
   if concatenate:
     batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
-  if shared_min_bytes is not None:  # sent by name: `shared_batches.Mappings` maps it
-    batch = {k: shared_batches.worker_pool().handle(v) if v.nbytes >= shared_min_bytes else v
-             for k, v in batch.items()}
+  if shared_min_bytes is not None:  # in a worker: sent by name, `shared_batches.Mappings` maps it
+    batch = {k: shared_batches.worker_pool().handle(v)
+             if _in_shared_memory(v.nbytes, shared_min_bytes) else v for k, v in batch.items()}
   return batch
 
 
