@@ -451,6 +451,45 @@ def test_tiny_tfds_dataset_through_sources_and_pipeline(tmp_path, monkeypatch):
   np.testing.assert_array_equal(10 + i // 2, ev["query"]["labels"])
 
 
+def test_records_parse_as_tensorflow_parses_them_and_workers_do_not_import_it(tmp_path,
+                                                                               monkeypatch):
+  """A worker process reads records without TensorFlow (~470 MB and ~3 s
+  each): the pickled source carries array_record's file list, and
+  `tf_example` parses what TensorFlow's own Example parser does."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
+  from jaxdml.data import tf_example  # pylint: disable=g-import-not-at-top
+
+  def values(example):
+    return {k: (f.WhichOneof("kind"), list(getattr(f, f.WhichOneof("kind")).value))
+            for k, f in example.features.feature.items()}
+
+  _tiny_cub(tmp_path, monkeypatch, lambda i, offset: np.full((20 + i, 30, 3), i, np.uint8))
+  train = sources.open_splits("jaxdml_cub", data_dir=str(tmp_path))["train"]
+  made = example_pb2.Example()  # every kind of feature, the float list packed
+  made.features.feature["f"].float_list.value.extend([0.5, -2.0])
+  made.features.feature["i"].int64_list.value.extend([-3, 2**40])
+  made.features.feature["b"].bytes_list.value.extend([b"", b"\xff\x00"])
+  for record in [train._records[i] for i in range(len(train))] + [made.SerializeToString()]:
+    ours, theirs = tf_example.example_class().FromString(record), example_pb2.Example.FromString(record)
+    assert values(ours) == values(theirs) and len(values(ours)) >= 3
+  assert values(tf_example.example_class().FromString(made.SerializeToString()))["f"] == (
+      "float_list", [0.5, -2.0])
+  with pytest.raises(KeyError, match="no feature 'photo'.*'image', 'label', 'name'"):
+    tf_example.feature_bytes(train._records[0], "photo")
+
+  in_worker = ("import pickle, sys\n"
+               "source = pickle.loads(sys.stdin.buffer.read())\n"
+               "sys.stdout.buffer.write(source.encoded_image(3))\n"
+               "assert not {'tensorflow', 'tensorflow_datasets'} & set(sys.modules)")
+  read = subprocess.run([sys.executable, "-c", in_worker], input=pickle.dumps(train),
+                        capture_output=True, check=False, cwd=ROOT)
+  assert read.returncode == 0, read.stderr.decode()[-2000:]
+  assert read.stdout == train.encoded_image(3) == bytes(train._encoded[3]["image"])
+
+
 def test_jpeg_batches_are_the_same_from_region_decodes_threads_and_processes(tmp_path, monkeypatch):
   """Stored JPEGs through the whole pipeline: crops decoded over their
   rectangle (`_jpeg_region`) in threads and in worker processes equal the

@@ -106,8 +106,12 @@ class TfdsSource:
     self.name, self.split, self.data_dir = name, split, data_dir
 
   def __getstate__(self):
-    # Open readers stay behind: a worker process reopens the files itself.
-    return {"name": self.name, "split": self.split, "data_dir": self.data_dir}
+    # Open readers stay behind: a worker process reopens the files itself,
+    # from the file list resolved here, with array_record's reader alone:
+    # no TFDS (~55 MB) and, with `tf_example`, no TensorFlow (~470 MB and
+    # ~3 s in every worker; docs/benchmarks.md).
+    return {"name": self.name, "split": self.split, "data_dir": self.data_dir,
+            "_records": self._records}
 
   @functools.cached_property
   def _ds(self):
@@ -120,6 +124,12 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
+
+  @functools.cached_property
+  def _records(self):
+    # The split's serialized Examples, from array_record's own data source
+    # (what TFDS's wraps; it pickles as its file list).
+    return self._encoded.data_source
 
   @functools.cached_property
   def _meta(self):
@@ -145,11 +155,11 @@ class TfdsSource:
 
   def encoded_image(self, i) -> bytes:
     """Record i's stored image file. The record is parsed by protobuf's C
-    implementation alone: TFDS's feature decoding of the same record cost
-    4x as much, all of it holding the GIL (docs/benchmarks.md)."""
-    from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
-    record = example_pb2.Example.FromString(self._encoded.data_source[int(i)])
-    return record.features.feature["image"].bytes_list.value[0]
+    implementation alone (`tf_example`, no TensorFlow): TFDS's feature
+    decoding of the same record cost 4x as much, all of it holding the GIL
+    (docs/benchmarks.md)."""
+    from jaxdml.data import tf_example  # pylint: disable=g-import-not-at-top
+    return tf_example.feature_bytes(self._records[int(i)], "image")
 
   def field(self, name):
     if name not in self._meta:
