@@ -60,8 +60,8 @@ def default_data_config():
       # Threads per process; 0: one per core of the process's share, up to 32.
       "num_threads": 0,
       # Worker processes (grain's mp_prefetch), each running `num_threads`
-      # threads; 0: threads in this process only; -1: picked from the cores,
-      # one per core up to 4, then one per 4 cores (`worker_layout`).
+      # threads; 0: threads in this process only; -1: one per core, fewer
+      # where memory is short (`worker_layout`).
       "num_workers": -1,
       "prefetch": 2,  # batches buffered ahead on the host
       "device_prefetch": 2,  # batches already on the devices ahead of the step
@@ -73,31 +73,49 @@ def _get(cfg, key, default=None):
   return default if value is None and default is not None else value
 
 
-# Cores one worker process's threads share on a large host. Two threads
-# lose ~8 % a core against two processes (docs/benchmarks.md), so
-# small hosts get one single-threaded worker per core; past 4 workers each
-# takes 4 cores, since every worker holds ~0.8 GB and batches of its own.
-CORES_PER_PROCESS = 4
+# Memory one worker process is allowed on the default layout: it holds
+# ~0.25 GB (~0.4 GB for RAML's 448 px views, with its shared-memory batches)
+# and buffers batches of its own; the rest is headroom.
+WORKER_MEMORY_BYTES = 1 << 30
+
+
+def available_memory_bytes(meminfo="/proc/meminfo", cgroup="/sys/fs/cgroup") -> int:
+  """Memory this process may still take: the kernel's MemAvailable, or less
+  under a cgroup (v2) limit, e.g. a container's, which /proc/meminfo does
+  not show."""
+  with open(meminfo) as f:
+    free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+  try:
+    with open(os.path.join(cgroup, "memory.max")) as f:
+      limit = f.read().strip()
+    with open(os.path.join(cgroup, "memory.current")) as f:
+      used = int(f.read())
+  except (OSError, ValueError):
+    return free
+  return free if limit == "max" else min(free, max(0, int(limit) - used))
 
 
 def worker_layout(data_config) -> tuple[int, int]:
   """`(worker processes, threads in each)` for this host's training batches
   (0 processes: the threads run in the training process).
 
-  `data.num_workers` -1 (the default) picks from the cores this process may
-  use: one worker per core up to `CORES_PER_PROCESS` workers, then one per
-  `CORES_PER_PROCESS` cores. One core, or the embedded synthetic set (in
-  memory: every worker would get a pickled copy, and its crops are cheap),
-  keeps the threads in this process. `data.num_threads` 0 (the default) is
-  one thread per core of a process's share, at most 32 (each thread makes
-  whole batches; more threads than cores measured slower).
+  `data.num_workers` -1 (the default) picks one single-threaded worker per
+  core this process may use: independent processes keep images/s per core
+  flat, where two threads in one process lose ~8-12 % a core to the GIL
+  (docs/benchmarks.md). Where memory is short, fewer workers share the
+  cores: one per `WORKER_MEMORY_BYTES` of available memory, at least 2.
+  One core, or the embedded synthetic set (in memory: every worker would
+  get a pickled copy, and its crops are cheap), keeps the threads in this
+  process. `data.num_threads` 0 (the default) is one thread per core of a
+  process's share, at most 32 (each thread makes whole batches; more
+  threads than cores measured slower).
   """
   cores = len(os.sched_getaffinity(0))
   workers = int(_get(data_config, "num_workers", -1))
   if workers < 0:
     name = sources.canonical_name(_get(data_config, "name", sources.SYNTHETIC))
-    workers = 0 if cores == 1 or name == sources.SYNTHETIC else max(
-        min(cores, CORES_PER_PROCESS), -(-cores // CORES_PER_PROCESS))
+    affordable = max(2, available_memory_bytes() // WORKER_MEMORY_BYTES)
+    workers = 0 if cores == 1 or name == sources.SYNTHETIC else min(cores, affordable)
   threads = int(_get(data_config, "num_threads", 0) or 0)
   if threads <= 0:
     threads = min(32, max(1, cores // max(1, workers)))

@@ -175,7 +175,7 @@ _watched_pid: int | None = None
 def exit_with_parent() -> None:
   """Makes this worker process exit, its segments unlinked, once the
   training process is gone. grain's workers outlive a training process
-  killed outright (SIGKILL, the OOM killer), each keeping its ~0.8 GB and
+  killed outright (SIGKILL, the OOM killer), each keeping its memory and
   making batches nobody reads. Cheap to call for every batch."""
   global _watched_pid
   with _pool_lock:
