@@ -31,6 +31,8 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from jaxdml import host
+
 
 def define_flags():
   """Command-line flags, defined only when run as a program: tests import
@@ -263,7 +265,7 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> 
       "batch_size": batch_size, "steps": steps, "images_per_sec": images / wall,
       "views_per_sec": views / wall, "cpu_seconds_per_image": cpu / images,
       **_workers(config.data),
-      "host_cores": len(os.sched_getaffinity(0)), "seconds": wall}
+      "host_cores": host.cores(), "seconds": wall}
 
 
 def _cpu_seconds() -> float:

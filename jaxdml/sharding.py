@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxdml import host
+
 DATA_AXIS = "data"
 
 def maybe_initialize_distributed() -> None:
@@ -122,7 +124,7 @@ def use_cpu_cores_as_devices(requested: str, batch_size: int) -> int | None:
     if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
         or jax.config.jax_num_cpu_devices >= 0 or distributed_init_args() is not None):
       return None
-    count = auto_cpu_device_count(batch_size, len(os.sched_getaffinity(0)))
+    count = auto_cpu_device_count(batch_size, host.cores())
   else:
     try:
       count = int(requested)

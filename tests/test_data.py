@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdml import data, tasks
+from jaxdml import data, host, tasks
 from jaxdml.data import augment, pipeline, samplers, sources, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -650,29 +650,13 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatc
     assert not segments(p.pid for p in ours)
 
 
-@pytest.mark.parametrize("limit,used,expected_gib", [
-    (None, None, 10), ("max\n", str(1 << 30), 10), (str(4 << 30), str(1 << 30), 3),
-    (str(40 << 30), str(1 << 30), 10), (str(1 << 30), str(2 << 30), 0)])
-def test_available_memory_is_the_kernels_or_less_under_a_cgroup_limit(tmp_path, limit, used,
-                                                                      expected_gib):
-  meminfo = tmp_path / "meminfo"
-  meminfo.write_text(f"MemTotal: {64 << 20} kB\nMemFree: 1 kB\nMemAvailable: {10 << 20} kB\n")
-  cgroup = tmp_path / "cgroup"
-  cgroup.mkdir()
-  if limit is not None:  # a container's cgroup v2 files; none on a bare host
-    (cgroup / "memory.max").write_text(limit)
-    (cgroup / "memory.current").write_text(used)
-  assert pipeline.available_memory_bytes(str(meminfo), str(cgroup)) == expected_gib << 30
-  assert pipeline.available_memory_bytes() > 0  # this host's
-
-
 @pytest.mark.parametrize("cores,gib,workers,threads", [
     (1, 64, 0, 1), (2, 64, 2, 1), (3, 64, 3, 1), (8, 64, 8, 1), (100, 400, 100, 1),
     (240, 400, 240, 1), (16, 8, 8, 2), (100, 30, 30, 3), (4, 1, 2, 2), (8, 0, 2, 4)])
 def test_worker_processes_are_picked_from_the_cores_and_memory(monkeypatch, cores, gib, workers,
                                                                 threads):
   monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
-  monkeypatch.setattr(pipeline, "available_memory_bytes", lambda: gib << 30)
+  monkeypatch.setattr(host, "available_memory_bytes", lambda: gib << 30)
   cfg = data.default_data_config()
   assert cfg.num_workers == -1 and cfg.num_threads == 0
   assert data.worker_layout(cfg) == (0, min(32, cores))  # the embedded set stays in memory

@@ -12,11 +12,11 @@ Images leave the pipeline as uint8; `jaxdml.data.normalize` runs on device.
 """
 import functools
 import math
-import os
 
 import ml_collections
 import numpy as np
 
+from jaxdml import host
 from jaxdml.data import augment
 from jaxdml.data import device_augment as dev
 from jaxdml.data import samplers
@@ -79,22 +79,6 @@ def _get(cfg, key, default=None):
 WORKER_MEMORY_BYTES = 1 << 30
 
 
-def available_memory_bytes(meminfo="/proc/meminfo", cgroup="/sys/fs/cgroup") -> int:
-  """Memory this process may still take: the kernel's MemAvailable, or less
-  under a cgroup (v2) limit, e.g. a container's, which /proc/meminfo does
-  not show."""
-  with open(meminfo) as f:
-    free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-  try:
-    with open(os.path.join(cgroup, "memory.max")) as f:
-      limit = f.read().strip()
-    with open(os.path.join(cgroup, "memory.current")) as f:
-      used = int(f.read())
-  except (OSError, ValueError):
-    return free
-  return free if limit == "max" else min(free, max(0, int(limit) - used))
-
-
 def worker_layout(data_config) -> tuple[int, int]:
   """`(worker processes, threads in each)` for this host's training batches
   (0 processes: the threads run in the training process).
@@ -110,11 +94,11 @@ def worker_layout(data_config) -> tuple[int, int]:
   process's share, at most 32 (each thread makes whole batches; more
   threads than cores measured slower).
   """
-  cores = len(os.sched_getaffinity(0))
+  cores = host.cores()
   workers = int(_get(data_config, "num_workers", -1))
   if workers < 0:
     name = sources.canonical_name(_get(data_config, "name", sources.SYNTHETIC))
-    affordable = max(2, available_memory_bytes() // WORKER_MEMORY_BYTES)
+    affordable = max(2, host.available_memory_bytes() // WORKER_MEMORY_BYTES)
     workers = 0 if cores == 1 or name == sources.SYNTHETIC else min(cores, affordable)
   threads = int(_get(data_config, "num_threads", 0) or 0)
   if threads <= 0:
@@ -126,7 +110,7 @@ def num_threads(data_config) -> int:
   """Threads for work this process does itself (evaluation, indexing):
   `data.num_threads`, else one per core, at most 32."""
   threads = int(_get(data_config, "num_threads", 0) or 0)
-  return threads if threads > 0 else min(32, len(os.sched_getaffinity(0)))
+  return threads if threads > 0 else min(32, host.cores())
 
 
 def _open(data_config):

@@ -1,0 +1,32 @@
+"""What this host offers a process: the cores it may run on, the memory it
+may still take. Linux answers both exactly (affinity, MemAvailable, cgroup
+limits); elsewhere (macOS) the answers are the machine's totals."""
+import os
+
+
+def cores() -> int:
+  """Cores this process may run on: its CPU affinity (a `taskset` or a
+  container's cpuset), else every core of the machine."""
+  if hasattr(os, "sched_getaffinity"):  # Linux
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def available_memory_bytes(meminfo="/proc/meminfo", cgroup="/sys/fs/cgroup") -> int:
+  """Memory this process may still take: the kernel's MemAvailable, or less
+  under a cgroup (v2) limit, e.g. a container's, which /proc/meminfo does
+  not show. Without /proc (macOS): the machine's physical memory."""
+  try:
+    with open(meminfo) as f:
+      free = next(int(line.split()[1]) * 1024 for line in f
+                  if line.startswith("MemAvailable:"))
+  except (OSError, StopIteration):
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  try:
+    with open(os.path.join(cgroup, "memory.max")) as f:
+      limit = f.read().strip()
+    with open(os.path.join(cgroup, "memory.current")) as f:
+      used = int(f.read())
+  except (OSError, ValueError):
+    return free
+  return free if limit == "max" else min(free, max(0, int(limit) - used))

@@ -1,0 +1,32 @@
+"""Tests for jaxdml.host: the cores and memory a process may use."""
+import os
+
+import pytest
+
+from jaxdml import host
+
+
+@pytest.mark.parametrize("limit,used,expected_gib", [
+    (None, None, 10), ("max\n", str(1 << 30), 10), (str(4 << 30), str(1 << 30), 3),
+    (str(40 << 30), str(1 << 30), 10), (str(1 << 30), str(2 << 30), 0)])
+def test_available_memory_is_the_kernels_or_less_under_a_cgroup_limit(tmp_path, limit, used,
+                                                                      expected_gib):
+  meminfo = tmp_path / "meminfo"
+  meminfo.write_text(f"MemTotal: {64 << 20} kB\nMemFree: 1 kB\nMemAvailable: {10 << 20} kB\n")
+  cgroup = tmp_path / "cgroup"
+  cgroup.mkdir()
+  if limit is not None:  # a container's cgroup v2 files; none on a bare host
+    (cgroup / "memory.max").write_text(limit)
+    (cgroup / "memory.current").write_text(used)
+  assert host.available_memory_bytes(str(meminfo), str(cgroup)) == expected_gib << 30
+  assert host.available_memory_bytes() > 0  # this host's
+
+
+def test_without_proc_the_answers_are_the_machines_totals(tmp_path, monkeypatch):
+  """macOS has neither /proc/meminfo nor sched_getaffinity."""
+  physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  assert host.available_memory_bytes(str(tmp_path / "absent"), str(tmp_path)) == physical
+  assert host.cores() == len(os.sched_getaffinity(0))
+  monkeypatch.delattr(os, "sched_getaffinity")
+  monkeypatch.setattr(os, "cpu_count", lambda: 7)
+  assert host.cores() == 7
