@@ -98,8 +98,10 @@ def worker_layout(data_config) -> tuple[int, int]:
   workers = int(_get(data_config, "num_workers", -1))
   if workers < 0:
     name = sources.canonical_name(_get(data_config, "name", sources.SYNTHETIC))
-    affordable = max(2, host.available_memory_bytes() // WORKER_MEMORY_BYTES)
-    workers = 0 if cores == 1 or name == sources.SYNTHETIC else min(cores, affordable)
+    if cores == 1 or name == sources.SYNTHETIC:
+      workers = 0
+    else:  # memory is read only where workers may start
+      workers = min(cores, max(2, host.available_memory_bytes() // WORKER_MEMORY_BYTES))
   threads = int(_get(data_config, "num_threads", 0) or 0)
   if threads <= 0:
     threads = min(32, max(1, cores // max(1, workers)))
