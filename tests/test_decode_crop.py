@@ -68,6 +68,61 @@ def test_other_files_decode_as_pil_decodes_them(fmt, mode):
   assert pixels.shape == (30, 40, 3) and np.abs(pixels.astype(int) - pil).max() <= 1
 
 
+def _with_chunk(png: bytes, kind: bytes, payload: bytes) -> bytes:
+  """`png` with a chunk inserted right after IHDR (which ends at byte 33)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+  chunk = struct.pack(">I", len(payload)) + kind + payload
+  return png[:33] + chunk + struct.pack(">I", zlib.crc32(kind + payload)) + png[33:]
+
+
+def _png_variant(variant):
+  rng = np.random.default_rng(3)
+  rgba = rng.integers(0, 256, (30, 40, 4), dtype=np.uint8)
+  out = io.BytesIO()
+  image = Image.fromarray(rgba[..., :3])
+  if variant in ("RGB", "L", "1"):
+    image.convert(variant).save(out, "PNG")
+  elif variant in ("RGBA", "LA"):
+    Image.fromarray(rgba).convert(variant).save(out, "PNG")
+  elif variant == "P":
+    image.quantize(200).save(out, "PNG")
+  elif variant == "P 4-bit, transparent":
+    image.quantize(16).save(out, "PNG", bits=4, transparency=3)
+  elif variant == "RGB with gAMA":
+    image.save(out, "PNG")
+    return _with_chunk(out.getvalue(), b"gAMA", (100000).to_bytes(4, "big"))  # gamma 1.0
+  elif variant == "RGB 16-bit":  # PIL's turn: it reads 16 bits otherwise than libpng
+    import cv2  # pylint: disable=g-import-not-at-top
+    return cv2.imencode(".png", rng.integers(0, 65536, (30, 40, 3), dtype=np.uint16))[1].tobytes()
+  return out.getvalue()
+
+
+@pytest.mark.parametrize("variant", ["RGB", "RGBA", "L", "LA", "1", "P", "P 4-bit, transparent",
+                                     "RGB with gAMA", "RGB 16-bit"])
+def test_pngs_decode_to_the_pixels_pil_decodes(variant):
+  data = _png_variant(variant)
+  encoded = augment.EncodedImage(data)
+  pil = Image.open(io.BytesIO(data))
+  assert encoded.format == "PNG" and encoded.size == pil.size == (40, 30)
+  assert encoded.libpng == (variant != "RGB 16-bit")
+  pixels, scale = augment.decoded_array(encoded, (20, 15))
+  assert scale == (1.0, 1.0) and pixels.dtype == np.uint8 and pixels.flags.c_contiguous
+  np.testing.assert_array_equal(pixels, np.asarray(pil.convert("RGB")))
+  box = (3, 5, 17, 13)  # a crop: libpng's pixels through the same resize
+  np.testing.assert_array_equal(augment.crop_resize(encoded, box, 8),
+                                augment.crop_resize(np.asarray(pil.convert("RGB")), box, 8))
+
+
+def test_a_damaged_png_names_the_problem():
+  data = _png_variant("RGB")
+  encoded = augment.EncodedImage(data[:60])  # the header is intact, the pixels are cut off
+  assert encoded.libpng and encoded.size == (40, 30)
+  with pytest.raises(ValueError, match=r"libpng could not decode this PNG \(60 bytes\).*"
+                                       r"--skip_bad_images"):
+    augment.decoded_array(encoded, (40, 30))
+
+
 @pytest.mark.parametrize("flip", [False, True])
 def test_crop_resize_is_half_pixel_bilinear(flip):
   image = np.random.default_rng(3).integers(0, 256, (60, 80, 3), dtype=np.uint8)
