@@ -262,6 +262,29 @@ def test_sbir_batches_pair_sketches_with_their_photos(cache_dir, small):
     assert any(np.array_equal(sk, o) for o in own)
 
 
+def test_sbir_pairs_share_one_flip_drawn_before_their_crops(cache_dir):
+  """A pair's photo and sketch: random resized crops rendered into the
+  batch, mirrored together or not at all; the reference crops each
+  unflipped and mirrors afterwards, with the same draws."""
+  from jaxdml.data import seeding
+  cfg = _config(cache_dir)
+  seed, step, b = 4, 3, 8
+  batch = next(data.train_batches(cfg, seed=seed, global_batch_size=b, start_step=step,
+                                  task="sbir"))
+  splits = pipeline._open(cfg)
+  idx = pipeline._sbir_plan(cfg, splits, b, seed)[0](step)
+  aug = {k: v for k, v in pipeline._augment_kwargs(cfg).items() if k != "flip"}
+  flips = []
+  for j, rng in enumerate(seeding.row_generators([seed, pipeline._AUG, step], np.arange(b))):
+    flipped = rng.random() < 0.5
+    for key, split, rows in (("photo", "train_photos", idx[0]), ("sketch", "train_sketches", idx[1])):
+      want = augment.train_transform(splits[split].lazy_image(rows[j]), rng, size=32, flip=False,
+                                     **aug)
+      np.testing.assert_array_equal(batch[key][j], want[:, ::-1] if flipped else want)
+    flips.append(flipped)
+  assert 0 < sum(flips) < b
+
+
 def test_resume_and_processes_reproduce_the_uninterrupted_run(cache_dir):
   cfg = _config(cache_dir, **{"augment.color_jitter": 0.3})
   kw = dict(seed=5, global_batch_size=8, task="sbir")

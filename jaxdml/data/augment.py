@@ -435,21 +435,22 @@ def apply_color_jitter(image, params):
 
 def train_transform(image, rng, *, size, random_resized_crop=True, scale=(0.2, 1.0),
                     ratio=(3 / 4, 4 / 3), flip=True, color_jitter=0.0, resize_square=None,
-                    out=None):
+                    mirror=None, out=None):
   """Training view: a crop, flip, jitter.
 
   The crop: with `resize_square=R`, the image resized to R x R and a random
   `size` crop of that (IRT); else a random resized crop; else (both off) the
-  shorter side to `size` and a centre crop. `out`: a uint8 [size, size, 3]
-  array a crop without jitter is rendered into (a batch's row); the result
-  is returned either way.
+  shorter side to `size` and a centre crop. The flip: drawn with `flip`, or
+  `mirror` (True/False) where the caller drew it (an SBIR pair shares one).
+  `out`: a uint8 [size, size, 3] array a crop without jitter is rendered
+  into (a batch's row); the result is returned either way.
   """
   box = offsets = None
   if resize_square:
     offsets = square_crop_offsets(rng, resize=int(resize_square), size=size)
   elif random_resized_crop:
     box = random_resized_crop_box(rng, *height_width(image), scale=scale, ratio=ratio)
-  flipped = flip and rng.random() < 0.5
+  flipped = bool(mirror) if mirror is not None else flip and rng.random() < 0.5
   if offsets is not None:
     view = resized_square_crop(image, offsets, resize=int(resize_square), size=size,
                                flip=flipped, out=out)

@@ -183,14 +183,15 @@ def _sbir_plan(data_config, splits, batch_size, seed):
     return samplers.pair_batch_indices(eligible, groups, batch_size=batch_size, seed=seed, step=step)
 
   def example(idx, row, rng, rows=None):
-    del rows  # the pair's flip comes after the crops: the batch copies them in
     p, s = idx[0][row], idx[1][row]
     # One flip for the pair: the instance's pose must match across modalities.
+    # Both crops render into their rows, flipped there: flipping afterwards
+    # and copying the mirrored arrays in cost ~0.3 ms a pair (docs/benchmarks.md).
     flipped = flip and rng.random() < 0.5
-    photo = augment.train_transform(photos.lazy_image(p), rng, size=size, flip=False, **aug)
-    sketch = augment.train_transform(sketches.lazy_image(s), rng, size=size, flip=False, **aug)
-    if flipped:
-      photo, sketch = photo[:, ::-1], sketch[:, ::-1]
+    photo = augment.train_transform(photos.lazy_image(p), rng, size=size, mirror=flipped,
+                                    out=None if rows is None else rows["photo"], **aug)
+    sketch = augment.train_transform(sketches.lazy_image(s), rng, size=size, mirror=flipped,
+                                     out=None if rows is None else rows["sketch"], **aug)
     return {"sketch": sketch, "photo": photo, "label": np.int32(ids[p])}
 
   return indices, example, STACK
