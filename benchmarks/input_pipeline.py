@@ -8,12 +8,17 @@ Makes a CUB-layout tree of realistic JPEGs (500x375 and 375x500, quality 90,
 real work), prepares it with `data_prep.build cub`, and prints one JSON line
 per pipeline with images/s and CPU seconds per image (jaxdml's include its
 worker processes'). `sop_*` recipes read the same kind of files in SOP's
-layout (`make_sop_tree`). The anchors read the CUB files:
+layout (`make_sop_tree`); `sketchy_*` recipes a Sketchy tree of 256 px JPEG
+photos and 256 px PNG line-drawing sketches (`make_sketchy_tree`). The
+anchors read the CUB files:
 - `tfdata`: big_vision's path, `decode_and_crop_jpeg` with an inception
   crop (scale 0.2-1), resize to 224, flip, batched, autotuned;
 - `torchvision`: a DataLoader with PIL decode, RandomResizedCrop(224,
   scale 0.2-1) and a flip, `--workers` processes (skipped without
-  torchvision; it is not a jaxdml dependency).
+  torchvision; it is not a jaxdml dependency);
+- `tfdata_sketchy`: the Sketchy files as `sketchy_rtl`'s pairs: a photo
+  (`decode_and_crop_jpeg`) and one of its sketches (`decode_png`, crop),
+  each an inception crop resized to 224, one flip for the pair.
 jaxdml is `python -m jaxdml.bench --config=configs/RECIPE --measure=input
 --config.data.data_dir=ROOT/data` (`--recipes`), run as a subprocess.
 All files are read once before timing, so they are in the page cache.
@@ -29,13 +34,16 @@ import time
 from absl import app, flags
 import numpy as np
 
+from jaxdml import host
+
 _ROOT = flags.DEFINE_string("root", "/tmp/jaxdml_jpegs", "Folder for the tree and the prepared data.")
 _NUM = flags.DEFINE_integer("num_images", 400, "JPEG files to make (half per split).")
-_PIPELINES = flags.DEFINE_list("pipelines", ["jaxdml", "tfdata", "torchvision"], "What to time.")
+_PIPELINES = flags.DEFINE_list("pipelines", ["jaxdml", "tfdata", "torchvision"],
+                               "What to time: jaxdml, tfdata, torchvision, tfdata_sketchy.")
 _RECIPES = flags.DEFINE_list("recipes", ["cub_obdsd.py", "cub_irt.py", "cub_proxy_anchor.py",
                                          "cub_raml.py", "sop_xbn.py"],
                              "jaxdml recipes to time (CUB data; sop_*: the same kind of files "
-                             "in SOP's layout, `make_sop_tree`).")
+                             "in SOP's layout, `make_sop_tree`; sketchy_*: `make_sketchy_tree`).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed batches.")
 _WORKERS = flags.DEFINE_list("workers", ["1", "2"], "torchvision DataLoader worker processes.")
@@ -114,6 +122,50 @@ def make_sop_tree(root: str, num_images: int, seed: int = 1) -> str:
   return top
 
 
+def sketch_png(rng, size: int = 256) -> bytes:
+  """A line drawing as Sketchy's are: black strokes 1-3 px wide on white,
+  an RGB PNG of ~4 KB."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  image = Image.new("RGB", (size, size), (255, 255, 255))
+  draw = ImageDraw.Draw(image)
+  for _ in range(rng.integers(15, 40)):
+    points = np.cumsum(rng.normal(0, 12, size=(rng.integers(3, 12), 2)), 0)
+    points = (points + rng.uniform(40, size - 40, 2)).clip(0, size - 1)
+    draw.line([tuple(p) for p in points], fill=(0, 0, 0), width=int(rng.integers(1, 4)))
+  out = io.BytesIO()
+  image.save(out, "PNG")
+  return out.getvalue()
+
+
+def make_sketchy_tree(root: str, num_photos: int, seed: int = 2, sketches_per_photo: int = 5) -> str:
+  """`root/manual/256x256` (+ `info/testset.txt`): Sketchy's layout with
+  `num_photos` 256 px JPEG photos (`realistic_jpeg`) over 10 categories,
+  each with `sketches_per_photo` PNG sketches; a tenth of the photos test."""
+  top = os.path.join(root, "manual", "256x256")
+  testset = os.path.join(root, "manual", "info", "testset.txt")
+  if os.path.exists(testset):
+    return top
+  rng = np.random.default_rng(seed)
+  test = []
+  for i in range(num_photos):
+    category, name = f"category{i % 10}", f"n{i:05d}"
+    for kind in ("photo", "sketch"):
+      os.makedirs(os.path.join(top, kind, "tx_000000000000", category), exist_ok=True)
+    with open(os.path.join(top, "photo", "tx_000000000000", category, name + ".jpg"), "wb") as f:
+      f.write(realistic_jpeg(rng, 256, 256))
+    for n in range(1, sketches_per_photo + 1):
+      with open(os.path.join(top, "sketch", "tx_000000000000", category, f"{name}-{n}.png"),
+                "wb") as f:
+        f.write(sketch_png(rng))
+    if i % 10 == 0:
+      test.append(f"{category}/{name}.jpg\n")
+  os.makedirs(os.path.dirname(testset), exist_ok=True)
+  with open(testset, "w") as f:
+    f.writelines(test)
+  return top
+
+
 def prepare(root: str, dataset: str = "cub") -> str:
   data_dir = os.path.join(root, "data")
   if not glob.glob(os.path.join(data_dir, f"jaxdml_{dataset}", "*", "*")):
@@ -156,6 +208,42 @@ def time_tfdata(files, batch, steps, threads=0) -> dict:
   next(it)
   name = "tf.data decode_and_crop_jpeg" + (f" x{threads}" if threads else "")
   return {**_timed(lambda: next(it), batch, steps, name), "threads": threads or "autotune"}
+
+
+def time_tfdata_sketchy(top, batch, steps) -> dict:
+  """`sketchy_rtl`'s pairs in tf.data, autotuned: the photo decoded over its
+  inception crop, the sketch decoded whole and cropped, both resized to
+  224, one flip for both. A batch of `batch` pairs is 2 * `batch` images."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  photos = sorted(glob.glob(os.path.join(top, "photo", "*", "*", "*.jpg")))
+  sketches = [p.replace(os.sep + "photo" + os.sep, os.sep + "sketch" + os.sep)[:-4] + "-1.png"
+              for p in photos]
+
+  def crop_box(shape):
+    begin, size, _ = tf.image.sample_distorted_bounding_box(
+        shape, tf.zeros([0, 0, 4], tf.float32), area_range=(0.2, 1.0),
+        min_object_covered=0, use_image_if_no_bounding_boxes=True)
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+  def load(photo_path, sketch_path):
+    data = tf.io.read_file(photo_path)
+    photo = tf.image.decode_and_crop_jpeg(data, crop_box(tf.io.extract_jpeg_shape(data)),
+                                          channels=3)
+    sketch = tf.io.decode_png(tf.io.read_file(sketch_path), channels=3)
+    box = crop_box(tf.shape(sketch))
+    sketch = tf.image.crop_to_bounding_box(sketch, box[0], box[1], box[2], box[3])
+    flip = tf.random.uniform([]) < 0.5
+    out = []
+    for image in (photo, sketch):
+      image = tf.cast(tf.image.resize(image, (224, 224)), tf.uint8)
+      out.append(tf.cond(flip, lambda im=image: tf.image.flip_left_right(im), lambda im=image: im))
+    return tuple(out)
+
+  ds = tf.data.Dataset.from_tensor_slices((photos, sketches)).repeat().shuffle(len(photos))
+  it = iter(ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(2))
+  next(it)
+  record = _timed(lambda: next(it), 2 * batch, steps, "tf.data Sketchy pairs")
+  return {**record, "batch_size": batch, "threads": "autotune"}
 
 
 def time_torchvision(files, batch, steps, workers) -> dict:
@@ -215,7 +303,7 @@ def main(argv):
   files = sorted(glob.glob(os.path.join(top, "images", "*", "*.jpg")))
   sizes = [os.path.getsize(f) for f in files]
   print(json.dumps({"files": len(files), "mean_kb": np.mean(sizes) / 1024,
-                    "host_cores": len(os.sched_getaffinity(0))}), flush=True)
+                    "host_cores": host.cores()}), flush=True)
   for f in files:  # into the page cache
     with open(f, "rb") as fh:
       fh.read()
@@ -225,6 +313,9 @@ def main(argv):
     if any(r.startswith("sop_") for r in _RECIPES.value):
       make_sop_tree(root, _NUM.value)
       prepare(root, "sop")
+    if any(r.startswith("sketchy_") for r in _RECIPES.value):
+      make_sketchy_tree(root, _NUM.value)
+      prepare(root, "sketchy")
     for recipe in _RECIPES.value:
       # RAML's batch counts source images, each 8 views at 448 + 224: fewer per step.
       b = max(batch // 8, 2) if "raml" in recipe else batch
@@ -233,6 +324,9 @@ def main(argv):
   if "tfdata" in _PIPELINES.value:
     for threads in _TFDATA_THREADS.value:
       print(json.dumps(time_tfdata(files, batch, steps, int(threads))), flush=True)
+  if "tfdata_sketchy" in _PIPELINES.value:
+    print(json.dumps(time_tfdata_sketchy(make_sketchy_tree(root, _NUM.value), batch, steps)),
+          flush=True)
   if "torchvision" in _PIPELINES.value:
     for workers in _WORKERS.value:
       print(json.dumps(time_torchvision(files, batch, steps, int(workers))), flush=True)
