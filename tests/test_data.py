@@ -423,9 +423,11 @@ def test_missing_tfds_dataset_error_names_the_build_command(tmp_path):
   assert "demo" in msg and "synthetic_sketchy" in msg
 
 
-def _tiny_cub(tmp_path, monkeypatch, image, *, train=8, encoding="png"):
+def _tiny_cub(tmp_path, monkeypatch, image, *, train=8, encoding="png", extra=None):
   """A TFDS set under `jaxdml_cub`'s name in `tmp_path`: `train` images
-  `image(i, offset)` (test: 4 from offset 10), labels `offset + i // 2`."""
+  `image(i, offset)` (test: 4 from offset 10), labels `offset + i // 2`;
+  `extra`: more features, `{name: (feature, value(i, offset))}`."""
+  extra = extra or {}
   tfds = pytest.importorskip("tensorflow_datasets")
   from tensorflow_datasets.core import registered  # pylint: disable=g-import-not-at-top
   # The stand-in takes the real builder's name for this test only: a private
@@ -439,7 +441,8 @@ def _tiny_cub(tmp_path, monkeypatch, image, *, train=8, encoding="png"):
     def _info(self):
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
           "image": tfds.features.Image(shape=(None, None, 3), encoding_format=encoding),
-          "label": tfds.features.Scalar(np.int64), "name": tfds.features.Text()}))
+          "label": tfds.features.Scalar(np.int64), "name": tfds.features.Text(),
+          **{k: feature for k, (feature, _) in extra.items()}}))
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -447,7 +450,8 @@ def _tiny_cub(tmp_path, monkeypatch, image, *, train=8, encoding="png"):
 
     def _generate_examples(self, offset, n):
       for i in range(n):
-        yield i, {"image": image(i, offset), "label": offset + i // 2, "name": f"x{i}"}
+        yield i, {"image": image(i, offset), "label": offset + i // 2, "name": f"x{i}",
+                  **{k: value(i, offset) for k, (_, value) in extra.items()}}
 
   JaxdmlCub(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
 
@@ -511,6 +515,37 @@ def test_records_parse_as_tensorflow_parses_them_and_workers_do_not_import_it(tm
                         capture_output=True, check=False, cwd=ROOT)
   assert read.returncode == 0, read.stderr.decode()[-2000:]
   assert read.stdout == train.encoded_image(3) == bytes(train._encoded[3]["image"])
+
+
+def test_sampler_fields_are_the_integer_scalars_tfds_decodes(tmp_path, monkeypatch):
+  """The labels read at start-up (`tf_example`, no TFDS decoding) are the
+  data set's integer scalar features, with the values TFDS decodes; integer
+  lists, booleans and text are not fields, even where a list holds one value."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  extra = {"kind": (tfds.features.ClassLabel(names=["a", "b", "c"]), lambda i, o: i % 3),
+           "small": (tfds.features.Scalar(np.int32), lambda i, o: -i),
+           "big": (tfds.features.Scalar(np.int64), lambda i, o: 2**40 + i),  # cast as before
+           "boxes": (tfds.features.Tensor(shape=(None,), dtype=np.int64), lambda i, o: [i]),
+           "crowd": (tfds.features.Scalar(np.bool_), lambda i, o: i % 2 == 0)}
+  _tiny_cub(tmp_path, monkeypatch, lambda i, offset: np.full((8, 9, 3), i, np.uint8), extra=extra)
+  train = sources.open_splits("jaxdml_cub", data_dir=str(tmp_path))["train"]
+  decoded = [train._encoded[i] for i in range(len(train))]  # TFDS's decoding, the reference
+  assert sorted(train._meta) == ["big", "kind", "label", "small"]
+  for name, values in train._meta.items():
+    assert values.dtype == np.int32
+    np.testing.assert_array_equal(values, np.asarray([d[name] for d in decoded]).astype(np.int32))
+  # Records are stored in TFDS's shuffled order; each one's fields agree.
+  i = -train.field("small")
+  assert sorted(i) == list(range(8))
+  np.testing.assert_array_equal(train.field("kind"), i % 3)
+  np.testing.assert_array_equal(train.field("big"), i)  # 2**40 + i in int32, as before
+  from jaxdml.data import tf_example  # pylint: disable=g-import-not-at-top
+  two = tf_example.example_class()()
+  two.features.feature["label"].int64_list.value.extend([1, 2])
+  for records, bad in (([train._records[0], b""], r"record 1 .* 'label' \(features: \[\]\)"),
+                       ([two.SerializeToString()], r"record 0 .* 'label' \(features: \['label'\]\)")):
+    with pytest.raises(ValueError, match=bad + ".*prepare it again"):
+      tf_example.int64_scalars(records, ["label"])
 
 
 def test_jpeg_batches_are_the_same_from_region_decodes_threads_and_processes(tmp_path, monkeypatch):

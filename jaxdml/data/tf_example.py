@@ -13,6 +13,7 @@ import functools
 from google.protobuf import descriptor_pb2
 from google.protobuf import descriptor_pool
 from google.protobuf import message_factory
+import numpy as np
 
 _LABEL = descriptor_pb2.FieldDescriptorProto
 _PACKAGE = "jaxdml.tf_example"  # not "tensorflow": a separate pool, a separate name
@@ -67,3 +68,19 @@ def feature_bytes(record: bytes, name: str) -> bytes:
     raise KeyError(f"the record has no feature {name!r}; it has "
                    f"{sorted(example.features.feature)}.")
   return example.features.feature[name].bytes_list.value[0]
+
+
+def int64_scalars(records, names) -> dict:
+  """`{name: int64 [N]}`: integer feature `name` (one value per record) of
+  every serialized Example in `records` (a sequence of N of them)."""
+  parse = example_class().FromString
+  out = {name: np.empty(len(records), np.int64) for name in names}
+  for i in range(len(records)):
+    feature = parse(records[i]).features.feature
+    for name, values in out.items():
+      if name not in feature or len(feature[name].int64_list.value) != 1:
+        raise ValueError(f"record {i} does not hold one integer {name!r} (features: "
+                         f"{sorted(feature)}); the data set's files do not match its "
+                         "features.json: prepare it again.")
+      values[i] = feature[name].int64_list.value[0]
+  return out
