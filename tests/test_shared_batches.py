@@ -109,3 +109,14 @@ def test_an_idle_segment_still_mapped_by_a_failed_batch_is_unlinked_then_unmappe
   del kept
   assert not _mapped(name)
   pool.close()
+
+
+def test_a_closed_pool_unlinks_its_segments_and_makes_no_more():
+  """A worker closes its pool as it exits, while a batch thread may still
+  run; a segment made after that would outlive the worker."""
+  pool = shared_batches.SegmentPool()
+  name = pool.handle(pool.array((4, 4, 3), np.uint8)).name
+  pool.close()
+  assert _gone(name)
+  with pytest.raises(RuntimeError, match="pool is closed: the worker is exiting"):
+    pool.array((4, 4, 3), np.uint8)

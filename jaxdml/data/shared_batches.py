@@ -85,11 +85,17 @@ class SegmentPool:
     self._by_address: dict[int, shared_memory.SharedMemory] = {}
     self._names = (f"jaxdml_{os.getpid()}_{i}_{secrets.token_hex(4)}" for i in itertools.count())
     self._lock = threading.Lock()  # a worker may run several threads
+    self._closed = False
 
   def array(self, shape, dtype) -> np.ndarray:
     """An array in a segment this worker now holds (contents undefined)."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     with self._lock:
+      if self._closed:
+        # The worker is exiting, its segments unlinked, and a batch thread
+        # still runs: a new segment would outlive it (Python's resource
+        # tracker would unlink it, with a "leaked shared_memory" warning).
+        raise RuntimeError("this worker's shared-memory pool is closed: the worker is exiting.")
       idle = [s for s, n in self._segments if n == nbytes and s.buf[0] == _FREE]
       if idle:
         segment = idle.pop(0)
@@ -129,6 +135,7 @@ class SegmentPool:
     """Unlinks every segment (at the worker's exit). The training process's
     mappings stay valid until it drops them."""
     with self._lock:
+      self._closed = True
       for segment, _ in self._segments:  # arrays over them may still exist: no close()
         try:
           segment.unlink()
