@@ -10,8 +10,10 @@ whatever the thread count or process count.
 
 Images leave the pipeline as uint8; `jaxdml.data.normalize` runs on device.
 """
+import atexit
 import functools
 import math
+import weakref
 
 import ml_collections
 import numpy as np
@@ -346,7 +348,47 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
                                                      per_worker_buffer_size=prefetch))
     # As many idle mappings as the workers' pools keep free segments.
     ds = ds.map(shared_batches.Mappings(max_idle=workers * shared_batches.MAX_IDLE).open_arrays)
+    return _WorkerBatches(iter(ds))
   return iter(ds)
+
+
+class _WorkerBatches:
+  """A worker pipeline's batches; `close()` stops its workers (at exit, if
+  still open).
+
+  grain's iterators close themselves in `__del__`. For an iterator a script
+  still holds at exit, that runs during interpreter teardown, after the
+  modules it uses are gone: a traceback for each of its buffers. At exit,
+  while the modules are still there, this closes the iterators and lets
+  them go.
+  """
+
+  _open = weakref.WeakSet()
+
+  def __init__(self, batches):
+    self._batches = batches
+    self._open.add(self)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._batches is None:
+      raise ValueError("these training batches were closed; make new ones with train_batches.")
+    return next(self._batches)
+
+  def close(self):
+    if self._batches is not None:
+      self._batches.close()
+      self._batches = None
+
+
+@atexit.register
+def _close_worker_batches():
+  for batches in list(_WorkerBatches._open):
+    batches.close()
+  import gc  # pylint: disable=g-import-not-at-top
+  gc.collect()  # grain's iterators in reference cycles go now, not at teardown
 
 
 STACK, CONCATENATE = "stack", "concatenate"  # how a plan's examples form a batch
