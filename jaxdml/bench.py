@@ -272,19 +272,10 @@ def _cpu_seconds() -> float:
   """CPU seconds of this process (all threads) and of its live child
   processes (grain's workers), which Linux lists in /proc; elsewhere this
   process's alone."""
-  total = time.process_time()
-  if not os.path.isdir("/proc"):
-    return total
-  me, tick = str(os.getpid()), os.sysconf("SC_CLK_TCK")
-  for entry in os.scandir("/proc"):
-    if not entry.name.isdigit():
-      continue
-    try:
-      with open(os.path.join(entry.path, "stat")) as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # after the command name
-    except OSError:  # gone meanwhile
-      continue
-    if fields[1] == me:  # ppid; then utime, stime in clock ticks
+  total, tick = time.process_time(), os.sysconf("SC_CLK_TCK")
+  for child in host.child_pids(os.getpid()):
+    fields = host.process_stat(child)
+    if fields:  # not gone meanwhile
       total += (int(fields[11]) + int(fields[12])) / tick
   return total
 

@@ -30,3 +30,23 @@ def available_memory_bytes(meminfo="/proc/meminfo", cgroup="/sys/fs/cgroup") -> 
   except (OSError, ValueError):
     return free
   return free if limit == "max" else min(free, max(0, int(limit) - used))
+
+
+def process_stat(pid, proc="/proc") -> list[str]:
+  """/proc/PID/stat's fields after the command name: state, ppid, ...,
+  utime and stime (clock ticks) at 11 and 12; [] for a process that is gone,
+  or where there is no /proc (macOS)."""
+  try:
+    with open(os.path.join(proc, str(pid), "stat")) as f:
+      return f.read().rsplit(")", 1)[1].split()  # the name may hold spaces and ')'
+  except OSError:
+    return []
+
+
+def child_pids(pid, proc="/proc") -> list[int]:
+  """Live child processes of `pid` ([] where there is no /proc)."""
+  try:
+    entries = os.listdir(proc)
+  except OSError:
+    return []
+  return [int(p) for p in entries if p.isdigit() and process_stat(p, proc)[1:2] == [str(pid)]]

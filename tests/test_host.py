@@ -30,3 +30,20 @@ def test_without_proc_the_answers_are_the_machines_totals(tmp_path, monkeypatch)
   monkeypatch.delattr(os, "sched_getaffinity")
   monkeypatch.setattr(os, "cpu_count", lambda: 7)
   assert host.cores() == 7
+
+
+def test_a_child_process_is_listed_with_its_parent_until_it_is_gone(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                           stdin=subprocess.PIPE)
+  try:
+    assert child.pid in host.child_pids(os.getpid())
+    fields = host.process_stat(child.pid)
+    assert fields[0] in "RSD" and fields[1] == str(os.getpid()) and len(fields) > 12
+  finally:
+    child.communicate(b"")
+  assert host.process_stat(child.pid) == [] and child.pid not in host.child_pids(os.getpid())
+  # Without /proc (macOS): nothing listed, nothing read.
+  assert host.process_stat(os.getpid(), proc=str(tmp_path)) == []
+  assert host.child_pids(os.getpid(), proc=str(tmp_path / "absent")) == []

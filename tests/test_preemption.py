@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxdml import train
+from jaxdml import host, train
 from test_train import ROOT, losses_of, short_run
 
 TOTAL = 200  # far more than the run gets to: SIGTERM comes first
@@ -50,21 +50,8 @@ def test_sigterm_saves_the_current_step_and_the_rerun_continues_exactly(tmp_path
   np.testing.assert_allclose(resumed, plain, rtol=1e-5)
 
 
-def _stat(pid) -> list[str]:
-  """/proc/PID/stat's fields after the command name: state, ppid, ... ([]: gone)."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()
-  except OSError:
-    return []
-
-
-def _children(pid) -> list[int]:
-  return [int(p) for p in os.listdir("/proc") if p.isdigit() and _stat(p)[1:2] == [str(pid)]]
-
-
 def _running(pid) -> bool:
-  return _stat(pid)[:1] not in ([], ["Z"], ["X"])  # exited: gone, or a zombie nobody reaped
+  return host.process_stat(pid)[:1] not in ([], ["Z"], ["X"])  # gone, or a zombie nobody reaped
 
 
 @pytest.mark.slow  # ~1 min: a data set build and three runs
@@ -91,7 +78,7 @@ def test_a_run_on_jpeg_files_in_worker_processes_resumes_exactly_after_sigkill(t
   while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
     assert run.poll() is None and time.time() < deadline, run.communicate()[0][-3000:]
     time.sleep(0.05)
-  workers = _children(run.pid)
+  workers = host.child_pids(run.pid)
   assert len(workers) >= 2, workers  # the two workers (and Python's resource tracker)
   run.send_signal(signal.SIGKILL)
   run.communicate(timeout=60)  # the workers hold its output pipe until they exit
