@@ -138,7 +138,8 @@ def sketch_png(rng, size: int = 256) -> bytes:
   return out.getvalue()
 
 
-def make_sketchy_tree(root: str, num_photos: int, seed: int = 2, sketches_per_photo: int = 5) -> str:
+def make_sketchy_tree(root: str, num_photos: int, seed: int = 2,
+                      sketches_per_photo: int = 5) -> str:
   """`root/manual/256x256` (+ `info/testset.txt`): Sketchy's layout with
   `num_photos` 256 px JPEG photos (`realistic_jpeg`) over 10 categories,
   each with `sketches_per_photo` PNG sketches; a tenth of the photos test."""
@@ -180,6 +181,15 @@ def _cpu_seconds():
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _inception_box(tf, shape):
+  """big_vision's inception crop in tf.data: `[top, left, height, width]`
+  of a random box covering 20-100 % of an image of `shape`."""
+  begin, size, _ = tf.image.sample_distorted_bounding_box(
+      shape, tf.zeros([0, 0, 4], tf.float32), area_range=(0.2, 1.0),
+      min_object_covered=0, use_image_if_no_bounding_boxes=True)
+  return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
 def time_tfdata(files, batch, steps, threads=0) -> dict:
   """`threads` 0: autotuned; n: n map calls in flight on a private pool of n
   threads (tf.data's per-core scaling beside jaxdml's)."""
@@ -187,13 +197,8 @@ def time_tfdata(files, batch, steps, threads=0) -> dict:
 
   def load(path):
     data = tf.io.read_file(path)
-    shape = tf.io.extract_jpeg_shape(data)
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
-        shape, tf.zeros([0, 0, 4], tf.float32), area_range=(0.2, 1.0),
-        min_object_covered=0, use_image_if_no_bounding_boxes=True)
-    y, x, _ = tf.unstack(begin)
-    h, w, _ = tf.unstack(size)
-    image = tf.image.decode_and_crop_jpeg(data, tf.stack([y, x, h, w]), channels=3)
+    box = _inception_box(tf, tf.io.extract_jpeg_shape(data))
+    image = tf.image.decode_and_crop_jpeg(data, box, channels=3)
     image = tf.image.resize(image, (224, 224))
     image = tf.image.random_flip_left_right(image)
     return tf.cast(image, tf.uint8)
@@ -219,18 +224,12 @@ def time_tfdata_sketchy(top, batch, steps) -> dict:
   sketches = [p.replace(os.sep + "photo" + os.sep, os.sep + "sketch" + os.sep)[:-4] + "-1.png"
               for p in photos]
 
-  def crop_box(shape):
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
-        shape, tf.zeros([0, 0, 4], tf.float32), area_range=(0.2, 1.0),
-        min_object_covered=0, use_image_if_no_bounding_boxes=True)
-    return tf.stack([begin[0], begin[1], size[0], size[1]])
-
   def load(photo_path, sketch_path):
     data = tf.io.read_file(photo_path)
-    photo = tf.image.decode_and_crop_jpeg(data, crop_box(tf.io.extract_jpeg_shape(data)),
+    photo = tf.image.decode_and_crop_jpeg(data, _inception_box(tf, tf.io.extract_jpeg_shape(data)),
                                           channels=3)
     sketch = tf.io.decode_png(tf.io.read_file(sketch_path), channels=3)
-    box = crop_box(tf.shape(sketch))
+    box = _inception_box(tf, tf.shape(sketch))
     sketch = tf.image.crop_to_bounding_box(sketch, box[0], box[1], box[2], box[3])
     flip = tf.random.uniform([]) < 0.5
     out = []
