@@ -385,7 +385,10 @@ class _WorkerBatches:
 
 @atexit.register
 def _close_worker_batches():
-  for batches in list(_WorkerBatches._open):
+  still_open = list(_WorkerBatches._open)
+  if not still_open:  # most processes (grain's workers too) never held one
+    return
+  for batches in still_open:
     batches.close()
   import gc  # pylint: disable=g-import-not-at-top
   gc.collect()  # grain's iterators in reference cycles go now, not at teardown
