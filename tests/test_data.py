@@ -569,7 +569,9 @@ def test_jpeg_batches_are_the_same_from_region_decodes_threads_and_processes(tmp
     it = data.train_batches(cfg, seed=1, global_batch_size=8, start_step=2, task="single")
     return [next(it)["image"] for _ in range(3)]
 
-  in_threads, in_processes = batches(2, 0), batches(1, 2)
+  # Two threads in each worker: the default one-thread worker, with no pool
+  # of its own, is compared in test_worker_processes_make_the_same_batches_as_threads.
+  in_threads, in_processes = batches(2, 0), batches(2, 2)
   monkeypatch.setattr(augment, "_jpeg_region", None)
   whole = batches(2, 0)
   for a, b, c in zip(in_threads, in_processes, whole):
@@ -673,7 +675,7 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatc
   import multiprocessing  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(pipeline, "_SHARED_MIN_BYTES", 1024)  # 8 x 32 x 32 x 3 images: 24 KiB
   cfg = data.default_data_config()
-  cfg.cache_dir, cfg.image_size, cfg.num_threads = cache_dir, 32, 2
+  cfg.cache_dir, cfg.image_size, cfg.num_threads = cache_dir, 32, 1  # the default worker
 
   def segments(pids):
     return {p for pid in pids for p in glob.glob(f"/dev/shm/jaxdml_{pid}_*")}
@@ -698,9 +700,10 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatc
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
   if os.path.isdir("/dev/shm"):  # Linux lists POSIX shared memory there
-    # 8 per worker here, however many batches: 2 being made (2 threads), 2 in
-    # their buffer, 2 in grain's queue, 2 on this side.
-    assert 2 <= len(seen) <= 20, sorted(seen)
+    # At most 7 per worker, however many batches: 1 being made, 2 in grain's
+    # queue, 3 with its reader thread here, 1 in this loop. A thread pool in
+    # the worker would add 2 more in its buffer (up to 17 seen here).
+    assert 2 <= len(seen) <= 14, sorted(seen)
     del it
     gc.collect()
     for p in ours:

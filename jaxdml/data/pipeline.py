@@ -331,7 +331,11 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   shared = _SHARED_MIN_BYTES if workers else None
   make_batch = functools.partial(_make_batch, make, generators, concatenate=collate == CONCATENATE,
                                  shared_min_bytes=shared)
-  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch))
+  # A worker of one thread makes its batches in its own loop, between
+  # sends: it runs beside the training step already, and a pool thread
+  # would add a hand-off per batch and two more batches in flight.
+  pool_threads = 0 if workers and threads == 1 else threads
+  read = grain.ReadOptions(num_threads=pool_threads, prefetch_buffer_size=max(threads, prefetch))
   ds = grain.MapDataset.range(start_step, _NUM_STEPS).map(make_batch).to_iter_dataset(read)
   if workers:
     # Worker processes: worker i makes the batches of steps i, i + n, ...
