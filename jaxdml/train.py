@@ -8,6 +8,7 @@ registry say what each needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -216,21 +217,42 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     save_config(config, workdir)
   config = parts.config
   start = ckpt.latest_step() or 0
-  batches_from = lambda step: sharding.prefetch_to_devices(data_lib.train_batches(
-      config.data, seed=int(config.seed), global_batch_size=int(config.batch_size),
-      start_step=step, process_index=jax.process_index(),
-      process_count=jax.process_count(), task=config.task), parts.mesh,
-      int(config.data.get("device_prefetch", 2)))
-  # The data first: a missing data set should fail before minutes of compiling.
-  batches = batches_from(start)
-  state = restore_or_create(parts, ckpt)
-  if step_of(state) != start:  # the newest checkpoint was damaged and set aside
-    start = step_of(state)
+  with contextlib.ExitStack() as cleanup:
+    cleanup.callback(ckpt.close)
+    # The host pipeline is closed when it is replaced and when the run ends,
+    # however it ends: its worker processes hold ~0.25 GB each, and a failed
+    # run's traceback, which notebooks keep, would keep them running.
+    pipeline = []
+
+    def batches_from(step):
+      for host_batches in pipeline:
+        host_batches.close()
+      pipeline[:] = [data_lib.train_batches(
+          config.data, seed=int(config.seed), global_batch_size=int(config.batch_size),
+          start_step=step, process_index=jax.process_index(),
+          process_count=jax.process_count(), task=config.task)]
+      return sharding.prefetch_to_devices(pipeline[0], parts.mesh,
+                                          int(config.data.get("device_prefetch", 2)))
+
+    cleanup.callback(lambda: [host_batches.close() for host_batches in pipeline])
+    # The data first: a missing data set should fail before minutes of compiling.
     batches = batches_from(start)
+    state = restore_or_create(parts, ckpt)
+    if step_of(state) != start:  # the newest checkpoint was damaged and set aside
+      start = step_of(state)
+      batches = batches_from(start)
+    return _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup)
+
+
+def _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup) -> dict:
+  """Steps from `start` to the end (or `stop_after` steps); `cleanup` closes
+  what the loop opens when the run ends."""
+  config = parts.config
   total = int(config.total_steps)
   end = total if stop_after is None else min(total, start + int(stop_after))
   step_fn = make_train_step(parts)
   writer = MetricsWriter(workdir, resume_step=start)
+  cleanup.callback(writer.close)
   evaluator = _make_evaluator(parts, workdir)
   log_every = max(1, int(config.log_every))
   eval_every = int(config.eval_every)
@@ -238,40 +260,36 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   import tqdm  # pylint: disable=g-import-not-at-top (jaxdml.bench runs without it)
   bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
+  cleanup.callback(bar.close)
   preemption = Preemption(ckpt)
+  cleanup.callback(preemption.close)
   t0 = time.perf_counter()
-  try:
-    for step in range(start + 1, end + 1):
-      state, metrics = step_fn(state, next(batches))
-      pending.append((step, metrics))
-      bar.update(1)
-      preempted = preemption.reached(step)
-      must_save = ckpt.should_save(step, total) or step == end or preempted
-      if step % log_every == 0 or step == total or must_save:
-        summary = _summarise(pending)
-        pending = []
-        summary["steps_per_sec"] = (step - start) / (time.perf_counter() - t0)
-        writer.write(step, summary)
-        bar.set_postfix(loss=f"{summary['loss']:.4f}")
-      # A preempted job has seconds left: the checkpoint first, no evaluation.
-      due = evaluator.due(step, total, eval_every) if evaluator and not preempted else ()
-      if due:
-        results = evaluator.run(parts.embed_fns(state), step, due)
-        writer.write(step, results)
-        bar.write(f"step {step}: " + ", ".join(
-            f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
-      if must_save:
-        ckpt.save(step, state, force=preempted)
-      if preempted:
-        if jax.process_index() == 0:
-          bar.write(f"SIGTERM: stopped at step {step} of {total}, checkpoint saved in "
-                    f"{ckpt.directory}. Rerun the same command to resume.")
-        break
-  finally:
-    preemption.close()
-    bar.close()
-    ckpt.close()
-    writer.close()
+  for step in range(start + 1, end + 1):
+    state, metrics = step_fn(state, next(batches))
+    pending.append((step, metrics))
+    bar.update(1)
+    preempted = preemption.reached(step)
+    must_save = ckpt.should_save(step, total) or step == end or preempted
+    if step % log_every == 0 or step == total or must_save:
+      summary = _summarise(pending)
+      pending = []
+      summary["steps_per_sec"] = (step - start) / (time.perf_counter() - t0)
+      writer.write(step, summary)
+      bar.set_postfix(loss=f"{summary['loss']:.4f}")
+    # A preempted job has seconds left: the checkpoint first, no evaluation.
+    due = evaluator.due(step, total, eval_every) if evaluator and not preempted else ()
+    if due:
+      results = evaluator.run(parts.embed_fns(state), step, due)
+      writer.write(step, results)
+      bar.write(f"step {step}: " + ", ".join(
+          f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+    if must_save:
+      ckpt.save(step, state, force=preempted)
+    if preempted:
+      if jax.process_index() == 0:
+        bar.write(f"SIGTERM: stopped at step {step} of {total}, checkpoint saved in "
+                  f"{ckpt.directory}. Rerun the same command to resume.")
+      break
   return results
 
 

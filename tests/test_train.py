@@ -263,6 +263,39 @@ def test_proxy_anchor_recipe_trains_sharded_proxies_and_resumes(tmp_path):
                one["loss_params"], eight["loss_params"])
 
 
+def test_a_run_stops_its_worker_processes_however_it_ends(tmp_path, monkeypatch):
+  """Each worker process holds ~0.25 GB: a run closes its pipeline when it
+  ends, and when its step fails. A failed run's traceback, which a notebook
+  keeps (`sys.last_traceback`), holds the run's frames: before, it kept the
+  workers running too."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  config, _ = short_run(2, checkpoint_every=1)
+  config.data.num_workers = 2  # worker processes even on the embedded set
+  earlier = {p.pid for p in multiprocessing.active_children()}
+
+  def new_children():
+    return [p.pid for p in multiprocessing.active_children() if p.pid not in earlier]
+
+  train.train_and_evaluate(config, str(tmp_path / "ended"))
+  assert len(losses_of(str(tmp_path / "ended"))) == 2
+  assert not new_children()
+
+  running = []
+
+  def failing_step(parts):
+    def step(state, batch):
+      running.extend(new_children())
+      raise RuntimeError("a step that fails")
+    return step
+
+  monkeypatch.setattr(train, "make_train_step", failing_step)
+  with pytest.raises(RuntimeError, match="a step that fails") as failure:
+    train.train_and_evaluate(config, str(tmp_path / "failed"))
+  assert len(running) == 2, running  # the step saw both workers at work
+  assert failure.tb is not None  # the traceback, and the run's frames, still held
+  assert not new_children()
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
   """Array files of the newest checkpoint truncated after its commit (a disk
   error): the rerun reports it, sets it aside, resumes from the step before
