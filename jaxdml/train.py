@@ -219,28 +219,25 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   start = ckpt.latest_step() or 0
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(ckpt.close)
-    # The host pipeline is closed when it is replaced and when the run ends,
-    # however it ends: its worker processes hold ~0.25 GB each, and a failed
-    # run's traceback, which notebooks keep, would keep them running.
-    pipeline = []
 
-    def batches_from(step):
-      for host_batches in pipeline:
-        host_batches.close()
-      pipeline[:] = [data_lib.train_batches(
+    def open_batches(step):
+      # Closed when the run ends, however it ends: its worker processes hold
+      # ~0.25 GB each, and a failed run's traceback, which notebooks keep,
+      # would keep them running.
+      return cleanup.enter_context(contextlib.closing(data_lib.train_batches(
           config.data, seed=int(config.seed), global_batch_size=int(config.batch_size),
           start_step=step, process_index=jax.process_index(),
-          process_count=jax.process_count(), task=config.task)]
-      return sharding.prefetch_to_devices(pipeline[0], parts.mesh,
-                                          int(config.data.get("device_prefetch", 2)))
+          process_count=jax.process_count(), task=config.task)))
 
-    cleanup.callback(lambda: [host_batches.close() for host_batches in pipeline])
     # The data first: a missing data set should fail before minutes of compiling.
-    batches = batches_from(start)
+    host_batches = open_batches(start)
     state = restore_or_create(parts, ckpt)
     if step_of(state) != start:  # the newest checkpoint was damaged and set aside
+      host_batches.close()  # its workers go now, not when the run ends
       start = step_of(state)
-      batches = batches_from(start)
+      host_batches = open_batches(start)
+    batches = sharding.prefetch_to_devices(host_batches, parts.mesh,
+                                           int(config.data.get("device_prefetch", 2)))
     return _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup)
 
 
