@@ -273,10 +273,8 @@ def _cpu_seconds() -> float:
   processes (grain's workers), which Linux lists in /proc; elsewhere this
   process's alone."""
   total, tick = time.process_time(), os.sysconf("SC_CLK_TCK")
-  for child in host.child_pids(os.getpid()):
-    fields = host.process_stat(child)
-    if fields:  # not gone meanwhile
-      total += (int(fields[11]) + int(fields[12])) / tick
+  for fields in host.child_stats(os.getpid()).values():
+    total += (int(fields[11]) + int(fields[12])) / tick
   return total
 
 

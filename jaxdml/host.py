@@ -43,10 +43,18 @@ def process_stat(pid, proc="/proc") -> list[str]:
     return []
 
 
-def child_pids(pid, proc="/proc") -> list[int]:
-  """Live child processes of `pid` ([] where there is no /proc)."""
+def child_stats(pid, proc="/proc") -> dict[int, list[str]]:
+  """`{child pid: process_stat fields}` of the live child processes of
+  `pid`, from the one read of each /proc/PID/stat that finds them ({} where
+  there is no /proc)."""
   try:
     entries = os.listdir(proc)
   except OSError:
-    return []
-  return [int(p) for p in entries if p.isdigit() and process_stat(p, proc)[1:2] == [str(pid)]]
+    return {}
+  stats = {int(p): process_stat(p, proc) for p in entries if p.isdigit()}
+  return {p: fields for p, fields in stats.items() if fields[1:2] == [str(pid)]}
+
+
+def child_pids(pid, proc="/proc") -> list[int]:
+  """Live child processes of `pid` ([] where there is no /proc)."""
+  return list(child_stats(pid, proc))

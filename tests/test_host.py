@@ -41,9 +41,11 @@ def test_a_child_process_is_listed_with_its_parent_until_it_is_gone(tmp_path):
     assert child.pid in host.child_pids(os.getpid())
     fields = host.process_stat(child.pid)
     assert fields[0] in "RSD" and fields[1] == str(os.getpid()) and len(fields) > 12
+    assert host.child_stats(os.getpid())[child.pid][:2] == fields[:2]
   finally:
     child.communicate(b"")
   assert host.process_stat(child.pid) == [] and child.pid not in host.child_pids(os.getpid())
   # Without /proc (macOS): nothing listed, nothing read.
   assert host.process_stat(os.getpid(), proc=str(tmp_path)) == []
   assert host.child_pids(os.getpid(), proc=str(tmp_path / "absent")) == []
+  assert host.child_stats(os.getpid(), proc=str(tmp_path / "absent")) == {}
