@@ -244,7 +244,11 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> 
   images: source images drawn from the data set (an SBIR pair is two);
   views: the images the batches hold (RAML: `views.num` x (hi + lo) per
   source image). CPU seconds are this process's, all its threads, and its
-  worker processes' (`_cpu_seconds`).
+  worker processes' (`_cpu_seconds`). `worker_busy` (worker processes only):
+  the least, median and most of the workers' CPU seconds per second of the
+  timed window (1.0: a one-thread worker never waited). grain hands batches
+  back round robin, so a worker near 1.0 beside idle ones sets the pace;
+  all of them well under 1.0: the training process does (docs/architecture.md).
   """
   del peak
   from jaxdml import config_lib, data as data_lib  # pylint: disable=g-import-not-at-top
@@ -254,28 +258,49 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> 
   for _ in range(max(warmup, 1)):  # the first batch pays for opening the data set
     next(batches)
   views = 0
-  cpu, wall = _cpu_seconds(), time.perf_counter()
+  children = host.child_cpu_seconds(os.getpid())
+  cpu, wall = _cpu_seconds(children), time.perf_counter()
   for _ in range(steps):
     batch = next(batches)
     views += sum(len(v) for v in batch.values() if np.ndim(v) == 4)  # image arrays
-  cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+  wall = time.perf_counter() - wall
+  children_after = host.child_cpu_seconds(os.getpid())
+  cpu = _cpu_seconds(children_after) - cpu
   images = batch_size * steps * (2 if config.task == "sbir" else 1)
+  busy = worker_busy(children, children_after, wall, _worker_pids())
   return {
       "measurement": "input_pipeline", "config_data": config.data.name, "task": config.task,
       "batch_size": batch_size, "steps": steps, "images_per_sec": images / wall,
       "views_per_sec": views / wall, "cpu_seconds_per_image": cpu / images,
-      **_workers(config.data),
+      **_workers(config.data), **({"worker_busy": busy} if busy else {}),
       "host_cores": host.cores(), "seconds": wall}
 
 
-def _cpu_seconds() -> float:
+def _cpu_seconds(children=None) -> float:
   """CPU seconds of this process (all threads) and of its live child
-  processes (grain's workers), which Linux lists in /proc; elsewhere this
-  process's alone."""
-  total, tick = time.process_time(), os.sysconf("SC_CLK_TCK")
-  for fields in host.child_stats(os.getpid()).values():
-    total += (int(fields[11]) + int(fields[12])) / tick
-  return total
+  processes (grain's workers; `children` if read already), which Linux
+  lists in /proc; elsewhere this process's alone."""
+  if children is None:
+    children = host.child_cpu_seconds(os.getpid())
+  return time.process_time() + sum(children.values())
+
+
+def _worker_pids() -> set[int]:
+  """This process's multiprocessing children: grain's workers, not the
+  resource tracker that its shared memory starts beside them."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  return {p.pid for p in multiprocessing.active_children()}
+
+
+def worker_busy(before: dict, after: dict, seconds: float, workers) -> dict | None:
+  """`{"min", "median", "max"}` of the CPU seconds per second that each of
+  `workers` (pids) spent between the `{pid: CPU seconds}` reads `before`
+  and `after`, `seconds` apart; None without such workers."""
+  busy = sorted((after[p] - before[p]) / seconds for p in workers if p in before and p in after)
+  if not busy:
+    return None
+  return {"min": round(busy[0], 3), "median": round(float(np.median(busy)), 3),
+          "max": round(busy[-1], 3)}
 
 
 def _workers(data_config) -> dict:

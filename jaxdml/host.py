@@ -55,6 +55,13 @@ def child_stats(pid, proc="/proc") -> dict[int, list[str]]:
   return {p: fields for p, fields in stats.items() if fields[1:2] == [str(pid)]}
 
 
+def child_cpu_seconds(pid, proc="/proc") -> dict[int, float]:
+  """`{child pid: CPU seconds (user + system)}` of the live child processes
+  of `pid` ({} where there is no /proc)."""
+  tick = os.sysconf("SC_CLK_TCK")
+  return {p: (int(f[11]) + int(f[12])) / tick for p, f in child_stats(pid, proc).items()}
+
+
 def child_pids(pid, proc="/proc") -> list[int]:
   """Live child processes of `pid` ([] where there is no /proc)."""
   return list(child_stats(pid, proc))

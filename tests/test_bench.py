@@ -192,3 +192,53 @@ def test_input_cpu_seconds_count_live_worker_processes():
   finally:
     child.communicate("")
   assert own < 0.2 and total - own >= 0.4
+
+
+def test_worker_busy_is_each_workers_cpu_over_the_window():
+  before = {11: 2.0, 12: 5.0, 13: 0.0}
+  after = {11: 3.0, 12: 5.5, 13: 9.0, 14: 1.0}  # 13: not a worker; 14: started inside the window
+  assert bench.worker_busy(before, after, 2.0, {11, 12, 14}) == {"min": 0.25, "median": 0.375,
+                                                                 "max": 0.5}
+  assert bench.worker_busy(before, after, 1.0, {12}) == {"min": 0.5, "median": 0.5, "max": 0.5}
+  assert bench.worker_busy(before, after, 1.0, set()) is None
+
+
+def test_input_measurement_reports_its_worker_processes_busy(tmp_path):
+  """With worker processes the record says how busy they were; the
+  resource tracker that shared memory starts beside them is not a worker."""
+  if not os.path.isdir("/proc"):
+    pytest.skip("child processes' CPU is read from /proc")
+  config = config_lib.load_config(os.path.join(ROOT, "configs", "cub_obdsd.py"), "smoke")
+  config.data.cache_dir = str(tmp_path)
+  config.data.num_workers, config.data.num_threads = 2, 1
+  record, = bench.run(config, batch_sizes=[8], measure=["input"], steps=24, warmup=1)
+  assert record["worker_kind"] == "processes" and record["workers"] == 2
+  busy = record["worker_busy"]
+  assert 0 <= busy["min"] <= busy["median"] <= busy["max"] < 1.5  # one thread each
+  config.data.num_workers = 0
+  record, = bench.run(config, batch_sizes=[8], measure=["input"], steps=2, warmup=1)
+  assert "worker_busy" not in record
+
+
+def test_the_workers_are_the_multiprocessing_children_not_the_resource_tracker():
+  if not os.path.isdir("/proc"):
+    pytest.skip("child processes are listed from /proc")
+  from multiprocessing import shared_memory, resource_tracker  # pylint: disable=g-import-not-at-top
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  segment = shared_memory.SharedMemory(create=True, size=64)  # starts the tracker if not yet
+  ctx = multiprocessing.get_context("spawn")
+  stop = ctx.Event()
+  worker = ctx.Process(target=stop.wait)
+  worker.start()
+  try:
+    tracker = resource_tracker._resource_tracker._pid  # pylint: disable=protected-access
+    from jaxdml import host  # pylint: disable=g-import-not-at-top
+    children = set(host.child_pids(os.getpid()))
+    assert {worker.pid, tracker} <= children
+    workers = bench._worker_pids()  # pylint: disable=protected-access
+    assert worker.pid in workers and tracker not in workers
+  finally:
+    stop.set()
+    worker.join()
+    segment.close()
+    segment.unlink()

@@ -49,3 +49,15 @@ def test_a_child_process_is_listed_with_its_parent_until_it_is_gone(tmp_path):
   assert host.process_stat(os.getpid(), proc=str(tmp_path)) == []
   assert host.child_pids(os.getpid(), proc=str(tmp_path / "absent")) == []
   assert host.child_stats(os.getpid(), proc=str(tmp_path / "absent")) == {}
+
+
+def test_child_cpu_seconds_adds_user_and_system_ticks(tmp_path):
+  tick = os.sysconf("SC_CLK_TCK")
+  for pid, ppid, utime, stime in ((31, 7, 3 * tick, tick), (32, 7, tick // 2, 0), (33, 8, tick, tick)):
+    (tmp_path / str(pid)).mkdir()
+    # The name holds a space and a ')': the fields start after the last ')'.
+    (tmp_path / str(pid) / "stat").write_text(
+        f"{pid} (a) b) S {ppid} 1 1 0 -1 0 10 0 0 0 {utime} {stime} 0 0 20 0 1 0\n")
+  seconds = host.child_cpu_seconds(7, proc=str(tmp_path))
+  assert seconds == {31: 4.0, 32: (tick // 2) / tick}
+  assert host.child_cpu_seconds(7, proc=str(tmp_path / "absent")) == {}
