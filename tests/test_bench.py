@@ -204,8 +204,9 @@ def test_worker_busy_is_each_workers_cpu_over_the_window():
 
 
 def test_input_measurement_reports_its_worker_processes_busy(tmp_path):
-  """With worker processes the record says how busy they were; the
-  resource tracker that shared memory starts beside them is not a worker."""
+  """With worker processes the record says how busy they were; without
+  them it has no `worker_busy`. (Which children count as workers: the next
+  test.)"""
   if not os.path.isdir("/proc"):
     pytest.skip("child processes' CPU is read from /proc")
   config = config_lib.load_config(os.path.join(ROOT, "configs", "cub_obdsd.py"), "smoke")
