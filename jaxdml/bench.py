@@ -237,7 +237,8 @@ def bench_inference(config, batch_size: int, steps: int, warmup: int, peak=None)
                  compiled_flops(compiled, mesh.size), compile_s, peak, _memory(compiled))
 
 
-def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> dict:
+def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None, *,
+                before_timing=None) -> dict:
   """The config's training input pipeline alone (its data set, sampler and
   augmentation; no model, nothing put on a device), as one process feeds it.
 
@@ -249,6 +250,9 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> 
   timed window (1.0: a one-thread worker never waited). grain hands batches
   back round robin, so a worker near 1.0 beside idle ones sets the pace;
   all of them well under 1.0: the training process does (docs/architecture.md).
+  `before_timing()`, if given, runs after the warmup, just before the timed
+  window: a barrier that starts several processes' windows together
+  (benchmarks/core_scaling.py).
   """
   del peak
   from jaxdml import config_lib, data as data_lib  # pylint: disable=g-import-not-at-top
@@ -257,6 +261,8 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None) -> 
                                    global_batch_size=batch_size, start_step=0, task=config.task)
   for _ in range(max(warmup, 1)):  # the first batch pays for opening the data set
     next(batches)
+  if before_timing is not None:
+    before_timing()
   views = 0
   children = host.child_cpu_seconds(os.getpid())
   cpu, wall = _cpu_seconds(children), time.perf_counter()

@@ -243,3 +243,25 @@ def test_the_workers_are_the_multiprocessing_children_not_the_resource_tracker()
     worker.join()
     segment.close()
     segment.unlink()
+
+
+def test_before_timing_runs_once_between_the_warmup_and_the_timed_batches(monkeypatch, tmp_path):
+  """benchmarks/core_scaling.py starts several processes' windows together
+  with it: it must come after every warmup batch and before any timed one."""
+  from jaxdml import data as data_lib  # pylint: disable=g-import-not-at-top
+  drawn = []
+  make = data_lib.train_batches
+
+  def counted(*args, **kwargs):
+    for batch in make(*args, **kwargs):
+      drawn.append(1)
+      yield batch
+
+  monkeypatch.setattr(data_lib, "train_batches", counted)
+  config = config_lib.load_config(os.path.join(ROOT, "configs", "cub_obdsd.py"), "smoke")
+  config.data.cache_dir = str(tmp_path)
+  config.data.num_workers = 0
+  at_call = []
+  record = bench.bench_input(config, 8, steps=3, warmup=2,
+                             before_timing=lambda: at_call.append(len(drawn)))
+  assert at_call == [2] and len(drawn) == 5 and record["steps"] == 3
