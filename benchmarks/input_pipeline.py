@@ -176,6 +176,20 @@ def prepare(root: str, dataset: str = "cub") -> str:
   return data_dir
 
 
+def prepare_for(root: str, recipes, num_images: int) -> str:
+  """The data folder with CUB prepared, and SOP or Sketchy where `recipes`
+  (file names) need them, from trees of `num_images` files made first."""
+  make_cub_tree(root, num_images)
+  data_dir = prepare(root)
+  if any(r.startswith("sop_") for r in recipes):
+    make_sop_tree(root, num_images)
+    prepare(root, "sop")
+  if any(r.startswith("sketchy_") for r in recipes):
+    make_sketchy_tree(root, num_images)
+    prepare(root, "sketchy")
+  return data_dir
+
+
 def _cpu_seconds():
   own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -308,13 +322,7 @@ def main(argv):
       fh.read()
   batch, steps = _BATCH.value, _STEPS.value
   if "jaxdml" in _PIPELINES.value:
-    data_dir = prepare(root)
-    if any(r.startswith("sop_") for r in _RECIPES.value):
-      make_sop_tree(root, _NUM.value)
-      prepare(root, "sop")
-    if any(r.startswith("sketchy_") for r in _RECIPES.value):
-      make_sketchy_tree(root, _NUM.value)
-      prepare(root, "sketchy")
+    data_dir = prepare_for(root, _RECIPES.value, _NUM.value)
     for recipe in _RECIPES.value:
       # RAML's batch counts source images, each 8 views at 448 + 224: fewer per step.
       b = max(batch // 8, 2) if "raml" in recipe else batch
