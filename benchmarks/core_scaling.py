@@ -35,7 +35,6 @@ from jaxdml import host  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 # --root, --num_images, --batch_size and --steps are input_pipeline.py's flags.
 FLAGS = flags.FLAGS
-FLAGS.set_default("steps", 150)
 _RECIPE = flags.DEFINE_string("recipe", "cub_irt.py", "Recipe under configs/.")
 _CORES = flags.DEFINE_list("cores", None,
                            "Core counts to time (default: 1 and all this process may use).")
@@ -123,4 +122,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  FLAGS.set_default("steps", 150)  # here, not at import: a test's import leaves it alone
   app.run(main)
