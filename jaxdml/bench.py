@@ -247,8 +247,8 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None, *,
   source image). CPU seconds are this process's, all its threads, and its
   worker processes' (`_cpu_seconds`). `worker_busy` (worker processes only):
   the least, median and most of the workers' CPU seconds per second of the
-  timed window (1.0: a one-thread worker never waited). grain hands batches
-  back round robin, so a worker near 1.0 beside idle ones sets the pace;
+  timed window (1.0: a one-thread worker never waited). Batches are taken
+  from the workers round robin, so a worker near 1.0 beside idle ones sets the pace;
   all of them well under 1.0: the training process does (docs/architecture.md).
   `before_timing()`, if given, runs after the warmup, just before the timed
   window: a barrier that starts several processes' windows together
@@ -284,7 +284,7 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None, *,
 
 def _cpu_seconds(children=None) -> float:
   """CPU seconds of this process (all threads) and of its live child
-  processes (grain's workers; `children` if read already), which Linux
+  processes (the data workers; `children` if read already), which Linux
   lists in /proc; elsewhere this process's alone."""
   if children is None:
     children = host.child_cpu_seconds(os.getpid())
@@ -292,8 +292,8 @@ def _cpu_seconds(children=None) -> float:
 
 
 def _worker_pids() -> set[int]:
-  """This process's multiprocessing children: grain's workers, not the
-  resource tracker that its shared memory starts beside them."""
+  """This process's multiprocessing children: the data workers, not the
+  resource tracker that their shared memory starts beside them."""
   import multiprocessing  # pylint: disable=g-import-not-at-top
   return {p.pid for p in multiprocessing.active_children()}
 

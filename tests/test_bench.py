@@ -177,7 +177,7 @@ def test_input_measurement_counts_source_images_and_views(recipe, views_per_imag
 
 
 def test_input_cpu_seconds_count_live_worker_processes():
-  """grain's workers do the input pipeline's work: their CPU is counted."""
+  """Worker processes do the input pipeline's work: their CPU is counted."""
   if not os.path.isdir("/proc"):
     pytest.skip("child processes' CPU is read from /proc")
   child = subprocess.Popen(  # burns 0.5 s of CPU, then waits alive

@@ -2,18 +2,17 @@
 
 One code path for every data set: `sources.open_splits` turns the embedded
 synthetic set and the prepared TFDS sets alike into random-access sources;
-samplers pick rows as pure functions of (seed, step); grain maps each
-example position to its augmented example on a thread pool and batches.
+samplers pick rows as pure functions of (seed, step); each batch is made
+whole, by a worker process (`worker_processes`) or a thread of grain's pool.
 The batch for step `s` therefore depends only on `(seed, s)` (and the data
 config): resuming at `start_step=s` replays an uninterrupted run exactly,
 whatever the thread count or process count.
 
 Images leave the pipeline as uint8; `jaxdml.data.normalize` runs on device.
 """
-import atexit
 import functools
+import itertools
 import math
-import weakref
 
 import ml_collections
 import numpy as np
@@ -26,6 +25,7 @@ from jaxdml.data import seeding
 from jaxdml.data import shared_batches
 from jaxdml.data import sources
 from jaxdml.data import synthetic
+from jaxdml.data import worker_processes
 
 _AUG = 201  # RNG stream tag of the augmentations
 _NUM_STEPS = 2**40  # the iterator is endless in practice
@@ -61,7 +61,7 @@ def default_data_config():
       "single_labels": "category",
       # Threads per process; 0: one per core of the process's share, up to 32.
       "num_threads": 0,
-      # Worker processes (grain's mp_prefetch), each running `num_threads`
+      # Worker processes (`worker_processes`), each running `num_threads`
       # threads; 0: threads in this process only; -1: one per core, fewer
       # where memory is short (`worker_layout`).
       "num_workers": -1,
@@ -321,11 +321,6 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
 
   workers, threads = worker_layout(data_config)
   prefetch = int(_get(data_config, "prefetch", 2))
-  # Imported here: training on accelerators without grain still benchmarks.
-  import grain  # pylint: disable=g-import-not-at-top
-  # Each thread makes whole batches (steps s, s + threads, ...): grain's
-  # per-element machinery cost ~30 % of the CPU when threads shared one
-  # batch's examples (docs/benchmarks.md).
   # A worker process renders each batch straight into shared memory it
   # reuses, and sends its name: no copy and no fresh pages on either side.
   shared = _SHARED_MIN_BYTES if workers else None
@@ -335,67 +330,28 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   # sends: it runs beside the training step already, and a pool thread
   # would add a hand-off per batch and two more batches in flight.
   pool_threads = 0 if workers and threads == 1 else threads
-  read = grain.ReadOptions(num_threads=pool_threads, prefetch_buffer_size=max(threads, prefetch))
-  ds = grain.MapDataset.range(start_step, _NUM_STEPS).map(make_batch).to_iter_dataset(read)
-  if workers:
-    # Worker processes: worker i makes the batches of steps i, i + n, ...
-    # and grain hands them back round robin: the same batches, in the same
-    # order, as threads alone make.
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():  # grain reads its flags; a library caller parsed none
-      flags.FLAGS.mark_as_parsed()
-    # Arrays under the threshold are pickled: grain's default (0) gave even a
-    # batch's 256 bytes of labels a shared-memory segment of their own.
-    ds = grain.experimental.WithOptionsIterDataset(
-        ds, grain.experimental.DatasetOptions(min_shm_size=shared))
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=prefetch))
-    # As many idle mappings as the workers' pools keep free segments.
-    ds = ds.map(shared_batches.Mappings(max_idle=workers * shared_batches.MAX_IDLE).open_arrays)
-    return _WorkerBatches(iter(ds))
-  return iter(ds)
+  step_batches = functools.partial(_step_batches, make_batch, pool_threads, max(threads, prefetch))
+  if not workers:
+    return step_batches(start_step, 1)
+  # As many idle mappings as the workers' pools keep free segments.
+  mappings = shared_batches.Mappings(max_idle=workers * shared_batches.MAX_IDLE)
+  return worker_processes.WorkerBatches(step_batches, workers, start_step=start_step,
+                                        prefetch=prefetch, receive=mappings.open_arrays)
 
 
-class _WorkerBatches:
-  """A worker pipeline's batches; `close()` stops its workers (at exit, if
-  still open).
-
-  grain's iterators close themselves in `__del__`. For an iterator a script
-  still holds at exit, that runs during interpreter teardown, after the
-  modules it uses are gone: a traceback for each of its buffers. At exit,
-  while the modules are still there, this closes the iterators and lets
-  them go.
-  """
-
-  _open = weakref.WeakSet()
-
-  def __init__(self, batches):
-    self._batches = batches
-    self._open.add(self)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._batches is None:
-      raise ValueError("these training batches were closed; make new ones with train_batches.")
-    return next(self._batches)
-
-  def close(self):
-    if self._batches is not None:
-      self._batches.close()
-      self._batches = None
-
-
-@atexit.register
-def _close_worker_batches():
-  still_open = list(_WorkerBatches._open)
-  if not still_open:  # most processes (grain's workers too) never held one
-    return
-  for batches in still_open:
-    batches.close()
-  import gc  # pylint: disable=g-import-not-at-top
-  gc.collect()  # grain's iterators in reference cycles go now, not at teardown
+def _step_batches(make_batch, pool_threads, buffer, first, stride):
+  """The batches of steps first, first + stride, ...: made in the calling
+  thread as they are asked for (`pool_threads` 0), or ahead of time by
+  grain on a pool of threads, each making whole batches (grain's
+  per-element machinery cost ~30 % of the CPU when threads shared one
+  batch's examples: docs/benchmarks.md)."""
+  if not pool_threads:
+    return map(make_batch, itertools.count(first, stride))
+  # Imported here: training on accelerators without grain still benchmarks.
+  import grain  # pylint: disable=g-import-not-at-top
+  read = grain.ReadOptions(num_threads=pool_threads, prefetch_buffer_size=buffer)
+  return iter(grain.MapDataset.range(first, _NUM_STEPS, stride).map(make_batch)
+              .to_iter_dataset(read))
 
 
 STACK, CONCATENATE = "stack", "concatenate"  # how a plan's examples form a batch
@@ -462,7 +418,7 @@ def _make_batch(make, generators, step, *, concatenate, shared_min_bytes=None):
 class _RecentSteps:
   """`indices(step)` remembered for the last steps: each batch's rows ask for
   the same step, from several threads. A plain class with a lock, not
-  `functools.lru_cache`, so the pipeline pickles into grain's worker
+  `functools.lru_cache`, so the pipeline pickles into the worker
   processes (each starts with an empty cache and its own lock)."""
 
   def __init__(self, indices, keep: int = 256):

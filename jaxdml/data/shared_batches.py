@@ -13,7 +13,7 @@ process is done with it:
 - `SegmentPool` (worker): hands out arrays in segments nobody holds, and
   makes a new segment only when none is free.
 - `Handle`: what the worker sends in an array's place (segment name, shape,
-  dtype). grain pickles it like any small object.
+  dtype). The worker's pipe pickles it like any small object.
 - `Mappings.open_arrays` (training process): maps the segment (the mapping
   is kept, so its pages are not faulted in again), wraps the array, and
   marks the segment free once that array and every view of it are gone.
@@ -22,8 +22,9 @@ The first byte of a segment says who holds it: set by the worker when it
 claims the segment, cleared by the training process when its array dies.
 Each side writes only its own transition, so no lock is shared. The array
 dies only after its readers are done with it (a JAX array made from it
-keeps it alive), and grain's queue, a pipe with locks, orders the worker's
-pixels before the training process reads them.
+keeps it alive), and the worker's pipe (`worker_processes`) orders the
+worker's pixels before the training process reads them: a write and a read
+of a pipe are system calls, full memory barriers.
 """
 from __future__ import annotations
 
@@ -169,9 +170,10 @@ def worker_pool() -> SegmentPool:
   with _pool_lock:
     if _pool is None or _pool_pid != os.getpid():
       _pool, _pool_pid = SegmentPool(), os.getpid()
-      # grain stops a worker by letting its target return, after which
-      # multiprocessing runs this; a killed worker leaves its segments to
-      # Python's resource tracker.
+      # A worker stops by letting its target return (or by SIGTERM, which
+      # `worker_processes` turns into an exit), after which multiprocessing
+      # runs this; a killed worker leaves its segments to Python's
+      # resource tracker.
       util.Finalize(_pool, _pool.close, exitpriority=10)
     return _pool
 
@@ -181,7 +183,7 @@ _watched_pid: int | None = None
 
 def exit_with_parent() -> None:
   """Makes this worker process exit, its segments unlinked, once the
-  training process is gone. grain's workers outlive a training process
+  training process is gone. Workers would outlive a training process
   killed outright (SIGKILL, the OOM killer), each keeping its memory and
   making batches nobody reads. Cheap to call for every batch."""
   global _watched_pid
