@@ -222,7 +222,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
 
     def open_batches(step):
       # Closed when the run ends, however it ends: its worker processes hold
-      # ~0.25 GB each, and a failed run's traceback, which notebooks keep,
+      # ~0.1 GB each, and a failed run's traceback, which notebooks keep,
       # would keep them running.
       return cleanup.enter_context(contextlib.closing(data_lib.train_batches(
           config.data, seed=int(config.seed), global_batch_size=int(config.batch_size),

@@ -711,6 +711,26 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatc
     assert not segments(p.pid for p in ours)
 
 
+def test_worker_processes_make_batches_without_jax(cache_dir):
+  """A worker needs NumPy, the decoders and the records, not JAX: importing
+  it cost each worker ~120 MB and ~1 s of start-up (docs/benchmarks.md).
+  Its loaded libraries are listed in /proc."""
+  if not os.path.isdir("/proc"):
+    pytest.skip("a worker's libraries are listed from /proc")
+  cfg = data.default_data_config()
+  cfg.cache_dir, cfg.image_size, cfg.num_threads, cfg.num_workers = cache_dir, 32, 1, 2
+  cfg.views = dict(num=2, hi=32, lo=16, mixup=0.2)  # RAML's device-augmentation keys too
+  it = data.train_batches(cfg, seed=0, global_batch_size=4, start_step=0, task="single")
+  try:
+    assert augment.CROPS in next(it) and augment.MIXUP in next(it)  # one from each worker
+    for process in it.processes:
+      with open(f"/proc/{process.pid}/maps") as maps:
+        libraries = maps.read()
+      assert "numpy" in libraries and "jaxlib" not in libraries, process.pid
+  finally:
+    it.close()
+
+
 def test_worker_batches_close_and_a_script_holding_them_exits_cleanly(cache_dir, tmp_path):
   """`close()` stops the workers. A script that still holds a worker pipeline
   when it ends exits without teardown tracebacks and without

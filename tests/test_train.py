@@ -264,7 +264,7 @@ def test_proxy_anchor_recipe_trains_sharded_proxies_and_resumes(tmp_path):
 
 
 def test_a_run_stops_its_worker_processes_however_it_ends(tmp_path, monkeypatch):
-  """Each worker process holds ~0.25 GB: a run closes its pipeline when it
+  """Each worker process holds ~0.1 GB: a run closes its pipeline when it
   ends, and when its step fails. A failed run's traceback, which a notebook
   keeps (`sys.last_traceback`), holds the run's frames: before, it kept the
   workers running too."""

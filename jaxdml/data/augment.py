@@ -12,7 +12,6 @@ release the GIL, so the pipeline's threads use every core.
 """
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 try:
@@ -25,8 +24,17 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
+# Batch keys the host ships for RAML's device augmentation (`coupled_crops`
+# makes them, `device_augment.apply` consumes them). Here, not there: worker
+# processes make batches without importing JAX (~160 MB each).
+CROPS, ORDER, FACTORS = "crops_hi", "jitter_order", "jitter_factors"
+PARTNER_CROPS, PARTNER_ORDER, PARTNER_FACTORS = "partner_hi", "partner_order", "partner_factors"
+MIXUP = "mixup_lambda"
+
+
 def normalize(images):
   """uint8 [..., 3] -> float32 `(x / 255 - MEAN) / STD`; runs on device."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (workers never normalise)
   x = jnp.asarray(images).astype(jnp.float32) / 255.0
   return (x - jnp.asarray(MEAN, jnp.float32)) / jnp.asarray(STD, jnp.float32)
 

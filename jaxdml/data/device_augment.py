@@ -19,10 +19,9 @@ averaging (OpenCV's INTER_AREA).
 import jax
 import jax.numpy as jnp
 
-# Batch keys the host ships for device augmentation; `apply` consumes them.
-CROPS, ORDER, FACTORS = "crops_hi", "jitter_order", "jitter_factors"
-PARTNER_CROPS, PARTNER_ORDER, PARTNER_FACTORS = "partner_hi", "partner_order", "partner_factors"
-MIXUP = "mixup_lambda"
+from jaxdml.data.augment import CROPS, FACTORS, MIXUP, ORDER  # the batch keys `apply` consumes
+from jaxdml.data.augment import PARTNER_CROPS, PARTNER_FACTORS, PARTNER_ORDER
+
 KEYS = (CROPS, ORDER, FACTORS, PARTNER_CROPS, PARTNER_ORDER, PARTNER_FACTORS, MIXUP)
 
 

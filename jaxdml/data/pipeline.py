@@ -19,7 +19,6 @@ import numpy as np
 
 from jaxdml import host
 from jaxdml.data import augment
-from jaxdml.data import device_augment as dev
 from jaxdml.data import samplers
 from jaxdml.data import seeding
 from jaxdml.data import shared_batches
@@ -76,7 +75,7 @@ def _get(cfg, key, default=None):
 
 
 # Memory one worker process is allowed on the default layout: it holds
-# ~0.25 GB (~0.4 GB for RAML's 448 px views, with its shared-memory batches)
+# ~0.1 GB (~0.2 GB for RAML's 448 px views, with its shared-memory batches)
 # and buffers batches of its own; the rest is headroom.
 WORKER_MEMORY_BYTES = 1 << 30
 
@@ -253,19 +252,19 @@ def _device_views_example(source, labels, num, hi, mixup, aug):
     i = idx[row]
     crops, order, factors = augment.coupled_crops(
         source.lazy_image(i), rng, num_views=num, hi=hi,
-        out=None if rows is None else rows[dev.CROPS], **aug)
-    out = {dev.CROPS: crops, dev.ORDER: order, dev.FACTORS: factors,
+        out=None if rows is None else rows[augment.CROPS], **aug)
+    out = {augment.CROPS: crops, augment.ORDER: order, augment.FACTORS: factors,
            "label": np.full(num, labels[i], np.int32)}
     if mixup > 0:
       # Each partner's crop is rendered into its row of the batch.
-      out[dev.PARTNER_CROPS] = (np.empty((num, hi, hi, 3), np.uint8) if rows is None
-                                else rows[dev.PARTNER_CROPS])
+      out[augment.PARTNER_CROPS] = (np.empty((num, hi, hi, 3), np.uint8) if rows is None
+                                else rows[augment.PARTNER_CROPS])
       partners = [augment.coupled_crops(source.lazy_image(int(rng.integers(len(source)))), rng,
-                                        num_views=1, hi=hi, out=out[dev.PARTNER_CROPS][v:v + 1],
+                                        num_views=1, hi=hi, out=out[augment.PARTNER_CROPS][v:v + 1],
                                         **aug)[1:] for v in range(num)]
-      out[dev.PARTNER_ORDER], out[dev.PARTNER_FACTORS] = (
+      out[augment.PARTNER_ORDER], out[augment.PARTNER_FACTORS] = (
           np.concatenate(part) for part in zip(*partners))
-      out[dev.MIXUP] = rng.beta(mixup, mixup, size=num).astype(np.float32)
+      out[augment.MIXUP] = rng.beta(mixup, mixup, size=num).astype(np.float32)
     return out
 
   return example
