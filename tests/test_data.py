@@ -701,9 +701,10 @@ def test_worker_processes_make_the_same_batches_as_threads(cache_dir, monkeypatc
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
   if os.path.isdir("/dev/shm"):  # Linux lists POSIX shared memory there
-    # At most 3 per worker, however many batches: 2 made ahead (its
-    # `prefetch` credits, the one being made included), 1 in this loop.
-    assert 2 <= len(seen) <= 6, sorted(seen)
+    # At most 5 per worker, however many batches: 4 made ahead (the pool's
+    # 2 x `prefetch` credits, the ones being made included; any one worker
+    # may hold them all), 1 in this loop.
+    assert 2 <= len(seen) <= 10, sorted(seen)
     del it
     gc.collect()
     for p in ours:

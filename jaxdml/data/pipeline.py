@@ -11,7 +11,6 @@ whatever the thread count or process count.
 Images leave the pipeline as uint8; `jaxdml.data.normalize` runs on device.
 """
 import functools
-import itertools
 import math
 
 import ml_collections
@@ -325,32 +324,20 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
   shared = _SHARED_MIN_BYTES if workers else None
   make_batch = functools.partial(_make_batch, make, generators, concatenate=collate == CONCATENATE,
                                  shared_min_bytes=shared)
-  # A worker of one thread makes its batches in its own loop, between
-  # sends: it runs beside the training step already, and a pool thread
-  # would add a hand-off per batch and two more batches in flight.
-  pool_threads = 0 if workers and threads == 1 else threads
-  step_batches = functools.partial(_step_batches, make_batch, pool_threads, max(threads, prefetch))
   if not workers:
-    return step_batches(start_step, 1)
+    # Imported here: training on accelerators without grain still benchmarks.
+    import grain  # pylint: disable=g-import-not-at-top
+    # Each thread makes whole batches (steps s, s + threads, ...): grain's
+    # per-element machinery cost ~30 % of the CPU when threads shared one
+    # batch's examples (docs/benchmarks.md).
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, prefetch))
+    return iter(grain.MapDataset.range(start_step, _NUM_STEPS).map(make_batch)
+                .to_iter_dataset(read))
   # As many idle mappings as the workers' pools keep free segments.
   mappings = shared_batches.Mappings(max_idle=workers * shared_batches.MAX_IDLE)
-  return worker_processes.WorkerBatches(step_batches, workers, start_step=start_step,
-                                        prefetch=prefetch, receive=mappings.open_arrays)
-
-
-def _step_batches(make_batch, pool_threads, buffer, first, stride):
-  """The batches of steps first, first + stride, ...: made in the calling
-  thread as they are asked for (`pool_threads` 0), or ahead of time by
-  grain on a pool of threads, each making whole batches (grain's
-  per-element machinery cost ~30 % of the CPU when threads shared one
-  batch's examples: docs/benchmarks.md)."""
-  if not pool_threads:
-    return map(make_batch, itertools.count(first, stride))
-  # Imported here: training on accelerators without grain still benchmarks.
-  import grain  # pylint: disable=g-import-not-at-top
-  read = grain.ReadOptions(num_threads=pool_threads, prefetch_buffer_size=buffer)
-  return iter(grain.MapDataset.range(first, _NUM_STEPS, stride).map(make_batch)
-              .to_iter_dataset(read))
+  return worker_processes.WorkerBatches(make_batch, workers, threads=threads,
+                                        start_step=start_step, prefetch=prefetch,
+                                        receive=mappings.open_arrays)
 
 
 STACK, CONCATENATE = "stack", "concatenate"  # how a plan's examples form a batch

@@ -1,34 +1,42 @@
 """Worker processes that make training batches and hand them over by pipe.
 
-Worker i of n makes the batches of steps start + i, start + i + n, ... and
-sends each down a pipe of its own; the training process reads the pipes
-round robin: the same batches, in the same order, as threads alone make.
-A batch's images travel as `shared_batches.Handle`s (names of shared memory
-the worker rendered them into); `receive` maps them.
+Each worker claims the next step from a shared counter, makes its batch and
+sends it down a pipe of its own; the training process takes the batches
+back in step order. Which worker made a batch does not matter: the batch
+of step s is a pure function of (seed, s), so the batches and their order
+are the ones threads alone make. A batch's images travel as
+`shared_batches.Handle`s (names of shared memory the worker rendered them
+into); `receive` maps them when the batch's turn comes.
 
-Why not grain's `mp_prefetch`, which this replaced: for every batch it
-wakes a feeder thread in the worker, a reader thread here and then this
-thread, and runs grain's per-element statistics on both sides. Against
-independent processes on the same 2 cores (benchmarks/core_scaling.py,
-12 interleaved rounds) two grain workers made 0.962 of their images/s and
-spent 892 us of CPU an image against 865; these workers made 0.994 at
-856 us (docs/benchmarks.md). Here the worker sends from its own loop, the
-training process reads in the thread that asks for the batch, and a
-semaphore per worker (`prefetch` credits) bounds the batches in flight:
-no thread hands anything on.
+Why claimed steps, not worker i making steps i, i + n, ...: batches taken
+round robin run every worker at the slowest one's pace, and on 2 busy
+cores the less busy of two workers was on CPU a median 0.97 of the time
+(docs/benchmarks.md). Why not grain's `mp_prefetch`, which these workers
+replaced: for every batch it woke a feeder thread in the worker, a reader
+thread here and then this thread, and ran grain's per-element statistics
+on both sides; its workers spent 1.5-5 % more CPU an image than
+independent processes. Here a worker sends from the thread that made the
+batch, and the training process reads in the thread that asks for it.
+
+Credits bound the batches in flight: `prefetch` a worker in all, and twice
+that for any one worker, so a fast worker runs ahead of a slow one without
+holding the memory of the whole pool.
 
 A worker's error reaches the training process as the same exception, its
-traceback in a note; a worker that dies (killed, out of memory) ends the
-pipe, which is reported with its exit code. Workers ignore Ctrl-C, which
-the terminal sends to them too: the training process stops them.
+traceback in a note, when its step's turn comes; a worker that dies
+(killed, out of memory) ends its pipe, which is reported with its exit
+code. Workers ignore Ctrl-C, which the terminal sends to them too: the
+training process stops them.
 """
 from __future__ import annotations
 
 import atexit
 import multiprocessing
+from multiprocessing import connection
 import pickle
 import signal
 import sys
+import threading
 import traceback
 import weakref
 
@@ -36,27 +44,48 @@ _BATCH, _ERROR = "batch", "error"
 _JOIN_SECONDS = 10.0  # a worker finishes the batch it is making, then exits
 
 
-def _work(pickled_batches, first, stride, conn, credits, stop):
-  """A worker's loop: a credit, a batch, a send; until `stop` or a closed pipe."""
+def _work(pickled_make_batch, threads, conn, own_credits, credits, next_step, stop):
+  """A worker: `threads` threads that each claim a step, make its batch and
+  send it; until `stop`, a closed pipe or an error."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   # terminate() as a last resort: exit through Python, which unlinks the
   # worker's shared memory (multiprocessing runs its finalizers).
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
   import cloudpickle  # pylint: disable=g-import-not-at-top
-  try:
-    batches = cloudpickle.loads(pickled_batches)(first, stride)
-    while True:
-      credits.acquire()
-      if stop.is_set():
-        return
-      conn.send((_BATCH, next(batches)))
-  except (BrokenPipeError, ConnectionResetError):  # the training process let go
-    return
-  except Exception as e:  # pylint: disable=broad-except
+  send_lock, failed = threading.Lock(), threading.Event()
+
+  def send(message):
+    with send_lock:
+      conn.send(message)
+
+  def loop():
+    step = None
     try:
-      conn.send((_ERROR, _picklable(e), traceback.format_exc()))
-    except (BrokenPipeError, ConnectionResetError):
-      pass
+      make_batch = cloudpickle.loads(pickled_make_batch)
+      while not failed.is_set():
+        own_credits.acquire()
+        credits.acquire()
+        if stop.is_set():
+          return
+        with next_step.get_lock():
+          step = next_step.value
+          next_step.value = step + 1
+        send((_BATCH, step, make_batch(step)))
+    except (BrokenPipeError, ConnectionResetError):  # the training process let go
+      return
+    except Exception as e:  # pylint: disable=broad-except
+      failed.set()
+      try:
+        send((_ERROR, step, _picklable(e), traceback.format_exc()))
+      except (BrokenPipeError, ConnectionResetError):
+        pass
+
+  others = [threading.Thread(target=loop, daemon=True) for _ in range(threads - 1)]
+  for thread in others:
+    thread.start()
+  loop()
+  for thread in others:  # after an error, each sends the batch it claimed
+    thread.join()
 
 
 def _picklable(error: BaseException) -> BaseException:
@@ -72,39 +101,50 @@ class WorkerBatches:
   """Training batches from `num_workers` worker processes.
 
   Args:
-    step_batches: picklable (cloudpickle) `(first, stride) -> iterator` of
-      the batches of steps first, first + stride, ... as a worker sends them.
+    make_batch: picklable (cloudpickle) `step -> batch`.
     num_workers: worker processes, started now.
+    threads: threads in each worker, each making whole batches.
     start_step: the first step's batch comes first.
-    prefetch: batches each worker makes ahead of the one asked for.
-    receive: applied here to each batch (maps its shared memory).
+    prefetch: batches made ahead, per worker (`prefetch * num_workers` in
+      all; at most twice `prefetch` by any one worker).
+    receive: applied here to each batch in its turn (maps its shared memory).
 
   `close()` stops the workers (at exit, for pipelines still open).
   """
 
   _open = weakref.WeakSet()
 
-  def __init__(self, step_batches, num_workers: int, *, start_step: int, prefetch: int, receive):
+  def __init__(self, make_batch, num_workers: int, *, threads: int = 1, start_step: int,
+               prefetch: int, receive):
     import cloudpickle  # pylint: disable=g-import-not-at-top
-    if num_workers < 1 or prefetch < 1:
-      raise ValueError(f"need at least one worker and one batch of prefetch; got num_workers="
-                       f"{num_workers}, prefetch={prefetch}.")
+    if num_workers < 1 or threads < 1 or prefetch < 1:
+      raise ValueError(f"need at least one worker, thread and batch of prefetch; got num_workers="
+                       f"{num_workers}, threads={threads}, prefetch={prefetch}.")
     context = multiprocessing.get_context("spawn")  # JAX's threads do not survive fork
-    pickled = cloudpickle.dumps(step_batches)
-    self._receive, self._step, self._next = receive, start_step, 0
+    pickled = cloudpickle.dumps(make_batch)
+    self._receive, self._step, self._threads = receive, start_step, threads
+    self._ready = {}  # step -> (worker, message): batches (and errors) ahead of their turn
+    self._failed = set()  # workers that sent an error and stopped
     self._stop = context.Event()
-    self._conns, self._credits, self.processes = [], [], []
+    self._credits = context.Semaphore(prefetch * num_workers)
+    # Held here: the child unpickles it after start() returns, and a named
+    # semaphore whose last owner here died is unlinked.
+    self._next_step = context.Value("q", start_step)
+    self._conns, self._own_credits, self.processes = [], [], []
     for i in range(num_workers):
       reader, writer = context.Pipe(duplex=False)
-      credits = context.Semaphore(prefetch)
+      own_credits = context.Semaphore(2 * prefetch)
       process = context.Process(
-          target=_work, args=(pickled, start_step + i, num_workers, writer, credits, self._stop),
+          target=_work,
+          args=(pickled, threads, writer, own_credits, self._credits, self._next_step,
+                self._stop),
           name=f"jaxdml-data-worker-{i}", daemon=True)
       process.start()
       writer.close()  # the worker holds the only writer: its death ends the pipe
       self._conns.append(reader)
-      self._credits.append(credits)
+      self._own_credits.append(own_credits)
       self.processes.append(process)
+    self._live = list(self._conns)  # pipes that may still send
     self._open.add(self)
 
   def __iter__(self):
@@ -113,32 +153,51 @@ class WorkerBatches:
   def __next__(self):
     if self._conns is None:
       raise ValueError("these training batches were closed; make new ones with train_batches.")
-    i = self._next
     try:
-      kind, *payload = self._conns[i].recv()
-    except EOFError:
-      process = self.processes[i]
-      process.join(timeout=_JOIN_SECONDS)
-      self.close()
-      raise RuntimeError(
-          f"data worker process {i} (pid {process.pid}) died with exit code {process.exitcode} "
-          f"before sending the batch of step {self._step}; a negative code is the signal that "
-          f"killed it ({-signal.SIGKILL}: often the out-of-memory killer: set "
-          f"config.data.num_workers lower).") from None
+      while self._step not in self._ready:
+        if not self._live:  # every worker stopped on an error: the first is raised
+          if not self._ready:
+            raise RuntimeError("every data worker process stopped; see the errors above.")
+          self._step = min(self._ready)
+          break
+        self._read(connection.wait(self._live))
     except BaseException:
-      # Ctrl-C mid-message: the pipe may hold half a batch, which would
-      # misread every batch after it.
+      # An error, or Ctrl-C mid-message: the pipe may hold half a batch,
+      # which would misread every batch after it.
       self.close()
       raise
-    if kind == _ERROR:
-      error, worker_traceback = payload
+    worker, message = self._ready.pop(self._step)
+    if message[0] == _ERROR:
       self.close()
-      error.add_note(f"Raised in data worker process {i}, making the batch of step "
+      error, worker_traceback = message[2:]
+      error.add_note(f"Raised in data worker process {worker}, making the batch of step "
                      f"{self._step}:\n{worker_traceback}")
       raise error
-    self._credits[i].release()
-    self._next, self._step = (i + 1) % len(self._conns), self._step + 1
-    return self._receive(payload[0])
+    self._own_credits[worker].release()
+    self._credits.release()
+    self._step += 1
+    return self._receive(message[2])
+
+  def _read(self, readable):
+    for conn in readable:
+      worker = self._conns.index(conn)
+      try:
+        message = conn.recv()
+      except EOFError:
+        if worker in self._failed:  # its error waits for its turn
+          self._live.remove(conn)
+          continue
+        process = self.processes[worker]
+        process.join(timeout=_JOIN_SECONDS)
+        raise RuntimeError(
+            f"data worker process {worker} (pid {process.pid}) died with exit code "
+            f"{process.exitcode} while the batch of step {self._step} was awaited; a negative "
+            f"code is the signal that killed it ({-signal.SIGKILL}: often the out-of-memory "
+            f"killer: set config.data.num_workers lower).") from None
+      if message[0] == _ERROR:
+        self._failed.add(worker)
+      # An error without a step failed before claiming one: it is raised now.
+      self._ready[self._step if message[1] is None else message[1]] = (worker, message)
 
   def __del__(self):  # a pipeline let go of: its workers hold ~0.1 GB each
     self.close()
@@ -148,8 +207,10 @@ class WorkerBatches:
     if getattr(self, "_conns", None) is None:  # closed, or __init__ failed
       return
     self._stop.set()
-    for credits in self._credits:  # wakes a worker waiting for a credit
-      credits.release()
+    for own_credits in self._own_credits:  # wakes the worker's threads waiting for credits
+      for _ in range(self._threads):
+        own_credits.release()
+        self._credits.release()
     for conn in self._conns:  # a worker waiting to send gets a broken pipe
       conn.close()
     for process in self.processes:
@@ -160,7 +221,7 @@ class WorkerBatches:
       if process.is_alive():
         process.kill()
         process.join()
-    self._conns = None
+    self._conns, self._ready = None, {}
     self._open.discard(self)
 
 
