@@ -11,7 +11,7 @@ For each core count n, in rounds whose order turns every round:
   pipeline in one thread of its own (`num_workers=0`, `num_threads=1`, a
   seed each), their timed windows started together by a barrier.
 Independent processes are as flat per core as this host allows: they leave
-out all that workers share (the training process, grain's round robin)
+out all that workers share (the training process, the step counter)
 and keep what the hardware shares (memory bandwidth, caches, clocks).
 Prints one JSON line per run, then per kind and n the median over rounds
 of images/s per core against one independent process in the same round,

@@ -247,9 +247,9 @@ def bench_input(config, batch_size: int, steps: int, warmup: int, peak=None, *,
   source image). CPU seconds are this process's, all its threads, and its
   worker processes' (`_cpu_seconds`). `worker_busy` (worker processes only):
   the least, median and most of the workers' CPU seconds per second of the
-  timed window (1.0: a one-thread worker never waited). Batches are taken
-  from the workers round robin, so a worker near 1.0 beside idle ones sets the pace;
-  all of them well under 1.0: the training process does (docs/architecture.md).
+  timed window (1.0: a one-thread worker never waited). Workers claim
+  steps as they come free, so all of them near 1.0: the workers set the
+  pace; all well under 1.0: the training process does (docs/architecture.md).
   `before_timing()`, if given, runs after the warmup, just before the timed
   window: a barrier that starts several processes' windows together
   (benchmarks/core_scaling.py).
