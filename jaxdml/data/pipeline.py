@@ -257,7 +257,7 @@ def _device_views_example(source, labels, num, hi, mixup, aug):
     if mixup > 0:
       # Each partner's crop is rendered into its row of the batch.
       out[augment.PARTNER_CROPS] = (np.empty((num, hi, hi, 3), np.uint8) if rows is None
-                                else rows[augment.PARTNER_CROPS])
+                                    else rows[augment.PARTNER_CROPS])
       partners = [augment.coupled_crops(source.lazy_image(int(rng.integers(len(source)))), rng,
                                         num_views=1, hi=hi, out=out[augment.PARTNER_CROPS][v:v + 1],
                                         **aug)[1:] for v in range(num)]
