@@ -75,6 +75,29 @@ def test_a_workers_error_is_raised_in_its_turn_with_its_traceback():
     next(batches)
 
 
+class _Unloadable:
+  """A batch maker that pickles but cannot be unpickled (a worker missing
+  a module, say)."""
+
+  def __call__(self, step):
+    return {"step": step}
+
+  def __getstate__(self):
+    return {}
+
+  def __setstate__(self, state):
+    raise ImportError("no module named 'only_on_the_training_host'")
+
+
+def test_a_worker_that_cannot_load_the_pipeline_reports_it_at_once():
+  batches = worker_processes.WorkerBatches(_Unloadable(), 2, start_step=7, prefetch=2,
+                                           receive=dict)
+  with pytest.raises(ImportError, match="only_on_the_training_host") as failure:
+    next(batches)
+  assert "__setstate__" in "\n".join(failure.value.__notes__)  # the worker's traceback
+  assert not any(p.is_alive() for p in batches.processes)
+
+
 def test_a_killed_worker_is_reported_not_waited_for():
   batches = _batches(num_workers=2, start_step=0, die_at=3)
   with pytest.raises(RuntimeError, match=r"worker process \d \(pid \d+\) died with exit code -9"):

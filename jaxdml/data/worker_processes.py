@@ -58,10 +58,22 @@ def _work(pickled_make_batch, threads, conn, own_credits, credits, next_step, st
     with send_lock:
       conn.send(message)
 
+  def send_error(step, error):
+    failed.set()
+    try:
+      send((_ERROR, step, _picklable(error), traceback.format_exc()))
+    except (BrokenPipeError, ConnectionResetError):
+      pass
+
+  try:  # once: the worker's threads share its sources and caches
+    make_batch = cloudpickle.loads(pickled_make_batch)
+  except Exception as e:  # pylint: disable=broad-except
+    send_error(None, e)
+    return
+
   def loop():
     step = None
     try:
-      make_batch = cloudpickle.loads(pickled_make_batch)
       while not failed.is_set():
         own_credits.acquire()
         credits.acquire()
@@ -74,11 +86,7 @@ def _work(pickled_make_batch, threads, conn, own_credits, credits, next_step, st
     except (BrokenPipeError, ConnectionResetError):  # the training process let go
       return
     except Exception as e:  # pylint: disable=broad-except
-      failed.set()
-      try:
-        send((_ERROR, step, _picklable(e), traceback.format_exc()))
-      except (BrokenPipeError, ConnectionResetError):
-        pass
+      send_error(step, e)
 
   others = [threading.Thread(target=loop, daemon=True) for _ in range(threads - 1)]
   for thread in others:
