@@ -36,10 +36,10 @@ def _numbered(step, *, fail_at=None, die_at=None, stall_at=None, slow_flag=None)
   return {"step": np.int64(step), "pid": os.getpid()}
 
 
-def _batches(num_workers=3, start_step=7, threads=1, **kw):
+def _batches(num_workers=3, start_step=7, threads=1, prefetch=2, **kw):
   return worker_processes.WorkerBatches(functools.partial(_numbered, **kw), num_workers,
-                                        threads=threads, start_step=start_step, prefetch=2,
-                                        receive=dict)
+                                        threads=threads, start_step=start_step,
+                                        prefetch=prefetch, receive=dict)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -55,8 +55,12 @@ def test_the_steps_come_in_order_whichever_worker_made_them(threads):
 
 def test_a_slow_worker_does_not_hold_the_others_back(tmp_path):
   """Steps go to whichever worker is free: batches taken round robin would
-  make the slow worker (10x slower here) make a third of them."""
-  batches = _batches(slow_flag=str(tmp_path / "slow"))
+  make the slow worker (10x slower here) make a third of them. Batches
+  leave in step order, so while the slow one makes a batch the others run
+  at most the pool's credits ahead: its share is ~1 / (credits) at
+  least. With 2 credits a worker (6 in all) that is ~10 of 60, which a
+  loaded CI host overshot (12); with 4 (12 in all) it is ~5."""
+  batches = _batches(slow_flag=str(tmp_path / "slow"), prefetch=4)
   got = [next(batches) for _ in range(60)]
   batches.close()
   made = sorted(sum(b["pid"] == p.pid for b in got) for p in batches.processes)
