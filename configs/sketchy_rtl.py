@@ -45,7 +45,10 @@ def get_config(arg=None):
       gallery=dict(name="vit_b16", pooling="cls", init_file=None, **head)))
 
   c.loss = ml_collections.ConfigDict(dict(
-      name="relative_triplet", margin=0.2, distance="euclidean",
+      name="relative_triplet", margin=0.2,
+      # BatchNorm embeddings are compared as they are, not L2-normalised
+      # first (PML's LpDistance default); the L2 ablation's are unit already.
+      distance=dict(name="euclidean", normalize_embeddings=False),
       mining="semihard",
       weighting="anchor_dissimilarity" if arg.ablation == "rtl" else "none"))
   c.optimizer = ml_collections.ConfigDict(dict(

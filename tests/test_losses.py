@@ -19,6 +19,7 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import reducers as pml_reducers
 
 from jaxdml import losses
+from jaxdml.losses import distances
 from jaxdml.losses import miners
 
 
@@ -47,16 +48,22 @@ def _values(calls):
 
 # ----------------------------------------------------------- PML helpers
 def _pml_distance(distance):
-  return {
-      "cosine": lambda: pml_dist.CosineSimilarity(),
-      "euclidean": lambda: pml_dist.LpDistance(normalize_embeddings=False),
-      "squared_euclidean": lambda: pml_dist.LpDistance(
-          normalize_embeddings=False, power=2),
-  }[distance]()
+  """PML's distance object for one of ours (a name, dict or Distance)."""
+  d = distances.resolve(distance)
+  if d.kind == "dot":
+    return (pml_dist.CosineSimilarity() if d.normalize_embeddings
+            else pml_dist.DotProductSimilarity(normalize_embeddings=False))
+  return pml_dist.LpDistance(p=d.p, power=d.power, normalize_embeddings=d.normalize_embeddings)
+
+
+# The rows as they are: what BatchNorm-ended embeddings use.
+RAW = {name: dict(name=name, normalize_embeddings=False)
+       for name in ("euclidean", "squared_euclidean")}
 
 
 def _pml_loss_and_miner(name, hp):
-  kw = dict(distance=_pml_distance(hp.get("distance", "cosine")))
+  default = "cosine" if name == "multi_similarity" else "euclidean"
+  kw = dict(distance=_pml_distance(hp.get("distance", default)))
   if hp.get("reduction") == "mean":
     kw["reducer"] = pml_reducers.MeanReducer()
   if name == "triplet":
@@ -164,21 +171,21 @@ def _ref_cases():
 
 
 PML_CONFIGS = [
-    ("triplet", dict(margin=0.2, mining="all", distance="euclidean")),
-    ("triplet", dict(margin=0.3, mining="hard", distance="euclidean")),
+    ("triplet", dict(margin=0.2, mining="all", distance=RAW["euclidean"])),
+    ("triplet", dict(margin=0.3, mining="hard", distance=RAW["euclidean"])),
     ("triplet", dict(margin=5.0, mining="semihard",
-                     distance="squared_euclidean")),
+                     distance=RAW["squared_euclidean"])),
     ("triplet", dict(margin=0.1, mining="all", distance="cosine")),
     ("triplet", dict(margin=0.2, mining="hard", distance="cosine")),
     ("triplet", dict(margin=0.4, mining="semihard", distance="cosine")),
-    ("triplet", dict(margin=0.5, mining="all", distance="euclidean",
+    ("triplet", dict(margin=0.5, mining="all", distance=RAW["euclidean"],
                      reduction="mean")),
     ("contrastive", dict(pos_margin=0.93, neg_margin=0.23,
                          distance="cosine")),
     ("contrastive", dict(pos_margin=0.5, neg_margin=3.0,
-                         distance="euclidean")),
+                         distance=RAW["euclidean"])),
     ("contrastive", dict(pos_margin=0.3, neg_margin=4.0,
-                         distance="euclidean", reduction="mean")),
+                         distance=RAW["euclidean"], reduction="mean")),
     ("multi_similarity", dict(alpha=2.0, beta=40.0, base=0.5)),
     ("multi_similarity", dict(alpha=2.0, beta=40.0, base=0.5,
                               miner_epsilon=0.1)),
@@ -211,8 +218,9 @@ def _pml_comparison(with_ref):
 
 @pytest.mark.parametrize("with_ref", [False, True], ids=["batch", "ref"])
 @pytest.mark.parametrize("k", range(len(PML_CONFIGS)),
-                         ids=[f"{n}-" + "-".join(map(str, hp.values()))
-                              for n, hp in PML_CONFIGS])
+                         ids=[f"{n}-" + "-".join(
+                             str(distances.resolve(v)) if k == "distance" else str(v)
+                             for k, v in hp.items()) for n, hp in PML_CONFIGS])
 def test_matches_pml(k, with_ref):
   """Values and d loss / d embeddings (and / d ref) equal PML's, float64."""
   names, out = _pml_comparison(with_ref)
@@ -348,9 +356,9 @@ def test_relative_triplet_hand_computed():
   got = _values([
       ("relative_triplet", dict(embeddings=sketches, labels=y,
                                 ref_embeddings=photos, ref_labels=yp),
-       dict(margin=1.0)),
+       dict(margin=1.0, distance=RAW["euclidean"])),
       ("relative_triplet", dict(embeddings=sketches, labels=y),
-       dict(margin=1.0)),
+       dict(margin=1.0, distance=RAW["euclidean"])),
   ])
   _close(got[0], _rtl_numpy(sketches, y, photos, yp, 1.0, False))
   _close(got[1], _rtl_numpy(sketches, y, sketches, y, 1.0, True))

@@ -33,10 +33,14 @@ progress, a reference set. The train step offers what it has and
 `register("my_distill", fn, consumes=("teacher",))` from outside the
 package is enough for a new distillation term.
 
-Distances (`distance=`): "cosine" (similarity of L2-normalised rows, PML
-`CosineSimilarity`), "euclidean" and "squared_euclidean" (raw rows; PML's
-default `LpDistance` L2-normalises first, so feed normalised embeddings to
-reproduce it). Distances use a safe sqrt: no NaN gradient at distance 0.
+Distances (`distance=`, jaxdml.losses.distances) are PML's: "euclidean" is
+`LpDistance()`, which L2-normalises the rows first, "cosine"
+`CosineSimilarity()`; a loss called with no hyperparameters computes what
+PML's class of the same name computes with no arguments, value and
+gradient, on raw embeddings. Embeddings that must stay as they are
+(BatchNorm-ended towers) say `distance=dict(name="euclidean",
+normalize_embeddings=False)`. Distances use a safe sqrt: no NaN gradient at
+distance 0.
 
 Reductions follow PML's defaults so numbers compare directly:
 AvgNonZeroReducer for triplet and contrastive (contrastive reduces its

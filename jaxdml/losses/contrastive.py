@@ -38,7 +38,8 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
     ref_embeddings, ref_labels, ref_valid, ref_self_index: optional reference
       set; see the `jaxdml.losses` docstring.
     pos_margin, neg_margin: margins (see module docstring for the direction).
-    distance: "cosine" | "euclidean" | "squared_euclidean".
+    distance: a distance (jaxdml.losses.distances); "euclidean" is PML's
+      `LpDistance()`, which L2-normalises the rows first.
     reduction: "avg_nonzero" (PML default) | "mean", applied to each part, or
       "per_anchor_sum" (XBM's code, IRT's paper; see the module docstring).
     mined: a miner's selection (jaxdml.losses.miners); each pair counts as

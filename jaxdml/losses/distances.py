@@ -1,34 +1,180 @@
-"""Pairwise distance and similarity matrices shared by the ranking losses.
+"""Distances and similarities of the losses and miners: PML's, as values.
 
-Three choices, named as in the loss hyperparameter `distance`:
-- "cosine": dot product of L2-normalised rows (pytorch-metric-learning's
-  `CosineSimilarity`); a *similarity*, larger means closer.
-- "euclidean": ||x - y|| on the raw rows. Unlike PML's default `LpDistance`
-  this does not L2-normalise first (SBIR embeddings end in BatchNorm, not L2);
-  give L2-normalised embeddings to reproduce PML's default.
-- "squared_euclidean": ||x - y||^2 on the raw rows (PML `LpDistance(power=2)`).
+A loss's or miner's `distance=` names one of pytorch-metric-learning's
+distance classes with its settings, and means what that class computes:
+
+| `distance=`            | PML                                   |
+|------------------------|---------------------------------------|
+| "euclidean"            | `LpDistance()`                        |
+| "squared_euclidean"    | `LpDistance(power=2)`                 |
+| "lp" (with `p=`)       | `LpDistance(p=...)`                   |
+| "cosine"               | `CosineSimilarity()`                  |
+| "dot"                  | `DotProductSimilarity()`              |
+| "snr"                  | `SNRDistance()`                       |
+
+Like PML's, every one L2-normalises the rows first (Lp-normalises with its
+own p), so the gradient goes through the normalisation. Settings other
+than the name come as a dict (a config's form) or a `Distance`:
+
+    distance=dict(name="euclidean", normalize_embeddings=False)  # raw rows
+    distance=dict(name="lp", p=1)                                 # Manhattan
+    distance=distances.LpDistance(normalize_embeddings=False)
+
+Raw rows are what BatchNorm-ended embeddings need (the SBIR recipes say
+so in their config). "cosine" always normalises, as PML's asserts; "dot"
+normalises by default as PML's `DotProductSimilarity` does, so only
+`dict(name="dot", normalize_embeddings=False)` is the raw inner product.
+A `Distance` is hashable, so it can be a static argument of `jax.jit`.
 
 Matmuls run at HIGHEST precision: the expansion |x|^2 + |y|^2 - 2 x.y loses
 everything to cancellation at bfloat16 pass precision (TPU default), and the
-loss costs nothing next to the encoder.
+loss costs nothing next to the encoder. Square roots and p-th roots are safe
+at 0: duplicate rows get a zero gradient, never NaN.
 """
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Union
+
 import jax
 import jax.numpy as jnp
 
-DISTANCES = ("cosine", "euclidean", "squared_euclidean")
+KINDS = ("lp", "dot", "snr")
 _HIGHEST = jax.lax.Precision.HIGHEST
+_EPS = 1e-12  # torch.nn.functional.normalize's
 
 
-def check_distance(distance):
-  if distance not in DISTANCES:
-    raise ValueError(
-        f"distance={distance!r} is not supported; use one of {DISTANCES}.")
+@dataclasses.dataclass(frozen=True)
+class Distance:
+  """One of PML's distances with its settings (PML's `BaseDistance` fields).
+
+  `kind` "lp" is `LpDistance` (||x - y||_p ** power), "dot" the inner
+  product (a similarity: larger is closer, PML's `is_inverted`), "snr" the
+  signal-to-noise ratio distance Var(x - y) / Var(x).
+  """
+  kind: str = "lp"
+  p: float = 2.0
+  power: float = 1.0
+  normalize_embeddings: bool = True
+  # How it was asked for, for messages; not part of what it computes.
+  name: str = dataclasses.field(default="", compare=False)
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"Distance kind {self.kind!r}: expected one of {KINDS}.")
+    if not float(self.p) > 0:
+      raise ValueError(f"Distance p={self.p}: expected p > 0.")
+
+  @property
+  def is_inverted(self) -> bool:
+    """True when larger values mean closer (a similarity), PML's `is_inverted`."""
+    return self.kind == "dot"
+
+  def __str__(self) -> str:
+    return self.name or repr(self)
+
+  def normalize(self, x):
+    """`x / max(||x||_p, 1e-12)` along the last axis (torch's F.normalize)."""
+    if float(self.p) == 2.0:
+      return l2_normalize(x)
+    norm = safe_pow(jnp.sum(jnp.abs(x) ** self.p, axis=-1, keepdims=True), 1.0 / self.p)
+    return x / jnp.maximum(norm, _EPS)
+
+  def matrix(self, x, y):
+    """[N, D] x [M, D] -> [N, M]."""
+    x, y = as_float(x), as_float(y)
+    if self.normalize_embeddings:
+      x, y = self.normalize(x), self.normalize(y)
+    if self.kind == "dot":
+      mat = jnp.matmul(x, y.T, precision=_HIGHEST)
+    elif self.kind == "snr":
+      mat = snr_matrix(x, y)
+    elif float(self.p) == 2.0:
+      d2 = squared_euclidean_matrix(x, y)
+      # power 2 is the squared distance itself: no root, no kink at 0.
+      return d2 if float(self.power) == 2.0 else safe_pow(d2, self.power / 2.0)
+    else:
+      diff = jnp.abs(x[:, None, :] - y[None, :, :])  # [N, M, D]: only for p != 2
+      mat = safe_pow(jnp.sum(diff ** self.p, axis=-1), 1.0 / self.p)
+    return mat if float(self.power) == 1.0 else safe_pow(mat, self.power)
 
 
-def is_similarity(distance):
+def LpDistance(p: float = 2.0, power: float = 1.0,  # pylint: disable=invalid-name
+               normalize_embeddings: bool = True) -> Distance:
+  """PML's `LpDistance(p, power, normalize_embeddings)`."""
+  return Distance("lp", float(p), float(power), bool(normalize_embeddings), name="lp")
+
+
+def CosineSimilarity(power: float = 1.0) -> Distance:  # pylint: disable=invalid-name
+  """PML's `CosineSimilarity()`: the inner product of L2-normalised rows."""
+  return Distance("dot", 2.0, float(power), True, name="cosine")
+
+
+def DotProductSimilarity(power: float = 1.0,  # pylint: disable=invalid-name
+                         normalize_embeddings: bool = True) -> Distance:
+  """PML's `DotProductSimilarity()`; it normalises unless told not to."""
+  return Distance("dot", 2.0, float(power), bool(normalize_embeddings), name="dot")
+
+
+def SNRDistance(power: float = 1.0,  # pylint: disable=invalid-name
+                normalize_embeddings: bool = True) -> Distance:
+  """PML's `SNRDistance()`: Var(x - y) / Var(x), unbiased variances over D."""
+  return Distance("snr", 2.0, float(power), bool(normalize_embeddings), name="snr")
+
+
+NAMED = {
+    "euclidean": LpDistance(),
+    "squared_euclidean": LpDistance(power=2.0),
+    "lp": LpDistance(),
+    "cosine": CosineSimilarity(),
+    "dot": DotProductSimilarity(),
+    "snr": SNRDistance(),
+}
+NAMED = {name: dataclasses.replace(d, name=name) for name, d in NAMED.items()}
+DISTANCES = tuple(NAMED)
+
+DistanceLike = Union[str, Distance, Mapping[str, Any]]
+
+
+def resolve(distance: DistanceLike) -> Distance:
+  """The `Distance` a loss's `distance=` argument asks for (a name, a
+  `{"name": ..., **settings}` dict, or a `Distance`); ValueError naming the
+  choices otherwise."""
+  if isinstance(distance, Distance):
+    return distance
+  if isinstance(distance, str):
+    if distance not in NAMED:
+      raise ValueError(f"distance={distance!r} is not supported; use one of {DISTANCES}, "
+                       "or a dict(name=..., p=..., power=..., normalize_embeddings=...).")
+    return NAMED[distance]
+  if isinstance(distance, Mapping) or hasattr(distance, "to_dict"):
+    settings = dict(distance.to_dict() if hasattr(distance, "to_dict") else distance)
+    base = resolve(settings.pop("name", "euclidean"))
+    unknown = sorted(set(settings) - {"p", "power", "normalize_embeddings"})
+    if unknown:
+      raise ValueError(f"distance={dict(distance)!r}: unknown setting(s) {unknown}; a "
+                       "distance takes name, p, power and normalize_embeddings.")
+    if base.name == "cosine" and not settings.get("normalize_embeddings", True):
+      raise ValueError("distance 'cosine' always normalises (PML's CosineSimilarity); "
+                       "use dict(name='dot', normalize_embeddings=False) for raw dot products.")
+    if "p" in settings and base.kind != "lp":
+      raise ValueError(f"distance {base.name!r} takes no p; only 'lp'/'euclidean' do.")
+    typed = {k: (bool(v) if k == "normalize_embeddings" else float(v))
+             for k, v in settings.items()}
+    changed = {k: v for k, v in typed.items() if getattr(base, k) != v}
+    label = base.name + "".join(f",{k}={v}" for k, v in sorted(changed.items()))
+    return dataclasses.replace(base, **typed, name=label)
+  raise ValueError(f"distance={distance!r}: expected a name from {DISTANCES}, a dict "
+                   "(name=..., **settings) or a jaxdml.losses.distances.Distance.")
+
+
+def check_distance(distance: DistanceLike) -> Distance:
+  return resolve(distance)
+
+
+def is_similarity(distance: DistanceLike) -> bool:
   """True when larger values of the matrix mean closer (PML `is_inverted`)."""
-  check_distance(distance)
-  return distance == "cosine"
+  return resolve(distance).is_inverted
 
 
 def as_float(x):
@@ -37,13 +183,19 @@ def as_float(x):
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def l2_normalize(x, eps=1e-12):
+def l2_normalize(x, eps=_EPS):
   """x / max(||x||, eps) along the last axis, as torch F.normalize.
 
   Written with a clamped rsqrt so a zero row has a zero (not NaN) gradient.
   """
   sq = jnp.sum(x * x, axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def safe_pow(x, exponent):
+  """x ** exponent for x >= 0, with gradient 0 (not inf/NaN) where x <= 0."""
+  pos = x > 0
+  return jnp.where(pos, jnp.where(pos, x, 1.0) ** exponent, 0.0)
 
 
 def safe_sqrt(x):
@@ -68,19 +220,27 @@ def squared_euclidean_matrix(x, y):
   return jnp.maximum(xx + yy - 2.0 * xy, 0.0)
 
 
-def pairwise(x, y, *, distance):
-  """[N, D] x [M, D] -> [N, M] matrix of `distance` (a similarity for cosine)."""
-  check_distance(distance)
-  if distance == "cosine":
-    return cosine_matrix(x, y)
-  d2 = squared_euclidean_matrix(x, y)
-  return d2 if distance == "squared_euclidean" else safe_sqrt(d2)
+def snr_matrix(x, y):
+  """Var(x_i - y_j) / Var(x_i) with unbiased variances over the D axis
+  (torch.var's default), from sums: no [N, M, D] tensor."""
+  d = x.shape[-1]
+  mean_x, mean_y = jnp.mean(x, -1), jnp.mean(y, -1)
+  gap = mean_x[:, None] - mean_y[None, :]
+  pair_var = (squared_euclidean_matrix(x, y) - d * gap * gap) / (d - 1)
+  anchor_var = jnp.var(x, axis=-1, ddof=1)
+  return jnp.maximum(pair_var, 0.0) / anchor_var[:, None]
 
 
-def dissimilarity(mat, *, distance):
-  """Map the matrix to "smaller is closer" so one code path serves all three.
+def pairwise(x, y, *, distance: DistanceLike):
+  """[N, D] x [M, D] -> [N, M] matrix of `distance` (a similarity for
+  "cosine" and "dot")."""
+  return resolve(distance).matrix(x, y)
 
-  For cosine this is -s; PML's `distance.margin(ap, an)` (= an - ap for a
+
+def dissimilarity(mat, *, distance: DistanceLike):
+  """Map the matrix to "smaller is closer" so one code path serves all.
+
+  For a similarity this is -s; PML's `distance.margin(ap, an)` (= an - ap for a
   similarity) then equals dis_ap - dis_an bit for bit, negation being exact.
   """
   return -mat if is_similarity(distance) else mat

@@ -1,11 +1,10 @@
 """Lifted structure losses (Oh Song et al. 2016; Hermans et al. 2017).
 
 Equal to pytorch-metric-learning 2.9.0's `LiftedStructureLoss` and
-`GeneralizedLiftedStructureLoss` with their default reducers. Distances are
-jaxdml's (`distance=`, default "euclidean" on the rows as given); PML's
-default LpDistance L2-normalises first, so feed L2-normalised embeddings
-(every jaxdml encoder's `head_norm="l2"`) to reproduce it. Both allocate
-[B, R] and nothing larger.
+`GeneralizedLiftedStructureLoss` with their default reducers and distance
+(`distance=`, jaxdml.losses.distances: "euclidean" is PML's `LpDistance()`,
+which L2-normalises the rows first). Both allocate [B, R] and nothing
+larger.
 """
 import jax
 import jax.numpy as jnp

@@ -18,8 +18,8 @@ def margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
 
   The terms separate, so the sum is each pair's term times the number of
   triplets that hold the pair: [B, R] where PML builds every triplet.
-  `distance` as in jaxdml.losses (PML's default L2-normalises first: feed
-  normalised embeddings). With `learn_beta` beta is a learned parameter,
+  `distance` as in jaxdml.losses.distances ("euclidean", PML's default
+  `LpDistance()`, L2-normalises the rows first). With `learn_beta` beta is a learned parameter,
   `loss_params["beta"]` ([1], or [num_classes] with `beta_per_class`,
   PML's `num_classes=`), initialised to `beta`, plus PML's regulariser
   nu * beta (per class: summed over the triplets' anchors, divided as the

@@ -27,8 +27,8 @@ Pair-based losses (PML's `mat_based_loss=False`: contrastive, ntxent,
 tuplet_margin, lifted_structure) weigh each pair by its count, as PML's
 lists repeat it; matrix-based ones (multi_similarity, supcon, circle,
 generalized_lifted_structure) use the set, as PML's masks do. Distances are
-jaxdml's (`distance=`): PML's default `LpDistance` L2-normalises first, so
-feed normalised embeddings to reproduce it.
+PML's (`distance=`, jaxdml.losses.distances): the default "euclidean" is
+`LpDistance()`, which L2-normalises the rows first.
 """
 import functools
 import math
@@ -55,7 +55,7 @@ class Mined:
   t_neg: jax.Array  # bool [B, R] negatives ...
   sampled_neg: jax.Array | None = None  # int [B, R]: a's negative for (a, p), or -1
   window: tuple = flax.struct.field(pytree_node=False, default=_ALL)
-  distance: str | None = flax.struct.field(pytree_node=False, default=None)
+  distance: distances.Distance | None = flax.struct.field(pytree_node=False, default=None)
 
 
 _NO_REFERENCE_SET = dict(ref_embeddings=None, ref_labels=None, ref_valid=None,
@@ -103,7 +103,7 @@ def from_pairs(pos, neg):
 def _from_triplets(t_pos, t_neg, dis, window, distance):
   tpos, tneg = window_counts(dis, t_pos, t_neg, window)
   return Mined(pos=tpos, neg=tneg, tpos=tpos, tneg=tneg, t_pos=t_pos, t_neg=t_neg,
-               window=tuple(float(w) for w in window), distance=distance)
+               window=tuple(float(w) for w in window), distance=distances.resolve(distance))
 
 
 def _pick(dis, mask, hardest_largest):

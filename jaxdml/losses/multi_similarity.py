@@ -42,7 +42,7 @@ def multi_similarity(*, embeddings, labels, ref_embeddings=None,
     alpha, beta, base: PML's names (positive scale, negative scale, the
       similarity offset lambda of the paper).
     miner_epsilon: None (all pairs) or the MS miner's epsilon.
-    distance: "cosine" (default, as PML) | "euclidean" | "squared_euclidean".
+    distance: a distance (jaxdml.losses.distances); "cosine" as PML's default.
     reduction: "mean" over anchors (PML default) | "avg_nonzero".
     mined: a miner's selection (jaxdml.losses.miners), used as a set as
       PML's masks do; `miner_epsilon` then mines within it.

@@ -118,9 +118,10 @@ def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction, mined=
     if mining != "all":
       raise ValueError(f"mining={mining!r} and mined= both select triplets; leave "
                        "mining='all' when passing a miner's selection.")
-    if mined.window != (-math.inf, math.inf) and mined.distance != distance:
-      raise ValueError(f"the miner's window is on distance={mined.distance!r} but the loss "
-                       f"uses {distance!r}: mine with the loss's distance.")
+    if (mined.window != (-math.inf, math.inf)
+        and mined.distance != distances.resolve(distance)):
+      raise ValueError(f"the miner's window is on distance {mined.distance} but the loss "
+                       f"uses {distances.resolve(distance)}: mine with the loss's distance.")
     pos, neg = pos & mined.t_pos, neg & mined.t_neg
   if mined is not None and mined.sampled_neg is not None:
     num, den, n_mined, n_active = _sampled(dis, pos, mined.sampled_neg, margin, reduction)
@@ -152,7 +153,8 @@ def triplet(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
       set; see the `jaxdml.losses` docstring.
     margin: hinge margin (in units of `distance`; cosine margins are
       differences of similarities).
-    distance: "cosine" | "euclidean" | "squared_euclidean".
+    distance: a distance (jaxdml.losses.distances); "euclidean" is PML's
+      `LpDistance()`, which L2-normalises the rows first.
     mining: "all" | "hard" | "semihard" (see module docstring).
     reduction: "avg_nonzero" (PML default) | "mean".
     mined: a miner's selection (jaxdml.losses.miners) instead of `mining`.

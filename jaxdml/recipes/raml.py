@@ -63,7 +63,9 @@ def raml_teacher(dataset: str, arg) -> ml_collections.ConfigDict:
   # distance-weighted negatives from a 20k-image pool, the nearest thing
   # in-batch is the hardest negative (PAPERS.md).
   c.loss = ml_collections.ConfigDict(dict(
-      name="triplet", margin=0.7, distance="squared_euclidean", mining="hard"))
+      name="triplet", margin=0.7, mining="hard",
+      # The head already L2-normalises; the reference squares raw distances.
+      distance=dict(name="squared_euclidean", normalize_embeddings=False)))
   if arg.smoke or arg.demo:
     # From scratch, hardest-negative triplets collapse the embeddings into a
     # narrow cone (mean pairwise cosine 0.99, R@1 still 54 %), where RAML's
