@@ -25,7 +25,7 @@ test-slow: $(VENV)/.installed
 # Every paper's claim on the embedded data, 3 seeds each (about 2 hours on
 # 2 CPU cores); resumable, tables printed at the end (docs/ablations.md).
 ablations: $(VENV)/.installed
-	$(PY) -m jaxdml.ablate --study=all --seeds=3 --workdir=workdirs/ablations
+	$(PY) -m jaxdml.tools.ablate --study=all --seeds=3 --workdir=workdirs/ablations
 
 bench: $(VENV)/.installed
 	$(PY) -m jaxdml.bench --config=configs/sketchy_rtl.py:demo
