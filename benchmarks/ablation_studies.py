@@ -1,13 +1,13 @@
 """The ablation studies of docs/ablations.md: each paper's claim as a small table.
 
-    python -m jaxdml.ablate --study=memory --seeds=3     # from a jaxdml checkout
-    python -m jaxdml.ablate --study=all                   # make ablations
+    python -m jaxdml.tools.ablate --study=memory --seeds=3     # from a jaxdml checkout
+    python -m jaxdml.tools.ablate --study=all                   # make ablations
 
-Each study is a list of `jaxdml.ablate.Variant`s; the runner (resumable,
+Each study is a list of `jaxdml.tools.ablate.Variant`s; the runner (resumable,
 seeds, tables) is in the package, the tables' contents live here.
 """
 
-from jaxdml.ablate import Variant
+from jaxdml.tools.ablate import Variant
 
 CNN_TRUNK = {"model.name": "resnet_small", "model.pooling": "avg"}
 

@@ -45,7 +45,8 @@ KINDS = ("workers", "independent")
 def _time_one(recipe, data_dir, workers, seed, batch, steps, barrier, results):
   """One process: the recipe's pipeline (`workers` one-thread worker
   processes, or none: one thread here), its record on `results`."""
-  from jaxdml import bench, config_lib  # pylint: disable=g-import-not-at-top
+  from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxdml.tools import bench  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(os.path.join(_REPO, "configs", recipe))
   config.seed = seed
   config.data.data_dir = data_dir

@@ -10,7 +10,7 @@ recall@1. Backends: ``exact`` (JAX), ``scann``, and ``faiss`` (IndexFlatIP,
 a peer for speed only, skipped when faiss is not installed); ``limits``
 times exact search side by side with a BLAS matmul + top-k over the same
 blocks and k (what evaluate searches: max(8, largest class - 1)). What is timed:
-``jaxdml/retrieval/search_bench.py``.
+``jaxdml/tools/search_bench.py``.
 """
 import json
 import time
@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from jaxdml.retrieval.search_bench import (leave_one_out_k, make_clustered, time_backend,
+from jaxdml.tools.search_bench import (leave_one_out_k, make_clustered, time_backend,
                                            time_matmul_limits)
 
 _NUM = flags.DEFINE_integer("num", 60_502, "Number of embeddings (SOP test).")

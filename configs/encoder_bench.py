@@ -13,7 +13,8 @@ exists to time the step; `smoke` shrinks it for tests.
 
 import ml_collections
 
-from jaxdml import config_lib, recipes
+from jaxdml import config as config_lib
+from jaxdml import recipes
 
 
 def get_config(arg=None):

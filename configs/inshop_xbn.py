@@ -11,7 +11,8 @@ reports R@1 91.3 on In-Shop.
 """
 
 from jaxdml import recipes
+from jaxdml.config import datasets
 
 
 def get_config(arg=None):
-  return recipes.xbn("inshop", arg, memory_size=recipes.DATASETS["inshop"]["train_images"])
+  return recipes.xbn("inshop", arg, memory_size=datasets.CATALOGUE["inshop"].train_images)

@@ -22,8 +22,8 @@ dimension, so distances scale with sqrt(dim)), AdamW 1e-4 with warmup + cosine.
 
 import ml_collections
 
-from jaxdml import config_lib, recipes
-from jaxdml.data import default_data_config
+from jaxdml import config as config_lib
+from jaxdml import recipes
 
 
 def get_config(arg=None):
@@ -55,13 +55,13 @@ def get_config(arg=None):
       name="adamw", lr=1e-4, weight_decay=0.05, schedule="warmup_cosine",
       warmup_steps=1_000, grad_clip_norm=1.0))
 
-  c.data = default_data_config()
+  c.data = recipes.default_data_config()
   c.data.name = "sketchy"
   c.data.image_size = 224
 
-  c.eval = ml_collections.ConfigDict(dict(
-      enabled=True, ks=(1, 5, 10), backend="exact", batch_size=256,
-      similarity="euclidean" if arg.embedding == "bn" else "cosine", picture=True))
+  c.evals = ml_collections.ConfigDict({"retrieval": recipes.retrieval_eval(
+      ks=(1, 5, 10), backend="exact", batch_size=256,
+      similarity="euclidean" if arg.embedding == "bn" else "cosine", picture=True)})
   c.memory = ml_collections.ConfigDict(dict(size=0))
 
   size = "smoke" if arg.smoke else "demo" if arg.demo else ""
@@ -80,10 +80,10 @@ def get_config(arg=None):
           "data.synthetic": dict(num_categories=4, photos_per_category=6,
                                  sketches_per_photo=2, test_photos_per_category=2,
                                  image_size=32),
-          **recipes.SMOKE_CADENCE, "optimizer.warmup_steps": 1})
+          **recipes.smoke_cadence(c), "optimizer.warmup_steps": 1})
     else:
       overlay.update({
-          "data.image_size": 64, "eval.batch_size": 128, "batch_size": 48,
+          "data.image_size": 64, "evals.retrieval.batch_size": 128, "batch_size": 48,
           "total_steps": 400, "log_every": 20, "eval_every": 200, "checkpoint_every": 200,
           "optimizer.lr": 1e-3, "optimizer.warmup_steps": 40})
     recipes.apply_overlay(c, overlay)

@@ -25,7 +25,8 @@ added to the RTL.
 import importlib.util
 import os
 
-from jaxdml import config_lib, teacher
+from jaxdml import config as config_lib
+from jaxdml import teacher
 
 _TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sketchy_rtl.py")
 

@@ -10,6 +10,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 
 from data_prep import base
+from jaxdml.config import datasets
 
 LAYOUT = """
 <manual_dir>/cars_annos.mat     struct array `annotations` with fields
@@ -28,8 +29,8 @@ class Cars196Builder(base.ManualBuilder):
   box (x1, y1, x2, y2); the standard protocol uses whole images.
   """
 
-  name = "jaxdml_cars196"
-  EXPECTED_COUNTS = {"train": 8054, "test": 8131}
+  name = datasets.CATALOGUE["cars196"].tfds_name
+  EXPECTED_COUNTS = datasets.CATALOGUE["cars196"].splits
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Download car_ims.tgz (all 16,185 images) and cars_annos.mat from the
   Stanford Cars page (https://ai.stanford.edu/~jkrause/cars/car_dataset.html;

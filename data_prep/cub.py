@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import base
+from jaxdml.config import datasets
 
 LAYOUT = """
 <manual_dir>/CUB_200_2011/images.txt             "<image_id> <class_dir>/<file>.jpg"
@@ -35,8 +36,8 @@ class CubBuilder(base.ManualBuilder):
   label = class_id - 1, so train labels are 0..99 and test labels 100..199.
   """
 
-  name = "jaxdml_cub"
-  EXPECTED_COUNTS = {"train": 5864, "test": 5924}
+  name = datasets.CATALOGUE["cub"].tfds_name
+  EXPECTED_COUNTS = datasets.CATALOGUE["cub"].splits
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/
   (CaltechDATA record 20098) and unpack it in the manual dir:

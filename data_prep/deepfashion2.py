@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from data_prep import base
+from jaxdml.config import datasets
 
 LAYOUT = """
 <manual_dir>/train/image/000001.jpg ...       <manual_dir>/train/annos/000001.json ...
@@ -69,7 +70,7 @@ class DeepFashion2Builder(base.ManualBuilder):
   the default config the image is whole, with config `crop` it is the box.
   """
 
-  name = "jaxdml_deepfashion2"
+  name = datasets.CATALOGUE["deepfashion2"].tfds_name
   BUILDER_CONFIGS = [
       DeepFashion2Config(name="full", description="whole images plus bbox"),
       DeepFashion2Config(name="crop", description="images cropped to the item",

@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import base
+from jaxdml.config import datasets
 
 LAYOUT = """
 <manual_dir>/Eval/list_eval_partition.txt   (or <manual_dir>/list_eval_partition.txt)
@@ -44,8 +45,8 @@ class InShopBuilder(base.ManualBuilder):
   3997..7981. `evaluation_status` is the image's role (train/query/gallery).
   """
 
-  name = "jaxdml_inshop"
-  EXPECTED_COUNTS = {"train": 25882, "query": 14218, "gallery": 12612}
+  name = datasets.CATALOGUE["inshop"].tfds_name
+  EXPECTED_COUNTS = datasets.CATALOGUE["inshop"].splits
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   From the DeepFashion page (https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion.html),
   "In-shop Clothes Retrieval Benchmark" folder, download Img/img.zip and

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import base
+from jaxdml.config import datasets
 
 LAYOUT = """
 <manual_dir>/rendered_256x256/256x256/photo/tx_000000000000/<category>/<photo>.jpg
@@ -39,9 +40,8 @@ class SketchyBuilder(base.ManualBuilder):
   `<n>` of `<photo>-<n>.png` (from 1) and 0 on photos.
   """
 
-  name = "jaxdml_sketchy"
-  EXPECTED_COUNTS = {"train_photos": 11250, "test_photos": 1250,
-                     "train_sketches+test_sketches": 75471}
+  name = datasets.CATALOGUE["sketchy"].tfds_name
+  EXPECTED_COUNTS = datasets.CATALOGUE["sketchy"].splits
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   From https://sketchy.eye.gatech.edu/ (Sketchy Database) download
   rendered_256x256.7z (photos and sketches) and info-06-04.7z (test list),

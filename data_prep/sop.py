@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import base
+from jaxdml.config import datasets
 
 LAYOUT = """
 <manual_dir>/Stanford_Online_Products/Ebay_train.txt  header
@@ -42,8 +43,8 @@ class SopBuilder(base.ManualBuilder):
   super_class_id - 1 (12 product types).
   """
 
-  name = "jaxdml_sop"
-  EXPECTED_COUNTS = {"train": 59551, "test": 60502}
+  name = datasets.CATALOGUE["sop"].tfds_name
+  EXPECTED_COUNTS = datasets.CATALOGUE["sop"].splits
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Download Stanford_Online_Products.zip from
   https://cvgl.stanford.edu/projects/lifted_struct/ and unpack it:

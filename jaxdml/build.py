@@ -1,87 +1,79 @@
-"""One build layer: everything a run is made of, built once from its config.
+"""The build layer: everything a run is made of, built once from its config.
 
-    parts = build.build(config)            # mesh, model, teacher, optimizer, state layout
+    parts = build.build(config)            # mesh, model, teacher, objective, optimizer, state layout
     state = parts.create_state()           # or ckpt.restore(parts.restore_target())
+    step = train.make_train_step(parts)    # reads the parts, never the config
     embed = parts.embed_fns(state)         # tower -> (uint8 images -> embeddings)
 
-Training, `--mode=eval`, `--mode=export`, `jaxdml.bench` and `jaxdml.ablate`
-all start here, so there is one copy of the set-up and one embed function
-per tower (`tasks.towers` says which model method each tower is).
+Training, `jaxdml.bench` and `jaxdml.tools.ablate` (through
+`train_and_evaluate`) start here; inference (`--mode=eval`, export, the
+image index) restores the model alone (`jaxdml.inference.restore`).
+`build` resolves the config (`jaxdml.config.resolve`: defaults filled in,
+checked) and reads it once; `Parts.config` keeps the resolved config for
+what is written beside the run (config.json, checkpoint metadata).
 
 The train state is one dict pytree: `params`, `batch_stats`, `opt`, `step`,
 `rng`, `memory` (cross-batch memory, `{}` when unused), `teacher` (the
 teacher kind's own subtree, `{}` when unused) and, only when a loss has
-learnable parameters, `loss_params` (by `tasks.learnable` key; the
-optimizer then updates `trainable(state)`, params and loss params). Its shapes come from
-`jax.eval_shape(init)`, its shardings from `jaxdml.sharding`, and
-`jax.jit(init, out_shardings=...)` creates it already laid out on the mesh.
+learnable parameters, `loss_params` (by `Objective.learnable` key; the
+optimizer then updates `trainable(state)`, params and loss params). Its
+shapes come from `jax.eval_shape(init)`, its shardings from
+`jaxdml.sharding`, and `jax.jit(init, out_shardings=...)` creates it
+already laid out on the mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from jaxdml import config_lib, data as data_lib, losses, models, optim, pretrained, sharding
-from jaxdml import tasks
+from jaxdml import config as config_lib
+from jaxdml import data as data_lib, evaluators, inference, optim, pretrained, sharding, tasks
 from jaxdml import teacher as teacher_lib
+from jaxdml.inference import build_model, mesh_platform, model_variables
+from jaxdml.objective import Objective
 
 
-def build_model(model_config, platform: str | None = None):
-  """The encoder of a `config.model` (`name` plus constructor keywords);
-  `dtype="auto"` resolved for `platform` (default: JAX's default backend)."""
-  kwargs = pretrained.model_kwargs(model_config)
-  return models.get(kwargs.pop("name"), platform=platform, **kwargs)
-
-
-def mesh_platform(mesh) -> str:
-  """"cpu", "gpu" or "tpu": what the mesh's devices are."""
-  return mesh.devices.flat[0].platform
-
-
-def model_variables(state: dict) -> dict:
-  """The Flax variables of the train state's model (no empty batch_stats)."""
-  variables = {"params": state["params"]}
-  if jax.tree.leaves(state["batch_stats"]):
-    variables["batch_stats"] = state["batch_stats"]
-  return variables
-
-
-def embed_fn(model, method=None) -> Callable:
-  """`(variables, images in [0, 255]) -> float32 embeddings` of one tower."""
-  def embed(variables, images):
-    out, _ = model.apply(variables, data_lib.normalize(images), train=False, method=method)
-    return out.astype(jnp.float32)
-  return embed
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  """The loop's cadence and batch: what the train loop reads besides the parts."""
+  total_steps: int
+  batch_size: int  # global
+  log_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  device_prefetch: int  # batches already on the devices ahead of the step
 
 
 @dataclasses.dataclass
 class Parts:
-  """What `build` makes; see the module docstring."""
-  config: Any
+  """What `build` makes; the train step and loop use these, not the config."""
+  config: Any  # the resolved config: written beside the run, read by nothing in the loop
   mesh: jax.sharding.Mesh
+  task: str
   model: Any
-  teacher: teacher_lib.Teacher | None
+  teacher: Any  # a jaxdml.teacher.Teacher, or None
+  objective: Objective
   tx: Any
   schedule: Callable
   init: Callable  # rng -> fresh train state (jit it with out_shardings)
   abstract: dict  # ShapeDtypeStructs of the state
   shardings: dict
+  towers: inference.Towers
+  views_lo: int | None  # RAML's on-device views: the student's resolution
+  seed: int
+  make_initial: Callable  # (state, shardings) -> state with init files and teacher read
+  loop: Loop
+  train_batches: Callable  # start step -> this process's host batches from there
 
   def create_state(self) -> dict:
     """A fresh state on the mesh; init files and a frozen teacher read once,
     from then on part of this run's checkpoints."""
-    state = jax.jit(self.init, out_shardings=self.shardings)(jax.random.key(int(self.config.seed)))
-    if pretrained.init_files(self.config.model):
-      state = pretrained.load_into(self.config, state, self.shardings)
-    if self.teacher is not None:
-      state["teacher"] = self.teacher.restore(state["teacher"], model_variables(state),
-                                              self.shardings["teacher"])
-    return state
+    state = jax.jit(self.init, out_shardings=self.shardings)(jax.random.key(self.seed))
+    return self.make_initial(state, self.shardings)
 
   def restore_target(self) -> dict:
     """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
@@ -89,56 +81,34 @@ class Parts:
                         self.abstract, self.shardings)
 
   def tower_fns(self, portable: bool = False) -> dict:
-    """Tower -> unjitted `(variables, images) -> embeddings`; with a teacher
-    also `"teacher"` (its model on its own variables).
-
-    These run the model built for the mesh's platform. `portable=True` (what
-    export lowers for cpu, cuda and tpu at once) resolves `dtype="auto"` per
-    platform at lowering time instead: float32 in the CPU lowering, bfloat16
-    in the GPU and TPU ones (the parameters are float32 either way).
-    """
-    towers = tasks.towers(self.config.task)
-    fns = {t: embed_fn(self.model, m) for t, m in towers.items()}
-    if portable:
-      on_cpu, on_accelerator = (build_model(self.config.model, p) for p in ("cpu", "tpu"))
-      if models.dtype_of(on_cpu) != models.dtype_of(on_accelerator):
-        fns = {t: functools.partial(models.layers.on_cpu_else, embed_fn(on_cpu, m),
-                                    embed_fn(on_accelerator, m))
-               for t, m in towers.items()}
-    if self.teacher is not None:
-      fns["teacher"] = embed_fn(self.teacher.model)
-    return fns
-
-  @functools.cached_property
-  def _jitted_towers(self) -> dict:
-    # Jitted once per run: every evaluation reuses the compiled functions.
-    return {tower: jax.jit(fn, in_shardings=(sharding.replicated(self.mesh),
-                                             sharding.batch_sharding(self.mesh)),
-                           out_shardings=sharding.replicated(self.mesh))
-            for tower, fn in self.tower_fns().items()}
+    """Tower -> unjitted `(variables, images) -> embeddings`
+    (`jaxdml.inference.Towers.fns`)."""
+    return self.towers.fns(portable)
 
   def embed_fns(self, state) -> dict:
     """Tower -> jitted `images -> embeddings` bound to `state`'s variables,
     batch sharded on the mesh's data axis: what evaluators take."""
-    bound = {}
-    for tower, jitted in self._jitted_towers.items():
-      variables = (self.teacher.variables(state["teacher"]) if tower == "teacher"
-                   else model_variables(state))
-      bound[tower] = functools.partial(jitted, variables)
-    return bound
+    teacher = (None if self.teacher is None
+               else self.teacher.variables(state["teacher"]))
+    return self.towers.bind(self.mesh, model_variables(state), teacher)
+
+  def make_evaluators(self, workdir=None) -> list:
+    """The config's enabled evaluators (`config.evals`), their data loaded."""
+    return make_evaluators(self.config, self.towers, self.mesh, workdir)
 
 
-def dummy_inputs(config, size: int | None = None) -> tuple:
-  """One fake image per model input, for `model.init`."""
-  size = int(size or config.data.image_size)
-  image = jnp.zeros((1, size, size, 3), jnp.uint8)
-  return tasks.model_inputs(config.task, {"sketch": image, "photo": image, "image": image})
+def make_evaluators(config, towers: inference.Towers, mesh, workdir=None) -> list:
+  """The evaluators of a resolved config, for a model with `towers`."""
+  return evaluators.build(config.evals, data=config.data, task=config.task,
+                          towers=towers.image_sizes, mesh=mesh, workdir=workdir,
+                          default_every=int(config.eval_every))
 
 
-def embedding_dim(model, config) -> int:
+def embedding_dim(model, task: str, image_size: int) -> int:
   """Embedding width, read off the model's output shape (no compute)."""
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
-  out, _ = jax.eval_shape(lambda v: model.apply(v, *dummy_inputs(config)), variables)
+  inputs = tasks.dummy_inputs(task, image_size)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+  out, _ = jax.eval_shape(lambda v: model.apply(v, *inputs), variables)
   out = out["gallery"] if isinstance(out, dict) else out
   return int(out.shape[-1])
 
@@ -159,50 +129,98 @@ def with_trainable(state: dict, tree) -> dict:
   return dict(state, params=tree)
 
 
-def _init_fn(config, model, teacher, tx):
-  learnable = tasks.learnable(config)
-  num_classes = (data_lib.num_classes(config.data, task=config.task) if learnable else 0)
-
+def _init_fn(task, image_size, objective, model, teacher, tx, num_classes):
   def init(rng):
     params_rng, run_rng = jax.random.split(rng)
-    variables = model.init(params_rng, *dummy_inputs(config), train=False)
-    dim = embedding_dim(model, config) if learnable or tasks.uses_memory(config) else 0
+    inputs = tasks.dummy_inputs(task, image_size)
+    variables = model.init(params_rng, *inputs, train=False)
+    needs_dim = objective.learnable or objective.uses_memory
+    dim = embedding_dim(model, task, image_size) if needs_dim else 0
     state = {
         "params": variables["params"],
         "batch_stats": variables.get("batch_stats", {}),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(run_rng),
-        "memory": tasks.init_memory(config, dim),
+        "memory": objective.init_memory(dim),
         "teacher": {},
     }
-    if learnable:
+    if objective.learnable:
       # Derived, not split off `rng`: runs without loss parameters keep the
       # parameter and run keys (and so the initial weights) they always had.
-      keys = jax.random.split(jax.random.fold_in(run_rng, 1), len(learnable))
-      state["loss_params"] = {
-          key: losses.init_params(name, k, num_classes=num_classes, dim=dim, **hparams)
-          for (key, name, hparams), k in zip(learnable, keys)}
+      state["loss_params"] = objective.init_loss_params(
+          jax.random.fold_in(run_rng, 1), num_classes=num_classes, dim=dim)
     state["opt"] = tx.init(trainable(state))
     if teacher is not None:
       state["teacher"] = teacher.init(model_variables(state),
-                                      dummy_inputs(config, teacher.image_size()))
+                                      tasks.dummy_inputs(task, teacher.image_size()))
     return state
   return init
 
 
+def _initial_state_fn(model_config, seed, teacher):
+  """`(fresh state, shardings) -> state` with the encoders' init files and
+  the teacher's own weights read in (host side, once)."""
+  def make_initial(state, shardings):
+    if pretrained.init_files(model_config):
+      state = pretrained.load_into(model_config, seed, state, shardings)
+    if teacher is not None:
+      state["teacher"] = teacher.restore(state["teacher"], model_variables(state),
+                                         shardings["teacher"])
+    return state
+  return make_initial
+
+
+def teacher_image_size(config) -> int:
+  """What the teacher sees: RAML's high-resolution views, or the student's images."""
+  if config.teacher.get("images") == "image_hi":
+    return int(config.data.views["hi"])
+  return int(config.data.image_size)
+
+
 def build(config, *, devices=None, mesh=None) -> Parts:
-  """Resolves `config` (`config_lib.resolve`: defaults filled in, validated)
-  and builds its parts once; `devices` (default all) or `mesh` overrides the
-  mesh the config asks for. `Parts.config` is the resolved config."""
+  """Resolves `config` (`jaxdml.config.resolve`: defaults filled in,
+  validated) and builds its parts once; `devices` (default all) or `mesh`
+  overrides the mesh the config asks for."""
   config = config_lib.resolve(config)
   if mesh is None:
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   model = build_model(config.model, mesh_platform(mesh))
-  teacher = teacher_lib.build(config, model)
+  image_size = int(config.data.image_size)
+  teacher = None
+  if teacher_lib.uses_teacher(config):
+    teacher = teacher_lib.build(config.teacher, model, image_size=teacher_image_size(config),
+                                epoch_steps=int(config.epoch_steps))
+  objective = Objective.from_config(config)
   tx, schedule = optim.make_optimizer(config.optimizer, int(config.total_steps))
-  init = _init_fn(config, model, teacher, tx)
+  num_classes = (data_lib.num_classes(config.data, task=config.task)
+                 if objective.learnable else 0)
+  init = _init_fn(config.task, image_size, objective, model, teacher, tx, num_classes)
   abstract = jax.eval_shape(init, jax.random.key(int(config.seed)))
-  rules = tuple(dict(config.get("sharding_rules", None) or {}).items())
+  rules = tuple(config_lib.as_dict(config.get("sharding_rules")).items())
   shardings = sharding.state_shardings(abstract, mesh, config.sharding, rules=rules)
-  return Parts(config=config, mesh=mesh, model=model, teacher=teacher, tx=tx,
-               schedule=schedule, init=init, abstract=abstract, shardings=shardings)
+  towers = inference.Towers.of(
+      config.task, model, image_size, model_config=config.model,
+      teacher_model=None if teacher is None else teacher.model,
+      teacher_image_size=None if teacher is None else teacher.image_size())
+  views = config.data.get("views")
+  loop = Loop(total_steps=int(config.total_steps), batch_size=int(config.batch_size),
+              log_every=int(config.log_every), checkpoint_every=int(config.checkpoint_every),
+              keep_checkpoints=int(config.keep_checkpoints),
+              device_prefetch=int(config.data.get("device_prefetch") or 2))
+  return Parts(config=config, mesh=mesh, task=config.task, model=model, teacher=teacher,
+               objective=objective, tx=tx, schedule=schedule, init=init, abstract=abstract,
+               shardings=shardings, towers=towers,
+               views_lo=int(views["lo"]) if views else None, seed=int(config.seed),
+               make_initial=_initial_state_fn(config.model, int(config.seed), teacher),
+               loop=loop, train_batches=_batches_fn(config))
+
+
+def _batches_fn(config) -> Callable:
+  """`start_step -> this process's share of the global batches from there`."""
+  data, seed, batch_size, task = config.data, int(config.seed), int(config.batch_size), config.task
+
+  def train_batches(start_step: int):
+    return data_lib.train_batches(data, seed=seed, global_batch_size=batch_size,
+                                  start_step=start_step, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), task=task)
+  return train_batches

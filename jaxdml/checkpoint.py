@@ -45,12 +45,17 @@ class Checkpointer:
   """Saves and restores the train state under `workdir/checkpoints`."""
 
   def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000,
-               model_config=None, async_save: bool = True, create: bool = True):
+               model_config=None, teacher_model=None, async_save: bool = True,
+               create: bool = True):
+    """`model_config` and `teacher_model` (the teacher's architecture, where
+    it is not the student's) are recorded with every checkpoint: a restored
+    run rebuilds both towers from its own checkpoint."""
     self.directory = paths.join(workdir, "checkpoints")  # local or a URL (gs://...)
     self.damaged_directory = paths.join(workdir, "damaged_checkpoints")
     self.every = int(every)
-    self.model_description = json.loads(model_config.to_json()) if hasattr(
-        model_config, "to_json") else (model_config or {})
+    as_json = lambda c: json.loads(c.to_json()) if hasattr(c, "to_json") else c
+    self.model_description = as_json(model_config) or {}
+    self.teacher_description = as_json(teacher_model)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=create, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
@@ -65,15 +70,17 @@ class Checkpointer:
   def save(self, step: int, state, *, force: bool = False) -> None:
     meta = {"step": int(step), "model": self.model_description,
             "param_shapes": _fingerprint(state)}
+    if self.teacher_description is not None:
+      meta["teacher_model"] = self.teacher_description
     self.manager.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 meta=ocp.args.JsonSave(meta)),
         force=force)
 
-  def restore(self, abstract_state, step: int | None = None):
-    """Restores onto `abstract_state` (ShapeDtypeStructs with shardings)."""
-    step = self._existing(step)
+  def check_model(self, abstract_state, step: int) -> dict:
+    """The step's metadata; WrongModelError unless its parameters have the
+    shapes of `abstract_state["params"]`."""
     meta = self.meta(step)
     expected = _fingerprint(abstract_state)
     if meta.get("param_shapes") != expected:
@@ -87,6 +94,12 @@ class Checkpointer:
           f"another model: saved model {saved_model}, this config builds "
           f"{wanted}; first differing parameters: {diff}. Use a new --workdir "
           "or remove the old checkpoints.")
+    return meta
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores onto `abstract_state` (ShapeDtypeStructs with shardings)."""
+    step = self._existing(step)
+    self.check_model(abstract_state, step)
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
@@ -136,6 +149,28 @@ class Checkpointer:
     return self.manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def saved_tree(self, step: int | None = None) -> dict:
+    """The saved state's tree of array metadata (shapes, dtypes), by entry."""
+    step = self._existing(step)
+    # Orbax warns that a StandardSave item has no metadata file; the tree
+    # metadata it needs is there.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+      return dict(ocp.PyTreeCheckpointer().metadata(
+          paths.join(self.directory, str(step), "state")).item_metadata.tree)
+    finally:
+      logging.set_verbosity(verbosity)
+
+  def restore_as_saved(self, keys, sharding, step: int | None = None) -> dict:
+    """The entries `keys` of a saved state as they were saved (their
+    structure and shapes from the checkpoint), every array placed with
+    `sharding`; entries the state has no arrays in are left out."""
+    saved = self.saved_tree(step)
+    wanted = {k: jax.tree.map(lambda _: sharding, saved[k]) for k in keys
+              if k in saved and jax.tree.leaves(saved[k])}
+    return self.restore_subset(wanted, step)
+
   def restore_subset(self, shardings: dict, step: int | None = None) -> dict:
     """Top-level entries of a saved state (e.g. `params`, `batch_stats`).
 
@@ -143,15 +178,7 @@ class Checkpointer:
     dtypes come from the checkpoint, nothing else of the state is read.
     """
     step = self._existing(step)
-    # Orbax warns that a StandardSave item has no metadata file; the tree
-    # metadata it needs is there.
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)
-    try:
-      saved = ocp.PyTreeCheckpointer().metadata(
-          paths.join(self.directory, str(step), "state")).item_metadata.tree
-    finally:
-      logging.set_verbosity(verbosity)
+    saved = self.saved_tree(step)
     missing = sorted(set(shardings) - set(saved))
     if missing:
       raise ValueError(f"The checkpoint {self.directory} (step {step}) has no {missing}.")

@@ -29,7 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.mode == "print_config":
-    from jaxdml import config_lib  # pylint: disable=g-import-not-at-top
+    from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
     print(config_lib.resolve(FLAGS.config))
     return
   if not FLAGS.workdir:
@@ -48,7 +48,7 @@ def main(argv):
     results = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
     print({k: v for k, v in results.items()})
   else:
-    from jaxdml import export  # pylint: disable=g-import-not-at-top
+    from jaxdml.apps import export  # pylint: disable=g-import-not-at-top
     path = export.export_saved_model(FLAGS.config, FLAGS.workdir)
     print(f"SavedModel written to {path}")
 

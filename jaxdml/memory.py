@@ -5,7 +5,8 @@ The memory is a plain dict pytree that lives in the train state under
 methods read and return the same structure, so switching method never changes
 the shape of the train state (checkpoints stay compatible).
 
-Typical use inside a train step (memory taken *before* this batch is
+`loss_with_memory` is how a ranking loss meets the memory in a run (its
+`loss_form`: joint, xbm or pml). Typical use inside a train step (memory taken *before* this batch is
 enqueued, so that the batch's detached copies do not pair with themselves):
 
     adapted, memory = adapt(memory, emb, method="kalman")
@@ -16,8 +17,13 @@ enqueued, so that the batch's detached copies do not pair with themselves):
 References: Wang et al. CVPR 2020 (XBM); Ajanthan et al. 2023, arXiv
 2303.17127 (Adaptive Cross Batch Normalization). See PAPERS.md section 2.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+from jaxdml import config as config_lib
+from jaxdml.config import defaults
 
 _KEYS = ("embeddings", "labels", "valid", "pointer", "kalman")
 
@@ -370,3 +376,91 @@ def enqueued_reference_set(memory, adapted_embeddings, batch_embeddings, batch_l
       "ref_valid": view["valid"],
       "ref_self_index": jnp.where(rows >= batch - min(batch, size), slot, -1),
   }
+
+
+# ------------------------------------------------------------ loss forms
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """`config.memory` as the objective uses it (defaults:
+  `jaxdml.config.defaults.MEMORY`); `loss_form` is one of LOSS_FORMS."""
+  size: int = 0
+  start_step: int = 0
+  adapt: str = "none"
+  adapt_hparams: tuple = ()  # (name, value) pairs, hashable
+  loss_form: str = "joint"
+  weight: float = 1.0
+
+  @classmethod
+  def from_config(cls, cfg) -> "Settings":
+    given = config_lib.as_dict(cfg)
+    config_lib.check_fields("config.memory", given, defaults.MEMORY)
+    given = {**defaults.MEMORY, **given}
+    if given["loss_form"] not in LOSS_FORMS:
+      raise ValueError(f"config.memory.loss_form={given['loss_form']!r}: expected one of "
+                       f"{LOSS_FORMS} (see jaxdml.memory.loss_with_memory).")
+    return cls(size=int(given["size"]), start_step=int(given["start_step"]),
+               adapt=given["adapt"], adapt_hparams=tuple(sorted(dict(
+                   given["adapt_hparams"] or {}).items())),
+               loss_form=given["loss_form"], weight=float(given["weight"]))
+
+
+LOSS_FORMS = defaults.MEMORY_LOSS_FORMS
+
+
+def loss_with_memory(settings: Settings, loss_fn, hparams, embeddings, labels, memory, step,
+                     batch_keys):
+  """The ranking loss with the cross-batch memory; returns (loss, aux, memory).
+
+  `settings.loss_form` says how the memory's pairs enter the loss:
+  - "joint": one loss over batch-vs-(batch + adapted memory) pairs, the batch
+    enqueued after it (PML's `CrossBatchMemory` shape: one reduction over all
+    pairs).
+  - "xbm": XBM's code (`engine/trainer.py`): the batch term (batch vs batch)
+    plus `weight` times the memory term (batch vs the adapted memory with the
+    batch already enqueued, its own copy dropped). In-batch pairs thus count
+    twice, once through the memory's detached copies. As in XBM, nothing is
+    enqueued before `start_step`.
+  - "pml": PML's `CrossBatchMemory`: the batch enqueued first, one loss of
+    the batch against the whole memory (its own copies dropped), no batch
+    term; older slots count from `start_step` (PML: from the start).
+  `batch_keys` are the batch's entries in the reference set and what is
+  enqueued: the embeddings themselves, or a momentum encoder's. Before
+  `start_step` the memory slots are masked out rather than skipped, so the
+  step compiles once and its shapes never change.
+  """
+  adapt_hparams = dict(settings.adapt_hparams)
+  diagnostics = {}
+  if settings.adapt == "kalman":  # Logged: does the filter's noise model fit training?
+    nis = kalman_innovations(memory, batch_keys, **adapt_hparams)
+    diagnostics = {f"memory/kalman_nis_{k}": v for k, v in nis.items()}
+  adapted, adapted_memory = adapt(memory, batch_keys, method=settings.adapt, **adapt_hparams)
+  batch_size = embeddings.shape[0]
+  active = step >= settings.start_step
+  keys = jax.lax.stop_gradient(batch_keys)
+  if settings.loss_form == "pml":
+    ref = enqueued_reference_set(adapted_memory, adapted, keys, labels)
+    size = ref["ref_valid"].shape[0]
+    slots = jnp.where(ref["ref_self_index"] >= 0, ref["ref_self_index"], size)
+    own = jnp.zeros((size,), bool).at[slots].set(True, mode="drop")
+    ref["ref_valid"] = ref["ref_valid"] & (active | own)
+    loss, aux = loss_fn(embeddings=embeddings, labels=labels, **ref, **hparams)
+    return loss, {**aux, **diagnostics}, enqueue(adapted_memory, keys, labels)
+  if settings.loss_form == "xbm":
+    loss, aux = loss_fn(embeddings=embeddings, labels=labels, **hparams)
+    ref = enqueued_reference_set(adapted_memory, adapted, keys, labels)
+    ref["ref_valid"] = ref["ref_valid"] & active
+    memory_loss, memory_aux = loss_fn(embeddings=embeddings, labels=labels, **ref, **hparams)
+    aux = {**aux, "batch_term": loss, "memory_term": memory_loss,
+           **{f"memory/{k}": v for k, v in memory_aux.items()}}
+    enqueued = enqueue(adapted_memory, keys, labels)
+    memory = jax.tree.map(lambda new, old: jnp.where(active, new, old), enqueued, adapted_memory)
+    return loss + settings.weight * memory_loss, {**aux, **diagnostics}, memory
+  ref = reference_set(adapted_memory, adapted, batch_keys, labels)
+  ref_valid = ref["ref_valid"].at[batch_size:].set(ref["ref_valid"][batch_size:] & active)
+  loss, aux = loss_fn(embeddings=embeddings, labels=labels,
+                      ref_embeddings=ref["ref_embeddings"], ref_labels=ref["ref_labels"],
+                      ref_valid=ref_valid, ref_self_index=ref["ref_self_index"],
+                      **hparams)
+  # Enqueued after the loss, so the batch meets itself once (in the batch
+  # part, own copy excluded).
+  return loss, {**aux, **diagnostics}, enqueue(adapted_memory, keys, labels)

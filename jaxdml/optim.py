@@ -30,28 +30,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdml.models.heads import HEAD_NAME
-
-
-# Every `config.optimizer` field and its default (`config_lib.resolve` fills
-# them in; b1/b2 are Adam's, momentum SGD's, pct_start/div_factor one_cycle's).
-DEFAULTS = {
-    "name": "adamw", "lr": None, "schedule": "constant", "warmup_steps": 0,
-    "end_lr_factor": 0.0, "pct_start": 0.3, "div_factor": 25.0, "weight_decay": 0.0,
-    "no_decay": r"(pos_embed|cls_token|gem)", "grad_clip_norm": None, "b1": 0.9, "b2": 0.999,
-    "momentum": 0.9, "frozen": None, "accumulate_steps": 1, "decay_steps": 0,
-    "decay_rate": 0.5, "lr_multipliers": None, "warm_steps": 0,
-    "warm_trains": rf"(^|/){HEAD_NAME}/|^loss_params/",
-}
+from jaxdml import config as config_lib
+from jaxdml.config import defaults
 
 
 def settings(cfg) -> dict:
-  """`cfg` over DEFAULTS; an unknown field is an error naming the known ones."""
-  given = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  unknown = sorted(set(given) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"config.optimizer: unknown field(s) {unknown}; known: {sorted(DEFAULTS)}.")
-  merged = {**DEFAULTS, **given}
+  """`cfg` completed from `jaxdml.config.defaults.OPTIMIZER` (a resolved
+  config is complete already; a partial one from a user's code is not); an
+  unknown field is an error naming the known ones."""
+  given = config_lib.as_dict(cfg)
+  config_lib.check_fields("config.optimizer", given, defaults.OPTIMIZER)
+  merged = {**defaults.OPTIMIZER, **given}
   if merged["lr"] is None:
     raise ValueError("config.optimizer.lr is not set.")
   return merged

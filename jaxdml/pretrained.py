@@ -20,13 +20,14 @@ import tempfile
 import jax
 
 from jaxdml import checkpoint, models, paths
+from jaxdml import config as config_lib
 
 INIT_FILE = "init_file"
 
 
 def model_kwargs(model_config) -> dict:
   """The model config as `models.get` keywords, without the init files."""
-  kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  kwargs = config_lib.as_dict(model_config)
   kwargs.pop(INIT_FILE, None)
   for side in ("query", "gallery"):
     if isinstance(kwargs.get(side), dict):
@@ -36,7 +37,7 @@ def model_kwargs(model_config) -> dict:
 
 def init_files(model_config) -> dict[tuple, tuple[str, dict, str]]:
   """`{subtree path: (model name, kwargs, file)}` for every encoder with a file."""
-  kwargs = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  kwargs = config_lib.as_dict(model_config)
   found = {}
   specs = [((), kwargs)] + [((side,), kwargs[side]) for side in ("query", "gallery")
                             if isinstance(kwargs.get(side), dict)]
@@ -47,9 +48,10 @@ def init_files(model_config) -> dict[tuple, tuple[str, dict, str]]:
   return found
 
 
-def load_into(config, state: dict, shardings: dict) -> dict:
-  """`state` with the encoders' params and batch_stats from their init files."""
-  for path, (name, kwargs, file) in init_files(config.model).items():
+def load_into(model_config, seed: int, state: dict, shardings: dict) -> dict:
+  """`state` with the encoders' params and batch_stats from their init files
+  (`model_config`'s); `seed` draws the heads a weights file lacks."""
+  for path, (name, kwargs, file) in init_files(model_config).items():
     pick = (lambda t, p=path: t[p[0]]) if path else (lambda t: t)
     paths.check_reachable(file, "model.init_file")
     if paths.as_path(file).is_dir():
@@ -57,7 +59,7 @@ def load_into(config, state: dict, shardings: dict) -> dict:
                                           if jax.tree.leaves(state[k])})
     else:
       with _local_file(file) as local:
-        loaded = models.load_torch_weights(name, local, seed=int(config.seed), **kwargs)
+        loaded = models.load_torch_weights(name, local, seed=int(seed), **kwargs)
     for collection, tree in loaded.items():
       if jax.tree.structure(pick(state[collection])) != jax.tree.structure(tree):
         raise ValueError(f"{file}: its {collection} do not fit model {name!r} at "

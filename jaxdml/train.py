@@ -1,44 +1,47 @@
 """The sharded train step and the train/eval loop.
 
-The run's parts (mesh, model, teacher, optimizer, state layout) come from
-`jaxdml.build`; `make_train_step` returns the one jitted step over them.
-No loss or teacher kind is named here: the teacher object and the loss
-registry say what each needs.
+The run's parts (mesh, model, teacher, objective, optimizer, state layout,
+input pipeline, evaluators, cadence) come from `jaxdml.build`;
+`make_train_step` returns the one jitted step over them and the loop runs
+it. Neither reads the config. No loss or teacher kind is named here: the
+teacher object and the objective say what each needs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from jaxdml import build as build_lib
 from jaxdml import checkpoint as checkpoint_lib
-from jaxdml import data as data_lib, models, paths, sharding, tasks
+from jaxdml import config as config_lib
+from jaxdml import inference, models, paths, sharding, tasks
+from jaxdml import workdir as workdir_lib
 from jaxdml.metrics_writer import MetricsWriter
 
 
 def make_train_step(parts: build_lib.Parts):
   """The jitted `(state, batch) -> (state, metrics)`; the state is donated.
 
-  The batch is sharded on the mesh's `data` axis and the state keeps the
-  parts' shardings. A step whose loss or gradients are not finite leaves the
-  state as it was (only `step` moves on) and reports `finite = False`; the
-  loop stops the run on it, so the last checkpoint stays a good one.
+  Built from the parts alone: the model, the teacher, the objective, the
+  optimizer and the state's shardings. The batch is sharded on the mesh's
+  `data` axis and the state keeps the parts' shardings. A step whose loss
+  or gradients are not finite leaves the state as it was (only `step`
+  moves on) and reports `finite = False`; the loop stops the run on it, so
+  the last checkpoint stays a good one.
   """
-  config, model, teacher, tx = parts.config, parts.model, parts.teacher, parts.tx
-  task = config.task
+  task, model, teacher, tx = parts.task, parts.model, parts.teacher, parts.tx
+  objective = parts.objective
 
   def step_fn(state, batch):
-    batch = tasks.device_views(config, batch)
+    batch = tasks.device_views(batch, parts.views_lo)
     rng = jax.random.fold_in(sharding.as_key(state["rng"]), state["step"])
     has_bn = bool(jax.tree.leaves(state["batch_stats"]))
     teacher_out = None if teacher is None else teacher.apply(
@@ -50,9 +53,8 @@ def make_train_step(parts: build_lib.Parts):
       (outputs, _), updates = model.apply(
           build_lib.model_variables(current), *tasks.model_inputs(task, batch), train=True,
           mutable=["batch_stats"] if has_bn else [], rngs={"dropout": rng})
-      loss, aux, memory = tasks.compute_loss(config, outputs, batch, state["memory"],
-                                             state["step"], teacher_out, memory_keys,
-                                             current.get("loss_params"))
+      loss, aux, memory = objective(outputs, batch["label"], state["memory"], state["step"],
+                                    teacher_out, memory_keys, current.get("loss_params"))
       return loss, (aux, updates.get("batch_stats", {}), memory)
 
     trained = build_lib.trainable(state)
@@ -143,48 +145,17 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _make_evaluator(parts: build_lib.Parts, workdir):
-  config = parts.config
-  if config.eval is None or not config.eval.enabled:
-    return None
-  from jaxdml.retrieval import evaluator  # pylint: disable=g-import-not-at-top
-  teacher = parts.teacher
-  return evaluator.Evaluator.from_config(
-      config, parts.mesh, workdir, has_teacher=teacher is not None,
-      teacher_image_size=teacher.image_size() if teacher is not None else None)
-
-
 def setup(config, workdir: str):
   """`(parts, checkpointer)`: everything a run needs before its first step."""
   paths.check_reachable(workdir)
   sharding.maybe_initialize_distributed()
   parts = build_lib.build(config)
-  config = parts.config
-  sharding.check_batch_size(int(config.batch_size), parts.mesh)
+  sharding.check_batch_size(parts.loop.batch_size, parts.mesh)
   ckpt = checkpoint_lib.Checkpointer(
-      workdir, keep=int(config.keep_checkpoints), every=int(config.checkpoint_every),
-      model_config=config.model)
+      workdir, keep=parts.loop.keep_checkpoints, every=parts.loop.checkpoint_every,
+      model_config=parts.config.model,
+      teacher_model=None if parts.teacher is None else parts.teacher.describe_model())
   return parts, ckpt
-
-
-CONFIG_FILE = "config.json"
-
-
-def save_config(config, workdir: str) -> None:
-  """`workdir/config.json`: the run's config as given, so tools that read
-  the run later (`jaxdml.index`) rebuild its model without `--config`."""
-  paths.write_text_atomic(paths.join(workdir, CONFIG_FILE), config.to_json(indent=2))
-
-
-def load_config(workdir: str):
-  """The config `save_config` wrote in `workdir`, as a ConfigDict."""
-  path = paths.as_path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(
-        f"{path} not found: runs trained before jaxdml wrote it have none. Pass the "
-        "run's recipe with --config=configs/NAME.py:ARG (with any --config.FIELD "
-        "overrides it was trained with).")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def restore_or_create(parts: build_lib.Parts, ckpt) -> dict:
@@ -214,8 +185,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   """
   parts, ckpt = setup(config, workdir)
   if jax.process_index() == 0:
-    save_config(config, workdir)
-  config = parts.config
+    workdir_lib.save_config(config, workdir)
   start = ckpt.latest_step() or 0
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(ckpt.close)
@@ -224,10 +194,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
       # Closed when the run ends, however it ends: its worker processes hold
       # ~0.1 GB each, and a failed run's traceback, which notebooks keep,
       # would keep them running.
-      return cleanup.enter_context(contextlib.closing(data_lib.train_batches(
-          config.data, seed=int(config.seed), global_batch_size=int(config.batch_size),
-          start_step=step, process_index=jax.process_index(),
-          process_count=jax.process_count(), task=config.task)))
+      return cleanup.enter_context(contextlib.closing(parts.train_batches(step)))
 
     # The data first: a missing data set should fail before minutes of compiling.
     host_batches = open_batches(start)
@@ -236,23 +203,20 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
       host_batches.close()  # its workers go now, not when the run ends
       start = step_of(state)
       host_batches = open_batches(start)
-    batches = sharding.prefetch_to_devices(host_batches, parts.mesh,
-                                           int(config.data.get("device_prefetch", 2)))
+    batches = sharding.prefetch_to_devices(host_batches, parts.mesh, parts.loop.device_prefetch)
     return _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup)
 
 
 def _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup) -> dict:
   """Steps from `start` to the end (or `stop_after` steps); `cleanup` closes
   what the loop opens when the run ends."""
-  config = parts.config
-  total = int(config.total_steps)
+  total = parts.loop.total_steps
   end = total if stop_after is None else min(total, start + int(stop_after))
   step_fn = make_train_step(parts)
   writer = MetricsWriter(workdir, resume_step=start)
   cleanup.callback(writer.close)
-  evaluator = _make_evaluator(parts, workdir)
-  log_every = max(1, int(config.log_every))
-  eval_every = int(config.eval_every)
+  evaluators = parts.make_evaluators(workdir)
+  log_every = max(1, parts.loop.log_every)
   results, pending = {}, []
   import tqdm  # pylint: disable=g-import-not-at-top (jaxdml.bench runs without it)
   bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step",
@@ -274,9 +238,10 @@ def _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup
       writer.write(step, summary)
       bar.set_postfix(loss=f"{summary['loss']:.4f}")
     # A preempted job has seconds left: the checkpoint first, no evaluation.
-    due = evaluator.due(step, total, eval_every) if evaluator and not preempted else ()
+    due = [e for e in evaluators if e.due(step, total)] if not preempted else []
     if due:
-      results = evaluator.run(parts.embed_fns(state), step, due)
+      embed_fns = parts.embed_fns(state)
+      results = run_evaluators(due, embed_fns, step)
       writer.write(step, results)
       bar.write(f"step {step}: " + ", ".join(
           f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
@@ -290,19 +255,26 @@ def _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup
   return results
 
 
+def run_evaluators(evaluators, embed_fns: dict, step: int) -> dict:
+  """Every evaluator's metrics on the towers `embed_fns`, in one dict."""
+  results = {}
+  for evaluator in evaluators:
+    results.update(evaluator.run(embed_fns, step))
+  return results
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """`--mode=eval`: the evaluator on the workdir's latest checkpoint."""
-  parts, ckpt = setup(config, workdir)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(
-        f"--mode=eval: no checkpoint in {ckpt.directory}; train first with "
-        "--mode=train and the same --workdir.")
-  state = restore_or_create(parts, ckpt)
-  step = step_of(state)
-  evaluator = _make_evaluator(parts, workdir)
-  if evaluator is None:
-    raise ValueError("--mode=eval needs config.eval; this config has none.")
-  results = evaluator.run(parts.embed_fns(state), step)
-  MetricsWriter(workdir, resume_step=10**12).write(step, dict(results, mode="eval"))
-  ckpt.close()
+  """`--mode=eval`: the config's evaluators on the workdir's latest
+  checkpoint, restored for inference (`jaxdml.inference.restore`)."""
+  from jaxdml import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
+  paths.check_reachable(workdir)
+  sharding.maybe_initialize_distributed()
+  resolved = config_lib.resolve(config)
+  model = inference.restore(workdir, resolved, teacher=evaluators_lib.uses_teacher(resolved.evals))
+  evaluators = build_lib.make_evaluators(model.config, model.towers, model.mesh, workdir)
+  if not evaluators:
+    raise ValueError("--mode=eval needs an evaluator in config.evals; this config has none "
+                     "enabled.")
+  results = run_evaluators(evaluators, model.embed_fns(), model.step)
+  MetricsWriter(workdir, resume_step=10**12).write(model.step, dict(results, mode="eval"))
   return results

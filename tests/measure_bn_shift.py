@@ -17,7 +17,8 @@ import sys
 import jax
 import numpy as np
 
-from jaxdml import build, config_lib, data, tasks, train
+from jaxdml import build, data, tasks, train
+from jaxdml import config as config_lib
 
 
 def main(workdir, recipe="configs/sop_xbn.py:demo"):

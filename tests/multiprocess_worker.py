@@ -74,7 +74,7 @@ def long(workdir):
   config.total_steps = 200
   config.checkpoint_every = 1000
   config.log_every = 1
-  config.eval.enabled = False
+  config.evals.retrieval.enabled = False
   train_lib.train_and_evaluate(config, workdir)
 
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from jaxdml import ablate, train
+from jaxdml import train
+from jaxdml.tools import ablate
 from test_train import ROOT
 
 CONFIGS = os.path.join(ROOT, "configs")

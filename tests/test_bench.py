@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdml import bench, build, config_lib
+from jaxdml import build
+from jaxdml import config as config_lib
+from jaxdml.tools import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -57,3 +57,32 @@ def test_a_teacher_tower_embeds_with_the_teachers_own_variables():
   np.testing.assert_allclose(fns["teacher"](images), want, rtol=1e-5, atol=1e-6)
   with pytest.raises(AssertionError):
     np.testing.assert_allclose(fns["teacher"](images), fns["query"](images), rtol=1e-3)
+
+
+class _Unreadable:
+  """A config that fails on any read: what the step must never touch."""
+
+  def __getattr__(self, name):
+    raise AssertionError(f"the train step read config.{name}")
+
+  def __getitem__(self, name):
+    raise AssertionError(f"the train step read config[{name!r}]")
+
+  def get(self, name, default=None):
+    raise AssertionError(f"the train step read config.get({name!r})")
+
+
+def test_the_train_step_is_built_from_the_parts_alone():
+  """With the parts' config made unreadable, the step builds, runs and
+  takes the same step as the one built from the untouched parts."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jaxdml import sharding, train  # pylint: disable=g-import-not-at-top
+  config = load_config("sop_xbn.py", "smoke,adapt=kalman")  # memory, adapted: the most parts
+  parts = build.build(config)
+  batch = next(parts.train_batches(0))
+  global_batch = lambda: sharding.global_batch(batch, parts.mesh)
+  want, want_metrics = train.make_train_step(parts)(parts.create_state(), global_batch())
+  blind = dataclasses.replace(parts, config=_Unreadable())
+  got, metrics = train.make_train_step(blind)(blind.create_state(), global_batch())
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
+  assert float(metrics["loss"]) == float(want_metrics["loss"]) and "memory_fill" in metrics

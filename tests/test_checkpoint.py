@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 
 from jaxdml import checkpoint, train
+from test_train import evaluation
 from test_teacher import load_config, saved_state
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):
   config = load_config("sketchy_rtl.py")
   config.total_steps = 1
-  config.eval.enabled = False
+  evaluation(config, False)
   train.train_and_evaluate(config, str(tmp_path))
   other = load_config("sketchy_rtl.py")
   other.model.query.embed_dim = 24
@@ -23,7 +24,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
 def test_checkpoint_subset_restore_reads_only_what_is_asked(tmp_path):
   config = load_config("sketchy_rtl.py")
   config.total_steps = 1
-  config.eval.enabled = False
+  evaluation(config, False)
   train.train_and_evaluate(config, str(tmp_path))
   ckpt = checkpoint.Checkpointer(str(tmp_path), create=False)
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])

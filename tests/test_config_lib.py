@@ -6,7 +6,8 @@ import sys
 import ml_collections
 import pytest
 
-from jaxdml import config_lib, teacher, train
+from jaxdml import teacher, train
+from jaxdml import config as config_lib
 from test_train import ROOT, load_config
 
 
@@ -35,7 +36,8 @@ def test_unknown_config_argument_is_named():
 
 @pytest.mark.parametrize("old,new", [
     ("regularizers", "config.terms"), ("teacher.loss", "config.terms.NAME"),
-    ("teacher.epoch_steps", "config.epoch_steps")])
+    ("teacher.epoch_steps", "config.epoch_steps"),
+    ("memory.terms", "config.memory.loss_form"), ("eval", "config.evals")])
 def test_renamed_fields_say_where_they_went(old, new):
   config = load_config("cub_obdsd.py")
   config.unlock()
@@ -80,14 +82,14 @@ def test_resolve_fills_defaults_and_keeps_what_the_recipe_set():
   resolved = config_lib.resolve(config)
   assert resolved.log_every == 50 and resolved.checkpoint_every == 1000
   assert resolved.mesh.to_dict() == {"data": -1} and resolved.epoch_steps == 0
-  assert resolved.memory.size == 16 and resolved.memory.terms == "joint"
+  assert resolved.memory.size == 16 and resolved.memory.loss_form == "joint"
   assert resolved.teacher is None and resolved.terms.to_dict() == {}
   assert "log_every" not in config  # the caller's config is left as it was
   recipe = load_config("sop_xbn.py", "demo,adapt=kalman")
   resolved = config_lib.resolve(recipe)
   given, got = _leaves(recipe.to_dict()), _leaves(resolved.to_dict())
   assert given and all(got[k] == v for k, v in given.items())
-  assert got["optimizer/b1"] == 0.9 and got["eval/protocols"] is None
+  assert got["optimizer/b1"] == 0.9 and got["evals/retrieval/protocol"] == "auto"
 
 
 def _leaves(tree, prefix=""):

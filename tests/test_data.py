@@ -329,7 +329,7 @@ def test_a_worker_renders_its_batch_into_shared_memory_it_sends_by_name():
   worker's pipe as a name; small ones (labels) are pickled whole. A batch
   that fails frees its segment for the next."""
   import pickle  # pylint: disable=g-import-not-at-top
-  from jaxdml.data import shared_batches  # pylint: disable=g-import-not-at-top
+  from jaxdml.data.workers import shared_batches  # pylint: disable=g-import-not-at-top
 
   def make(step, j, rng, rows=None):
     del rng, rows
@@ -381,7 +381,7 @@ def test_single_and_views_batches(cache_dir):
   assert shipped["jitter_order"].shape == shipped["jitter_factors"].shape == (12, 4)
   assert shipped["mixup_lambda"].shape == (12,)
   np.testing.assert_array_equal(shipped["label"], host["label"])
-  made = tasks.device_views(ml_collections.ConfigDict({"data": cfg}), shipped)
+  made = tasks.device_views(shipped, cfg.views["lo"])
   for key, bound in (("image_hi", 2.0), ("image_lo", 2.5)):
     assert made[key].shape == host[key].shape
     assert np.mean(np.abs(np.asarray(made[key]) - host[key])) < bound, key
@@ -613,7 +613,7 @@ def test_every_recipes_training_crop_is_random_on_non_square_images(recipe):
   """The full recipes' own augmentation settings on 500x375 and 375x500
   images (CUB's shapes): the crop must move with the seed, never be stuck on
   the centre crop (IRT's (224/256)^2, aspect-1 box never fit such images)."""
-  from jaxdml import config_lib
+  from jaxdml import config as config_lib
   config = config_lib.load_config(os.path.join(ROOT, "configs", recipe))
   aug = pipeline._augment_kwargs(config.data)
   size = int(config.data.image_size)
@@ -641,7 +641,7 @@ def test_irt_crop_is_a_random_crop_of_the_image_resized_to_256():
   training transform with IRT's own settings is exactly those steps, its
   crop moving over all of the square."""
   import cv2
-  from jaxdml import config_lib
+  from jaxdml import config as config_lib
   config = config_lib.load_config(os.path.join(ROOT, "configs", "cub_irt.py"))
   assert config.data.augment.resize_square == 256 and config.data.image_size == 224
   aug = pipeline._augment_kwargs(config.data)

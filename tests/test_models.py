@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from jaxdml import models  # noqa: E402
 from jaxdml.models import heads, layers  # noqa: E402
-import torch_reference as tr  # noqa: E402  (tests/ is on sys.path under pytest)
+from jaxdml.tools import torch_reference as tr
 
 REQUIRED = ["resnet18", "resnet34", "resnet50", "resnet101", "vit_ti16", "vit_s16", "vit_b16",
             "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5",

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from jaxdml import metrics_writer, train
-from test_train import ROOT
+from test_train import ROOT, evaluation
 
 import multiprocess_worker
 
@@ -131,7 +131,7 @@ def test_two_processes_train_like_one_and_one_process_resumes(tmp_path):
   for key, value in single_eval.items():
     assert pair_eval[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
-  config.eval.enabled = False  # training only from here
+  evaluation(config, False)  # training only from here
   train.train_and_evaluate(config, single)  # One process, 8 devices, 4 steps.
   straight = losses(single)
   assert sorted(straight) == [1, 2, 3, 4]

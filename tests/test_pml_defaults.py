@@ -108,7 +108,7 @@ def test_raw_rows_are_a_setting_of_the_distance():
     ("snr", lambda d: d.SNRDistance()),
     (dict(name="snr", normalize_embeddings=False),
      lambda d: d.SNRDistance(normalize_embeddings=False)),
-], ids=str)
+], ids=lambda v: "pml" if callable(v) else str(v))
 def test_distances_equal_pmls_matrices_and_gradients(spec, pml):
   from pytorch_metric_learning import distances as pml_distances  # pylint: disable=g-import-not-at-top
   x, _ = _raw_batch(9, n=7, dim=6)

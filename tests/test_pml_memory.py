@@ -1,6 +1,6 @@
 """Cross-batch memory against PML's CrossBatchMemory, batch by batch.
 
-`memory.terms="pml"` is PML's wrapper: the batch is enqueued first and the
+`memory.loss_form="pml"` is PML's wrapper: the batch is enqueued first and the
 loss pairs it with the whole memory, its own copies dropped. Both memories
 have the same size and are rings filled in the same order, so the pairs are
 the same: 8 rows a batch into 20 slots wraps inside the third batch.
@@ -17,7 +17,8 @@ import torch
 from pytorch_metric_learning import distances as pml_dist
 from pytorch_metric_learning import losses as pml_losses
 
-from jaxdml import memory as memory_lib, tasks
+from jaxdml import memory as memory_lib
+from test_tasks import compute_loss
 
 SIZE, BATCH, DIM, STEPS = 20, 8, 6, 6
 
@@ -35,7 +36,7 @@ LOSSES = {
 def _config(name, hparams):
   c = ml_collections.ConfigDict(dict(task="single", total_steps=STEPS))
   c.loss = dict(name=name, **hparams)
-  c.memory = dict(size=SIZE, start_step=0, adapt="none", adapt_hparams={}, terms="pml",
+  c.memory = dict(size=SIZE, start_step=0, adapt="none", adapt_hparams={}, loss_form="pml",
                   weight=1.0)
   return c
 
@@ -48,8 +49,8 @@ def test_memory_equals_pml_cross_batch_memory_step_by_step(name):
   memory = memory_lib.init(SIZE, DIM)
   rng = np.random.default_rng(5)
   step_fn = jax.jit(lambda e, y, m, s: jax.value_and_grad(
-      lambda e: tasks.compute_loss(config, e, {"label": y}, m, s)[0])(e))
-  new_memory = jax.jit(lambda e, y, m, s: tasks.compute_loss(config, e, {"label": y}, m, s)[2])
+      lambda e: compute_loss(config, e, {"label": y}, m, s)[0])(e))
+  new_memory = jax.jit(lambda e, y, m, s: compute_loss(config, e, {"label": y}, m, s)[2])
   for step in range(STEPS):
     x = rng.normal(size=(BATCH, DIM)).astype(np.float32)
     y = rng.integers(0, 4, BATCH).astype(np.int32)

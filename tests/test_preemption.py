@@ -101,7 +101,7 @@ def test_a_run_on_jpeg_files_in_worker_processes_resumes_exactly_after_sigkill(t
 def test_a_worker_process_exits_once_the_training_process_is_killed():
   """`shared_batches.exit_with_parent`, which every worker process calls
   with its first batch: the child of a SIGKILLed process stops by itself."""
-  watcher = ("import time; from jaxdml.data import shared_batches; "
+  watcher = ("import time; from jaxdml.data.workers import shared_batches; "
              "shared_batches.exit_with_parent(); print('watching', flush=True); time.sleep(120)")
   training = ("import subprocess, sys, time\n"
               f"child = subprocess.Popen([sys.executable, '-c', {watcher!r}],\n"

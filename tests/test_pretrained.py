@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdml import models, train
+from test_train import evaluation
 from jaxdml.models import torch_import
 from test_teacher import load_config, saved_state
 
@@ -31,7 +32,7 @@ def test_init_file_loads_the_backbone_and_the_teacher_copies_it(tmp_path):
   config = load_config("cub_obdsd.py")
   config.model.init_file = str(tmp_path / "w.npz")
   config.total_steps = 1
-  config.eval.enabled = False
+  evaluation(config, False)
   parts, ckpt = train.setup(config, str(tmp_path / "run"))
   state = train.restore_or_create(parts, ckpt)
   ckpt.close()
@@ -48,7 +49,7 @@ def test_init_file_loads_the_backbone_and_the_teacher_copies_it(tmp_path):
 
 def test_init_file_may_be_another_runs_workdir(tmp_path):
   config = load_config("cub_obdsd.py", "smoke,distill=False")
-  config.eval.enabled = False
+  evaluation(config, False)
   train.train_and_evaluate(config, str(tmp_path / "pretrained"))
   config.model.init_file = str(tmp_path / "pretrained")
   parts, ckpt = train.setup(config, str(tmp_path / "finetune"))

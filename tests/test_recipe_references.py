@@ -16,14 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdml import config_lib, losses, tasks
+from jaxdml import losses, objective
+from jaxdml import config as config_lib
 
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("torch.nn.functional")
 
 
 def _hparams(cfg):
-  return tasks.loss_hparams(cfg)
+  return objective.loss_hparams(cfg)
 
 
 def obdsd_multi_similarity(x, y, alpha, beta, margin, thresh):

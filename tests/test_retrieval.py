@@ -12,7 +12,7 @@ import torch
 from jaxdml import retrieval
 from jaxdml.retrieval import exact, picture, scann_backend
 from jaxdml.retrieval import metrics as metrics_lib
-from jaxdml.retrieval.search_bench import make_clustered
+from jaxdml.tools.search_bench import make_clustered
 
 faiss = pytest.importorskip("faiss")
 accuracy_calculator = pytest.importorskip(

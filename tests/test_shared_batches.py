@@ -1,4 +1,4 @@
-"""Worker processes' recycled shared memory (`jaxdml.data.shared_batches`).
+"""Worker processes' recycled shared memory (`jaxdml.data.workers.shared_batches`).
 
 The worker's side and the training process's side run in one process here:
 the training side maps the segments by name, as it does across processes.
@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxdml.data import shared_batches
+from jaxdml.data.workers import shared_batches
 
 
 @pytest.fixture(name="pool")

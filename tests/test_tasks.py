@@ -1,4 +1,4 @@
-"""The loss of a batch: ranking loss, weighted terms fed by what each consumes."""
+"""The objective: ranking loss, weighted terms fed by what each consumes."""
 
 import jax
 import jax.numpy as jnp
@@ -6,16 +6,22 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdml import losses, tasks
+from jaxdml import losses, objective, tasks
 from test_train import load_config
 
 
+def compute_loss(config, outputs, batch, memory, step, **kwargs):
+  """The config's objective on one batch's outputs: (loss, aux, memory)."""
+  return objective.Objective.from_config(config)(outputs, batch["label"], memory, step,
+                                                 **kwargs)
+
+
 def test_progress_is_epoch_over_epochs_or_step_over_steps():
-  config = ml_collections.ConfigDict(dict(total_steps=10, epoch_steps=3))  # 3 epochs
-  got = [float(tasks.progress(config, jnp.asarray(s))) for s in (0, 2, 3, 6, 9)]
+  progress = lambda s, epoch_steps: objective.progress(jnp.asarray(s), total_steps=10,
+                                                       epoch_steps=epoch_steps)
+  got = [float(progress(s, 3)) for s in (0, 2, 3, 6, 9)]  # 3 epochs
   np.testing.assert_allclose(got, [0, 0, 1 / 3, 2 / 3, 1])
-  config.epoch_steps = 0
-  got = [float(tasks.progress(config, jnp.asarray(s))) for s in (0, 5, 10, 12)]
+  got = [float(progress(s, 0)) for s in (0, 5, 10, 12)]
   np.testing.assert_allclose(got, [0, 0.5, 1, 1])
 
 
@@ -42,15 +48,15 @@ def test_a_registered_term_gets_what_it_consumes_and_is_logged_under_its_name(sh
   e, t = (jnp.asarray(rng.normal(size=(8, 4)), jnp.float32) for _ in range(2))
   labels = jnp.repeat(jnp.arange(4), 2)
   ranking, _ = losses.get(config.loss.name)(embeddings=e, labels=labels,
-                                            **tasks.loss_hparams(config.loss)[1])
-  loss, aux, _ = tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0),
+                                            **objective.loss_hparams(config.loss)[1])
+  loss, aux, _ = compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0),
                                     teacher_outputs=t)
   term = float(jnp.mean(jnp.square(e - t - 0.5)))
   np.testing.assert_allclose(aux["distill/mine"], term, rtol=1e-6)
   np.testing.assert_allclose(aux["distill/gap_norm"], jnp.linalg.norm(e - t), rtol=1e-6)
   np.testing.assert_allclose(loss, ranking + 2.0 * term, rtol=1e-6)
   with pytest.raises(ValueError, match="consumes 'teacher'.*set config.teacher"):
-    tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))
+    compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))
 
 
 def test_sbir_terms_see_both_towers_and_the_ranking_loss_pairs_query_with_gallery():
@@ -59,14 +65,15 @@ def test_sbir_terms_see_both_towers_and_the_ranking_loss_pairs_query_with_galler
   out = {k: jnp.asarray(rng.normal(size=(4, 16)), jnp.float32) for k in ("query", "gallery")}
   teacher = {k: jnp.asarray(rng.normal(size=(4, 16)), jnp.float32) for k in ("query", "gallery")}
   labels = jnp.arange(4)
-  loss, aux, _ = tasks.compute_loss(config, out, {"label": labels}, {}, jnp.asarray(0),
+  loss, aux, _ = compute_loss(config, out, {"label": labels}, {}, jnp.asarray(0),
                                     teacher_outputs=teacher)
-  [(_, _, hp, weight)] = tasks.terms(config)
+  [term] = objective.Objective.from_config(config).terms
+  hp, weight = term.hparams, term.weight
   flat = lambda d: jnp.concatenate([d["query"], d["gallery"]])
   want, _ = losses.get("embedding_distill")(embeddings=flat(out), teacher_embeddings=flat(teacher),
                                             **hp)
   np.testing.assert_allclose(aux["distill/embedding_distill"], want, rtol=1e-6)
-  rank_name, rank_hp = tasks.loss_hparams(config.loss)
+  rank_name, rank_hp = objective.loss_hparams(config.loss)
   ranking, _ = losses.get(rank_name)(embeddings=out["query"], labels=labels,
                                      ref_embeddings=out["gallery"], ref_labels=labels, **rank_hp)
   np.testing.assert_allclose(loss, ranking + weight * want, rtol=1e-6)
@@ -77,7 +84,7 @@ def test_memory_needs_a_loss_that_takes_a_reference_set():
   config.loss = ml_collections.ConfigDict(dict(name="koleo"))
   from jaxdml import memory as memory_lib  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="ranking loss that takes a reference set; 'koleo'"):
-    tasks.compute_loss(config, jnp.ones((4, 3)), {"label": jnp.arange(4)},
+    compute_loss(config, jnp.ones((4, 3)), {"label": jnp.arange(4)},
                        memory_lib.init(8, 3), jnp.asarray(0))
 
 
@@ -108,14 +115,14 @@ def test_learnable_parameters_are_made_by_init_params_and_passed_by_term(monkeyp
     losses.init_params("triplet", jax.random.key(0), num_classes=5, dim=3)
   config = load_config("cub_obdsd.py", "smoke,distill=False")
   config.terms = ml_collections.ConfigDict({"centres": dict(loss="test_table", weight=0.5)})
-  assert tasks.learnable(config) == [("centres", "test_table", {})]
+  assert objective.Objective.from_config(config).learnable == [("centres", "test_table", {})]
   e, labels = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
   params = {"centres": {"table": jnp.array([[1.0, 1, 1], [0, 0, 0]])}}
-  _, aux, _ = tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0),
+  _, aux, _ = compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0),
                                  loss_params=params)
   np.testing.assert_allclose(aux["reg/centres"], 1.5)  # rows of class 1 are 3 away
   with pytest.raises(ValueError, match="consumes 'params'"):
-    tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))
+    compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))
 
 
 def test_a_configured_miner_mines_the_pairs_the_loss_sees():
@@ -131,7 +138,7 @@ def test_a_configured_miner_mines_the_pairs_the_loss_sees():
   miner = dict(name="triplet_margin", margin=0.3, type_of_triplets="semihard")
   config.memory.size = 0
   config.loss = dict(name="triplet", margin=0.2, miner=miner)
-  loss, _, _ = tasks.compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))
+  loss, _, _ = compute_loss(config, e, {"label": labels}, {}, jnp.asarray(0))
   by_hand = miners.triplet_margin(embeddings=e, labels=labels, margin=0.3,
                                   type_of_triplets="semihard")
   want, _ = losses.get("triplet")(embeddings=e, labels=labels, margin=0.2, mined=by_hand)
@@ -145,7 +152,7 @@ def test_a_configured_miner_mines_the_pairs_the_loss_sees():
   for loss_config in (dict(name="triplet", margin=0.2, miner=miner),
                       dict(name="triplet", margin=0.2)):
     config.loss = loss_config
-    with_memory.append(tasks.compute_loss(config, e, {"label": labels}, memory,
+    with_memory.append(compute_loss(config, e, {"label": labels}, memory,
                                           jnp.asarray(0))[0])
   assert np.isfinite(with_memory[0]) and float(with_memory[0]) != pytest.approx(
       float(with_memory[1]))

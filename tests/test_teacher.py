@@ -9,7 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdml import checkpoint, config_lib, data, metrics_writer, models, tasks, teacher, train
+from jaxdml import checkpoint, data, metrics_writer, models, teacher, train
+from jaxdml import config as config_lib
+from test_train import evaluation
 from jaxdml.models import torch_import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,12 +31,12 @@ def saved_state(workdir, config):
 def test_frozen_teacher_is_the_teachers_checkpoint_and_never_moves(tmp_path):
   teacher_config = load_config("sketchy_rtl.py")
   teacher_config.total_steps = 2
-  teacher_config.eval.enabled = False
+  evaluation(teacher_config, False)
   train.train_and_evaluate(teacher_config, str(tmp_path / "teacher"))
   config = load_config("sketchy_rtl_kd.py")
   config.teacher.workdir = str(tmp_path / "teacher")
   config.total_steps = 3
-  config.eval.enabled = False
+  evaluation(config, False)
   train.train_and_evaluate(config, str(tmp_path / "student"))
   want = saved_state(str(tmp_path / "teacher"), teacher_config)
   got = saved_state(str(tmp_path / "student"), config)["teacher"]
@@ -64,9 +66,8 @@ def test_frozen_teacher_without_a_workdir_names_the_command(tmp_path):
 
 
 def _teacher(kind, epoch_steps=0, **kwargs):
-  c = ml_collections.ConfigDict(dict(total_steps=10, epoch_steps=epoch_steps))
-  c.teacher = teacher.teacher_config(kind, **kwargs)
-  return teacher.build(c, student_model=None)
+  return teacher.build(teacher.teacher_config(kind, **kwargs), student_model=None,
+                       image_size=32, epoch_steps=epoch_steps)
 
 
 def test_previous_epoch_teacher_copies_the_student_at_the_end_of_each_epoch():
@@ -85,7 +86,7 @@ def test_momentum_teacher_is_an_exponential_moving_average():
 
 def test_previous_epoch_teacher_in_a_run_is_the_student_after_each_epoch(tmp_path):
   config = load_config("cub_obdsd.py")  # smoke: epochs of one step
-  config.eval.enabled = False
+  evaluation(config, False)
   train.train_and_evaluate(config, str(tmp_path))
   state = saved_state(str(tmp_path), config)
   jax.tree.map(np.testing.assert_array_equal, state["teacher"]["params"], state["params"])
@@ -99,7 +100,7 @@ def test_momentum_teacher_fills_the_memory_with_its_own_embeddings(tmp_path):
   assert config.teacher.kind == "momentum" and config.teacher.feeds_memory
   config.teacher.momentum = 1.0  # the teacher stays the initial weights: checkable
   config.total_steps = 1
-  config.eval.enabled = False
+  evaluation(config, False)
   parts, _ = train.setup(config, str(tmp_path / "unused"))
   model = parts.model
   initial = parts.create_state()
@@ -169,7 +170,7 @@ def test_a_new_teacher_kind_with_its_own_state_needs_no_change_elsewhere(tmp_pat
   teacher.register("test_centred_ema")(CentredEma)
   config = load_config("cub_obdsd.py")
   config.teacher = teacher.teacher_config("test_centred_ema", center_momentum=0.0)
-  config.eval.enabled = False
+  evaluation(config, False)
   train.train_and_evaluate(config, str(tmp_path))
   state = saved_state(str(tmp_path), config)
   assert set(state["teacher"]) == {"variables", "center"}

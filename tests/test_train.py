@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdml import checkpoint, config_lib, metrics_writer, tasks, train
+from jaxdml import checkpoint, metrics_writer, objective, train
+from jaxdml import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sketchy_rtl's smoke run is covered, with evaluation, by its own test below.
@@ -27,6 +28,12 @@ def load_config(name, arg="smoke"):
   return config_lib.load_config(os.path.join(ROOT, "configs", name), arg)
 
 
+def evaluation(config, enabled: bool) -> None:
+  """Every evaluator of the recipe switched on or off (off: training only)."""
+  for name in config.evals:
+    config.evals[name].enabled = enabled
+
+
 def has_frozen_teacher(config) -> bool:
   """The recipe distils a trained teacher (RAML, SBIR KD): train it first."""
   return bool(config.get("teacher")) and config.teacher.kind == "frozen"
@@ -37,7 +44,7 @@ def train_teacher_of(config, workdir):
   file, _, arg = config.teacher.recipe.partition(":")
   teacher_config = config_lib.load_config(os.path.join(ROOT, file), arg)
   teacher_config.total_steps = 1
-  teacher_config.eval.enabled = False
+  evaluation(teacher_config, False)
   train.train_and_evaluate(teacher_config, workdir)
   config.teacher.workdir = workdir
 
@@ -50,10 +57,10 @@ def short_run(total, checkpoint_every):
   config.total_steps = total
   config.checkpoint_every = checkpoint_every
   config.log_every = 1
-  config.eval.enabled = False
+  evaluation(config, False)
   flags = [f"--config=configs/cub_obdsd.py:{arg}", f"--config.total_steps={total}",
            f"--config.checkpoint_every={checkpoint_every}", "--config.log_every=1",
-           "--config.eval.enabled=False"]
+           "--config.evals.retrieval.enabled=False"]
   return config, flags
 
 
@@ -139,7 +146,7 @@ def test_one_device_and_eight_devices_take_the_same_steps(tmp_path, name, arg):
   for n in (1, 8):
     config = load_config(name, arg)
     config.total_steps = 3
-    config.eval.enabled = False
+    evaluation(config, False)
     config.mesh.data = n
     if has_frozen_teacher(config):
       # RAML: its views, jitter and mixup are made inside the sharded step.
@@ -159,7 +166,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, name, arg):
   config = load_config(name, arg)
   config.total_steps = 4
   config.checkpoint_every = 100
-  config.eval.enabled = False
+  evaluation(config, False)
   if has_frozen_teacher(config):
     train_teacher_of(config, str(tmp_path / "teacher"))
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -176,7 +183,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, name, arg):
 def test_memory_is_filled_and_used_in_the_step(tmp_path):
   config = load_config("sop_xbn.py", "smoke")
   config.total_steps = 4
-  config.eval.enabled = False
+  evaluation(config, False)
   train.train_and_evaluate(config, str(tmp_path))
   memory = final_state(str(tmp_path), config)["memory"]
   assert memory["valid"].sum() == min(4 * config.batch_size, config.memory.size)
@@ -193,23 +200,23 @@ def test_missing_data_set_names_the_data_prep_command(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  real = tasks.compute_loss
+  real = objective.Objective.__call__
 
-  def nan_from_step_two(config, outputs, batch, memory, step, *args):
-    loss, aux, memory = real(config, outputs, batch, memory, step, *args)
+  def nan_from_step_two(self, outputs, labels, memory, step, *args):
+    loss, aux, memory = real(self, outputs, labels, memory, step, *args)
     return jnp.where(step >= 2, jnp.nan, loss), aux, memory
 
-  monkeypatch.setattr(tasks, "compute_loss", nan_from_step_two)
+  monkeypatch.setattr(objective.Objective, "__call__", nan_from_step_two)
   config = load_config("sketchy_rtl.py")
   config.total_steps = 5
   config.checkpoint_every = 1
-  config.eval.enabled = False
+  evaluation(config, False)
   with pytest.raises(train.NonFiniteLossError, match="Non-finite loss or gradient at step 3"):
     train.train_and_evaluate(config, str(tmp_path))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
   assert ckpt.latest_step() == 2
   ckpt.close()
-  monkeypatch.setattr(tasks, "compute_loss", real)
+  monkeypatch.setattr(objective.Objective, "__call__", real)
   params = final_params(str(tmp_path), config)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
@@ -224,7 +231,7 @@ def test_proxy_anchor_recipe_trains_sharded_proxies_and_resumes(tmp_path):
   config = load_config("cub_proxy_anchor.py", "smoke")
   config.total_steps = 3
   config.checkpoint_every = 100
-  config.eval.enabled = False
+  evaluation(config, False)
   assert config.optimizer.warm_steps == 1
   parts = build.build(config)
   initial = jax.device_get(parts.create_state())

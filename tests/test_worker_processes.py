@@ -1,5 +1,5 @@
 """Worker processes: order, balance, errors, deaths and shutdown
-(jaxdml.data.worker_processes).
+(jaxdml.data.workers.processes).
 
 The pipeline's batches through these workers (same as threads, shared
 memory recycled, no JAX in the workers, closed at exit) are tested in
@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxdml.data import worker_processes
+from jaxdml.data.workers import processes as worker_processes
 
 
 def _numbered(step, *, fail_at=None, die_at=None, stall_at=None, slow_flag=None):

@@ -13,7 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdml import config_lib, memory as memory_lib, tasks
+from jaxdml import memory as memory_lib
+from test_tasks import compute_loss
+from jaxdml import config as config_lib
 
 torch = pytest.importorskip("torch")
 
@@ -69,7 +71,7 @@ def _xbm_config(size, start_step, adapt="none"):
   c.loss = dict(name="contrastive", distance="cosine", pos_margin=1.0,
                 neg_margin=MARGIN, reduction="per_anchor_sum")
   c.memory = dict(size=size, start_step=start_step, adapt=adapt, adapt_hparams={},
-                  terms="xbm", weight=1.0)
+                  loss_form="xbm", weight=1.0)
   c.teacher = None
   return c
 
@@ -90,7 +92,7 @@ def test_equals_xbm_code_in_value_and_gradient(start_step):
   queue = XbmQueue(size, dim)
 
   def ours(feats, labels, memory, step):
-    loss, aux, memory = tasks.compute_loss(config, feats, {"label": labels}, memory, step)
+    loss, aux, memory = compute_loss(config, feats, {"label": labels}, memory, step)
     return loss, (aux, memory)
 
   grad_fn = jax.jit(jax.value_and_grad(ours, has_aux=True))
@@ -150,17 +152,17 @@ def test_memory_recipes_use_xbm_loss(recipe):
   for arg in ("", "demo"):
     config = config_lib.load_config(f"configs/{recipe}", arg)
     assert (config.loss.name, config.loss.reduction) == ("contrastive", "per_anchor_sum")
-    assert (config.memory.terms, config.memory.weight) == ("xbm", 1.0)
+    assert (config.memory.loss_form, config.memory.weight) == ("xbm", 1.0)
 
 
 def test_irt_recipe_is_contrastive_sum_plus_koleo_on_the_batch():
   config = config_lib.load_config("configs/sop_irt.py", "smoke")
-  assert config.loss.reduction == "per_anchor_sum" and config.memory.terms == "xbm"
+  assert config.loss.reduction == "per_anchor_sum" and config.memory.loss_form == "xbm"
   assert config.terms.to_dict() == {"koleo": {"weight": 0.7}}
   rng = np.random.default_rng(0)
   feats, labels = _hidden_batch(rng, 8, 16, 6)
   memory = memory_lib.init(int(config.memory.size), 16)
-  loss, aux, _ = tasks.compute_loss(config, jnp.asarray(feats),
+  loss, aux, _ = compute_loss(config, jnp.asarray(feats),
                                     {"label": jnp.asarray(labels, jnp.int32)}, memory, 5)
   parts = aux["loss/batch_term"] + aux["loss/memory_term"] + 0.7 * aux["reg/koleo"]
   np.testing.assert_allclose(loss, parts, rtol=1e-6)
@@ -179,8 +181,13 @@ def test_kalman_recipe_spells_out_its_filter_settings():
   assert adapted.shape == (8, 4)
 
 
-def test_unknown_memory_terms_is_named():
+def test_unknown_memory_loss_form_is_named():
   config = _xbm_config(8, 0)
-  config.memory.terms = "both"
-  with pytest.raises(ValueError, match=r"memory.terms='both'.*'joint', 'xbm'"):
-    tasks.compute_loss(config, jnp.ones((4, 3)), {"label": jnp.arange(4)}, memory_lib.init(8, 3), 0)
+  config.memory.loss_form = "both"
+  with pytest.raises(ValueError, match=r"memory.loss_form='both'.*'joint', 'xbm'"):
+    compute_loss(config, jnp.ones((4, 3)), {"label": jnp.arange(4)}, memory_lib.init(8, 3), 0)
+  # Its old name, easily confused with config.terms, names the new one.
+  config.memory = dict(config.memory.to_dict(), terms="xbm")
+  del config.memory["loss_form"]
+  with pytest.raises(ValueError, match="config.memory.terms was renamed: use config.memory.loss_form"):
+    compute_loss(config, jnp.ones((4, 3)), {"label": jnp.arange(4)}, memory_lib.init(8, 3), 0)

@@ -3,7 +3,7 @@
     python tests/torch_bench.py [--steps=10] resnet50 vit_s16 shufflenet_v2_x1_0
 
 Models and loss come from ../shared/anchors/torch_train_step.py (ResNet-50,
-ViT-S/16) and tests/torch_reference.py (torchvision's ShuffleNetV2 x1.0 with
+ViT-S/16) and jaxdml/tools/torch_reference.py (torchvision's ShuffleNetV2 x1.0 with
 a 512-d projection). Each step is timed on its own and the median reported,
 after 3 warm-up steps; the anchor script's mean of 4 steps after 2 swung by
 a third between runs here. Needs torch (the `test` extra), not jaxdml.
@@ -32,7 +32,7 @@ def anchor_definitions() -> dict:
 def build(name: str, anchor: dict) -> torch.nn.Module:
   if name == "shufflenet_v2_x1_0":
     sys.path.insert(0, HERE)
-    import torch_reference  # pylint: disable=g-import-not-at-top
+    from jaxdml.tools import torch_reference  # pylint: disable=g-import-not-at-top
     model = torch_reference.shufflenet(name)
     model.fc = torch.nn.Linear(1024, 512)
     return model

@@ -13,64 +13,21 @@ Images leave the pipeline as uint8; `jaxdml.data.normalize` runs on device.
 import functools
 import math
 
-import ml_collections
 import numpy as np
 
 from jaxdml import host
+from jaxdml.config import default_data_config  # pylint: disable=unused-import  (re-exported)
+from jaxdml.config import get as _get
 from jaxdml.data import augment
 from jaxdml.data import samplers
 from jaxdml.data import seeding
-from jaxdml.data import shared_batches
 from jaxdml.data import sources
 from jaxdml.data import synthetic
-from jaxdml.data import worker_processes
+from jaxdml.data.workers import processes as worker_processes
+from jaxdml.data.workers import shared_batches
 
 _AUG = 201  # RNG stream tag of the augmentations
 _NUM_STEPS = 2**40  # the iterator is endless in practice
-
-
-def default_data_config():
-  """Defaults for `config.data`; recipes start from this and override."""
-  gen = {k: v for k, v in synthetic.generate.__kwdefaults__.items()}
-  return ml_collections.ConfigDict({
-      "name": sources.SYNTHETIC,
-      "data_dir": ml_collections.config_dict.placeholder(str),  # TFDS data dir
-      "cache_dir": ml_collections.config_dict.placeholder(str),  # synthetic cache
-      "image_size": 64,
-      "synthetic": gen,
-      "m_per_class": 4,
-      "augment": {
-          "random_resized_crop": True,
-          "scale": (0.2, 1.0),
-          "ratio": (3 / 4, 4 / 3),
-          "flip": True,
-          # An int R: resize to R x R, then a random image_size crop (IRT's
-          # 256 -> 224); replaces the random resized crop.
-          "resize_square": None,
-          # None/0: off; float x: (x, x, x, 0); or (b, c, s, hue). Untyped
-          # (None) so recipes may set a float or a tuple.
-          "color_jitter": None,
-      },
-      # RAML: dict(num=8, hi=448, lo=224, mixup=0.2); mixup is the Beta
-      # parameter of view-wise mixup with another image (0: off).
-      "views": None,
-      # Sketch/photo sets with one encoder: "category" classes of photos, or
-      # "instance": a photo and its sketches form a class.
-      "single_labels": "category",
-      # Threads per process; 0: one per core of the process's share, up to 32.
-      "num_threads": 0,
-      # Worker processes (`worker_processes`), each running `num_threads`
-      # threads; 0: threads in this process only; -1: one per core, fewer
-      # where memory is short (`worker_layout`).
-      "num_workers": -1,
-      "prefetch": 2,  # batches buffered ahead on the host
-      "device_prefetch": 2,  # batches already on the devices ahead of the step
-  })
-
-
-def _get(cfg, key, default=None):
-  value = cfg.get(key, default) if cfg is not None else default
-  return default if value is None and default is not None else value
 
 
 # Memory one worker process is allowed on the default layout: it holds
@@ -466,7 +423,10 @@ def _eval_images(source, size, threads):
   return LazyImages(source, functools.partial(augment.eval_transform, size=size), size, threads)
 
 
-def eval_sets(data_config, *, task, image_size=None):
+EVAL_SPLITS = ("test", "train")
+
+
+def eval_sets(data_config, *, task, image_size=None, split="test"):
   """Query and gallery sets for evaluation.
 
   Returns `{"query": q, "gallery": g}` with each `{"images": uint8
@@ -477,9 +437,13 @@ def eval_sets(data_config, *, task, image_size=None):
   categories = class; the gallery is the test photos. Real images get the
   eval transform (shorter side to S*8/7, centre crop); `image_size`
   overrides `data_config.image_size` (e.g. RAML's 448 px database side).
+  `split="train"` evaluates on the training images instead (a query/gallery
+  set's train split, leave-one-out).
   """
   if task not in ("sbir", "single"):
     raise ValueError(f"task must be 'sbir' or 'single'; got {task!r}.")
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"evaluation split {split!r}: expected one of {EVAL_SPLITS}.")
   name = _get(data_config, "name", sources.SYNTHETIC)
   kind = sources.kind(name)
   if task == "sbir" and kind != "sbir":
@@ -495,11 +459,11 @@ def eval_sets(data_config, *, task, image_size=None):
 
   if kind == "sbir":
     if task == "sbir":
-      return {"query": pack(splits["test_sketches"], "photo_id", "category"),
-              "gallery": pack(splits["test_photos"], "photo_id", "category")}
-    source, label = _sketch_photo_single(data_config, splits, "test")
+      return {"query": pack(splits[f"{split}_sketches"], "photo_id", "category"),
+              "gallery": pack(splits[f"{split}_photos"], "photo_id", "category")}
+    source, label = _sketch_photo_single(data_config, splits, split)
     return {"query": pack(source, label, "category"), "gallery": None}
-  if kind == "same":
-    return {"query": pack(splits["test"], "label", "label"), "gallery": None}
+  if kind == "same" or split == "train":
+    return {"query": pack(splits[split], "label", "label"), "gallery": None}
   return {"query": pack(splits["query"], "label", "label"),
           "gallery": pack(splits["gallery"], "label", "label")}

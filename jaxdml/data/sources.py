@@ -17,24 +17,13 @@ import os
 import numpy as np
 
 from jaxdml import paths
+from jaxdml.config import datasets
 from jaxdml.data import synthetic
 
-SYNTHETIC = "synthetic_sketchy"
-# name -> kind: "sbir" (sketch/photo splits), "same" (train/test, the test
-# set is both query and gallery), "query_gallery" (train/query/gallery).
-DATASETS = {
-    "jaxdml_sketchy": "sbir",
-    "jaxdml_cub": "same",
-    "jaxdml_cars196": "same",
-    "jaxdml_sop": "same",
-    "jaxdml_inshop": "query_gallery",
-    "jaxdml_deepfashion2": "query_gallery",
-}
-SPLITS = {
-    "sbir": ("train_photos", "train_sketches", "test_photos", "test_sketches"),
-    "same": ("train", "test"),
-    "query_gallery": ("train", "query", "gallery"),
-}
+SYNTHETIC = datasets.SYNTHETIC
+# kind -> its splits: "sbir" (sketch/photo splits), "same" (train/test, the
+# test set is both query and gallery), "query_gallery" (train/query/gallery).
+SPLITS = datasets.KINDS
 
 
 class ArraySource:
@@ -178,18 +167,13 @@ def canonical_name(name):
   `deepfashion2/crop`); the synthetic set keeps its name."""
   if name == SYNTHETIC:
     return name
-  base, sep, config = name.partition("/")
-  full = base if base.startswith("jaxdml_") else f"jaxdml_{base}"
-  if full not in DATASETS:
-    raise ValueError(f"unknown data set {name!r}; known: {SYNTHETIC!r} and "
-                     f"{sorted(DATASETS)} (the jaxdml_ prefix is optional).")
-  return full + sep + config
+  _, sep, config = name.partition("/")
+  return datasets.get(name).tfds_name + sep + config
 
 
 def kind(name):
   """"sbir", "same" or "query_gallery" (the synthetic set is "sbir")."""
-  name = canonical_name(name)
-  return "sbir" if name == SYNTHETIC else DATASETS[name.partition("/")[0]]
+  return datasets.kind(name)
 
 
 def resolve_data_dir(data_dir):

@@ -22,6 +22,9 @@ import tempfile
 import numpy as np
 
 from jaxdml import paths
+from jaxdml.config import defaults
+
+_DEFAULTS = defaults.SYNTHETIC  # `generate`'s keywords, written once
 
 # Bump when the rendering changes: it keys the on-disk cache.
 GENERATOR_VERSION = 1
@@ -347,8 +350,11 @@ def _sketch(parts, affine, rng, size, drop=0.15):
   return np.repeat(gray[..., None], 3, axis=2)
 
 
-def generate(*, num_categories=12, photos_per_category=24, sketches_per_photo=3,
-             test_photos_per_category=6, image_size=64, seed=0):
+def generate(*, num_categories=_DEFAULTS["num_categories"],
+             photos_per_category=_DEFAULTS["photos_per_category"],
+             sketches_per_photo=_DEFAULTS["sketches_per_photo"],
+             test_photos_per_category=_DEFAULTS["test_photos_per_category"],
+             image_size=_DEFAULTS["image_size"], seed=_DEFAULTS["seed"]):
   """Generates the embedded sketch/photo set.
 
   Photos are ordered by category, then instance; the last

@@ -60,39 +60,43 @@ arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies). See each functi
 docstring for its hyperparameters and the choices that are ours.
 """
 import dataclasses
+import importlib
 from typing import Callable
 
-# Modules, not functions, are imported: `jaxdml.losses.triplet` stays the
-# module that `relative_triplet` builds on.
-from jaxdml.losses import average_precision
-from jaxdml.losses import contrastive
-from jaxdml.losses import distill
-from jaxdml.losses import koleo
-from jaxdml.losses import lifted
-from jaxdml.losses import margin
-from jaxdml.losses import multi_similarity
-from jaxdml.losses import obd_sd
-from jaxdml.losses import proxies
-from jaxdml.losses import relative_triplet
-from jaxdml.losses import softmax_pairs
-from jaxdml.losses import triplet
+# Submodules load when first used (`losses.get`, `jaxdml.losses.triplet`):
+# the registry itself is plain data, so a config is checked without JAX.
+_SUBMODULES = ("average_precision", "contrastive", "distances", "distill", "koleo", "lifted",
+               "margin", "miners", "multi_similarity", "obd_sd", "pairs", "proxies",
+               "relative_triplet", "softmax_pairs", "triplet")
 
 # What a loss consumes beyond `embeddings` and `labels`, and the keyword the
 # train step passes it under (None: the caller passes the reference set).
 INPUTS = {
     "teacher": "teacher_embeddings",  # the teacher's outputs on the same batch
-    "progress": "progress",  # training progress in [0, 1] (jaxdml.tasks.progress)
+    "progress": "progress",  # training progress in [0, 1] (jaxdml.objective.progress)
     "reference_set": None,  # ref_embeddings, ref_labels, ref_valid, ref_self_index
     "params": "loss_params",  # the loss's learnable parameters (init_params), trained
 }
 
 
+def _load(target):
+  """A function, or the function a "module:attr" string names (imported now)."""
+  if not isinstance(target, str):
+    return target
+  module, _, attr = target.partition(":")
+  return getattr(importlib.import_module(f"jaxdml.losses.{module}"), attr)
+
+
 @dataclasses.dataclass(frozen=True)
 class Registered:
-  fn: Callable
+  target: Callable | str  # the loss, or "module:function" of jaxdml.losses
   consumes: frozenset
-  init_params: Callable | None = None
+  init_params: Callable | str | None = None
   params_when: Callable | None = None  # hparams -> whether they ask for parameters
+
+  @property
+  def fn(self) -> Callable:
+    return _load(self.target)
 
 
 _REGISTRY: dict[str, Registered] = {}
@@ -106,10 +110,15 @@ def names():
 def _entry(name) -> Registered:
   try:
     return _REGISTRY[name]
-  except KeyError:
+  except (KeyError, TypeError):
     raise ValueError(
         f"Unknown loss {name!r}; registered losses: {', '.join(names())}."
     ) from None
+
+
+def check_name(name) -> None:
+  """ValueError naming the registered losses unless `name` is one."""
+  _entry(name)
 
 
 def get(name):
@@ -152,7 +161,7 @@ def init_params(name, rng, *, num_classes: int, dim: int, **hparams):
   entry = _entry(name)
   if entry.init_params is None:
     raise ValueError(f"loss {name!r} has no learnable parameters.")
-  return entry.init_params(rng, num_classes=int(num_classes), dim=int(dim), **hparams)
+  return _load(entry.init_params)(rng, num_classes=int(num_classes), dim=int(dim), **hparams)
 
 
 def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pylint: disable=redefined-outer-name
@@ -166,10 +175,11 @@ def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pyli
   num_classes, dim, **hparams) -> pytree`: the train state keeps them (under
   `loss_params`, by term) and the optimizer trains them with the encoder.
   `params_when(hparams) -> bool` says which settings have parameters, when
-  not all do.
+  not all do. `fn` (and `init_params`) may be a "module:function" string of
+  a jaxdml.losses submodule, imported when first used.
   Re-registering a taken name is a ValueError.
   """
-  if not callable(fn):
+  if not (callable(fn) or isinstance(fn, str)):
     raise ValueError(f"register({name!r}, ...): fn must be callable.")
   if name in _REGISTRY:
     raise ValueError(
@@ -184,32 +194,34 @@ def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pyli
   _REGISTRY[name] = Registered(fn, frozenset(consumes), init_params, params_when)
 
 
-for _name, _fn in (("triplet", triplet.triplet),
-                   ("relative_triplet", relative_triplet.relative_triplet),
-                   ("contrastive", contrastive.contrastive),
-                   ("contrastive_koleo", koleo.contrastive_koleo),
-                   ("multi_similarity", multi_similarity.multi_similarity),
-                   ("ntxent", softmax_pairs.ntxent), ("supcon", softmax_pairs.supcon),
-                   ("circle", softmax_pairs.circle),
-                   ("tuplet_margin", softmax_pairs.tuplet_margin),
-                   ("generalized_lifted_structure", lifted.generalized_lifted_structure)):
+for _name, _fn in (("triplet", "triplet:triplet"),
+                   ("relative_triplet", "relative_triplet:relative_triplet"),
+                   ("contrastive", "contrastive:contrastive"),
+                   ("contrastive_koleo", "koleo:contrastive_koleo"),
+                   ("multi_similarity", "multi_similarity:multi_similarity"),
+                   ("ntxent", "softmax_pairs:ntxent"), ("supcon", "softmax_pairs:supcon"),
+                   ("circle", "softmax_pairs:circle"),
+                   ("tuplet_margin", "softmax_pairs:tuplet_margin"),
+                   ("generalized_lifted_structure", "lifted:generalized_lifted_structure")):
   register(_name, _fn)
-register("margin", margin.margin, consumes=("reference_set", "params"),
-         init_params=margin.init_beta, params_when=lambda hp: bool(hp.get("learn_beta")))
-for _name, _fn, _init in (
-    ("proxy_anchor", proxies.proxy_anchor, proxies.init_kaiming_fan_out),
-    ("proxy_nca", proxies.proxy_nca, proxies.init_normal),
-    ("normalized_softmax", proxies.normalized_softmax, proxies.init_normal),
-    ("cosface", proxies.cosface, proxies.init_normal),
-    ("arcface", proxies.arcface, proxies.init_normal),
-    ("subcenter_arcface", proxies.subcenter_arcface, proxies.init_subcenter),
-    ("soft_triple", proxies.soft_triple, proxies.init_soft_triple)):
-  register(_name, _fn, consumes=("params",), init_params=_init)
-register("koleo", koleo.koleo, consumes=())
-register("lifted_structure", lifted.lifted_structure, consumes=())  # in-batch only
-register("npairs", margin.npairs, consumes=())  # in-batch only
-register("fast_ap", average_precision.fast_ap, consumes=())  # in-batch only
-register("smooth_ap", average_precision.smooth_ap, consumes=())  # in-batch only
-register("embedding_distill", distill.embedding_distill, consumes=("teacher",))
-register("raml", distill.raml, consumes=("teacher",))
-register("obd_sd", obd_sd.obd_sd, consumes=("teacher", "progress"))
+register("margin", "margin:margin", consumes=("reference_set", "params"),
+         init_params="margin:init_beta", params_when=lambda hp: bool(hp.get("learn_beta")))
+for _name, _init in (("proxy_anchor", "init_kaiming_fan_out"), ("proxy_nca", "init_normal"),
+                     ("normalized_softmax", "init_normal"), ("cosface", "init_normal"),
+                     ("arcface", "init_normal"), ("subcenter_arcface", "init_subcenter"),
+                     ("soft_triple", "init_soft_triple")):
+  register(_name, f"proxies:{_name}", consumes=("params",), init_params=f"proxies:{_init}")
+register("koleo", "koleo:koleo", consumes=())
+register("lifted_structure", "lifted:lifted_structure", consumes=())  # in-batch only
+register("npairs", "margin:npairs", consumes=())  # in-batch only
+register("fast_ap", "average_precision:fast_ap", consumes=())  # in-batch only
+register("smooth_ap", "average_precision:smooth_ap", consumes=())  # in-batch only
+register("embedding_distill", "distill:embedding_distill", consumes=("teacher",))
+register("raml", "distill:raml", consumes=("teacher",))
+register("obd_sd", "obd_sd:obd_sd", consumes=("teacher", "progress"))
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"jaxdml.losses.{name}")
+  raise AttributeError(f"module 'jaxdml.losses' has no attribute {name!r}")

@@ -148,7 +148,8 @@ def resolve(distance: DistanceLike) -> Distance:
                        "or a dict(name=..., p=..., power=..., normalize_embeddings=...).")
     return NAMED[distance]
   if isinstance(distance, Mapping) or hasattr(distance, "to_dict"):
-    settings = dict(distance.to_dict() if hasattr(distance, "to_dict") else distance)
+    from jaxdml.config import as_dict  # pylint: disable=g-import-not-at-top
+    settings = as_dict(distance)
     base = resolve(settings.pop("name", "euclidean"))
     unknown = sorted(set(settings) - {"p", "power", "normalize_embeddings"})
     if unknown:

@@ -4,14 +4,16 @@
 onto the embedded data for `:smoke` and `:demo`); one module per paper
 builds its configs with the paper's hyperparameters (PAPERS.md).
 """
-from jaxdml.recipes.common import (DATASETS, SMOKE_CADENCE, apply_overlay, embedded_overlay,
-                                   loop, on_embedded_data, single_task, smoke_cadence)
+from jaxdml.recipes.common import (SMOKE_CADENCE, apply_overlay, default_data_config,
+                                   embedded_overlay, evaluator, for_every_evaluator, loop,
+                                   on_embedded_data, retrieval_eval, single_task, smoke_cadence)
 from jaxdml.recipes.irt import irt
 from jaxdml.recipes.obdsd import obdsd
 from jaxdml.recipes.proxy_anchor import proxy_anchor
 from jaxdml.recipes.raml import raml, raml_teacher
 from jaxdml.recipes.xbn import xbn
 
-__all__ = ["DATASETS", "SMOKE_CADENCE", "apply_overlay", "embedded_overlay", "loop", "on_embedded_data",
-           "single_task", "smoke_cadence", "irt",
+__all__ = ["SMOKE_CADENCE", "apply_overlay", "default_data_config", "embedded_overlay", "evaluator",
+           "for_every_evaluator", "loop", "on_embedded_data", "retrieval_eval", "single_task",
+           "smoke_cadence", "irt",
            "obdsd", "proxy_anchor", "raml", "raml_teacher", "xbn"]

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdml.data import default_data_config
+from jaxdml.config import datasets, default_data_config
 
-# Real data sets: TFDS name for jaxdml.data, and the size of the train split
-# (memory sizes "the size of the data set" read it).
-DATASETS = {
-    "cub": dict(train_images=5_864),
-    "cars196": dict(train_images=8_054),
-    "sop": dict(train_images=59_551),
-    "inshop": dict(train_images=25_882),
-    "deepfashion2": dict(train_images=None),
-}
+
+def evaluator(type_name: str, **settings) -> dict:
+  """A `config.evals` entry with every setting of its type spelt out, so
+  `--config.evals.NAME.X=` has a field to set."""
+  from jaxdml import evaluators  # pylint: disable=g-import-not-at-top  (light: no JAX)
+  return {**evaluators.settings_of(type_name), **settings}
+
+
+def retrieval_eval(**settings) -> dict:
+  """`config.evals` entry of the data set's own retrieval protocol."""
+  return evaluator("retrieval", **settings)
 
 
 def loop(*, seed: int, task: str, batch_size: int, total_steps: int, log_every: int,
@@ -46,8 +48,9 @@ def loop(*, seed: int, task: str, batch_size: int, total_steps: int, log_every: 
 
 def single_task(dataset: str, *, seed: int = 0) -> ml_collections.ConfigDict:
   """A ResNet-50 single-encoder recipe on `dataset`, to be specialised."""
-  if dataset not in DATASETS:
-    raise ValueError(f"dataset={dataset!r}: expected one of {sorted(DATASETS)}.")
+  if dataset not in datasets.CATALOGUE:
+    raise ValueError(f"dataset={dataset!r}: expected one of {sorted(datasets.CATALOGUE)}.")
+  entry = datasets.CATALOGUE[dataset]
   c = loop(seed=seed, task="single", batch_size=64, total_steps=35_000,
            log_every=100, eval_every=5_000)
   c.model = ml_collections.ConfigDict(dict(
@@ -62,14 +65,13 @@ def single_task(dataset: str, *, seed: int = 0) -> ml_collections.ConfigDict:
   c.data.name = dataset
   c.data.image_size = 224
   c.data.m_per_class = 4
-  c.eval = ml_collections.ConfigDict(dict(
-      enabled=True, ks=(1, 10, 100) if dataset in ("sop", "inshop") else (1, 2, 4, 8),
-      backend="scann" if dataset in ("sop", "deepfashion2") else "exact",
-      batch_size=256, similarity="cosine", picture=True))
-  # terms: "joint" (one reduction over batch + memory pairs) or "xbm" (XBM's
-  # batch term + weight * memory term); see jaxdml.tasks._memory_loss.
+  c.evals = ml_collections.ConfigDict({"retrieval": retrieval_eval(
+      ks=entry.eval_ks, backend=entry.backend, batch_size=256, similarity="cosine",
+      picture=True)})
+  # loss_form: "joint" (one reduction over batch + memory pairs) or "xbm"
+  # (XBM's batch term + weight * memory term); see jaxdml.memory.loss_with_memory.
   c.memory = ml_collections.ConfigDict(dict(size=0, start_step=0, adapt="none",
-                                            adapt_hparams={}, terms="joint", weight=1.0))
+                                            adapt_hparams={}, loss_form="joint", weight=1.0))
   return c
 
 
@@ -78,20 +80,27 @@ def use_xbm_loss(c: ml_collections.ConfigDict) -> None:
 
   Per-anchor sums of 1 - s over positives and [s - 0.5]_+ over negatives,
   averaged over anchors; the batch term plus the memory term of weight 1,
-  the batch enqueued first (`jaxdml.tasks._memory_loss`, terms="xbm").
+  the batch enqueued first (`jaxdml.memory.loss_with_memory`, "xbm").
   """
   c.loss.reduction = "per_anchor_sum"
-  c.memory.terms = "xbm"
+  c.memory.loss_form = "xbm"
   c.memory.weight = 1.0
 
 
 SMOKE_CADENCE = {"batch_size": 8, "total_steps": 2, "log_every": 1, "eval_every": 0,
-                 "checkpoint_every": 2, "eval.batch_size": 16}
+                 "checkpoint_every": 2}
 
 
-def smoke_cadence(c: ml_collections.ConfigDict) -> None:
-  """Two steps of batch 8, logged each step, checkpointed at the end."""
-  apply_overlay(c, SMOKE_CADENCE)
+def smoke_cadence(c: ml_collections.ConfigDict) -> dict:
+  """Two steps of batch 8, logged each step, checkpointed at the end, every
+  evaluator embedding batches of 16: the overlay of `:smoke` runs."""
+  return {**SMOKE_CADENCE, **for_every_evaluator(c, batch_size=16)}
+
+
+def for_every_evaluator(c: ml_collections.ConfigDict, **settings) -> dict:
+  """`{"evals.NAME.key": value}` overlay entries for every evaluator of `c`."""
+  return {f"evals.{name}.{key}": value for name in c.get("evals", {})
+          for key, value in settings.items()}
 
 
 def apply_overlay(c: ml_collections.ConfigDict, overlay: dict) -> ml_collections.ConfigDict:
@@ -118,15 +127,14 @@ def embedded_overlay(c: ml_collections.ConfigDict, *, smoke: bool) -> dict:
       "data.name": "synthetic_sketchy",
       # Category retrieval on a few hundred photos overfits without augmentation.
       "data.augment.scale": (0.5, 1.0),
-      "eval.backend": "exact",
-      "eval.ks": (1, 2, 4, 8),
+      **for_every_evaluator(c, backend="exact", ks=(1, 2, 4, 8)),
   }
   if smoke:
     overlay.update({
         "model.name": "resnet_tiny", "model.embed_dim": 16, "data.image_size": 32,
         "data.synthetic": dict(num_categories=4, photos_per_category=6, sketches_per_photo=1,
                                test_photos_per_category=2, image_size=32),
-        "data.m_per_class": 2, **SMOKE_CADENCE})
+        "data.m_per_class": 2, **smoke_cadence(c)})
     if c.memory.size:
       overlay.update({"memory.size": 24, "memory.start_step": 1})
     return overlay
@@ -138,7 +146,7 @@ def embedded_overlay(c: ml_collections.ConfigDict, *, smoke: bool) -> dict:
                              test_photos_per_category=6, image_size=64),
       # From scratch, not fine-tuning a pretrained network: a larger step.
       "optimizer.lr": 1e-3, "batch_size": 16, "total_steps": 300, "log_every": 25,
-      "eval_every": 150, "checkpoint_every": 150, "eval.batch_size": 128})
+      "eval_every": 150, "checkpoint_every": 150, **for_every_evaluator(c, batch_size=128)})
   if c.memory.size:
     overlay.update({"memory.size": 256, "memory.start_step": 50})
   return overlay

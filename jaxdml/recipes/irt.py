@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdml import config_lib, teacher
-from jaxdml.recipes.common import DATASETS, on_embedded_data, single_task, use_xbm_loss
+from jaxdml import config as config_lib
+from jaxdml import teacher
+from jaxdml.config import datasets
+from jaxdml.recipes.common import on_embedded_data, single_task, use_xbm_loss
 
 # data set -> (iterations, memory size as a fraction of the train set).
 HPARAMS = {"sop": (35_000, 1.0), "cub": (2_000, 1.0), "inshop": (35_000, 0.2)}
@@ -46,7 +48,7 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
   # area (224/256)^2 and aspect 1 is not that: on a 500 x 375 image it asks
   # for a 379 px square, never fits, and falls back to the centre crop.)
   c.data.augment.resize_square = 256
-  c.memory.size = int(memory_fraction * DATASETS[dataset]["train_images"])
+  c.memory.size = int(memory_fraction * datasets.CATALOGUE[dataset].train_images)
   c.memory.start_step = 0
   if memory_fraction < 1.0:
     c.teacher = teacher.teacher_config("momentum", momentum=0.999, feeds_memory=True)

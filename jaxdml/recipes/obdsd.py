@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdml import config_lib, teacher
-from jaxdml.recipes.common import DATASETS, on_embedded_data, single_task
+from jaxdml import config as config_lib
+from jaxdml import teacher
+from jaxdml.config import datasets
+from jaxdml.recipes.common import on_embedded_data, single_task
 
 # data set -> (epochs, lambda, omega, tau_d), the paper's table.
 HPARAMS = {
@@ -45,7 +47,7 @@ def obdsd(dataset: str, arg) -> ml_collections.ConfigDict:
   c.batch_size = 112
   c.data.m_per_class = 2
   c.memory.size = 0
-  c.epoch_steps = DATASETS[dataset]["train_images"] // c.batch_size
+  c.epoch_steps = datasets.CATALOGUE[dataset].train_images // c.batch_size
   c.total_steps = epochs * c.epoch_steps
   if arg.distill:
     c.teacher = teacher.teacher_config("previous_epoch")

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdml import config_lib
-from jaxdml.recipes.common import DATASETS, on_embedded_data, single_task
+from jaxdml import config as config_lib
+from jaxdml.config import datasets
+from jaxdml.recipes.common import on_embedded_data, single_task
 
 # data set -> (batch, lr, epochs between decays, decay rate, frozen BN, warm-up epochs).
 HPARAMS = {"cub": (120, 1e-4, 5, 0.5, True, 5), "cars196": (120, 1e-4, 10, 0.5, True, 5),
@@ -41,7 +42,7 @@ def proxy_anchor(dataset: str, arg) -> ml_collections.ConfigDict:
       init_file=None, dtype="auto"))
   c.loss = ml_collections.ConfigDict(dict(name="proxy_anchor", margin=0.1, alpha=32.0))
   c.batch_size = batch
-  c.epoch_steps = DATASETS[dataset]["train_images"] // c.batch_size
+  c.epoch_steps = datasets.CATALOGUE[dataset].train_images // c.batch_size
   c.total_steps = EPOCHS * c.epoch_steps
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=lr, weight_decay=1e-4, schedule="step",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdml import config_lib, teacher
-from jaxdml.recipes.common import embedded_overlay, on_embedded_data, single_task
+from jaxdml import config as config_lib
+from jaxdml import teacher
+from jaxdml.recipes.common import embedded_overlay, evaluator, on_embedded_data, single_task
 
 # data set -> (lr, lambda1, lambda2), the paper's tuned values.
 HPARAMS = {
@@ -106,7 +107,9 @@ def raml(dataset: str, arg) -> ml_collections.ConfigDict:
   size = "smoke" if arg.smoke else "demo" if arg.demo else ""
   recipe = f"configs/{CONFIG_NAMES[dataset]}_raml_teacher.py" + (f":{size}" if size else "")
   c.teacher = teacher.teacher_config("frozen", images="image_hi", recipe=recipe)
-  c.eval.asymmetric = True
+  # RAML's protocol beside the symmetric one: student queries, teacher database.
+  same = {k: v for k, v in c.evals.retrieval.items() if k not in ("type", "picture", "prefix")}
+  c.evals.asym = evaluator("asymmetric", **same)
   if size:
     # The student at half the teacher's size on the embedded data.
     hi = embedded_overlay(c, smoke=arg.smoke)["data.image_size"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdml import config_lib
+from jaxdml import config as config_lib
 from jaxdml.recipes.common import on_embedded_data, single_task, use_xbm_loss
 
 

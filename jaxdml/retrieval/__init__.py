@@ -142,7 +142,7 @@ def _broadcast_names(names: list, size: int = 4096) -> list:
 def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
              gallery_labels=None, *, ks=(1, 2, 4, 8), backend="exact",
              metrics=("recall", "r_precision", "map@r", "mrr"), scann_config=None,
-             similarity="cosine", mesh=None):
+             similarity="cosine", mesh=None, exclude_self=None, label_sets=None):
   """Retrieval metrics of queries against a gallery.
 
   Args:
@@ -152,14 +152,24 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
       results by index), as for CUB, Cars and SOP.
     ks: the K of ``recall@K``.
     backend, similarity, scann_config, mesh: as in ``search``.
-    metrics: subset of ``("recall", "r_precision", "map@r", "map", "mrr")``;
-      see ``metrics_from_neighbors``. ``"map"`` ranks the whole gallery, so
-      it needs ``backend="exact"`` and costs a full sort per query. ``"mrr"``
-      looks as deep as AccuracyCalculator's default k: the largest gallery
-      class (minus the query itself in the same-set protocol). ``"nmi"`` and
-      ``"ami"`` score a k-means clustering of the queries against their
-      labels (``retrieval.clustering``; off by default: k-means over many
-      classes is slow).
+    metrics: subset of ``("recall", "r_precision", "map@r", "map", "mrr",
+      "nmi", "ami", "nn_distance")``; see ``metrics_from_neighbors``.
+      ``"map"`` ranks the whole gallery, so it needs ``backend="exact"`` and
+      costs a full sort per query. ``"mrr"`` looks as deep as
+      AccuracyCalculator's default k: the largest gallery class (minus the
+      query itself in the same-set protocol). ``"nmi"`` and ``"ami"`` score
+      a k-means clustering of the queries against their labels
+      (``retrieval.clustering``; off by default: k-means over many classes
+      is slow). ``"nn_distance"`` is the mean distance from a query to its
+      nearest gallery item after L2 normalisation (how spread out the
+      embeddings are; KoLeo should raise it), over every query.
+    exclude_self: the gallery is the query set, row i of both item i, each
+      query excluded from its own results by index; default: when no
+      gallery is given. True with a gallery is the same set embedded
+      another way (a teacher's embeddings of the queries' images).
+    label_sets: more labellings of the same items, ``{prefix: (query_labels,
+      gallery_labels)}``, each scored from the same search and reported
+      under its prefix (Sketchy's instance hits and ``"category/"`` hits).
 
   Returns:
     dict: ``recall@K`` per K, ``r_precision``, ``map@r``, ``map``, ``mrr`` as asked,
@@ -173,30 +183,40 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
   """
   metric_names, ks = metrics_lib.check_metrics(metrics, ks)
   cluster_names = [m for m in metric_names if m in metrics_lib.CLUSTER_METRICS]
-  metric_names = tuple(m for m in metric_names if m not in metrics_lib.CLUSTER_METRICS)
-  same_set = gallery_embeddings is None
-  if same_set != (gallery_labels is None):
+  nn_distance = "nn_distance" in metric_names
+  metric_names = tuple(m for m in metric_names
+                       if m not in metrics_lib.CLUSTER_METRICS and m != "nn_distance")
+  if (gallery_embeddings is None) != (gallery_labels is None):
     raise ValueError("Pass gallery_embeddings and gallery_labels together, or "
                      "neither for the same-set protocol.")
   query_embeddings = _check_embeddings("query_embeddings", query_embeddings)
   query_labels = np.asarray(query_labels)
-  if same_set:
+  if gallery_embeddings is None:
     gallery_embeddings, gallery_labels = query_embeddings, query_labels
+    exclude_self = True if exclude_self is None else exclude_self
+  same_set = bool(exclude_self)
   gallery_embeddings = _check_embeddings("gallery_embeddings",
                                          gallery_embeddings)
   gallery_labels = np.asarray(gallery_labels)
+  if same_set and gallery_embeddings.shape[0] != query_embeddings.shape[0]:
+    raise ValueError("exclude_self=True needs the gallery to be the query set (row i of "
+                     f"both item i); got {query_embeddings.shape[0]} and "
+                     f"{gallery_embeddings.shape[0]} rows.")
   for name, emb, lab in (("query", query_embeddings, query_labels),
                          ("gallery", gallery_embeddings, gallery_labels)):
     if lab.shape != (emb.shape[0],):
       raise ValueError(f"{name}_labels must have shape [{emb.shape[0]}] to "
                        f"match {name}_embeddings, got {lab.shape}.")
+  labellings = {"": (query_labels, gallery_labels)}
+  for prefix, (q_lab, g_lab) in (label_sets or {}).items():
+    labellings[prefix] = (np.asarray(q_lab), np.asarray(g_lab))
   results = {}
   if cluster_names:
     scores = clustering.cluster_scores(query_embeddings, query_labels)
     results.update({m: scores[m] for m in cluster_names})
-  if not metric_names:
+  if not (metric_names or nn_distance):
     return results
-  rel = count_relevant(query_labels, gallery_labels, same_set=same_set)
+  rel = {p: count_relevant(q, g, same_set=same_set) for p, (q, g) in labellings.items()}
   available = gallery_embeddings.shape[0] - int(same_set)
   if "recall" in metric_names and max(ks) > available:
     raise ValueError(f"recall@{max(ks)} needs {max(ks)} neighbours but the "
@@ -213,7 +233,7 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
   else:
     need_r = any(m in metrics_lib.NEEDS_R for m in metric_names)
     k = max(max(ks) if "recall" in metric_names else 1,
-            int(rel.max()) if need_r else 1, mrr_depth or 1)
+            max(int(r.max()) for r in rel.values()) if need_r else 1, mrr_depth or 1)
     k = max(1, min(k, available))
   if backend == "exact":
     blocks = exact.search_blocks(query_embeddings, gallery_embeddings, k,
@@ -226,12 +246,23 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
         labels=(query_labels, gallery_labels))
     results.update(report)
     blocks = [(0, None, idx)]
-  parts = []
+  parts = {p: [] for p in labellings}
+  nn_sum = 0.0
   for start, _, idx in blocks:
     end = start + idx.shape[0]
-    values, _ = metrics_lib.per_query(gallery_labels[idx],
-                                      query_labels[start:end], rel[start:end],
-                                      ks, metric_names, mrr_depth=mrr_depth)
-    parts.append(values)
-  values = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-  return {**metrics_lib.average(values, rel > 0), **results}
+    for prefix, (q_lab, g_lab) in labellings.items():
+      if metric_names:
+        values, _ = metrics_lib.per_query(g_lab[idx], q_lab[start:end], rel[prefix][start:end],
+                                          ks, metric_names, mrr_depth=mrr_depth)
+        parts[prefix].append(values)
+    if nn_distance:
+      nn_sum += metrics_lib.nn_distances(query_embeddings[start:end],
+                                         gallery_embeddings[idx[:, 0]]).sum()
+  for prefix, chunks in parts.items():
+    if chunks:
+      values = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+      results.update({prefix + name: value for name, value
+                      in metrics_lib.average(values, rel[prefix] > 0).items()})
+  if nn_distance:
+    results["nn_distance"] = float(nn_sum / query_embeddings.shape[0])
+  return results

@@ -45,6 +45,15 @@ def prepare(x, similarity):
   return x
 
 
+def scores_numpy(query, gallery, similarity) -> np.ndarray:
+  """[Q, G] scores (larger is better) on the host: for a handful of queries."""
+  q, g = prepare(query, similarity), prepare(gallery, similarity)
+  dot = q @ g.T
+  if similarity != "euclidean":
+    return dot
+  return 2 * dot - np.sum(q * q, axis=1)[:, None] - np.sum(g * g, axis=1)[None, :]
+
+
 def _round_up(x, m):
   return -(-x // m) * m
 

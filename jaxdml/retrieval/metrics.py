@@ -16,6 +16,8 @@ METRICS = ("recall", "r_precision", "map@r", "map", "mrr")
 CLUSTER_METRICS = ("nmi", "ami")
 # Metrics that read the top-R neighbours of each query, R = its relevant count.
 NEEDS_R = ("r_precision", "map@r")
+# Read off the embeddings of each query's nearest neighbour (`nn_distances`).
+EMBEDDING_METRICS = ("nn_distance",)
 
 
 def check_metrics(metrics, ks):
@@ -23,11 +25,12 @@ def check_metrics(metrics, ks):
   if isinstance(metrics, str):
     metrics = (metrics,)
   metrics = tuple(metrics)
-  unknown = [m for m in metrics if m not in METRICS + CLUSTER_METRICS]
+  known = METRICS + CLUSTER_METRICS + EMBEDDING_METRICS
+  unknown = [m for m in metrics if m not in known]
   if unknown or not metrics:
     raise ValueError(
         f"Unknown retrieval metrics {unknown or metrics!r}; choose from "
-        f"{METRICS}.")
+        f"{known}.")
   ks = tuple(int(k) for k in np.atleast_1d(ks))
   if "recall" in metrics and (not ks or min(ks) < 1):
     raise ValueError(f"ks must be positive integers for recall@K, got {ks}.")
@@ -108,6 +111,13 @@ def per_query(neighbor_labels, query_labels, relevant_counts, ks, metrics, mrr_d
     prec = np.cumsum(hits, 1) / ranks
     out["map"] = (prec * hits).sum(1) / safe_r
   return out, valid
+
+
+def nn_distances(queries, nearest) -> np.ndarray:
+  """Euclidean distances between L2-normalised rows and their neighbours' [Q]."""
+  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  return np.linalg.norm(unit(np.asarray(queries, np.float32))
+                        - unit(np.asarray(nearest, np.float32)), axis=1)
 
 
 def average(values, valid):

@@ -1,8 +1,8 @@
 """PyTorch's side of `jaxdml.device_check`: the same encoders and train step, eager and compiled.
 
-The models are `tests/torch_reference.py`'s (torchvision and timm layouts in
-plain torch.nn, the ones the parity tests check jaxdml's encoders against),
-so this needs a source checkout and torch; nothing else in jaxdml imports it.
+The models are `jaxdml.tools.torch_reference`'s (torchvision and timm
+layouts in plain torch.nn, the ones the parity tests check jaxdml's
+encoders against), so this needs torch; nothing else in jaxdml imports it.
 The step is `configs/encoder_bench.py`'s: a 512-d projection (ViT: its 384-d
 CLS token), L2, batch-all triplet loss (margin 0.2), AdamW (lr 1e-4,
 weight decay 0.01). bfloat16 runs under autocast; float32 allows TF32, what
@@ -14,28 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import pathlib
 import time
 
 import numpy as np
-
-REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "torch_reference.py"
 
 
 def available() -> str | None:
   """None when the torch comparison can run here, else why not."""
   if importlib.util.find_spec("torch") is None:
     return "torch is not installed"
-  if not REFERENCE.exists():
-    return f"{REFERENCE} is missing (the torch models need a source checkout)"
   return None
 
 
 def _reference():
-  spec = importlib.util.spec_from_file_location("torch_reference", REFERENCE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from jaxdml.tools import torch_reference  # pylint: disable=g-import-not-at-top
+  return torch_reference
 
 
 def build(name: str):

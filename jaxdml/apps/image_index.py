@@ -1,4 +1,4 @@
-"""An index of a folder of images that `jaxdml.search` searches.
+"""An index of a folder of images that `jaxdml.apps.search_images` searches.
 
     model = embedder.from_workdir("workdirs/demo")
     index = image_index.build_index(model, "photos/", "photos.index")
@@ -34,7 +34,7 @@ import tempfile
 import numpy as np
 
 from jaxdml import paths
-from jaxdml.embedder import Embedder, describe, load_image
+from jaxdml.apps.embedder import Embedder, describe, load_image
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -228,11 +228,11 @@ def load_index(path) -> Index:
   if not manifest_path.exists():
     raise FileNotFoundError(
         f"{manifest_path} not found: {path} is not an index, or its build was interrupted. "
-        "Build it with python -m jaxdml.index --workdir=... --images=... --out=...")
+        "Build it with python -m jaxdml.apps.index_images --workdir=... --images=... --out=...")
   manifest = json.loads(manifest_path.read_text())
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{path} is an index of format {manifest.get('format')}; this jaxdml "
-                     f"reads format {FORMAT}: rebuild it with python -m jaxdml.index.")
+                     f"reads format {FORMAT}: rebuild it with python -m jaxdml.apps.index_images.")
   local = paths.LocalCopy(path, download=True)  # numpy and ScaNN read local files
   try:
     embeddings = np.load(os.path.join(local.local, "embeddings.npy"))
@@ -253,7 +253,7 @@ def check_model(index: Index, model: Embedder) -> None:
   """Raises ModelMismatchError unless `model` embeds the index's probe as
   the index's model did."""
   made_with = describe(index.manifest["model"])
-  fix = ("Rebuild the index with this model (python -m jaxdml.index), or search with the "
+  fix = ("Rebuild the index with this model (python -m jaxdml.apps.index_images), or search with the "
          "index's model (leave out --workdir/--export).")
   if model.image_size != index.manifest["image_size"]:
     raise ModelMismatchError(

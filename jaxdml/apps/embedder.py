@@ -4,10 +4,11 @@
     model = embedder.from_export("workdirs/demo/export")
     model.embed("gallery", images)                     # uint8 [N, S, S, 3]
 
-Two routes to the same encoder: a run's workdir (its checkpoint, embedded
-batched and sharded over the run's mesh by `evaluator.embed_all`) or its
-`--mode=export` SavedModel (TensorFlow, float32 on CPU like JAX there).
-`jaxdml.index` and `jaxdml.search` take either. Images are made the size
+Two routes to the same encoder: a run's workdir (its checkpoint, restored
+by `jaxdml.inference.restore` and embedded batched and sharded over the
+run's mesh) or its `--mode=export` SavedModel (TensorFlow, float32 on CPU
+like JAX there). The image index and search commands
+(`jaxdml.apps.index_images`, `jaxdml.apps.search_images`) take either. Images are made the size
 the model expects by `load_images` (evaluation's transform), so both
 routes see the same pixels.
 """
@@ -54,29 +55,18 @@ def describe(source: dict) -> str:
 
 
 def from_workdir(workdir: str, config=None, *, batch_size: int = 256) -> Embedder:
-  """The latest checkpoint of `workdir`, on the run's mesh (all devices).
+  """The latest checkpoint of `workdir`, on the run's mesh (all devices),
+  restored by `jaxdml.inference.restore` (no optimizer, no teacher).
 
   `config`: the run's config; default the `config.json` training wrote.
   """
   # Imported here: `--help` of the command-line tools answers without JAX.
-  from jaxdml import train  # pylint: disable=g-import-not-at-top
-  from jaxdml.retrieval import evaluator  # pylint: disable=g-import-not-at-top
-  config = train.load_config(workdir) if config is None else config
-  directory = paths.as_path(workdir) / "checkpoints"
-  # Checked before the Checkpointer, which would create the directory.
-  if not directory.is_dir() or not any(directory.iterdir()):
-    raise FileNotFoundError(f"No checkpoint in {directory}: train the run first "
-                            "(python -m jaxdml.main --config=... --workdir=...).")
-  parts, ckpt = train.setup(config, workdir)
-  try:
-    state, step = ckpt.restore_latest_good(parts.restore_target())
-  finally:
-    ckpt.close()
-  fns = parts.embed_fns(state)
-  embed = lambda tower, images: evaluator.embed_all(fns[tower], images, batch_size, parts.mesh)
-  return Embedder(source={"workdir": paths.join(workdir), "step": int(step)},
-                  config=parts.config, image_size=int(parts.config.data.image_size),
-                  embed_fn=embed)
+  from jaxdml import inference  # pylint: disable=g-import-not-at-top
+  model = inference.restore(workdir, config)
+  fns = model.embed_fns()
+  embed = lambda tower, images: inference.embed_all(fns[tower], images, batch_size, model.mesh)
+  return Embedder(source={"workdir": model.workdir, "step": model.step}, config=model.config,
+                  image_size=model.image_size, embed_fn=embed)
 
 
 def from_export(export_dir: str, *, batch_size: int = 256) -> Embedder:
@@ -84,7 +74,8 @@ def from_export(export_dir: str, *, batch_size: int = 256) -> Embedder:
   `query` the query tower of two-tower models)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jaxdml import export  # pylint: disable=g-import-not-at-top
+  from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxdml.apps import export  # pylint: disable=g-import-not-at-top
   manifest = export.read_manifest(export_dir)
   saved = export.load_saved_model(export_dir)
   # Single-encoder exports have one signature: both towers are that encoder.
@@ -96,7 +87,7 @@ def from_export(export_dir: str, *, batch_size: int = 256) -> Embedder:
     return np.concatenate([serve(images=tf.constant(images[i:i + batch_size]))["embeddings"]
                            .numpy() for i in range(0, len(images), batch_size)])
   return Embedder(source={"export": paths.join(export_dir), "step": int(manifest["step"])},
-                  config=ml_collections.ConfigDict(manifest["config"]),
+                  config=config_lib.upgrade_saved(ml_collections.ConfigDict(manifest["config"])),
                   image_size=int(manifest["image_size"]), embed_fn=embed)
 
 

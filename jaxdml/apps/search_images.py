@@ -1,6 +1,6 @@
-"""jaxdml command line: search an index (`jaxdml.index`) with query images.
+"""jaxdml command line: search an image index (`jaxdml.apps.index_images`) with query images.
 
-    python -m jaxdml.search --index=photos.index sketch.png [more.png ...] \\
+    python -m jaxdml.apps.search_images --index=photos.index sketch.png [more.png ...] \\
         [-k 10] [--picture=neighbours.png] [--json]
 
 Prints each query's neighbours: rank, score (cosine: 1 for the same image)
@@ -20,7 +20,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file(
     "config", None, "With --workdir: the run's recipe, when the workdir has no config.json.",
     lock_config=True)
-flags.DEFINE_string("index", None, "Index directory written by python -m jaxdml.index.")
+flags.DEFINE_string("index", None, "Index directory written by python -m jaxdml.apps.index_images.")
 flags.DEFINE_integer("k", 10, "Neighbours per query.")
 flags.DEFINE_string("picture", None, "Write a PNG of the queries and their neighbours here.")
 flags.DEFINE_enum("tower", "query", ["query", "gallery"],
@@ -37,7 +37,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   queries = argv[1:]
   if not queries:
-    raise app.UsageError("Name one or more query images: python -m jaxdml.search "
+    raise app.UsageError("Name one or more query images: python -m jaxdml.apps.search_images "
                          "--index=INDEX QUERY_IMAGE...")
   if FLAGS.workdir and FLAGS.export:
     raise app.UsageError("Pass at most one of --workdir and --export.")
@@ -52,7 +52,8 @@ def main(argv):
   # Imported here so that `--help` answers without starting JAX.
   import json  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from jaxdml import embedder, image_index, sharding  # pylint: disable=g-import-not-at-top
+  from jaxdml import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+  from jaxdml.apps import embedder, image_index  # pylint: disable=g-import-not-at-top
   index = image_index.load_index(FLAGS.index)
   source = index.manifest["model"]
   config = None
@@ -60,7 +61,7 @@ def main(argv):
     source = {"workdir": FLAGS.workdir} if FLAGS.workdir else {"export": FLAGS.export}
     config = FLAGS.config
   elif "workdir" in source:  # the config the index was made with
-    config = ml_collections.ConfigDict(index.manifest["config"])
+    config = config_lib.upgrade_saved(ml_collections.ConfigDict(index.manifest["config"]))
   if "workdir" in source:
     sharding.use_cpu_cores_as_devices(FLAGS.cpu_devices, FLAGS.batch_size)
   model = embedder.from_source(source, config, batch_size=FLAGS.batch_size)
@@ -87,7 +88,7 @@ def main(argv):
 def draw(path, index, query_images, rows) -> None:
   """The retrieval grid of the queries and their neighbours' images."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxdml import embedder  # pylint: disable=g-import-not-at-top
+  from jaxdml.apps import embedder  # pylint: disable=g-import-not-at-top
   from jaxdml.retrieval import picture  # pylint: disable=g-import-not-at-top
   shown, position = np.unique(rows, return_inverse=True)  # each neighbour loaded once
   try:

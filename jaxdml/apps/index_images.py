@@ -1,18 +1,18 @@
 """jaxdml command line: embed a folder of images into an index to search.
 
-    python -m jaxdml.index --workdir=workdirs/demo --images=photos/ --out=photos.index
-    python -m jaxdml.index --export=workdirs/demo/export --images=photos/ --out=photos.index
-    python -m jaxdml.index --workdir=workdirs/demo --write_demo_images=demo_images
+    python -m jaxdml.apps.index_images --workdir=workdirs/demo --images=photos/ --out=photos.index
+    python -m jaxdml.apps.index_images --export=workdirs/demo/export --images=photos/ --out=photos.index
+    python -m jaxdml.apps.index_images --workdir=workdirs/demo --write_demo_images=demo_images
 
 The model is a trained run (`--workdir`, its latest checkpoint; its config
 from the `config.json` training wrote, or `--config`) or its export
 (`--export`, a `--mode=export` SavedModel). Every .jpg, .jpeg and .png under
 `--images` is decoded, given evaluation's transform (shorter side to
 S * 8/7, centre crop), embedded in batches and saved with its file name
-(`jaxdml/image_index.py` describes the index). `--write_demo_images=DIR`
+(`jaxdml/apps/image_index.py` describes the index). `--write_demo_images=DIR`
 instead writes the run's evaluation images (for the demo: its test photos
 and sketches) to DIR, something to index and search.
-Then: python -m jaxdml.search --index=photos.index QUERY_IMAGE...
+Then: python -m jaxdml.apps.search_images --index=photos.index QUERY_IMAGE...
 """
 
 from absl import app, flags, logging
@@ -44,11 +44,13 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   # Imported here so that `--help` answers without starting JAX.
-  from jaxdml import embedder, image_index, paths, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxdml import paths, sharding  # pylint: disable=g-import-not-at-top
+  from jaxdml import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from jaxdml.apps import embedder, image_index  # pylint: disable=g-import-not-at-top
   if FLAGS.write_demo_images:
     if not (FLAGS.config or FLAGS.workdir):
       raise app.UsageError("--write_demo_images needs the run's data: pass --workdir or --config.")
-    config = FLAGS.config or train.load_config(FLAGS.workdir)
+    config = FLAGS.config or workdir_lib.load_config(FLAGS.workdir)
     written = image_index.write_eval_images(config, FLAGS.write_demo_images)
     print(f"Wrote {len(written)} images to {FLAGS.write_demo_images}.")
     return

@@ -22,7 +22,7 @@ The first byte of a segment says who holds it: set by the worker when it
 claims the segment, cleared by the training process when its array dies.
 Each side writes only its own transition, so no lock is shared. The array
 dies only after its readers are done with it (a JAX array made from it
-keeps it alive), and the worker's pipe (`worker_processes`) orders the
+keeps it alive), and the worker's pipe (`processes`) orders the
 worker's pixels before the training process reads them: a write and a read
 of a pipe are system calls, full memory barriers.
 """
@@ -171,7 +171,7 @@ def worker_pool() -> SegmentPool:
     if _pool is None or _pool_pid != os.getpid():
       _pool, _pool_pid = SegmentPool(), os.getpid()
       # A worker stops by letting its target return (or by SIGTERM, which
-      # `worker_processes` turns into an exit), after which multiprocessing
+      # `processes` turns into an exit), after which multiprocessing
       # runs this; a killed worker leaves its segments to Python's
       # resource tracker.
       util.Finalize(_pool, _pool.close, exitpriority=10)

@@ -1,8 +1,8 @@
 """The ablation runner: studies of recipe variants as tables over seeds.
 
-    python -m jaxdml.ablate --study=memory --seeds=3 --workdir=workdirs/ablations
-    python -m jaxdml.ablate --study=all     # every study, one table each (make ablations)
-    python -m jaxdml.ablate --studies=my_studies.py --configs=/path/to/configs --study=mine
+    python -m jaxdml.tools.ablate --study=memory --seeds=3 --workdir=workdirs/ablations
+    python -m jaxdml.tools.ablate --study=all     # every study, one table each (make ablations)
+    python -m jaxdml.tools.ablate --studies=my_studies.py --configs=/path/to/configs --study=mine
 
 The studies themselves (`STUDIES = {name: (metrics, [Variant, ...],
 total_steps or None)}`) are data, not library: `--studies` names the file
@@ -51,7 +51,7 @@ class Variant:
 
 def define_flags():
   """Flags, defined only when run as a program: a studies file imports this
-  module (for Variant) while `python -m jaxdml.ablate` runs it as __main__."""
+  module (for Variant) while `python -m jaxdml.tools.ablate` runs it as __main__."""
   flags.DEFINE_string("study", None, "Which study of the studies file to run, or 'all'.")
   flags.DEFINE_string("studies", "benchmarks/ablation_studies.py",
                       "Python file defining STUDIES (name -> (metrics, variants, total_steps)).")
@@ -74,7 +74,7 @@ def load_studies(path: str) -> dict:
 
 
 def load_config(variant: Variant, seed: int, configs_dir: str, total_steps=None):
-  from jaxdml import config_lib  # pylint: disable=g-import-not-at-top
+  from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
   file, _, arg = variant.config.partition(":")
   path = os.path.join(configs_dir, file)
   if not os.path.exists(path):

@@ -16,7 +16,7 @@ the checkpoint the manifest names) so anyone can check parity.
 The converted function is lowered for cpu, cuda and tpu at once (one
 SavedModel for all three), each with its own kernels and, for
 `model.dtype="auto"`, its own compute dtype (float32 on CPU, bfloat16 on GPU
-and TPU; `Parts.tower_fns(portable=True)`); a platform some op has no
+and TPU; `jaxdml.inference.Towers.fns(portable=True)`); a platform some op has no
 lowering for is dropped with a warning, and the manifest's `platforms` lists
 what each signature kept. cuDNN attention needs a GPU host to be traced: an
 export made elsewhere runs XLA's attention on GPU. Export runs in one
@@ -36,9 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdml import checkpoint as checkpoint_lib
-from jaxdml import paths
-from jaxdml import build as build_lib, tasks
+from jaxdml import config as config_lib
+from jaxdml import inference, paths, tasks
 
 EXPORT_DIR = "export"
 MANIFEST = "jaxdml_export.json"
@@ -58,32 +57,10 @@ def _signatures(config) -> dict:
 
 
 def _restore_variables(config, workdir: str, step: int | None = None):
-  """`(parts, numpy variables, step)` from the workdir's checkpoint."""
-  directory = paths.as_path(workdir) / "checkpoints"
-  # Checked before the Checkpointer, which would create the directory.
-  if not directory.is_dir() or not any(directory.iterdir()):
-    raise FileNotFoundError(
-        f"No checkpoint in {directory}: train first (--mode=train) with the "
-        "same --workdir, then export.")
-  # One local device: the parameters are replicated, so any layout restores.
-  parts = build_lib.build(config, devices=jax.local_devices()[:1])
-  ckpt = checkpoint_lib.Checkpointer(workdir, model_config=config.model,
-                                     async_save=False)
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(
-          f"No checkpoint in {ckpt.directory}: train first (--mode=train) with "
-          "the same --workdir, then export.")
-    if step is not None and int(step) not in ckpt.manager.all_steps():
-      raise FileNotFoundError(
-          f"No checkpoint for step {step} in {ckpt.directory}; it has steps "
-          f"{sorted(ckpt.manager.all_steps())}. Pass one of those or step=None "
-          "(the latest).")
-    state = ckpt.restore(parts.restore_target(), step)
-  finally:
-    ckpt.close()
-  variables = build_lib.model_variables(state)
-  return parts, jax.device_get(variables), int(jax.device_get(state["step"]))
+  """`(restored model, numpy variables, step)` of the workdir's checkpoint,
+  on one local device: the parameters are replicated, so any layout restores."""
+  model = inference.restore(workdir, config, step=step, devices=jax.local_devices()[:1])
+  return model, jax.device_get(model.variables), model.step
 
 
 def _platforms_that_lower(embed, variables, size: int, platforms) -> tuple:
@@ -137,8 +114,9 @@ def export_saved_model(config, workdir: str, *, step: int | None = None,
   if unknown or not platforms:
     raise ValueError(f"platforms={platforms}: each must be one of "
                      f"{_KNOWN_PLATFORMS}, e.g. platforms=('cpu', 'cuda').")
-  parts, variables, step = _restore_variables(config, workdir, step)
-  embed_fns = parts.tower_fns(portable=True)
+  model, variables, step = _restore_variables(config, workdir, step)
+  config = model.config
+  embed_fns = model.towers.fns(portable=True)
   size = int(config.data.image_size)
   module = tf.Module()
   # Parameters as tf.Variables: stored once, shared by both signatures. The
@@ -224,14 +202,14 @@ def load_embed_fn(export_dir: str, tower: str = "gallery"):
   (`serving_default`) or, for two-tower models, `"query"`.
   """
   manifest = read_manifest(export_dir)
-  config = ml_collections.ConfigDict(manifest["config"])
+  config = config_lib.upgrade_saved(ml_collections.ConfigDict(manifest["config"]))
   towers = list(_signatures(config).values())
   if tower not in towers:
     raise ValueError(f"tower={tower!r}: this export has the towers {towers}; "
                      "'query' exists only for two-tower (sbir) models.")
-  parts, variables, _ = _restore_variables(config, manifest["workdir"], manifest["step"])
+  model, variables, _ = _restore_variables(config, manifest["workdir"], manifest["step"])
   size = int(manifest["image_size"])
-  embed = jax.jit(parts.tower_fns(portable=True)[tower])
+  embed = jax.jit(model.towers.fns(portable=True)[tower])
 
   def fn(images):
     images = jnp.asarray(np.asarray(images), jnp.float32)
