@@ -321,7 +321,7 @@ def _encodings(x, lists, scale, k1):
   half = _reciprocal_sets(lists, int(np.around(k1 / 2.0)))
   w1, w2 = rec.shape[1], half.shape[1]
   rows_out, cols_out, vals_out = [], [], []
-  block = max(1, _GATHER_BUDGET // (w1 * w1 * w2 + w1 * (w2 + 1) * x.shape[1]))
+  block = max(1, _GATHER_BUDGET // (w1 * w1 * w2))
   for s in range(0, n, block):
     r = rec[s:s + block]
     rows = np.arange(s, s + len(r))
@@ -333,12 +333,15 @@ def _encodings(x, lists, scale, k1):
     members.sort(axis=1)
     valid = members >= 0
     valid[:, 1:] &= members[:, 1:] != members[:, :-1]
-    d2 = _squared_distances(x, rows, np.where(valid, members, rows[:, None]))
-    weight = np.where(valid, np.exp(-(d2 / scale[rows, None])), 0.0).astype(np.float32)
-    weight /= weight.sum(axis=1, keepdims=True)
-    rows_out.append(np.broadcast_to(rows[:, None], members.shape)[valid])
-    cols_out.append(members[valid])
-    vals_out.append(weight[valid])
+    # Most of the padded width is empty: distances of the members only.
+    row_of = np.broadcast_to(rows[:, None], members.shape)[valid]
+    cols = members[valid]
+    d2 = _squared_distances(x, row_of, cols[:, None])[:, 0]
+    weight = np.exp(-(d2 / scale[row_of])).astype(np.float32)
+    total = np.bincount(row_of - s, weights=weight, minlength=len(r)).astype(np.float32)
+    rows_out.append(row_of)
+    cols_out.append(cols)
+    vals_out.append(weight / total[row_of - s])
   return scipy.sparse.csr_matrix(
       (np.concatenate(vals_out), (np.concatenate(rows_out), np.concatenate(cols_out))),
       shape=(n, n), dtype=np.float32)
