@@ -9,8 +9,10 @@ mined set), the weights are compared with PML's on the same embeddings.
 """
 import collections
 import contextlib
+import glob
 import itertools
 import math
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,10 +23,17 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning import samplers as pml_samplers
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from jaxdml import config_lib
+from jaxdml import data
+from jaxdml.data import pipeline
 from jaxdml.data import samplers
+from jaxdml.data import synthetic
 from jaxdml.data import tuple_weights
 from jaxdml.losses import miners
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(num_categories=6, photos_per_category=8, sketches_per_photo=2,
+             test_photos_per_category=2, image_size=32, seed=0)
 
 
 @contextlib.contextmanager
@@ -318,3 +327,65 @@ def test_weighted_batches_follow_the_weights():
     samplers.weighted_batch_indices(np.zeros(3), batch_size=2, seed=0, step=0)
   with pytest.raises(ValueError, match="non-negative"):
     samplers.weighted_batch_indices(np.array([1.0, -1.0]), batch_size=2, seed=0, step=0)
+
+
+# ---------------------------------------------------------------- config
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("synthetic_cache"))
+
+
+def _data_config(cache_dir, **overrides):
+  cfg = data.default_data_config()
+  cfg.cache_dir, cfg.synthetic, cfg.image_size = cache_dir, dict(SMALL), 32
+  for k, v in overrides.items():
+    setattr(cfg, k, v)
+  return cfg
+
+
+def _plan_rows(cfg, batch_size, seed, steps):
+  indices, _, _ = pipeline._single_plan(cfg, pipeline._open(cfg), batch_size, seed)
+  return [indices(s) for s in steps]
+
+
+def test_every_single_encoder_recipe_keeps_its_m_per_class_batches(cache_dir):
+  synthetic.load_or_generate(cache_dir, **SMALL)
+  labels = pipeline._single_split(_data_config(cache_dir), pipeline._open(
+      _data_config(cache_dir)))[1]
+  recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+  assert len(recipes) > 10
+  for path in recipes:
+    config = config_lib.load_config(path, "smoke")
+    assert config.data.sampler.to_dict() == {"name": "m_per_class"}, path
+    if config.task != "single" or config.data.single_labels != "category":
+      continue
+    cfg = _data_config(cache_dir, m_per_class=config.data.m_per_class)
+    for step, rows in zip((0, 9), _plan_rows(cfg, 12, 7, (0, 9))):
+      np.testing.assert_array_equal(rows, samplers.m_per_class_batch_indices(
+          labels, m=config.data.m_per_class, batch_size=12, seed=7, step=step))
+
+
+def test_config_chooses_the_sampler(cache_dir):
+  spec = dict(name="hierarchical", super_label="category", samples_per_class=3)
+  cfg = _data_config(cache_dir, single_labels="instance", sampler=spec)
+  splits = pipeline._open(cfg)
+  source, labels = pipeline._single_split(cfg, splits)
+  category = source.field("category")
+  for rows in _plan_rows(cfg, 12, 1, range(3)):  # 2 categories x 2 photos x 3 images
+    _check_hierarchical_batch(np.stack([labels, category], 1), rows, batch_size=12, k=2, m=3,
+                              inner=0, outer=1)
+  cfg.sampler = dict(name="fixed_set_of_triplets", num_triplets=30)
+  for rows in _plan_rows(cfg, 12, 1, range(3)):
+    _assert_valid_triplets(labels, rows.reshape(-1, 3))
+  batch = next(data.train_batches(cfg, seed=1, global_batch_size=12, start_step=2, task="single"))
+  np.testing.assert_array_equal(batch["label"], labels[_plan_rows(cfg, 12, 1, [2])[0]])
+  plain = cfg.to_dict()  # a plain dict config may name the sampler alone
+  plain["sampler"] = "fixed_set_of_triplets"
+  with pytest.raises(ValueError, match="needs num_triplets"):
+    _plan_rows(plain, 12, 1, [0])
+  for bad, match in [("random", "not one of"), ("tuples_to_weights", "needs the model"),
+                     (dict(name="m_per_class", m=2), "config.data.m_per_class"),
+                     (dict(name="hierarchical"), "needs super_label")]:
+    plain["sampler"] = bad
+    with pytest.raises(ValueError, match=match):
+      _plan_rows(plain, 12, 1, [0])
