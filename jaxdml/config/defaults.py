@@ -48,6 +48,10 @@ DATA = {
     "image_size": 64,
     "synthetic": SYNTHETIC,
     "m_per_class": 4,
+    # Single-encoder batches (`jaxdml.data.samplers.from_spec`): "m_per_class"
+    # (m above), dict(name="hierarchical", super_label="super_class", ...) or
+    # dict(name="fixed_set_of_triplets", num_triplets=...).
+    "sampler": {"name": "m_per_class"},
     "augment": {
         "random_resized_crop": True,
         "scale": (0.2, 1.0),

@@ -3,8 +3,9 @@
 Public entry points used by training and evaluation:
 `train_batches`, `eval_sets`, `default_data_config`, `normalize`, `MEAN`,
 `STD`. Submodules: `synthetic` (generator), `samplers` (pure (seed, step)
-samplers), `augment` (host transforms), `sources` (synthetic and TFDS
-random-access sources).
+samplers, PML's among them), `tuple_weights` (PML's TuplesToWeightsSampler,
+which mines: import it yourself, it loads JAX), `augment` (host transforms),
+`sources` (synthetic and TFDS random-access sources).
 """
 from jaxdml.data import augment
 from jaxdml.data import samplers

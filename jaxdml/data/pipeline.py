@@ -156,13 +156,10 @@ def _sbir_plan(data_config, splits, batch_size, seed):
 
 def _single_plan(data_config, splits, batch_size, seed):
   source, labels = _single_split(data_config, splits)
-  groups = samplers.group_rows(labels)
-  m = int(_get(data_config, "m_per_class", 4))
+  indices = samplers.from_spec(_get(data_config, "sampler"), labels, batch_size=batch_size,
+                               seed=seed, m_per_class=_get(data_config, "m_per_class", 4),
+                               field=source.field).batch
   size, aug, views = _get(data_config, "image_size"), _augment_kwargs(data_config), _get(data_config, "views")
-
-  def indices(step):
-    return samplers.m_per_class_batch_indices(labels, m=m, batch_size=batch_size, seed=seed,
-                                              step=step, label_groups=groups)
 
   if views:
     num, hi, lo = int(views["num"]), int(views["hi"]), int(views["lo"])
@@ -239,8 +236,9 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
     process_index, process_count: this process takes rows
       `[p*B/n, (p+1)*B/n)` of each global batch.
     task: "sbir" -> `{"sketch", "photo", "label"}` (label: photo id; pairs
-      of distinct photos), or "single" -> `{"image", "label"}` (m-per-class
-      batches) or, with views, `{"image_hi", "image_lo", "label"}` with the
+      of distinct photos), or "single" -> `{"image", "label"}` (batches of
+      `data.sampler`, m-per-class by default) or, with views,
+      `{"image_hi", "image_lo", "label"}` with the
       `views.num` views of an image in consecutive rows; with
       `views.on_device` (the default) the hi crops and their parameters
       instead (`device_augment.KEYS`), which `tasks.device_views` turns into
