@@ -551,6 +551,15 @@ SHARD_CONFIGS = [
     ("npairs", {}),
     ("fast_ap", {}),
     ("smooth_ap", dict(anchor_chunk=4)),
+    ("angular", dict(anchor_chunk=4)),
+    ("nca", {}),
+    ("ranked_list", dict(margin=0.4, Tn=10.0)),
+    ("instance", {}),
+    ("histogram", dict(n_bins=20)),
+    ("pnp", dict(anchor_chunk=4)),
+    ("intra_pair_variance", {}),
+    ("snr_contrastive", {}),
+    ("threshold_consistent_margin", {}),
 ]
 
 
@@ -645,7 +654,9 @@ def test_registry():
       "multi_similarity", "koleo", "embedding_distill", "raml", "obd_sd",
       "ntxent", "supcon", "proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
       "arcface", "circle", "tuplet_margin", "lifted_structure", "generalized_lifted_structure",
-      "subcenter_arcface", "soft_triple", "margin", "npairs", "fast_ap", "smooth_ap"}
+      "subcenter_arcface", "soft_triple", "margin", "npairs", "fast_ap", "smooth_ap",
+      "angular", "nca", "ranked_list", "instance", "histogram", "pnp", "intra_pair_variance",
+      "snr_contrastive", "threshold_consistent_margin"}
   with pytest.raises(ValueError, match="triplet.*obd_sd|obd_sd.*triplet"):
     losses.get("tripletz")
   with pytest.raises(ValueError, match="already registered"):

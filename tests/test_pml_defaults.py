@@ -28,6 +28,14 @@ LOSSES = {
     "tuplet_margin": pml_losses.TupletMarginLoss,
     "npairs": pml_losses.NPairsLoss,
     "fast_ap": pml_losses.FastAPLoss,
+    "angular": pml_losses.AngularLoss,
+    "histogram": pml_losses.HistogramLoss,
+    "instance": pml_losses.InstanceLoss,
+    "intra_pair_variance": pml_losses.IntraPairVarianceLoss,
+    "nca": pml_losses.NCALoss,
+    "pnp": pml_losses.PNPLoss,
+    "snr_contrastive": pml_losses.SignalToNoiseRatioContrastiveLoss,
+    "threshold_consistent_margin": pml_losses.ThresholdConsistentMarginLoss,
 }
 MINERS = {
     "batch_hard": pml_miners.BatchHardMiner,

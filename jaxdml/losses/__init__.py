@@ -9,7 +9,8 @@ TypeError. `loss` is a scalar, `aux` a dict of scalar arrays for logging.
 No Python control flow depends on array values.
 
 Pairs and the reference set (ranking losses: triplet, relative_triplet,
-contrastive, contrastive_koleo, multi_similarity):
+contrastive, contrastive_koleo, multi_similarity, and the others registered
+with consumes "reference_set", e.g. angular, nca, intra_pair_variance):
 - Without `ref_embeddings`, pairs are formed within the batch, never an
   anchor with itself (PML's default).
 - With `ref_embeddings` [R, D] and `ref_labels` [R], pairs are formed between
@@ -53,7 +54,9 @@ XBM/XBN and IRT recipes use.
 Registered names: triplet, relative_triplet, contrastive, contrastive_koleo,
 multi_similarity, ntxent, supcon, circle, tuplet_margin, lifted_structure,
 generalized_lifted_structure, margin, npairs, fast_ap, smooth_ap, koleo, embedding_distill,
-raml, obd_sd, and
+raml, obd_sd, snr_contrastive, angular, nca, ranked_list, instance
+(jaxdml.losses.listwise), histogram, pnp, intra_pair_variance,
+threshold_consistent_margin (jaxdml.losses.similarity_distributions), and
 the losses with learnable class vectors (`loss_params["proxies"]`, made by
 `init_params`): proxy_anchor, proxy_nca, normalized_softmax, cosface,
 arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies). See each function's
@@ -66,8 +69,8 @@ from typing import Callable
 # Submodules load when first used (`losses.get`, `jaxdml.losses.triplet`):
 # the registry itself is plain data, so a config is checked without JAX.
 _SUBMODULES = ("average_precision", "contrastive", "distances", "distill", "koleo", "lifted",
-               "margin", "miners", "multi_similarity", "obd_sd", "pairs", "proxies",
-               "relative_triplet", "softmax_pairs", "triplet")
+               "listwise", "margin", "miners", "multi_similarity", "obd_sd", "pairs", "proxies",
+               "relative_triplet", "similarity_distributions", "softmax_pairs", "triplet")
 
 # What a loss consumes beyond `embeddings` and `labels`, and the keyword the
 # train step passes it under (None: the caller passes the reference set).
@@ -202,7 +205,12 @@ for _name, _fn in (("triplet", "triplet:triplet"),
                    ("ntxent", "softmax_pairs:ntxent"), ("supcon", "softmax_pairs:supcon"),
                    ("circle", "softmax_pairs:circle"),
                    ("tuplet_margin", "softmax_pairs:tuplet_margin"),
-                   ("generalized_lifted_structure", "lifted:generalized_lifted_structure")):
+                   ("generalized_lifted_structure", "lifted:generalized_lifted_structure"),
+                   ("snr_contrastive", "contrastive:snr_contrastive"),
+                   ("angular", "listwise:angular"), ("nca", "listwise:nca"),
+                   ("intra_pair_variance", "similarity_distributions:intra_pair_variance"),
+                   ("threshold_consistent_margin",
+                    "similarity_distributions:threshold_consistent_margin")):
   register(_name, _fn)
 register("margin", "margin:margin", consumes=("reference_set", "params"),
          init_params="margin:init_beta", params_when=lambda hp: bool(hp.get("learn_beta")))
@@ -216,6 +224,10 @@ register("lifted_structure", "lifted:lifted_structure", consumes=())  # in-batch
 register("npairs", "margin:npairs", consumes=())  # in-batch only
 register("fast_ap", "average_precision:fast_ap", consumes=())  # in-batch only
 register("smooth_ap", "average_precision:smooth_ap", consumes=())  # in-batch only
+for _name, _fn in (("ranked_list", "listwise:ranked_list"), ("instance", "listwise:instance"),
+                   ("histogram", "similarity_distributions:histogram"),
+                   ("pnp", "similarity_distributions:pnp")):
+  register(_name, _fn, consumes=())  # in-batch only, as in PML
 register("embedding_distill", "distill:embedding_distill", consumes=("teacher",))
 register("raml", "distill:raml", consumes=("teacher",))
 register("obd_sd", "obd_sd:obd_sd", consumes=("teacher", "progress"))

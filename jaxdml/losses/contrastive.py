@@ -1,4 +1,5 @@
-"""Contrastive (pair margin) loss, as pytorch-metric-learning's ContrastiveLoss.
+"""Contrastive (pair margin) loss, as pytorch-metric-learning's ContrastiveLoss,
+and its SNR form `snr_contrastive` (PML's SignalToNoiseRatioContrastiveLoss).
 
 With a distance d: positives pay [d - pos_margin]_+, negatives
 [neg_margin - d]_+. With distance="cosine" (a similarity s) the roles flip as
@@ -79,3 +80,26 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
                              / jnp.maximum(n_neg, 1.0),
   }
   return loss, aux
+
+
+def snr_contrastive(*, embeddings: jax.Array, labels: jax.Array,
+                    ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                    ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                    pos_margin: float = 0.0, neg_margin: float = 1.0,
+                    distance: distances.DistanceLike = "snr", reduction: str = "avg_nonzero",
+                    mined: miners.Mined | None = None) -> tuple[jax.Array, dict]:
+  """Signal-to-noise ratio contrastive loss (Yuan et al. 2019; PML's
+  `SignalToNoiseRatioContrastiveLoss()`): `contrastive` with PML's
+  `SNRDistance()`, Var(x_a - x_j) / Var(x_a) between L2-normalised rows.
+
+  `distance` must be an SNR distance, as PML asserts; e.g.
+  `dict(name="snr", normalize_embeddings=False)` for raw rows. Arguments,
+  reductions and aux are `contrastive`'s.
+  """
+  if distances.resolve(distance).kind != "snr":
+    raise ValueError(f"snr_contrastive: distance={distance!r} is not an SNR distance; use "
+                     "'snr' (or dict(name='snr', ...)), or the 'contrastive' loss.")
+  return contrastive(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
+                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
+                     pos_margin=pos_margin, neg_margin=neg_margin, distance=distance,
+                     reduction=reduction, mined=mined)

@@ -228,7 +228,9 @@ def snr_matrix(x, y):
   mean_x, mean_y = jnp.mean(x, -1), jnp.mean(y, -1)
   gap = mean_x[:, None] - mean_y[None, :]
   pair_var = (squared_euclidean_matrix(x, y) - d * gap * gap) / (d - 1)
-  anchor_var = jnp.var(x, axis=-1, ddof=1)
+  # A constant anchor row has no variance: PML divides by 0 (inf or NaN);
+  # the floor keeps the loss and its gradient finite, if huge.
+  anchor_var = jnp.maximum(jnp.var(x, axis=-1, ddof=1), _EPS)
   return jnp.maximum(pair_var, 0.0) / anchor_var[:, None]
 
 
