@@ -54,8 +54,11 @@ class Mined:
   t_pos: jax.Array  # bool [B, R] positives the triplets are formed from
   t_neg: jax.Array  # bool [B, R] negatives ...
   sampled_neg: jax.Array | None = None  # int [B, R]: a's negative for (a, p), or -1
+  triplets: jax.Array | None = None  # int [T, 3]: listed (a, p, n), -1 = unused slot
   window: tuple = flax.struct.field(pytree_node=False, default=_ALL)
   distance: distances.Distance | None = flax.struct.field(pytree_node=False, default=None)
+  # A pair list's counts: (a, p, n) then repeats pos[a, p] * neg[a, n] times.
+  pairs_repeat: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 _NO_REFERENCE_SET = dict(ref_embeddings=None, ref_labels=None, ref_valid=None,
@@ -92,12 +95,14 @@ def window_counts(dis, t_pos, t_neg, window):
 
 
 def from_pairs(pos, neg):
-  """A pair miner's selection: each pair once; triplets per anchor are its
-  mined positives x its mined negatives."""
+  """A pair miner's selection from [B, R] masks or counts (how many times
+  each pair is listed); triplets per anchor are its listed positives x its
+  listed negatives, as PML's `convert_to_triplets`."""
   pos_f, neg_f = pos.astype(jnp.float32), neg.astype(jnp.float32)
   tpos = pos_f * jnp.sum(neg_f, axis=1, keepdims=True)
   tneg = neg_f * jnp.sum(pos_f, axis=1, keepdims=True)
-  return Mined(pos=pos_f, neg=neg_f, tpos=tpos, tneg=tneg, t_pos=pos, t_neg=neg)
+  return Mined(pos=pos_f, neg=neg_f, tpos=tpos, tneg=tneg, t_pos=pos_f > 0, t_neg=neg_f > 0,
+               pairs_repeat=True)
 
 
 def _from_triplets(t_pos, t_neg, dis, window, distance):
@@ -257,9 +262,231 @@ def distance_weighted(*, rng, cutoff=0.5, nonzero_loss_cutoff=1.4, **kw):
                sampled_neg=sampled, distance="euclidean")
 
 
+def _check_indices(name, idx):
+  if idx.ndim != 1 or not jnp.issubdtype(idx.dtype, jnp.integer):
+    raise ValueError(f"{name} must be a 1-D integer array (-1 for an unused slot), got "
+                     f"{idx.dtype} {idx.shape}.")
+
+
+def _check_shape(shape):
+  if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
+    raise ValueError(f"shape={shape!r}: expected (num_anchors, num_candidates), the "
+                     "[B, R] of the loss's pairs (R = B without a reference set).")
+
+
+def _listed_counts(rows, cols, shape):
+  """[B, R] float: how many times each (row, col) is listed; slots out of
+  range (-1) count nothing."""
+  ok = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+  flat = jnp.where(ok, rows * shape[1] + cols, shape[0] * shape[1])
+  return jnp.zeros(shape[0] * shape[1]).at[flat].add(1.0, mode="drop").reshape(shape)
+
+
+def from_triplets(triplets, *, shape) -> Mined:
+  """A list of triplets as a selection: `triplets` int [T, 3], rows (a, p,
+  n) indexing the anchors and the reference set (the batch without one),
+  -1 (any index out of range) for an unused slot, so T can be static.
+  `shape` = (B, R). Pair losses see (a, p) and (a, n) once per listed
+  triplet, triplet losses the listed triplets, as PML's `convert_to_pairs`
+  / `convert_to_triplets`."""
+  _check_shape(tuple(shape))
+  triplets = jnp.asarray(triplets)
+  if triplets.ndim != 2 or triplets.shape[1] != 3 or not jnp.issubdtype(triplets.dtype,
+                                                                          jnp.integer):
+    raise ValueError(f"triplets must be int [T, 3] rows (a, p, n), got {triplets.dtype} "
+                     f"{triplets.shape}; PML's tuple (a, p, n) is jnp.stack([a, p, n], 1).")
+  a, p, n = (triplets[:, i] for i in range(3))
+  in_range = ((a >= 0) & (a < shape[0]) & (p >= 0) & (p < shape[1]) & (n >= 0)
+              & (n < shape[1]))
+  ap, an = _listed_counts(a, jnp.where(in_range, p, -1), shape), _listed_counts(
+      a, jnp.where(in_range, n, -1), shape)
+  return Mined(pos=ap, neg=an, tpos=ap, tneg=an, t_pos=ap > 0, t_neg=an > 0,
+               triplets=jnp.where(in_range[:, None], triplets, -1).astype(jnp.int32))
+
+
+def from_indices(indices, *, shape) -> Mined:
+  """PML's index tuple as a selection: pairs (a1, p, a2, n) or triplets
+  (a, p, n), 1-D int arrays (a1 and p of one length, a2 and n of another),
+  -1 for an unused slot so the lengths can be static under jit. `shape` =
+  (B, R), the loss's anchors x candidates. A pair listed twice counts twice,
+  as in PML's lists. Losses keep only listed pairs that the labels allow
+  (PML's take them as given: the same with consistent labels)."""
+  indices = tuple(jnp.asarray(i) for i in indices)
+  for name, idx in zip(("a1", "p", "a2", "n") if len(indices) == 4 else ("a", "p", "n"),
+                       indices):
+    _check_indices(name, idx)
+  if len(indices) == 3:
+    if not indices[0].shape == indices[1].shape == indices[2].shape:
+      raise ValueError(f"triplets (a, p, n) must have one length, got "
+                       f"{[i.shape[0] for i in indices]}.")
+    return from_triplets(jnp.stack(indices, axis=1), shape=shape)
+  if len(indices) != 4:
+    raise ValueError(f"indices must be PML's (a1, p, a2, n) or (a, p, n), got a tuple of "
+                     f"{len(indices)}.")
+  a1, p, a2, n = indices
+  if a1.shape != p.shape or a2.shape != n.shape:
+    raise ValueError(f"a1 and p (and a2 and n) must have one length, got {a1.shape[0]}, "
+                     f"{p.shape[0]} ({a2.shape[0]}, {n.shape[0]}).")
+  _check_shape(tuple(shape))
+  return from_pairs(_listed_counts(a1, p, shape), _listed_counts(a2, n, shape))
+
+
+def already_packaged_as_triplets(*, embeddings, labels=None, ref_embeddings=None,
+                                 ref_labels=None, ref_valid=None, ref_self_index=None) -> Mined:
+  """PML's `EmbeddingsAlreadyPackagedAsTriplets`: rows 3i, 3i + 1, 3i + 2 are
+  a triplet (a, p, n). B must be a multiple of 3. The loss still reads the
+  labels: give a and p one label and n another (a triplet whose labels
+  disagree is dropped, where PML would take it as given)."""
+  del labels
+  b = jnp.shape(embeddings)[0]
+  if any(r is not None for r in (ref_embeddings, ref_labels, ref_valid, ref_self_index)):
+    raise ValueError("already_packaged_as_triplets mines within the batch; drop the "
+                     "reference set.")
+  if b % 3:
+    raise ValueError(f"already_packaged_as_triplets: {b} rows are not whole (a, p, n) "
+                     "triplets; make the batch a multiple of 3.")
+  start = jnp.arange(0, b, 3)
+  return from_triplets(jnp.stack([start, start + 1, start + 2], axis=1), shape=(b, b))
+
+
+def angular(*, angle=20, **kw) -> Mined:
+  """PML's `AngularMiner`: the triplets (a, p, n) whose angle at n,
+  atan(||a - p|| / (2 ||n - (a + p) / 2||)), exceeds `angle` degrees.
+  As PML's, measured on the raw rows (its `pairwise_distance` does not
+  normalise) with torch's `pairwise_distance` epsilon (1e-6 added to the
+  difference). Every triplet is tested, as in PML: [B, R, R] time and memory,
+  and the listed triplets take [B * R * R, 3] ints."""
+  p = _prepare(kw, "angular")
+  q, r = jax.lax.stop_gradient(p.query), jax.lax.stop_gradient(p.ref)
+  eps = 1e-6  # torch.nn.functional.pairwise_distance's, added to x1 - x2
+  dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  ap = distances.safe_sqrt(distances.squared_euclidean_matrix(q + eps, r))  # [a, p]
+  # ||(n + eps) - (a + p) / 2||^2 from inner products: no [B, R, R, D] tensor.
+  shifted = r + eps
+  qq, rr = jnp.sum(q * q, axis=1), jnp.sum(r * r, axis=1)
+  centre_sq = (qq[:, None] + 2.0 * dot(q, r.T) + rr[None, :]) / 4.0  # [a, p]
+  nc_sq = (jnp.sum(shifted * shifted, axis=1)[None, None, :] - dot(q, shifted.T)[:, None, :]
+           - dot(r, shifted.T)[None, :, :] + centre_sq[:, :, None])  # [a, p, n]
+  nc = distances.safe_sqrt(jnp.maximum(nc_sq, 0.0))
+  wide = jnp.arctan(ap[:, :, None] / (2.0 * nc)) > math.radians(angle)
+  keep = p.pos[:, :, None] & p.neg[:, None, :] & wide
+  triplets = jnp.argwhere(keep, size=keep.size, fill_value=-1)
+  return from_triplets(triplets, shape=p.pos.shape)
+
+
+def ceil_like_python(count, fraction):
+  """math.ceil(fraction * count) as Python computes it, the product rounded
+  to float64 first, for int counts in [0, 2**31) and a static fraction in
+  [0, 1]. float32 rounds differently (0.3 * 50 is 15.0 in float64 and
+  15.000001 in float32) and jit has no float64, so the product is exact
+  integer arithmetic on 16-bit limbs, then rounded as float64 would."""
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"fraction={fraction}: expected 0 <= fraction <= 1.")
+  count = jnp.asarray(count).astype(jnp.uint32)
+  if fraction == 0.0:
+    return jnp.zeros(count.shape, jnp.int32)
+  mant, denom = float(fraction).as_integer_ratio()  # fraction = mant / 2**shift
+  shift = denom.bit_length() - 1
+  acc = [jnp.zeros_like(count) for _ in range(7)]
+  for i in range(4):  # mant < 2**53: four limbs; count: two
+    limb = (mant >> (16 * i)) & 0xFFFF
+    for j, count_limb in enumerate((count & 0xFFFF, count >> 16)):
+      prod = count_limb * jnp.uint32(limb)
+      acc[i + j] = acc[i + j] + (prod & 0xFFFF)
+      acc[i + j + 1] = acc[i + j + 1] + (prod >> 16)
+  whole = jnp.zeros_like(count)  # floor(product)
+  top_bit = jnp.full(count.shape, -1, jnp.int32)  # of the fractional part, -1 if zero
+  ones = jnp.zeros(count.shape, jnp.int32)  # set bits of the fractional part
+  carry = jnp.zeros_like(count)
+  for k, a in enumerate(acc):
+    digit = (a + carry) & 0xFFFF
+    carry = (a + carry) >> 16
+    low = 16 * k
+    if low >= shift:
+      if low - shift < 32:
+        whole = whole | (digit << (low - shift))
+      continue
+    if low + 16 > shift:
+      whole = whole | (digit >> (shift - low))
+      digit = digit & ((1 << (shift - low)) - 1)
+    top_bit = jnp.where(digit > 0, low + 31 - jax.lax.clz(digit).astype(jnp.int32), top_bit)
+    ones = ones + jax.lax.population_count(digit).astype(jnp.int32)
+  whole = whole.astype(jnp.int32)
+  # float64 rounds whole + f down to whole when f <= half an ulp of whole
+  # (a tie goes to whole: even), i.e. when f < 2**half_ulp or f == 2**half_ulp.
+  half_ulp = shift + 31 - jax.lax.clz(whole.astype(jnp.uint32)).astype(jnp.int32) - 53
+  rounds_down = (whole >= 1) & ((top_bit < half_ulp) | ((top_bit == half_ulp) & (ones == 1)))
+  return whole + ((ones > 0) & ~rounds_down).astype(jnp.int32)
+
+
+def _hardest_share(dis, counts, fraction, largest):
+  """The hardest ceil(fraction * n) of the n listed pairs (counts [B, R]),
+  by `dis`, largest or smallest first, ties to the lower flat index."""
+  counts = jnp.round(counts).astype(jnp.int32).reshape(-1)
+  key = (-dis if largest else dis).reshape(-1)
+  order = jnp.argsort(jnp.where(counts > 0, key, jnp.inf), stable=True)
+  sorted_counts = counts[order]
+  before = jnp.cumsum(sorted_counts) - sorted_counts
+  k = ceil_like_python(jnp.sum(counts), fraction)
+  kept = jnp.clip(k - before, 0, sorted_counts)
+  return jnp.zeros_like(counts).at[order].set(kept).reshape(dis.shape)
+
+
+def hdc(*, filter_percentage=0.5, distance="euclidean", mined=None, **kw) -> Mined:
+  """PML's `HDCMiner` (hard-aware deeply cascaded embedding): of the
+  positive pairs the ceil(filter_percentage * n) farthest, of the negative
+  pairs the closest as many (for a similarity: least / most similar). The
+  candidates are every pair, or, to cascade, a previous miner's selection
+  `mined=` (PML's `set_idx_externally`; its pairs as a pair loss sees them,
+  repeats included): `hdc(mined=hdc(filter_percentage=0.5, ...), ...)`.
+  Ties go to the lower (anchor, candidate) index; torch.topk's order is
+  unspecified there."""
+  if not 0.0 <= filter_percentage <= 1.0:
+    raise ValueError(f"filter_percentage={filter_percentage}: expected a share in [0, 1].")
+  p, _, dis = _prepared(kw, "hdc", distance)
+  pos, neg = p.pos.astype(jnp.float32), p.neg.astype(jnp.float32)
+  if mined is not None:
+    _, _, pos, neg = restrict(p, mined)
+  return from_pairs(_hardest_share(dis, pos, filter_percentage, largest=True),
+                    _hardest_share(dis, neg, filter_percentage, largest=False))
+
+
+def _uniform_over_bins(rng, mat, mask, num_bins, per_bin):
+  """[B, R] counts: `per_bin` draws (with replacement) from each non-empty
+  bin of `num_bins` equal bins spanning the masked values of `mat`."""
+  flat, ok = mat.reshape(-1), mask.reshape(-1)
+  edges = jnp.linspace(jnp.min(jnp.where(ok, flat, jnp.inf)),
+                       jnp.max(jnp.where(ok, flat, -jnp.inf)), num_bins + 1)
+  # Bin i holds edges[i] <= x < edges[i + 1]; the last one also its end.
+  bin_of = jnp.where(ok, jnp.searchsorted(edges[1:-1], flat, side="right"), num_bins)
+  order = jnp.argsort(bin_of, stable=True)
+  in_bin = jnp.bincount(bin_of, length=num_bins + 1)[:num_bins]
+  start = jnp.cumsum(in_bin) - in_bin
+  draw = jax.random.randint(rng, (num_bins, per_bin), 0, jnp.maximum(in_bin, 1)[:, None])
+  chosen = jnp.where(in_bin[:, None] > 0, order[start[:, None] + draw], flat.size)
+  return jnp.zeros(flat.size).at[chosen.reshape(-1)].add(1.0, mode="drop").reshape(mat.shape)
+
+
+def uniform_histogram(*, rng, num_bins=100, pos_per_bin=10, neg_per_bin=10,
+                      distance="euclidean", **kw) -> Mined:
+  """PML's `UniformHistogramMiner`: the positive pairs' distances (or
+  similarities) are cut into `num_bins` equal bins between their min and
+  max, and `pos_per_bin` pairs are drawn uniformly, with replacement, from
+  each non-empty bin; the same for the negatives. A pair drawn twice counts
+  twice. `rng`: a jax.random key. O(B R log(B R)) time, [B, R] memory."""
+  p, mat, _ = _prepared(kw, "uniform_histogram", distance)
+  pos_rng, neg_rng = jax.random.split(rng)
+  return from_pairs(_uniform_over_bins(pos_rng, mat, p.pos, num_bins, pos_per_bin),
+                    _uniform_over_bins(neg_rng, mat, p.neg, num_bins, neg_per_bin))
+
+
 _MINERS = {"batch_easy_hard": batch_easy_hard, "batch_hard": batch_hard,
            "pair_margin": pair_margin, "triplet_margin": triplet_margin,
-           "multi_similarity": multi_similarity, "distance_weighted": distance_weighted}
+           "multi_similarity": multi_similarity, "distance_weighted": distance_weighted,
+           "angular": angular, "hdc": hdc, "uniform_histogram": uniform_histogram,
+           "already_packaged_as_triplets": already_packaged_as_triplets}
+# Miners that draw at random: they take an `rng` and cannot run inside with_miner.
+SAMPLING = ("distance_weighted", "uniform_histogram")
 
 
 def names():
@@ -287,15 +514,19 @@ def restrict(p, mined):
 
 
 def with_miner(loss_fn, miner):
-  """`loss_fn` mining each call's pairs first: `miner` is a name or a dict
-  {"name": ..., **hparams} (config.loss.miner). The miner sees the loss's
-  embeddings and reference set, so it also works against a memory."""
-  spec = {"name": miner} if isinstance(miner, str) else dict(miner)
-  name = spec.pop("name", None)
-  mine = get(name)
-  if name == "distance_weighted":
-    raise ValueError("miner 'distance_weighted' samples and needs an rng; call "
-                     "jaxdml.losses.miners.distance_weighted(rng=...) and pass mined=.")
+  """`loss_fn` mining each call's pairs first: `miner` is a name, a dict
+  {"name": ..., **hparams} (config.loss.miner) or a function with the
+  miners' arguments. The miner sees the loss's embeddings and reference
+  set, so it also works against a memory."""
+  if callable(miner):
+    spec, mine = {}, miner
+  else:
+    spec = {"name": miner} if isinstance(miner, str) else dict(miner)
+    name = spec.pop("name", None)
+    mine = get(name)
+    if name in SAMPLING:
+      raise ValueError(f"miner {name!r} samples and needs an rng; call "
+                       f"jaxdml.losses.miners.{name}(rng=...) and pass mined=.")
   refs = ("embeddings", "labels", "ref_embeddings", "ref_labels", "ref_valid", "ref_self_index")
 
   def mined_loss(**kwargs):
