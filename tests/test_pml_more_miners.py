@@ -275,3 +275,197 @@ def test_losses_fed_by_the_new_miners_equal_pml(source):
     np.testing.assert_allclose(value, want.item(), rtol=1e-4, atol=1e-6, err_msg=name)
     g = xt.grad.numpy()
     np.testing.assert_allclose(grad, g, rtol=1e-3, atol=1e-4 * np.abs(g).max(), err_msg=name)
+
+
+def _pml_bin_counts(miner, values, chosen):
+  """Per PML bin (its `get_bins` and bounds on `values`): how many of the
+  chosen values fall in it, and which bins hold any of `values`."""
+  bins = miner.get_bins(torch.tensor(values)).numpy()
+  last = len(bins) - 2
+  in_bin = lambda v, i: (bins[i] <= v) & ((v < bins[i + 1]) if i != last else (v <= bins[i + 1]))
+  return (np.array([np.sum(in_bin(chosen, i)) for i in range(last + 1)]),
+          np.array([np.any(in_bin(values, i)) for i in range(last + 1)]))
+
+
+@pytest.mark.parametrize("settings", [{}, dict(num_bins=10, pos_per_bin=3, neg_per_bin=5)])
+def test_uniform_histogram_fills_every_bin_with_its_share(settings):
+  """Invariants, as it samples: each non-empty bin of PML's histogram gets
+  exactly its per-bin number of draws (so as many pairs as PML returns),
+  empty bins none; only valid pairs of the right kind are drawn; a seed
+  reproduces its draw and another seed draws another."""
+  x, labels, ref, ref_labels = _inputs("reference_set", seed=21, n=24)
+  ref, ref_labels = np.concatenate([ref, x[:12]]), np.concatenate([ref_labels, labels[:12]])
+  valid = np.arange(len(ref)) % 7 != 3
+  self_index = np.where(np.arange(24) < 12, 9 + np.arange(24), -1)
+  kw = dict(_jax(x, labels, ref, ref_labels), ref_valid=jnp.asarray(valid),
+            ref_self_index=jnp.asarray(self_index, jnp.int32))
+  mine = jax.jit(lambda key: miners.uniform_histogram(rng=key, **kw, **settings))
+  mined = mine(jax.random.key(0))
+  dist = _distances(x, ref)
+  same = labels[:, None] == ref_labels[None]
+  allowed = valid[None] & (np.arange(len(ref))[None] != self_index[:, None])
+  pml = pml_miners.UniformHistogramMiner(**settings)
+  want_len = []
+  for counts, kind, per_bin in ((mined.pos, same & allowed, pml.pos_per_bin),
+                                (mined.neg, ~same & allowed, pml.neg_per_bin)):
+    counts = np.asarray(counts).astype(int)
+    assert np.all(counts[~kind] == 0), "a drawn pair must be a valid pair of its kind"
+    drawn, filled = _pml_bin_counts(pml, dist[kind], np.repeat(dist.ravel(), counts.ravel()))
+    np.testing.assert_array_equal(drawn, np.where(filled, per_bin, 0))
+    assert 0 < np.sum(~filled) or settings, "the default case must leave bins empty"
+    want_len.append(np.sum(filled) * per_bin)
+  assert [np.sum(mined.pos), np.sum(mined.neg)] == want_len
+  # PML's own draw (in a batch: PML has no ref_valid) is as long as ours.
+  a1, _, a2, _ = pml(*_torch(x, labels)[:2])
+  ours = miners.uniform_histogram(rng=jax.random.key(2), **_jax(x, labels), **settings)
+  assert [len(a1), len(a2)] == [np.sum(ours.pos), np.sum(ours.neg)]
+  again, other = mine(jax.random.key(0)), mine(jax.random.key(1))
+  np.testing.assert_array_equal(again.pos, mined.pos)
+  np.testing.assert_array_equal(again.neg, mined.neg)
+  assert np.any(other.pos != mined.pos) and np.any(other.neg != mined.neg)
+
+
+def test_uniform_histogram_draws_uniformly_within_a_bin():
+  x, labels, _, _ = _inputs("random", seed=8, n=16)
+  kw = _jax(x, labels)
+  draws = jax.jit(jax.vmap(lambda key: miners.uniform_histogram(
+      rng=key, num_bins=4, pos_per_bin=2, neg_per_bin=2, **kw).neg))(
+          jax.random.split(jax.random.key(3), 500))
+  dist = _distances(x)
+  neg = labels[:, None] != labels[None]
+  edges = np.linspace(dist[neg].min(), dist[neg].max(), 5)
+  first_bin = neg & (dist < edges[1])
+  freq = np.asarray(draws).mean(axis=0)[first_bin]  # per pair, expected 2 / size
+  expected = 2.0 / np.sum(first_bin)
+  assert np.sum(first_bin) > 5, "the bin must hold several pairs"
+  np.testing.assert_allclose(np.sum(freq), 2.0, rtol=1e-6)
+  assert np.abs(freq - expected).max() < 5 * math.sqrt(expected / 500)
+
+
+def _views(seed=0, n=8, dim=6):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, dim)) * rng.uniform(0.3, 3.0, size=(n, 1))
+  return x, (x + 0.6 * rng.normal(size=(n, dim))) * rng.uniform(0.5, 2.0, size=(n, 1))
+
+
+SSL_CASES = [
+    ("ntxent", pml_losses.NTXentLoss()),
+    (dict(name="ntxent", temperature=0.3), pml_losses.NTXentLoss(temperature=0.3)),
+    ("contrastive", pml_losses.ContrastiveLoss()),
+    (functools.partial(losses.get("contrastive"), pos_margin=0.1, neg_margin=0.7),
+     pml_losses.ContrastiveLoss(pos_margin=0.1, neg_margin=0.7)),
+    ("triplet", pml_losses.TripletMarginLoss()),
+]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_self_supervised_equals_pml(symmetric):
+  x, y = _views()
+  for ours, theirs in SSL_CASES:
+    xt, yt = torch.tensor(x, requires_grad=True), torch.tensor(y, requires_grad=True)
+    want = pml_losses.SelfSupervisedLoss(theirs, symmetric=symmetric)(xt, yt)
+    want.backward()
+    fn = wrappers.self_supervised(ours, symmetric=symmetric)
+    value, grads = jax.value_and_grad(lambda a, b: fn(embeddings=a, ref_embeddings=b)[0],
+                                      argnums=(0, 1))(jnp.asarray(x, jnp.float32),
+                                                      jnp.asarray(y, jnp.float32))
+    assert want.item() > 0
+    np.testing.assert_allclose(value, want.item(), rtol=1e-4, atol=1e-6, err_msg=str(ours))
+    for g, t in zip(grads, (xt, yt)):
+      g_want = t.grad.numpy()
+      np.testing.assert_allclose(g, g_want, rtol=1e-3, atol=1e-4 * np.abs(g_want).max(),
+                                 err_msg=str(ours))
+
+
+def test_self_supervised_registers_jits_and_names_its_errors():
+  x, y = _views(seed=1)
+  losses.register("test_more_miners_ssl", losses.wrappers.self_supervised("ntxent"))
+  fn = losses.get("test_more_miners_ssl")
+  eager = fn(embeddings=jnp.asarray(x), ref_embeddings=jnp.asarray(y), labels=jnp.zeros(8, int))
+  jitted = jax.jit(lambda a, b: fn(embeddings=a, ref_embeddings=b))(jnp.asarray(x),
+                                                                     jnp.asarray(y))
+  np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-6)
+  with pytest.raises(ValueError, match="does not support loss 'proxy_anchor'"):
+    wrappers.self_supervised("proxy_anchor")
+  with pytest.raises(ValueError, match="needs ref_embeddings"):
+    fn(embeddings=jnp.asarray(x))
+  with pytest.raises(ValueError, match="two views"):
+    fn(embeddings=jnp.asarray(x), ref_embeddings=jnp.asarray(y[:5]))
+
+
+def _pml_multiple(kind):
+  """(PML's MultipleLosses, ours, PML miner feeding every term or None)."""
+  if kind == "list":
+    return (pml_losses.MultipleLosses([pml_losses.ContrastiveLoss(),
+                                       pml_losses.TripletMarginLoss(margin=0.1)],
+                                      weights=[1.0, 0.5]),
+            wrappers.multiple(["contrastive", dict(name="triplet", margin=0.1)],
+                              weights=[1.0, 0.5]), None)
+  if kind == "list_miners":
+    return (pml_losses.MultipleLosses([pml_losses.NTXentLoss(), pml_losses.TripletMarginLoss()],
+                                      miners=[None, pml_miners.BatchHardMiner()]),
+            wrappers.multiple(["ntxent", "triplet"], miners=[None, "batch_hard"]), None)
+  if kind == "dict_miners":
+    return (pml_losses.MultipleLosses(
+        {"c": pml_losses.ContrastiveLoss(), "ms": pml_losses.MultiSimilarityLoss(),
+         "t": pml_losses.TripletMarginLoss(margin=0.2)},
+        miners={"c": pml_miners.PairMarginMiner(pos_margin=0.9, neg_margin=1.3),
+                "t": pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")},
+        weights={"c": 0.3, "ms": 2.0, "t": 1.0}),
+            wrappers.multiple(
+                {"c": "contrastive", "ms": "multi_similarity",
+                 "t": functools.partial(losses.get("triplet"), margin=0.2)},
+                miners={"c": dict(name="pair_margin", pos_margin=0.9, neg_margin=1.3),
+                        "t": functools.partial(miners.triplet_margin, margin=0.2,
+                                               type_of_triplets="semihard")},
+                weights={"c": 0.3, "ms": 2.0, "t": 1.0}), None)
+  return (pml_losses.MultipleLosses([pml_losses.ContrastiveLoss(), pml_losses.MarginLoss()]),
+          wrappers.multiple(["contrastive", "margin"]), "multi_similarity")
+
+
+@pytest.mark.parametrize("kind", ["list", "list_miners", "dict_miners", "shared_mined"])
+def test_multiple_equals_pml(kind):
+  x, labels, _, _ = _inputs("random", seed=13, n=16)
+  theirs, ours, shared = _pml_multiple(kind)
+  xt = torch.tensor(x, requires_grad=True)
+  yt = torch.tensor(labels)
+  kw = {}
+  if shared:
+    idx = pml_miners.MultiSimilarityMiner()(xt.detach(), yt)
+    want = theirs(xt, yt, idx)
+    kw["mined"] = miners.get(shared)(**_jax(x, labels))
+  else:
+    want = theirs(xt, yt)
+  want.backward()
+  fn = lambda e: ours(embeddings=e, labels=jnp.asarray(labels), **kw)
+  (value, aux), grad = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(value, want.item(), rtol=1e-4, atol=1e-6)
+  g = xt.grad.numpy()
+  np.testing.assert_allclose(grad, g, rtol=1e-3, atol=1e-4 * np.abs(g).max())
+  terms = {"list": ["contrastive", "triplet"], "list_miners": ["ntxent", "triplet"],
+           "dict_miners": ["c", "ms", "t"], "shared_mined": ["contrastive", "margin"]}[kind]
+  weights = {"list": [1.0, 0.5], "dict_miners": [0.3, 2.0, 1.0]}.get(kind, [1.0] * len(terms))
+  np.testing.assert_allclose(sum(w * aux[t] for w, t in zip(weights, terms)), value, rtol=1e-6)
+  assert all(aux[t] > 0 for t in terms), "every term must count"
+  assert any(k.startswith(terms[0] + "/") for k in aux), "the terms' own aux come along"
+
+
+def test_multiple_jits_and_names_its_errors():
+  x, labels, _, _ = _inputs("random", seed=2)
+  kw = _jax(x, labels)
+  twice = wrappers.multiple(["triplet", dict(name="triplet", margin=0.3)])
+  value, aux = jax.jit(lambda e, y: twice(embeddings=e, labels=y))(kw["embeddings"],
+                                                                   kw["labels"])
+  assert {"triplet_0", "triplet_1"} <= set(aux)
+  np.testing.assert_allclose(value, aux["triplet_0"] + aux["triplet_1"], rtol=1e-6)
+  with pytest.raises(ValueError, match="as long as the losses"):
+    wrappers.multiple(["triplet", "contrastive"], weights=[1.0])
+  with pytest.raises(ValueError, match="losses' keys"):
+    wrappers.multiple({"a": "triplet", "b": "contrastive"}, weights={"a": 1.0})
+  with pytest.raises(ValueError, match="Unknown loss"):
+    wrappers.multiple(["triplets"])
+  with pytest.raises(ValueError, match="needs an rng"):
+    wrappers.multiple(["triplet"], miners=["uniform_histogram"])
+  mined_twice = wrappers.multiple(["triplet"], miners=["batch_hard"])
+  with pytest.raises(ValueError, match="own miners"):
+    mined_twice(mined=miners.batch_hard(**kw), **kw)

@@ -76,6 +76,10 @@ from jaxdml.losses import proxies
 from jaxdml.losses import relative_triplet
 from jaxdml.losses import softmax_pairs
 from jaxdml.losses import triplet
+from jaxdml.losses import wrappers
+
+self_supervised = wrappers.self_supervised  # PML's SelfSupervisedLoss
+multiple = wrappers.multiple  # PML's MultipleLosses
 
 # What a loss consumes beyond `embeddings` and `labels`, and the keyword the
 # train step passes it under (None: the caller passes the reference set).
