@@ -82,13 +82,13 @@ def _assert_same_selection(mined, want, labels, ref_labels, shape):
 def test_angular_selects_what_pml_selects(case):
   x, labels, ref, ref_labels = _inputs(case, seed=11 + len(case))
   shape = (len(x), len(x if ref is None else ref))
-  for angle in (20, 40):
-    want = _mine_pml(pml_miners.AngularMiner(angle=angle), x, labels, ref, ref_labels)
-    mined = miners.get("angular")(angle=angle, **_jax(x, labels, ref, ref_labels))
+  for hp in ({}, dict(angle=40)):
+    want = _mine_pml(pml_miners.AngularMiner(**hp), x, labels, ref, ref_labels)
+    mined = miners.get("angular")(**hp, **_jax(x, labels, ref, ref_labels))
     listed = np.asarray(mined.triplets)
     listed = listed[listed[:, 0] >= 0]
     # The same triplets in the same (anchor, positive, negative) order.
-    np.testing.assert_array_equal(listed, torch.stack(want, 1).numpy(), err_msg=f"{angle}")
+    np.testing.assert_array_equal(listed, torch.stack(want, 1).numpy(), err_msg=f"{hp}")
     _assert_same_selection(mined, want, labels, ref_labels, shape)
     all_triplets = len(lmu.get_all_triplets_indices(*_torch(x, labels, ref, ref_labels)[1::2])[0])
     assert 0 < len(listed) < all_triplets, "the angle must keep some triplets, not all"
@@ -208,6 +208,14 @@ FED_LOSSES = {
 }
 
 
+@functools.cache
+def _fed_value_and_grad(name):
+  """One jit per loss: selections of one structure share its compilation."""
+  hp = FED_LOSSES[name][1]
+  return jax.jit(jax.value_and_grad(lambda e, y, mined: losses.get(name)(
+      embeddings=e, labels=y, mined=mined, **hp)[0]))
+
+
 def _as_pml_tuple(mined):
   """Our pair counts as PML's (a1, p, a2, n), each pair repeated."""
   out = []
@@ -268,9 +276,8 @@ def test_losses_fed_by_the_new_miners_equal_pml(source):
     xt = torch.tensor(x, requires_grad=True)
     want = make(**hp)(xt, torch.tensor(labels), want_idx)
     want.backward()
-    fn = lambda e: losses.get(name)(embeddings=e, labels=jnp.asarray(labels), mined=mined,
-                                    **hp)[0]
-    value, grad = jax.value_and_grad(fn)(jnp.asarray(x, jnp.float32))
+    value, grad = _fed_value_and_grad(name)(jnp.asarray(x, jnp.float32), jnp.asarray(labels),
+                                            mined)
     assert want.item() > 0, f"{name}: the case must exercise the loss"
     np.testing.assert_allclose(value, want.item(), rtol=1e-4, atol=1e-6, err_msg=name)
     g = xt.grad.numpy()
@@ -366,9 +373,9 @@ def test_self_supervised_equals_pml(symmetric):
     want = pml_losses.SelfSupervisedLoss(theirs, symmetric=symmetric)(xt, yt)
     want.backward()
     fn = wrappers.self_supervised(ours, symmetric=symmetric)
-    value, grads = jax.value_and_grad(lambda a, b: fn(embeddings=a, ref_embeddings=b)[0],
-                                      argnums=(0, 1))(jnp.asarray(x, jnp.float32),
-                                                      jnp.asarray(y, jnp.float32))
+    value, grads = jax.jit(jax.value_and_grad(
+        lambda a, b: fn(embeddings=a, ref_embeddings=b)[0], argnums=(0, 1)))(
+            jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
     assert want.item() > 0
     np.testing.assert_allclose(value, want.item(), rtol=1e-4, atol=1e-6, err_msg=str(ours))
     for g, t in zip(grads, (xt, yt)):
@@ -438,7 +445,8 @@ def test_multiple_equals_pml(kind):
     want = theirs(xt, yt)
   want.backward()
   fn = lambda e: ours(embeddings=e, labels=jnp.asarray(labels), **kw)
-  (value, aux), grad = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(x, jnp.float32))
+  (value, aux), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(
+      jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(value, want.item(), rtol=1e-4, atol=1e-6)
   g = xt.grad.numpy()
   np.testing.assert_allclose(grad, g, rtol=1e-3, atol=1e-4 * np.abs(g).max())
@@ -469,3 +477,20 @@ def test_multiple_jits_and_names_its_errors():
   mined_twice = wrappers.multiple(["triplet"], miners=["batch_hard"])
   with pytest.raises(ValueError, match="own miners"):
     mined_twice(mined=miners.batch_hard(**kw), **kw)
+
+
+def test_new_miner_errors_name_the_fix():
+  kw = _jax(*_inputs("random", seed=0)[:2])
+  with pytest.raises(ValueError, match="filter_percentage"):
+    miners.hdc(filter_percentage=1.5, **kw)
+  with pytest.raises(ValueError, match=r"\(a1, p, a2, n\) or \(a, p, n\)"):
+    miners.from_indices((jnp.arange(3), jnp.arange(3)), shape=(12, 12))
+  with pytest.raises(ValueError, match="one length"):
+    miners.from_indices((jnp.arange(3), jnp.arange(2), jnp.arange(4), jnp.arange(4)),
+                        shape=(12, 12))
+  with pytest.raises(ValueError, match="num_anchors, num_candidates"):
+    miners.from_indices((jnp.arange(3),) * 3, shape=12)
+  with pytest.raises(ValueError, match=r"int \[T, 3\]"):
+    miners.from_triplets(jnp.zeros((4, 3)), shape=(12, 12))
+  with pytest.raises(ValueError, match="same embeddings"):
+    miners.hdc(mined=miners.hdc(**kw), **_jax(*_inputs("random", seed=0, n=8)[:2]))

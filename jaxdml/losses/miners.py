@@ -19,9 +19,10 @@ here a selection is a fixed-shape `Mined`, so mining is jit-safe, and no
   every mined positive x every mined negative).
 - The triplets themselves: (a, p, n) with `t_pos[a, p]`, `t_neg[a, n]` and
   lo < dis(a, n) - dis(a, p) <= hi for `window = (lo, hi)`, dis the
-  miner's distance as a dissimilarity (minus the cosine similarity);
-  or, for a sampling miner, one negative `sampled_neg[a, p]` per positive
-  pair (-1 where none).
+  miner's distance as a dissimilarity (minus the cosine similarity), each
+  pos[a, p] * neg[a, n] times for a pair list (`pairs_repeat`); for a
+  sampling miner, one negative `sampled_neg[a, p]` per positive pair (-1
+  where none); or a list `triplets` [T, 3] (angular, from_indices).
 
 Pair-based losses (PML's `mat_based_loss=False`: contrastive, ntxent,
 tuplet_margin, lifted_structure) weigh each pair by its count, as PML's
@@ -262,161 +263,127 @@ def distance_weighted(*, rng, cutoff=0.5, nonzero_loss_cutoff=1.4, **kw):
                sampled_neg=sampled, distance="euclidean")
 
 
-def _check_indices(name, idx):
-  if idx.ndim != 1 or not jnp.issubdtype(idx.dtype, jnp.integer):
-    raise ValueError(f"{name} must be a 1-D integer array (-1 for an unused slot), got "
-                     f"{idx.dtype} {idx.shape}.")
-
-
 def _check_shape(shape):
+  shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
   if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
     raise ValueError(f"shape={shape!r}: expected (num_anchors, num_candidates), the "
                      "[B, R] of the loss's pairs (R = B without a reference set).")
+  return shape
 
 
 def _listed_counts(rows, cols, shape):
-  """[B, R] float: how many times each (row, col) is listed; slots out of
-  range (-1) count nothing."""
+  """[B, R]: how many times each (row, col) is listed; -1 (out of range): never."""
   ok = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
   flat = jnp.where(ok, rows * shape[1] + cols, shape[0] * shape[1])
   return jnp.zeros(shape[0] * shape[1]).at[flat].add(1.0, mode="drop").reshape(shape)
 
 
-def from_triplets(triplets, *, shape) -> Mined:
-  """A list of triplets as a selection: `triplets` int [T, 3], rows (a, p,
-  n) indexing the anchors and the reference set (the batch without one),
-  -1 (any index out of range) for an unused slot, so T can be static.
-  `shape` = (B, R). Pair losses see (a, p) and (a, n) once per listed
-  triplet, triplet losses the listed triplets, as PML's `convert_to_pairs`
-  / `convert_to_triplets`."""
-  _check_shape(tuple(shape))
+def from_triplets(triplets: jax.Array, *, shape: tuple[int, int]) -> Mined:
+  """Listed triplets, int [T, 3] rows (a, p, n) into anchors and reference
+  set (the batch without one), -1 (out of range) in unused slots, as a
+  selection of `shape` (B, R): pair losses see (a, p) and (a, n) once per
+  triplet, triplet losses the list (PML's convert_to_pairs/_triplets)."""
+  shape = _check_shape(shape)
   triplets = jnp.asarray(triplets)
-  if triplets.ndim != 2 or triplets.shape[1] != 3 or not jnp.issubdtype(triplets.dtype,
-                                                                          jnp.integer):
+  if (triplets.ndim != 2 or triplets.shape[1] != 3
+      or not jnp.issubdtype(triplets.dtype, jnp.integer)):
     raise ValueError(f"triplets must be int [T, 3] rows (a, p, n), got {triplets.dtype} "
                      f"{triplets.shape}; PML's tuple (a, p, n) is jnp.stack([a, p, n], 1).")
-  a, p, n = (triplets[:, i] for i in range(3))
-  in_range = ((a >= 0) & (a < shape[0]) & (p >= 0) & (p < shape[1]) & (n >= 0)
-              & (n < shape[1]))
-  ap, an = _listed_counts(a, jnp.where(in_range, p, -1), shape), _listed_counts(
-      a, jnp.where(in_range, n, -1), shape)
+  in_range = jnp.all((triplets >= 0) & (triplets < jnp.array([*shape, shape[1]])), axis=1)
+  triplets = jnp.where(in_range[:, None], triplets, -1).astype(jnp.int32)
+  ap = _listed_counts(triplets[:, 0], triplets[:, 1], shape)
+  an = _listed_counts(triplets[:, 0], triplets[:, 2], shape)
   return Mined(pos=ap, neg=an, tpos=ap, tneg=an, t_pos=ap > 0, t_neg=an > 0,
-               triplets=jnp.where(in_range[:, None], triplets, -1).astype(jnp.int32))
+               triplets=triplets)
 
 
-def from_indices(indices, *, shape) -> Mined:
-  """PML's index tuple as a selection: pairs (a1, p, a2, n) or triplets
-  (a, p, n), 1-D int arrays (a1 and p of one length, a2 and n of another),
-  -1 for an unused slot so the lengths can be static under jit. `shape` =
-  (B, R), the loss's anchors x candidates. A pair listed twice counts twice,
-  as in PML's lists. Losses keep only listed pairs that the labels allow
-  (PML's take them as given: the same with consistent labels)."""
+def from_indices(indices: tuple, *, shape: tuple[int, int]) -> Mined:
+  """PML's index tuple, pairs (a1, p, a2, n) or triplets (a, p, n) as 1-D int
+  arrays with -1 in unused slots (static lengths under jit), as a selection
+  of `shape` (B, R); a pair listed twice counts twice. Losses keep the pairs
+  the labels allow (PML takes them as given: the same if labels agree)."""
   indices = tuple(jnp.asarray(i) for i in indices)
-  for name, idx in zip(("a1", "p", "a2", "n") if len(indices) == 4 else ("a", "p", "n"),
-                       indices):
-    _check_indices(name, idx)
+  if len(indices) not in (3, 4) or any(
+      i.ndim != 1 or not jnp.issubdtype(i.dtype, jnp.integer) for i in indices):
+    raise ValueError("indices must be PML's (a1, p, a2, n) or (a, p, n): 1-D int arrays, "
+                     f"-1 for an unused slot; got {[(i.dtype, i.shape) for i in indices]}.")
+  lists = [indices] if len(indices) == 3 else [indices[:2], indices[2:]]
+  if any(len({i.shape[0] for i in group}) > 1 for group in lists):
+    raise ValueError(f"indices of one list must be one length: {[len(i) for i in indices]}.")
   if len(indices) == 3:
-    if not indices[0].shape == indices[1].shape == indices[2].shape:
-      raise ValueError(f"triplets (a, p, n) must have one length, got "
-                       f"{[i.shape[0] for i in indices]}.")
     return from_triplets(jnp.stack(indices, axis=1), shape=shape)
-  if len(indices) != 4:
-    raise ValueError(f"indices must be PML's (a1, p, a2, n) or (a, p, n), got a tuple of "
-                     f"{len(indices)}.")
-  a1, p, a2, n = indices
-  if a1.shape != p.shape or a2.shape != n.shape:
-    raise ValueError(f"a1 and p (and a2 and n) must have one length, got {a1.shape[0]}, "
-                     f"{p.shape[0]} ({a2.shape[0]}, {n.shape[0]}).")
-  _check_shape(tuple(shape))
-  return from_pairs(_listed_counts(a1, p, shape), _listed_counts(a2, n, shape))
+  shape = _check_shape(shape)
+  return from_pairs(_listed_counts(*indices[:2], shape), _listed_counts(*indices[2:], shape))
 
 
 def already_packaged_as_triplets(*, embeddings, labels=None, ref_embeddings=None,
                                  ref_labels=None, ref_valid=None, ref_self_index=None) -> Mined:
-  """PML's `EmbeddingsAlreadyPackagedAsTriplets`: rows 3i, 3i + 1, 3i + 2 are
-  a triplet (a, p, n). B must be a multiple of 3. The loss still reads the
-  labels: give a and p one label and n another (a triplet whose labels
-  disagree is dropped, where PML would take it as given)."""
+  """PML's `EmbeddingsAlreadyPackagedAsTriplets`: rows 3i, 3i + 1, 3i + 2 are a
+  triplet (a, p, n), in-batch, B a multiple of 3. Losses still read the
+  labels: give a and p one label and n another (PML takes the rows as given)."""
   del labels
-  b = jnp.shape(embeddings)[0]
   if any(r is not None for r in (ref_embeddings, ref_labels, ref_valid, ref_self_index)):
-    raise ValueError("already_packaged_as_triplets mines within the batch; drop the "
-                     "reference set.")
+    raise ValueError("already_packaged_as_triplets mines the batch; drop the reference set.")
+  b = jnp.shape(embeddings)[0]
   if b % 3:
     raise ValueError(f"already_packaged_as_triplets: {b} rows are not whole (a, p, n) "
                      "triplets; make the batch a multiple of 3.")
-  start = jnp.arange(0, b, 3)
-  return from_triplets(jnp.stack([start, start + 1, start + 2], axis=1), shape=(b, b))
+  return from_triplets(jnp.arange(b).reshape(-1, 3), shape=(b, b))
 
 
-def angular(*, angle=20, **kw) -> Mined:
+def angular(*, angle: float = 20, **kw) -> Mined:
   """PML's `AngularMiner`: the triplets (a, p, n) whose angle at n,
-  atan(||a - p|| / (2 ||n - (a + p) / 2||)), exceeds `angle` degrees.
-  As PML's, measured on the raw rows (its `pairwise_distance` does not
-  normalise) with torch's `pairwise_distance` epsilon (1e-6 added to the
-  difference). Every triplet is tested, as in PML: [B, R, R] time and memory,
-  and the listed triplets take [B * R * R, 3] ints."""
+  atan(||a - p|| / (2 ||n - (a + p) / 2||)), exceeds `angle` degrees, on the
+  raw rows as PML's (its `pairwise_distance` does not normalise; torch adds
+  1e-6 to the difference). Every triplet is tested, as in PML: [B, R, R]
+  time and memory, and the list takes [B * R * R, 3] ints."""
   p = _prepare(kw, "angular")
   q, r = jax.lax.stop_gradient(p.query), jax.lax.stop_gradient(p.ref)
-  eps = 1e-6  # torch.nn.functional.pairwise_distance's, added to x1 - x2
+  shifted = r + 1e-6  # torch's pairwise_distance adds its eps to x1 - x2
   dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-  ap = distances.safe_sqrt(distances.squared_euclidean_matrix(q + eps, r))  # [a, p]
+  ap = distances.safe_sqrt(distances.squared_euclidean_matrix(q + 1e-6, r))  # [a, p]
   # ||(n + eps) - (a + p) / 2||^2 from inner products: no [B, R, R, D] tensor.
-  shifted = r + eps
-  qq, rr = jnp.sum(q * q, axis=1), jnp.sum(r * r, axis=1)
-  centre_sq = (qq[:, None] + 2.0 * dot(q, r.T) + rr[None, :]) / 4.0  # [a, p]
-  nc_sq = (jnp.sum(shifted * shifted, axis=1)[None, None, :] - dot(q, shifted.T)[:, None, :]
+  centre_sq = (jnp.sum(q * q, 1)[:, None] + 2.0 * dot(q, r.T) + jnp.sum(r * r, 1)) / 4.0
+  nc_sq = (jnp.sum(shifted * shifted, 1) - dot(q, shifted.T)[:, None, :]
            - dot(r, shifted.T)[None, :, :] + centre_sq[:, :, None])  # [a, p, n]
   nc = distances.safe_sqrt(jnp.maximum(nc_sq, 0.0))
   wide = jnp.arctan(ap[:, :, None] / (2.0 * nc)) > math.radians(angle)
   keep = p.pos[:, :, None] & p.neg[:, None, :] & wide
-  triplets = jnp.argwhere(keep, size=keep.size, fill_value=-1)
-  return from_triplets(triplets, shape=p.pos.shape)
+  return from_triplets(jnp.argwhere(keep, size=keep.size, fill_value=-1), shape=p.pos.shape)
 
 
-def ceil_like_python(count, fraction):
-  """math.ceil(fraction * count) as Python computes it, the product rounded
-  to float64 first, for int counts in [0, 2**31) and a static fraction in
-  [0, 1]. float32 rounds differently (0.3 * 50 is 15.0 in float64 and
-  15.000001 in float32) and jit has no float64, so the product is exact
-  integer arithmetic on 16-bit limbs, then rounded as float64 would."""
+def ceil_like_python(count: jax.Array, fraction: float) -> jax.Array:
+  """math.ceil(fraction * count), the product rounded to float64 first as in
+  Python, for int counts in [0, 2**31) and a static fraction in [0, 1].
+  jit has no float64 and float32 rounds otherwise (0.3 * 50: 15.0 in
+  float64, 15.000001 in float32): exact products on 16-bit limbs."""
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"fraction={fraction}: expected 0 <= fraction <= 1.")
   count = jnp.asarray(count).astype(jnp.uint32)
-  if fraction == 0.0:
-    return jnp.zeros(count.shape, jnp.int32)
   mant, denom = float(fraction).as_integer_ratio()  # fraction = mant / 2**shift
   shift = denom.bit_length() - 1
-  acc = [jnp.zeros_like(count) for _ in range(7)]
-  for i in range(4):  # mant < 2**53: four limbs; count: two
-    limb = (mant >> (16 * i)) & 0xFFFF
-    for j, count_limb in enumerate((count & 0xFFFF, count >> 16)):
-      prod = count_limb * jnp.uint32(limb)
-      acc[i + j] = acc[i + j] + (prod & 0xFFFF)
-      acc[i + j + 1] = acc[i + j + 1] + (prod >> 16)
-  whole = jnp.zeros_like(count)  # floor(product)
-  top_bit = jnp.full(count.shape, -1, jnp.int32)  # of the fractional part, -1 if zero
-  ones = jnp.zeros(count.shape, jnp.int32)  # set bits of the fractional part
-  carry = jnp.zeros_like(count)
-  for k, a in enumerate(acc):
-    digit = (a + carry) & 0xFFFF
-    carry = (a + carry) >> 16
-    low = 16 * k
+  limbs = [jnp.zeros_like(count) for _ in range(7)]  # mant * count, base 2**16
+  for i in range(4):
+    for j, part in enumerate((count & 0xFFFF, count >> 16)):
+      prod = part * jnp.uint32((mant >> (16 * i)) & 0xFFFF)
+      limbs[i + j] = limbs[i + j] + (prod & 0xFFFF)
+      limbs[i + j + 1] = limbs[i + j + 1] + (prod >> 16)
+  whole, carry = jnp.zeros_like(count), jnp.zeros_like(count)  # whole: the integer part
+  top_bit, ones = jnp.full(count.shape, -1), jnp.zeros(count.shape, jnp.int32)  # of the rest
+  for k, limb in enumerate(limbs):
+    digit, carry, low = (limb + carry) & 0xFFFF, (limb + carry) >> 16, 16 * k
     if low >= shift:
-      if low - shift < 32:
-        whole = whole | (digit << (low - shift))
+      whole = whole | (digit << (low - shift)) if low - shift < 32 else whole
       continue
     if low + 16 > shift:
-      whole = whole | (digit >> (shift - low))
-      digit = digit & ((1 << (shift - low)) - 1)
+      whole, digit = whole | (digit >> (shift - low)), digit & ((1 << (shift - low)) - 1)
     top_bit = jnp.where(digit > 0, low + 31 - jax.lax.clz(digit).astype(jnp.int32), top_bit)
     ones = ones + jax.lax.population_count(digit).astype(jnp.int32)
-  whole = whole.astype(jnp.int32)
-  # float64 rounds whole + f down to whole when f <= half an ulp of whole
-  # (a tie goes to whole: even), i.e. when f < 2**half_ulp or f == 2**half_ulp.
-  half_ulp = shift + 31 - jax.lax.clz(whole.astype(jnp.uint32)).astype(jnp.int32) - 53
+  # float64 rounds whole + rest down to whole when rest <= half an ulp of
+  # whole, 2**half_ulp (a tie goes to whole, the even one).
+  half_ulp = shift + 31 - jax.lax.clz(whole).astype(jnp.int32) - 53
   rounds_down = (whole >= 1) & ((top_bit < half_ulp) | ((top_bit == half_ulp) & (ones == 1)))
-  return whole + ((ones > 0) & ~rounds_down).astype(jnp.int32)
+  return whole.astype(jnp.int32) + ((ones > 0) & ~rounds_down).astype(jnp.int32)
 
 
 def _hardest_share(dis, counts, fraction, largest):
@@ -432,15 +399,13 @@ def _hardest_share(dis, counts, fraction, largest):
   return jnp.zeros_like(counts).at[order].set(kept).reshape(dis.shape)
 
 
-def hdc(*, filter_percentage=0.5, distance="euclidean", mined=None, **kw) -> Mined:
-  """PML's `HDCMiner` (hard-aware deeply cascaded embedding): of the
-  positive pairs the ceil(filter_percentage * n) farthest, of the negative
-  pairs the closest as many (for a similarity: least / most similar). The
-  candidates are every pair, or, to cascade, a previous miner's selection
-  `mined=` (PML's `set_idx_externally`; its pairs as a pair loss sees them,
-  repeats included): `hdc(mined=hdc(filter_percentage=0.5, ...), ...)`.
-  Ties go to the lower (anchor, candidate) index; torch.topk's order is
-  unspecified there."""
+def hdc(*, filter_percentage: float = 0.5, distance: distances.DistanceLike = "euclidean",
+        mined: Mined | None = None, **kw) -> Mined:
+  """PML's `HDCMiner` (hard-aware deeply cascaded): the farthest
+  ceil(filter_percentage * n) of the n positive pairs, the closest share of
+  the negatives. Cascade with `mined=` (PML's `set_idx_externally`): the
+  candidates are then its pairs, repeats included, as `hdc(mined=hdc(...))`.
+  Ties go to the lower (anchor, candidate); torch.topk's order is unset."""
   if not 0.0 <= filter_percentage <= 1.0:
     raise ValueError(f"filter_percentage={filter_percentage}: expected a share in [0, 1].")
   p, _, dis = _prepared(kw, "hdc", distance)
@@ -467,8 +432,9 @@ def _uniform_over_bins(rng, mat, mask, num_bins, per_bin):
   return jnp.zeros(flat.size).at[chosen.reshape(-1)].add(1.0, mode="drop").reshape(mat.shape)
 
 
-def uniform_histogram(*, rng, num_bins=100, pos_per_bin=10, neg_per_bin=10,
-                      distance="euclidean", **kw) -> Mined:
+def uniform_histogram(*, rng: jax.Array, num_bins: int = 100, pos_per_bin: int = 10,
+                      neg_per_bin: int = 10, distance: distances.DistanceLike = "euclidean",
+                      **kw) -> Mined:
   """PML's `UniformHistogramMiner`: the positive pairs' distances (or
   similarities) are cut into `num_bins` equal bins between their min and
   max, and `pos_per_bin` pairs are drawn uniformly, with replacement, from
@@ -485,8 +451,7 @@ _MINERS = {"batch_easy_hard": batch_easy_hard, "batch_hard": batch_hard,
            "multi_similarity": multi_similarity, "distance_weighted": distance_weighted,
            "angular": angular, "hdc": hdc, "uniform_histogram": uniform_histogram,
            "already_packaged_as_triplets": already_packaged_as_triplets}
-# Miners that draw at random: they take an `rng` and cannot run inside with_miner.
-SAMPLING = ("distance_weighted", "uniform_histogram")
+SAMPLING = ("distance_weighted", "uniform_histogram")  # they take an rng: not with_miner
 
 
 def names():
