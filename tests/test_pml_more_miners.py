@@ -198,7 +198,7 @@ def test_already_packaged_as_triplets_is_pml():
 
 
 # Losses fed by the new miners, against the same PML loss fed by PML's miner
-# (or by the same index tuple): (PML loss, settings, ours).
+# (or by the same index tuple): name -> (PML loss, settings of both).
 FED_LOSSES = {
     "triplet": (pml_losses.TripletMarginLoss, dict(margin=0.2)),
     "contrastive": (pml_losses.ContrastiveLoss, {}),
@@ -386,8 +386,11 @@ def test_self_supervised_equals_pml(symmetric):
 
 def test_self_supervised_registers_jits_and_names_its_errors():
   x, y = _views(seed=1)
-  losses.register("test_more_miners_ssl", losses.wrappers.self_supervised("ntxent"))
-  fn = losses.get("test_more_miners_ssl")
+  losses.register("_test_ssl", losses.wrappers.self_supervised("ntxent"))
+  try:
+    fn = losses.get("_test_ssl")
+  finally:
+    losses._REGISTRY.pop("_test_ssl")  # pylint: disable=protected-access
   eager = fn(embeddings=jnp.asarray(x), ref_embeddings=jnp.asarray(y), labels=jnp.zeros(8, int))
   jitted = jax.jit(lambda a, b: fn(embeddings=a, ref_embeddings=b))(jnp.asarray(x),
                                                                      jnp.asarray(y))
@@ -494,3 +497,15 @@ def test_new_miner_errors_name_the_fix():
     miners.from_triplets(jnp.zeros((4, 3)), shape=(12, 12))
   with pytest.raises(ValueError, match="same embeddings"):
     miners.hdc(mined=miners.hdc(**kw), **_jax(*_inputs("random", seed=0, n=8)[:2]))
+
+
+def test_new_miners_jit_to_what_they_mine_eagerly():
+  kw = _jax(*_inputs("random", seed=6)[:2])
+  mine_all = lambda e, y: (miners.angular(embeddings=e, labels=y),
+                           miners.hdc(mined=miners.hdc(embeddings=e, labels=y), embeddings=e,
+                                      labels=y, filter_percentage=0.3),
+                           miners.already_packaged_as_triplets(embeddings=e, labels=y))
+  args = (kw["embeddings"], kw["labels"])
+  for eager, jitted in zip(mine_all(*args), jax.jit(mine_all)(*args)):
+    for field in ("pos", "neg", "tpos", "tneg", "triplets"):
+      np.testing.assert_array_equal(getattr(jitted, field), getattr(eager, field))
