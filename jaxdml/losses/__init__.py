@@ -70,7 +70,10 @@ from typing import Callable
 # the registry itself is plain data, so a config is checked without JAX.
 _SUBMODULES = ("average_precision", "contrastive", "distances", "distill", "koleo", "lifted",
                "listwise", "margin", "miners", "multi_similarity", "obd_sd", "pairs", "proxies",
-               "relative_triplet", "similarity_distributions", "softmax_pairs", "triplet")
+               "relative_triplet", "similarity_distributions", "softmax_pairs", "triplet",
+               "wrappers")
+# Loss wrappers (`jaxdml.losses.wrappers`): PML's SelfSupervisedLoss and MultipleLosses.
+_WRAPPERS = ("self_supervised", "multiple")
 
 # What a loss consumes beyond `embeddings` and `labels`, and the keyword the
 # train step passes it under (None: the caller passes the reference set).
@@ -236,4 +239,6 @@ register("obd_sd", "obd_sd:obd_sd", consumes=("teacher", "progress"))
 def __getattr__(name):
   if name in _SUBMODULES:
     return importlib.import_module(f"jaxdml.losses.{name}")
+  if name in _WRAPPERS:
+    return getattr(importlib.import_module("jaxdml.losses.wrappers"), name)
   raise AttributeError(f"module 'jaxdml.losses' has no attribute {name!r}")

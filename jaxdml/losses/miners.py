@@ -19,9 +19,10 @@ here a selection is a fixed-shape `Mined`, so mining is jit-safe, and no
   every mined positive x every mined negative).
 - The triplets themselves: (a, p, n) with `t_pos[a, p]`, `t_neg[a, n]` and
   lo < dis(a, n) - dis(a, p) <= hi for `window = (lo, hi)`, dis the
-  miner's distance as a dissimilarity (minus the cosine similarity);
-  or, for a sampling miner, one negative `sampled_neg[a, p]` per positive
-  pair (-1 where none).
+  miner's distance as a dissimilarity (minus the cosine similarity), each
+  pos[a, p] * neg[a, n] times for a pair list (`pairs_repeat`); for a
+  sampling miner, one negative `sampled_neg[a, p]` per positive pair (-1
+  where none); or a list `triplets` [T, 3] (angular, from_indices).
 
 Pair-based losses (PML's `mat_based_loss=False`: contrastive, ntxent,
 tuplet_margin, lifted_structure) weigh each pair by its count, as PML's
@@ -54,8 +55,11 @@ class Mined:
   t_pos: jax.Array  # bool [B, R] positives the triplets are formed from
   t_neg: jax.Array  # bool [B, R] negatives ...
   sampled_neg: jax.Array | None = None  # int [B, R]: a's negative for (a, p), or -1
+  triplets: jax.Array | None = None  # int [T, 3]: listed (a, p, n), -1 = unused slot
   window: tuple = flax.struct.field(pytree_node=False, default=_ALL)
   distance: distances.Distance | None = flax.struct.field(pytree_node=False, default=None)
+  # A pair list's counts: (a, p, n) then repeats pos[a, p] * neg[a, n] times.
+  pairs_repeat: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 _NO_REFERENCE_SET = dict(ref_embeddings=None, ref_labels=None, ref_valid=None,
@@ -92,12 +96,14 @@ def window_counts(dis, t_pos, t_neg, window):
 
 
 def from_pairs(pos, neg):
-  """A pair miner's selection: each pair once; triplets per anchor are its
-  mined positives x its mined negatives."""
+  """A pair miner's selection from [B, R] masks or counts (how many times
+  each pair is listed); triplets per anchor are its listed positives x its
+  listed negatives, as PML's `convert_to_triplets`."""
   pos_f, neg_f = pos.astype(jnp.float32), neg.astype(jnp.float32)
   tpos = pos_f * jnp.sum(neg_f, axis=1, keepdims=True)
   tneg = neg_f * jnp.sum(pos_f, axis=1, keepdims=True)
-  return Mined(pos=pos_f, neg=neg_f, tpos=tpos, tneg=tneg, t_pos=pos, t_neg=neg)
+  return Mined(pos=pos_f, neg=neg_f, tpos=tpos, tneg=tneg, t_pos=pos_f > 0, t_neg=neg_f > 0,
+               pairs_repeat=True)
 
 
 def _from_triplets(t_pos, t_neg, dis, window, distance):
@@ -257,9 +263,195 @@ def distance_weighted(*, rng, cutoff=0.5, nonzero_loss_cutoff=1.4, **kw):
                sampled_neg=sampled, distance="euclidean")
 
 
+def _check_shape(shape):
+  shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+  if len(shape) != 2 or not all(isinstance(s, int) and s > 0 for s in shape):
+    raise ValueError(f"shape={shape!r}: expected (num_anchors, num_candidates), the "
+                     "[B, R] of the loss's pairs (R = B without a reference set).")
+  return shape
+
+
+def _listed_counts(rows, cols, shape):
+  """[B, R]: how many times each (row, col) is listed; -1 (out of range): never."""
+  ok = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+  flat = jnp.where(ok, rows * shape[1] + cols, shape[0] * shape[1])
+  return jnp.zeros(shape[0] * shape[1]).at[flat].add(1.0, mode="drop").reshape(shape)
+
+
+def from_triplets(triplets: jax.Array, *, shape: tuple[int, int]) -> Mined:
+  """Listed triplets, int [T, 3] rows (a, p, n) into anchors and reference
+  set (the batch without one), -1 (out of range) in unused slots, as a
+  selection of `shape` (B, R): pair losses see (a, p) and (a, n) once per
+  triplet, triplet losses the list (PML's convert_to_pairs/_triplets)."""
+  shape = _check_shape(shape)
+  triplets = jnp.asarray(triplets)
+  if (triplets.ndim != 2 or triplets.shape[1] != 3
+      or not jnp.issubdtype(triplets.dtype, jnp.integer)):
+    raise ValueError(f"triplets must be int [T, 3] rows (a, p, n), got {triplets.dtype} "
+                     f"{triplets.shape}; PML's tuple (a, p, n) is jnp.stack([a, p, n], 1).")
+  in_range = jnp.all((triplets >= 0) & (triplets < jnp.array([*shape, shape[1]])), axis=1)
+  triplets = jnp.where(in_range[:, None], triplets, -1).astype(jnp.int32)
+  ap = _listed_counts(triplets[:, 0], triplets[:, 1], shape)
+  an = _listed_counts(triplets[:, 0], triplets[:, 2], shape)
+  return Mined(pos=ap, neg=an, tpos=ap, tneg=an, t_pos=ap > 0, t_neg=an > 0,
+               triplets=triplets)
+
+
+def from_indices(indices: tuple, *, shape: tuple[int, int]) -> Mined:
+  """PML's index tuple, pairs (a1, p, a2, n) or triplets (a, p, n) as 1-D int
+  arrays with -1 in unused slots (static lengths under jit), as a selection
+  of `shape` (B, R); a pair listed twice counts twice. Losses keep the pairs
+  the labels allow (PML takes them as given: the same if labels agree)."""
+  indices = tuple(jnp.asarray(i) for i in indices)
+  if len(indices) not in (3, 4) or any(
+      i.ndim != 1 or not jnp.issubdtype(i.dtype, jnp.integer) for i in indices):
+    raise ValueError("indices must be PML's (a1, p, a2, n) or (a, p, n): 1-D int arrays, "
+                     f"-1 for an unused slot; got {[(i.dtype, i.shape) for i in indices]}.")
+  lists = [indices] if len(indices) == 3 else [indices[:2], indices[2:]]
+  if any(len({i.shape[0] for i in group}) > 1 for group in lists):
+    raise ValueError(f"indices of one list must be one length: {[len(i) for i in indices]}.")
+  if len(indices) == 3:
+    return from_triplets(jnp.stack(indices, axis=1), shape=shape)
+  shape = _check_shape(shape)
+  return from_pairs(_listed_counts(*indices[:2], shape), _listed_counts(*indices[2:], shape))
+
+
+def already_packaged_as_triplets(*, embeddings, labels=None, ref_embeddings=None,
+                                 ref_labels=None, ref_valid=None, ref_self_index=None) -> Mined:
+  """PML's `EmbeddingsAlreadyPackagedAsTriplets`: rows 3i, 3i + 1, 3i + 2 are a
+  triplet (a, p, n), in-batch, B a multiple of 3. Losses still read the
+  labels: give a and p one label and n another (PML takes the rows as given)."""
+  del labels
+  if any(r is not None for r in (ref_embeddings, ref_labels, ref_valid, ref_self_index)):
+    raise ValueError("already_packaged_as_triplets mines the batch; drop the reference set.")
+  b = jnp.shape(embeddings)[0]
+  if b % 3:
+    raise ValueError(f"already_packaged_as_triplets: {b} rows are not whole (a, p, n) "
+                     "triplets; make the batch a multiple of 3.")
+  return from_triplets(jnp.arange(b).reshape(-1, 3), shape=(b, b))
+
+
+def angular(*, angle: float = 20, **kw) -> Mined:
+  """PML's `AngularMiner`: the triplets (a, p, n) whose angle at n,
+  atan(||a - p|| / (2 ||n - (a + p) / 2||)), exceeds `angle` degrees, on the
+  raw rows as PML's (its `pairwise_distance` does not normalise; torch adds
+  1e-6 to the difference). Every triplet is tested, as in PML: [B, R, R]
+  time and memory, and the list takes [B * R * R, 3] ints."""
+  p = _prepare(kw, "angular")
+  q, r = jax.lax.stop_gradient(p.query), jax.lax.stop_gradient(p.ref)
+  shifted = r + 1e-6  # torch's pairwise_distance adds its eps to x1 - x2
+  dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  ap = distances.safe_sqrt(distances.squared_euclidean_matrix(q + 1e-6, r))  # [a, p]
+  # ||(n + eps) - (a + p) / 2||^2 from inner products: no [B, R, R, D] tensor.
+  centre_sq = (jnp.sum(q * q, 1)[:, None] + 2.0 * dot(q, r.T) + jnp.sum(r * r, 1)) / 4.0
+  nc_sq = (jnp.sum(shifted * shifted, 1) - dot(q, shifted.T)[:, None, :]
+           - dot(r, shifted.T)[None, :, :] + centre_sq[:, :, None])  # [a, p, n]
+  nc = distances.safe_sqrt(jnp.maximum(nc_sq, 0.0))
+  wide = jnp.arctan(ap[:, :, None] / (2.0 * nc)) > math.radians(angle)
+  keep = p.pos[:, :, None] & p.neg[:, None, :] & wide
+  return from_triplets(jnp.argwhere(keep, size=keep.size, fill_value=-1), shape=p.pos.shape)
+
+
+def ceil_like_python(count: jax.Array, fraction: float) -> jax.Array:
+  """math.ceil(fraction * count), the product rounded to float64 first as in
+  Python, for int counts in [0, 2**31) and a static fraction in [0, 1].
+  jit has no float64 and float32 rounds otherwise (0.3 * 50: 15.0 in
+  float64, 15.000001 in float32): exact products on 16-bit limbs."""
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"fraction={fraction}: expected 0 <= fraction <= 1.")
+  count = jnp.asarray(count).astype(jnp.uint32)
+  mant, denom = float(fraction).as_integer_ratio()  # fraction = mant / 2**shift
+  shift = denom.bit_length() - 1
+  limbs = [jnp.zeros_like(count) for _ in range(7)]  # mant * count, base 2**16
+  for i in range(4):
+    for j, part in enumerate((count & 0xFFFF, count >> 16)):
+      prod = part * jnp.uint32((mant >> (16 * i)) & 0xFFFF)
+      limbs[i + j] = limbs[i + j] + (prod & 0xFFFF)
+      limbs[i + j + 1] = limbs[i + j + 1] + (prod >> 16)
+  whole, carry = jnp.zeros_like(count), jnp.zeros_like(count)  # whole: the integer part
+  top_bit, ones = jnp.full(count.shape, -1), jnp.zeros(count.shape, jnp.int32)  # of the rest
+  for k, limb in enumerate(limbs):
+    digit, carry, low = (limb + carry) & 0xFFFF, (limb + carry) >> 16, 16 * k
+    if low >= shift:
+      whole = whole | (digit << (low - shift)) if low - shift < 32 else whole
+      continue
+    if low + 16 > shift:
+      whole, digit = whole | (digit >> (shift - low)), digit & ((1 << (shift - low)) - 1)
+    top_bit = jnp.where(digit > 0, low + 31 - jax.lax.clz(digit).astype(jnp.int32), top_bit)
+    ones = ones + jax.lax.population_count(digit).astype(jnp.int32)
+  # float64 rounds whole + rest down to whole when rest <= half an ulp of
+  # whole, 2**half_ulp (a tie goes to whole, the even one).
+  half_ulp = shift + 31 - jax.lax.clz(whole).astype(jnp.int32) - 53
+  rounds_down = (whole >= 1) & ((top_bit < half_ulp) | ((top_bit == half_ulp) & (ones == 1)))
+  return whole.astype(jnp.int32) + ((ones > 0) & ~rounds_down).astype(jnp.int32)
+
+
+def _hardest_share(dis, counts, fraction, largest):
+  """The hardest ceil(fraction * n) of the n listed pairs (counts [B, R]),
+  by `dis`, largest or smallest first, ties to the lower flat index."""
+  counts = jnp.round(counts).astype(jnp.int32).reshape(-1)
+  key = (-dis if largest else dis).reshape(-1)
+  order = jnp.argsort(jnp.where(counts > 0, key, jnp.inf), stable=True)
+  sorted_counts = counts[order]
+  before = jnp.cumsum(sorted_counts) - sorted_counts
+  k = ceil_like_python(jnp.sum(counts), fraction)
+  kept = jnp.clip(k - before, 0, sorted_counts)
+  return jnp.zeros_like(counts).at[order].set(kept).reshape(dis.shape)
+
+
+def hdc(*, filter_percentage: float = 0.5, distance: distances.DistanceLike = "euclidean",
+        mined: Mined | None = None, **kw) -> Mined:
+  """PML's `HDCMiner` (hard-aware deeply cascaded): the farthest
+  ceil(filter_percentage * n) of the n positive pairs, the closest share of
+  the negatives. Cascade with `mined=` (PML's `set_idx_externally`): the
+  candidates are then its pairs, repeats included, as `hdc(mined=hdc(...))`.
+  Ties go to the lower (anchor, candidate); torch.topk's order is unset."""
+  if not 0.0 <= filter_percentage <= 1.0:
+    raise ValueError(f"filter_percentage={filter_percentage}: expected a share in [0, 1].")
+  p, _, dis = _prepared(kw, "hdc", distance)
+  pos, neg = p.pos.astype(jnp.float32), p.neg.astype(jnp.float32)
+  if mined is not None:
+    _, _, pos, neg = restrict(p, mined)
+  return from_pairs(_hardest_share(dis, pos, filter_percentage, largest=True),
+                    _hardest_share(dis, neg, filter_percentage, largest=False))
+
+
+def _uniform_over_bins(rng, mat, mask, num_bins, per_bin):
+  """[B, R] counts: `per_bin` draws (with replacement) from each non-empty
+  bin of `num_bins` equal bins spanning the masked values of `mat`."""
+  flat, ok = mat.reshape(-1), mask.reshape(-1)
+  edges = jnp.linspace(jnp.min(jnp.where(ok, flat, jnp.inf)),
+                       jnp.max(jnp.where(ok, flat, -jnp.inf)), num_bins + 1)
+  # Bin i holds edges[i] <= x < edges[i + 1]; the last one also its end.
+  bin_of = jnp.where(ok, jnp.searchsorted(edges[1:-1], flat, side="right"), num_bins)
+  order = jnp.argsort(bin_of, stable=True)
+  in_bin = jnp.bincount(bin_of, length=num_bins + 1)[:num_bins]
+  start = jnp.cumsum(in_bin) - in_bin
+  draw = jax.random.randint(rng, (num_bins, per_bin), 0, jnp.maximum(in_bin, 1)[:, None])
+  chosen = jnp.where(in_bin[:, None] > 0, order[start[:, None] + draw], flat.size)
+  return jnp.zeros(flat.size).at[chosen.reshape(-1)].add(1.0, mode="drop").reshape(mat.shape)
+
+
+def uniform_histogram(*, rng: jax.Array, num_bins: int = 100, pos_per_bin: int = 10,
+                      neg_per_bin: int = 10, distance: distances.DistanceLike = "euclidean",
+                      **kw) -> Mined:
+  """PML's `UniformHistogramMiner`: the positive pairs' distances (or
+  similarities) are cut into `num_bins` equal bins between their min and
+  max, and `pos_per_bin` pairs are drawn uniformly, with replacement, from
+  each non-empty bin; the same for the negatives. A pair drawn twice counts
+  twice. `rng`: a jax.random key. O(B R log(B R)) time, [B, R] memory."""
+  p, mat, _ = _prepared(kw, "uniform_histogram", distance)
+  pos_rng, neg_rng = jax.random.split(rng)
+  return from_pairs(_uniform_over_bins(pos_rng, mat, p.pos, num_bins, pos_per_bin),
+                    _uniform_over_bins(neg_rng, mat, p.neg, num_bins, neg_per_bin))
+
+
 _MINERS = {"batch_easy_hard": batch_easy_hard, "batch_hard": batch_hard,
            "pair_margin": pair_margin, "triplet_margin": triplet_margin,
-           "multi_similarity": multi_similarity, "distance_weighted": distance_weighted}
+           "multi_similarity": multi_similarity, "distance_weighted": distance_weighted,
+           "angular": angular, "hdc": hdc, "uniform_histogram": uniform_histogram,
+           "already_packaged_as_triplets": already_packaged_as_triplets}
+SAMPLING = ("distance_weighted", "uniform_histogram")  # they take an rng: not with_miner
 
 
 def names():
@@ -287,15 +479,19 @@ def restrict(p, mined):
 
 
 def with_miner(loss_fn, miner):
-  """`loss_fn` mining each call's pairs first: `miner` is a name or a dict
-  {"name": ..., **hparams} (config.loss.miner). The miner sees the loss's
-  embeddings and reference set, so it also works against a memory."""
-  spec = {"name": miner} if isinstance(miner, str) else dict(miner)
-  name = spec.pop("name", None)
-  mine = get(name)
-  if name == "distance_weighted":
-    raise ValueError("miner 'distance_weighted' samples and needs an rng; call "
-                     "jaxdml.losses.miners.distance_weighted(rng=...) and pass mined=.")
+  """`loss_fn` mining each call's pairs first: `miner` is a name, a dict
+  {"name": ..., **hparams} (config.loss.miner) or a function with the
+  miners' arguments. The miner sees the loss's embeddings and reference
+  set, so it also works against a memory."""
+  if callable(miner):
+    spec, mine = {}, miner
+  else:
+    spec = {"name": miner} if isinstance(miner, str) else dict(miner)
+    name = spec.pop("name", None)
+    mine = get(name)
+    if name in SAMPLING:
+      raise ValueError(f"miner {name!r} samples and needs an rng; call "
+                       f"jaxdml.losses.miners.{name}(rng=...) and pass mined=.")
   refs = ("embeddings", "labels", "ref_embeddings", "ref_labels", "ref_valid", "ref_self_index")
 
   def mined_loss(**kwargs):

@@ -15,7 +15,9 @@ positive hinge); "mean" averages over all mined triplets.
 
 A miner's selection (`mined=`, jaxdml.losses.miners) replaces `mining`:
 its triplets are its positives x negatives within its window on
-dis(a, n) - dis(a, p) (or one sampled negative per positive pair).
+dis(a, n) - dis(a, p) (a pair miner's: each pos[a, p] * neg[a, n] times,
+as PML's `convert_to_triplets` repeats listed pairs), one sampled negative
+per positive pair, or its list of triplets (`mined.triplets`).
 
 For "all", "semihard" and mined windows the [B, R, R] triplet tensor is
 never built: per anchor the negatives are sorted once and, for every
@@ -65,16 +67,38 @@ def _sampled(dis, pos, sampled_neg, margin, reduction):
           pairs.count(active))
 
 
-def _sorted_runs(dis, pos, neg, weight, margin, window, reduction):
+def _listed(dis, pos, neg, weight, triplets, margin, reduction):
+  """PML's list of triplets: int [T, 3] rows (a, p, n), -1 for an unused
+  slot; a listed triplet whose pairs the labels do not allow is dropped."""
+  a, p, n = (triplets[:, i] for i in range(3))
+  listed = (a >= 0) & (p >= 0) & (n >= 0)
+  a, p, n = (jnp.where(listed, i, 0) for i in (a, p, n))
+  ok = listed & pos[a, p] & neg[a, n]
+  hinge = jax.nn.relu(dis[a, p] - dis[a, n] + margin)
+  w = weight[a, n]
+  active = ok & (hinge > 0)
+  counted = active if reduction == "avg_nonzero" else ok
+  return (jnp.sum(jnp.where(ok, w * hinge, 0.0)), jnp.sum(jnp.where(counted, w, 0.0)),
+          pairs.count(ok), pairs.count(active))
+
+
+def _sorted_runs(dis, pos, neg, weight, margin, window, reduction, pos_count=None,
+                 neg_count=None):
   """Sums over the triplets with lo < dis_an - dis_ap <= hi via sorted
-  negatives."""
+  negatives; `pos_count`/`neg_count` ([B, R], 1 where None): how many
+  times a pair repeats, so (a, p, n) counts pos_count * neg_count times."""
+  ones = jnp.ones_like(dis)
+  pos_count = ones if pos_count is None else pos_count
+  neg_count = ones if neg_count is None else neg_count
   key = jax.lax.stop_gradient(jnp.where(neg, dis, jnp.inf))
   order = jnp.argsort(key, axis=1)
   key_s = jnp.take_along_axis(key, order, axis=1)
   neg_s = jnp.take_along_axis(neg, order, axis=1)
-  w_s = jnp.where(neg_s, jnp.take_along_axis(weight, order, axis=1), 0.0)
+  c_s = jnp.where(neg_s, jnp.take_along_axis(neg_count, order, axis=1), 0.0)
+  w_s = c_s * jnp.where(neg_s, jnp.take_along_axis(weight, order, axis=1), 0.0)
   wd_s = jnp.where(neg_s, w_s * jnp.take_along_axis(dis, order, axis=1), 0.0)
   zero = jnp.zeros_like(dis[:, :1])
+  cum_c = jnp.concatenate([zero, jnp.cumsum(c_s, axis=1)], axis=1)
   cum_w = jnp.concatenate([zero, jnp.cumsum(w_s, axis=1)], axis=1)
   cum_wd = jnp.concatenate([zero, jnp.cumsum(wd_s, axis=1)], axis=1)
 
@@ -94,10 +118,10 @@ def _sorted_runs(dis, pos, neg, weight, margin, window, reduction):
   num_ip = (dis + margin) * w_active - wd_active
   w_counted = (w_active if reduction == "avg_nonzero"
                else at(cum_w, hi_mined) - at(cum_w, lo))
-  num = jnp.sum(jnp.where(pos, num_ip, 0.0))
-  den = jnp.sum(jnp.where(pos, w_counted, 0.0))
-  n_mined = jnp.sum(jnp.where(pos, hi_mined - lo, 0)).astype(jnp.float32)
-  n_active = jnp.sum(jnp.where(pos, hi_active - lo, 0)).astype(jnp.float32)
+  num = jnp.sum(jnp.where(pos, pos_count * num_ip, 0.0))
+  den = jnp.sum(jnp.where(pos, pos_count * w_counted, 0.0))
+  n_mined = jnp.sum(jnp.where(pos, pos_count * (at(cum_c, hi_mined) - at(cum_c, lo)), 0.0))
+  n_active = jnp.sum(jnp.where(pos, pos_count * (at(cum_c, hi_active) - at(cum_c, lo)), 0.0))
   return num, den, n_mined, n_active
 
 
@@ -123,7 +147,12 @@ def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction, mined=
       raise ValueError(f"the miner's window is on distance {mined.distance} but the loss "
                        f"uses {distances.resolve(distance)}: mine with the loss's distance.")
     pos, neg = pos & mined.t_pos, neg & mined.t_neg
-  if mined is not None and mined.sampled_neg is not None:
+  repeats = {} if mined is None or not mined.pairs_repeat else dict(
+      pos_count=mined.pos, neg_count=mined.neg)
+  if mined is not None and mined.triplets is not None:
+    num, den, n_mined, n_active = _listed(dis, pos, neg, weight, mined.triplets, margin,
+                                          reduction)
+  elif mined is not None and mined.sampled_neg is not None:
     num, den, n_mined, n_active = _sampled(dis, pos, mined.sampled_neg, margin, reduction)
   elif mining == "hard":
     num, den, n_mined, n_active = _hard(dis, pos, neg, weight, margin,
@@ -131,7 +160,8 @@ def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction, mined=
   else:
     window = {"all": (-math.inf, math.inf), "semihard": (0.0, margin)}[mining]
     num, den, n_mined, n_active = _sorted_runs(
-        dis, pos, neg, weight, margin, window if mined is None else mined.window, reduction)
+        dis, pos, neg, weight, margin, window if mined is None else mined.window, reduction,
+        **repeats)
   loss = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
   aux = {
       "num_triplets": n_mined,
