@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdml.models import resnet, shufflenet, vit
+from jaxdml.models import convnext, resnet, shufflenet, vit
 from jaxdml.models.heads import EmbeddingHead
 from jaxdml.models.layers import BatchNorm
 from jaxdml.models.torch_import import load_torch_weights
@@ -80,6 +80,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     **{n: functools.partial(resnet.make, n) for n in resnet.VARIANTS},
     **{n: functools.partial(vit.make, n) for n in vit.VARIANTS},
     **{n: functools.partial(shufflenet.make, n) for n in shufflenet.VARIANTS},
+    **{n: functools.partial(convnext.make, n) for n in convnext.VARIANTS},
     "two_tower": _two_tower,
 }
 

@@ -80,11 +80,15 @@ class EmbeddingHead(nn.Module):
   head_norm: str = "l2"
 
   @nn.compact
-  def __call__(self, local, cls=None, train: bool = False):
+  def __call__(self, local, cls=None, train: bool = False, pooled_norm=None):
+    """`pooled_norm`: the encoder's own norm of pooled features (ConvNeXt's
+    `head.norm`), applied right after pooling; its variables stay the encoder's."""
     p = None
     if self.pooling in GEM_POOLINGS:
       p = self.param("p", nn.initializers.constant(3.0), (1,), jnp.float32)[0]
     pooled = pool(local, kind=self.pooling, cls=cls, p=p)
+    if pooled_norm is not None:
+      pooled = pooled_norm(pooled)
     z = pooled
     if self.embed_dim is not None:
       # A bias before BatchNorm is cancelled by it: its true gradient is zero,
@@ -99,17 +103,22 @@ class EmbeddingHead(nn.Module):
 
 
 def encoder_output(local, *, cls=None, num_classes, classifier_name, pooling, embed_dim,
-                   head_norm, train):
+                   head_norm, train, pooled_norm=None, classifier=None):
   """The common end of every encoder, called inside its compact `__call__`.
 
   With `num_classes`: pooled features -> Dense named `classifier_name` ("fc" in
-  torchvision, "head" in timm), logits out. Otherwise the `EmbeddingHead`.
+  torchvision, "head" in timm; or the encoder's own `classifier` module),
+  logits out. Otherwise the `EmbeddingHead`. `pooled_norm` (a callable, e.g.
+  ConvNeXt's `head.norm`) normalises the pooled features in both paths.
   Returns `(output, {"features": pooled})`.
   """
   if num_classes is not None:
     pooled = pool(local, kind=pooling, cls=cls)
-    logits = nn.Dense(num_classes, dtype=pooled.dtype, name=classifier_name)(pooled)
-    return logits, {"features": pooled}
+    if pooled_norm is not None:
+      pooled = pooled_norm(pooled)
+    if classifier is None:
+      classifier = nn.Dense(num_classes, dtype=pooled.dtype, name=classifier_name)
+    return classifier(pooled), {"features": pooled}
   z, pooled = EmbeddingHead(pooling=pooling, embed_dim=embed_dim, head_norm=head_norm,
-                            name=HEAD_NAME)(local, cls, train)
+                            name=HEAD_NAME)(local, cls, train, pooled_norm)
   return z, {"features": pooled}

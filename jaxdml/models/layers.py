@@ -34,15 +34,18 @@ def at_least_float32(x):
 
 
 class Conv(nn.Module):
-  """Bias-free convolution, kernel `[kh, kw, in/groups, out]` (torch `[out, in/groups, kh, kw]`).
+  """Convolution, kernel `[kh, kw, in/groups, out]` (torch `[out, in/groups, kh, kw]`).
 
-  A 1x1 convolution is a strided slice plus one matmul on every platform (XLA
+  Bias-free unless `use_bias` (timm's ConvNeXt convolutions have one). A
+  1x1 convolution is a strided slice plus one matmul on every platform (XLA
   turns it into the same dot on GPU/TPU; on CPU its convolution path is
   slower, mostly in the backward pass). On CPU only: a depthwise convolution
   (groups == in == out) is k*k shifted multiply-adds, as XLA CPU runs
   `feature_group_count` convolutions 10-20x slower than that, forward and
-  backward; a stem (k*k*in <= 160) is one im2col matmul. GPU and TPU run
-  `lax.conv_general_dilated` (grouped for depthwise) for both.
+  backward; a stem (k*k*in <= 160) is one im2col matmul; a patchify
+  convolution (stride == kernel, no padding: ConvNeXt's stem and
+  downsampling) is a reshape and one matmul. GPU and TPU run
+  `lax.conv_general_dilated` (grouped for depthwise) for all of them.
   """
   features: int
   kernel_size: int
@@ -50,9 +53,17 @@ class Conv(nn.Module):
   padding: int = 0
   groups: int = 1
   dtype: Any = jnp.float32
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
+    y = self._convolve(x)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,),
+                         jnp.float32).astype(self.dtype)
+    return y
+
+  def _convolve(self, x):
     k, s, cin = self.kernel_size, self.strides, x.shape[-1]
     kernel = self.param("kernel", _conv_init, (k, k, cin // self.groups, self.features),
                         jnp.float32).astype(self.dtype)
@@ -66,6 +77,8 @@ class Conv(nn.Module):
     if groups == cin == self.features and cin > 1:
       cpu_conv = lambda x, w: depthwise_conv(x, w[:, :, 0], strides=s, padding=p)
       return on_cpu_else(cpu_conv, xla_conv, x, kernel)
+    if groups == 1 and k == s and p == 0:
+      return on_cpu_else(_patchify_conv, xla_conv, x, kernel)
     if groups == 1 and cin * k * k <= _IM2COL_MAX_DEPTH:
       cpu_conv = functools.partial(_im2col_conv, strides=s, padding=p)
       return on_cpu_else(cpu_conv, xla_conv, x, kernel)
@@ -96,6 +109,19 @@ def _im2col_conv(x, kernel, *, strides: int, padding: int):
   ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
   cols = jnp.concatenate([_shifted(x, i, j, ho, wo, s) for i in range(kh) for j in range(kw)], -1)
   return jnp.einsum("bhwk,kd->bhwd", cols, kernel.reshape(kh * kw * cin, out))
+
+
+def _patchify_conv(x, kernel):
+  """A k x k, stride-k, unpadded convolution: non-overlapping patches times the kernel.
+
+  Like torch, rows and columns past the last whole patch are dropped.
+  """
+  k, _, cin, out = kernel.shape
+  b, h, w, _ = x.shape
+  ho, wo = h // k, w // k
+  x = x[:, :ho * k, :wo * k].reshape(b, ho, k, wo, k, cin).transpose(0, 1, 3, 2, 4, 5)
+  return jnp.einsum("bhwk,kd->bhwd", x.reshape(b, ho, wo, k * k * cin),
+                    kernel.reshape(k * k * cin, out))
 
 
 def max_pool_3x3_s2(x):

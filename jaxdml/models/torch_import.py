@@ -15,7 +15,10 @@ Every source key is consumed or reported. Deliberate exceptions, our choices:
 - the embedding head (`embed_head/...`: GeM p, projection, "bn") is never in
   such checkpoints and is freshly initialised (listed under "fresh").
 A ViT `pos_embed` stored for another grid is resampled bicubically to the
-model's `image_size` (listed under "resampled").
+model's `image_size`, CLS/register rows kept, as timm's checkpoint filter does
+(listed under "resampled"). open_clip's CLIP (`visual.*`) and the original
+DINOv2 checkpoints are renamed to timm's keys first (`timm_layouts`; the
+text tower and DINOv2's `mask_token` are listed under "dropped").
 """
 import os
 import re
@@ -25,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdml.models import heads, vit
+from jaxdml.models import heads, timm_layouts
+from jaxdml.models.pos_embed import resample_pos_embed
 
 _CLASSIFIER_PREFIXES = ("fc.", "head.")
 _LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
@@ -113,24 +117,30 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
                    "or pass a dict of numpy arrays.")
 
 
-def load_torch_weights(name: str, source, *, strict: bool = True, seed: int = 0, **kwargs):
+def load_torch_weights(name: str, source, *, strict: bool = True, seed: int = 0,
+                       pos_embed_antialias: bool = True, **kwargs):
   """Variables for `models.get(name, **kwargs)` from a torchvision/timm state dict.
 
   Args:
     name: registered encoder name, e.g. "resnet50", "vit_s16".
-    source: dict of arrays with torch key names, or a `.npz`, `.safetensors` or
-      `.pth` path.
+    source: dict of arrays with torch key names (timm's, torchvision's, or
+      open_clip's/DINOv2's, see `timm_layouts`), or a `.npz`, `.safetensors`
+      or `.pth` path.
     strict: True raises ValueError listing unused source keys and missing model
       parameters; False returns `(variables, report)` instead, with missing
       parameters freshly initialised.
     seed: PRNG seed for the freshly initialised parameters (embedding head).
+    pos_embed_antialias: the bicubic filter resampling a ViT `pos_embed`
+      stored for another grid; True is timm's checkpoint filter (and
+      `resample_abs_pos_embed`'s default), False torch's plain bicubic.
     **kwargs: model kwargs (embed_dim, pooling, head_norm, num_classes,
       image_size, ...). For a ViT, `image_size` other than the checkpoint's
-      resamples `pos_embed` (bicubic).
+      resamples `pos_embed` (bicubic; DINOv2's 518 px tables at 224 px).
 
   Returns:
     `{"params": ..., "batch_stats": ...}` (strict) or `(variables, report)`
-    with report keys "unused", "missing", "fresh", "dropped", "resampled".
+    with report keys "unused", "missing", "fresh", "dropped", "resampled"
+    and "layout" ("timm", "open_clip" or "dinov2": how the keys were read).
     A shape mismatch always raises, naming the torch key.
   """
   from jaxdml import models  # the registry imports this module
@@ -141,9 +151,10 @@ def load_torch_weights(name: str, source, *, strict: bool = True, seed: int = 0,
   rng = jax.random.key(seed)
   shapes = flax.traverse_util.flatten_dict(
       jax.eval_shape(lambda r, x: model.init(r, x, train=False), rng, images))
-  src = read_state_dict(source)
+  src, layout, dropped = timm_layouts.to_timm(read_state_dict(source))
   out, used = {}, set()
-  report = {"unused": [], "missing": [], "fresh": [], "dropped": [], "resampled": []}
+  report = {"unused": [], "missing": [], "fresh": [], "dropped": dropped, "resampled": [],
+            "layout": layout}
   for path, target in shapes.items():
     key, leaf = torch_key(path), path[-1]
     if key not in src:
@@ -151,8 +162,10 @@ def load_torch_weights(name: str, source, *, strict: bool = True, seed: int = 0,
       continue
     arr = _to_flax(np.asarray(src[key]), leaf)
     if key == "pos_embed" and arr.ndim == 3 and arr.shape != target.shape:
-      g = int(round((target.shape[1] - 1) ** 0.5))
-      arr = np.asarray(vit.resample_pos_embed(jnp.asarray(arr), (g, g)))
+      g = model.image_size // model.patch_size
+      arr = np.asarray(resample_pos_embed(
+          jnp.asarray(arr, jnp.float32), (g, g), num_prefix_tokens=model.num_pos_prefix_tokens,
+          antialias=pos_embed_antialias))
       report["resampled"].append(key)
     if arr.shape != target.shape:
       raise ValueError(f"shape mismatch for {key!r}: checkpoint {tuple(src[key].shape)}, model "
