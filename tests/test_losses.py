@@ -658,6 +658,32 @@ def test_registry():
     losses._REGISTRY.pop("_test_double")
 
 
+def test_registry_running_state_contract():
+  """A loss that consumes "state" gives init_state; it is called with
+  loss_state= and returns (loss, aux, new_state)."""
+  counter = lambda *, embeddings, labels, loss_state: (
+      jnp.mean(embeddings), {}, {"calls": loss_state["calls"] + 1})
+  with pytest.raises(ValueError, match="gives init_state"):
+    losses.register("_test_counter", counter, consumes=("state",))
+  with pytest.raises(ValueError, match="gives init_state"):
+    losses.register("_test_counter", counter, consumes=(), init_state=dict)
+  losses.register("_test_counter", counter, consumes=("state",),
+                  init_state=lambda start=0: {"calls": jnp.asarray(start)})
+  try:
+    state = losses.init_state("_test_counter", start=2)
+    kwargs = losses.inputs_for("_test_counter", {"state": state, "teacher": None})
+    assert kwargs == {"loss_state": state}
+    _, _, state = losses.get("_test_counter")(embeddings=jnp.ones((2, 3)), labels=None,
+                                              **kwargs)
+    assert state["calls"] == 3
+    with pytest.raises(ValueError, match="consumes 'state', which this config"):
+      losses.inputs_for("_test_counter", {})
+  finally:
+    losses._REGISTRY.pop("_test_counter")
+  with pytest.raises(ValueError, match="keeps no running state"):
+    losses.init_state("triplet")
+
+
 def test_bad_arguments():
   e, y = jnp.ones((4, 3)), jnp.arange(4)
   for name in losses.names():

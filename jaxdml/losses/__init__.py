@@ -28,10 +28,20 @@ reference set.
 
 The registry records what each loss consumes beyond embeddings and labels
 (`consumes(name)`, keys of `INPUTS`): the teacher's outputs, the training
-progress, a reference set. The train step offers what it has and
-`inputs_for(name, available)` picks the loss's keywords, so
+progress, a reference set, learnable parameters, running state, a random
+key. The train step offers what it has and `inputs_for(name, available)`
+picks the loss's keywords, so
 `register("my_distill", fn, consumes=("teacher",))` from outside the
 package is enough for a new distillation term.
+
+Running state (PML's buffers, e.g. DynamicSoftMargin's histogram): a loss
+that consumes "state" is registered with `init_state(**hparams) -> pytree`
+(`init_state(name, **hparams)` makes it), is called with `loss_state=` and
+returns a 3-tuple `(loss, aux, new_state)`; the caller passes `new_state`
+to the next call (the train state carries it beside the cross-batch
+memory). The state is not trained: `new_state` comes back under
+stop_gradient. A loss that draws random numbers consumes "rng" and is
+given a fresh key as `rng=` on every call.
 
 Distances (`distance=`, jaxdml.losses.distances) are PML's: "euclidean" is
 `LpDistance()`, which L2-normalises the rows first, "cosine"
@@ -84,6 +94,8 @@ INPUTS = {
     "progress": "progress",  # training progress in [0, 1] (jaxdml.tasks.progress)
     "reference_set": None,  # ref_embeddings, ref_labels, ref_valid, ref_self_index
     "params": "loss_params",  # the loss's learnable parameters (init_params), trained
+    "state": "loss_state",  # the loss's running state (init_state); it returns the next
+    "rng": "rng",  # a fresh jax.random key for this call
 }
 
 
@@ -93,6 +105,7 @@ class Registered:
   consumes: frozenset
   init_params: Callable | None = None
   params_when: Callable | None = None  # hparams -> whether they ask for parameters
+  init_state: Callable | None = None
 
 
 _REGISTRY: dict[str, Registered] = {}
@@ -155,8 +168,17 @@ def init_params(name, rng, *, num_classes: int, dim: int, **hparams):
   return entry.init_params(rng, num_classes=int(num_classes), dim=int(dim), **hparams)
 
 
+def init_state(name, **hparams):
+  """The initial running state of loss `name` (a pytree) for its `hparams`;
+  the loss returns the next one as the third element of its result."""
+  entry = _entry(name)
+  if entry.init_state is None:
+    raise ValueError(f"loss {name!r} keeps no running state.")
+  return entry.init_state(**hparams)
+
+
 def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pylint: disable=redefined-outer-name
-             params_when=None):
+             params_when=None, init_state=None):
   """Adds `fn` under `name`; `consumes` lists the keys of INPUTS it takes.
 
   A distillation loss says `consumes=("teacher",)` and is given
@@ -166,7 +188,9 @@ def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pyli
   num_classes, dim, **hparams) -> pytree`: the train state keeps them (under
   `loss_params`, by term) and the optimizer trains them with the encoder.
   `params_when(hparams) -> bool` says which settings have parameters, when
-  not all do.
+  not all do. A loss with running state says "state" and gives
+  `init_state(**hparams) -> pytree`; it is called with `loss_state=` and
+  returns `(loss, aux, new_state)`.
   Re-registering a taken name is a ValueError.
   """
   if not callable(fn):
@@ -181,7 +205,10 @@ def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pyli
   if ("params" in consumes) != (init_params is not None):
     raise ValueError(f"register({name!r}, ...): a loss that consumes 'params' gives "
                      "init_params, and only such a loss.")
-  _REGISTRY[name] = Registered(fn, frozenset(consumes), init_params, params_when)
+  if ("state" in consumes) != (init_state is not None):
+    raise ValueError(f"register({name!r}, ...): a loss that consumes 'state' gives "
+                     "init_state, and only such a loss.")
+  _REGISTRY[name] = Registered(fn, frozenset(consumes), init_params, params_when, init_state)
 
 
 for _name, _fn in (("triplet", triplet.triplet),
