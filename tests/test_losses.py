@@ -551,6 +551,9 @@ SHARD_CONFIGS = [
     ("npairs", {}),
     ("fast_ap", {}),
     ("smooth_ap", dict(anchor_chunk=4)),
+    ("large_margin_softmax", {}),
+    ("sphereface", {}),
+    ("p2s_grad", {}),
 ]
 
 
@@ -645,7 +648,8 @@ def test_registry():
       "multi_similarity", "koleo", "embedding_distill", "raml", "obd_sd",
       "ntxent", "supcon", "proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
       "arcface", "circle", "tuplet_margin", "lifted_structure", "generalized_lifted_structure",
-      "subcenter_arcface", "soft_triple", "margin", "npairs", "fast_ap", "smooth_ap"}
+      "subcenter_arcface", "soft_triple", "margin", "npairs", "fast_ap", "smooth_ap",
+      "large_margin_softmax", "sphereface", "p2s_grad"}
   with pytest.raises(ValueError, match="triplet.*obd_sd|obd_sd.*triplet"):
     losses.get("tripletz")
   with pytest.raises(ValueError, match="already registered"):

@@ -66,8 +66,10 @@ generalized_lifted_structure, margin, npairs, fast_ap, smooth_ap, koleo, embeddi
 raml, obd_sd, and
 the losses with learnable class vectors (`loss_params["proxies"]`, made by
 `init_params`): proxy_anchor, proxy_nca, normalized_softmax, cosface,
-arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies). See each function's
-docstring for its hyperparameters and the choices that are ours.
+arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies),
+large_margin_softmax, sphereface, p2s_grad (jaxdml.losses.margin_softmax).
+See each function's docstring for its hyperparameters and the choices that
+are ours.
 """
 import dataclasses
 from typing import Callable
@@ -80,6 +82,7 @@ from jaxdml.losses import distill
 from jaxdml.losses import koleo
 from jaxdml.losses import lifted
 from jaxdml.losses import margin
+from jaxdml.losses import margin_softmax
 from jaxdml.losses import multi_similarity
 from jaxdml.losses import obd_sd
 from jaxdml.losses import proxies
@@ -230,7 +233,10 @@ for _name, _fn, _init in (
     ("cosface", proxies.cosface, proxies.init_normal),
     ("arcface", proxies.arcface, proxies.init_normal),
     ("subcenter_arcface", proxies.subcenter_arcface, proxies.init_subcenter),
-    ("soft_triple", proxies.soft_triple, proxies.init_soft_triple)):
+    ("soft_triple", proxies.soft_triple, proxies.init_soft_triple),
+    ("large_margin_softmax", margin_softmax.large_margin_softmax, proxies.init_normal),
+    ("sphereface", margin_softmax.sphereface, proxies.init_normal),
+    ("p2s_grad", margin_softmax.p2s_grad, margin_softmax.init_p2s_grad)):
   register(_name, _fn, consumes=("params",), init_params=_init)
 register("koleo", koleo.koleo, consumes=())
 register("lifted_structure", lifted.lifted_structure, consumes=())  # in-batch only
