@@ -554,6 +554,8 @@ SHARD_CONFIGS = [
     ("large_margin_softmax", {}),
     ("sphereface", {}),
     ("p2s_grad", {}),
+    ("manifold", dict(K=8)),
+    ("vicreg", {}),
 ]
 
 
@@ -565,7 +567,10 @@ def _every_loss(batch):
     # What each loss consumes, as the train step offers it (losses.inputs_for).
     kw = dict(hp, **losses.inputs_for(name, {
         "teacher": t, "progress": batch["progress"],  # traced
-        "params": {"proxies": batch["proxies"], "beta": batch["beta"]}}, hp))
+        "params": {"proxies": batch["proxies"], "beta": batch["beta"]},
+        "rng": jax.random.key(0)}, hp))
+    if name == "vicreg":
+      kw["ref_embeddings"] = t  # the second view
     out[f"{i}-{name}"] = jax.value_and_grad(
         lambda e: losses.get(name)(embeddings=e, labels=y, **kw)[0])(e)
   out["contrastive-memory"] = jax.value_and_grad(
@@ -649,7 +654,7 @@ def test_registry():
       "ntxent", "supcon", "proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
       "arcface", "circle", "tuplet_margin", "lifted_structure", "generalized_lifted_structure",
       "subcenter_arcface", "soft_triple", "margin", "npairs", "fast_ap", "smooth_ap",
-      "large_margin_softmax", "sphereface", "p2s_grad"}
+      "large_margin_softmax", "sphereface", "p2s_grad", "manifold", "vicreg"}
   with pytest.raises(ValueError, match="triplet.*obd_sd|obd_sd.*triplet"):
     losses.get("tripletz")
   with pytest.raises(ValueError, match="already registered"):

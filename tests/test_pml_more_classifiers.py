@@ -1,10 +1,11 @@
-"""Large-margin softmax, SphereFace and P2SGrad against PML 2.9.0 on the
-same arrays.
+"""Large-margin softmax, SphereFace, P2SGrad, Manifold and VICReg against
+PML 2.9.0 on the same arrays.
 
 PML runs in float64 on the same raw embeddings (rows of norm 0.3 to 4) and
 the same learnable tensors (its `W` / `weight` [dim, C] is our `proxies`
-transposed); values and gradients w.r.t. the embeddings and the learnable
-tensors must agree, for PML's defaults and for a non-default setting.
+transposed; Manifold's `proxies` has our layout); values and gradients
+w.r.t. the embeddings and the learnable tensors must agree, for PML's
+defaults and for a non-default setting.
 """
 
 import jax
@@ -12,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import losses as pml_losses
 
 from jaxdml import losses
+from jaxdml.losses import manifold as manifold_lib
 
 
 def _raw(rng, n=12, dim=8):
@@ -82,10 +85,11 @@ def test_init_params_draw_as_pml_does():
       "large_margin_softmax": pml_losses.LargeMarginSoftmaxLoss(c, d).W.data.T,
       "sphereface": pml_losses.SphereFaceLoss(c, d).W.data.T,
       "p2s_grad": pml_losses.P2SGradLoss(d, c).weight.data.T,
+      "manifold": pml_losses.ManifoldLoss(l=d, K=c).proxies.data,
   }
   for name, theirs in pml_tables.items():
-    ours = np.asarray(losses.init_params(name, jax.random.key(0), num_classes=c,
-                                         dim=d)["proxies"])
+    ours = np.asarray(losses.init_params(name, jax.random.key(0), num_classes=c, dim=d,
+                                         K=c)["proxies"])
     theirs = theirs.numpy()
     assert ours.shape == theirs.shape == (c, d), name
     # Normal and uniform differ in mean |a| / std (0.80 against 0.87).
@@ -96,3 +100,93 @@ def test_init_params_draw_as_pml_does():
   with pytest.raises(ValueError, match="integer >= 1"):
     losses.get("sphereface")(embeddings=jnp.ones((2, 8)), labels=jnp.arange(2),
                              loss_params={"proxies": jnp.ones((3, 8))}, margin=0)
+
+
+def _meta_classes(rng, n, k):
+  return rng.permutation(np.concatenate([np.arange(k), rng.integers(0, k, n - k)]))
+
+
+@pytest.mark.parametrize("hp", [{}, dict(K=5, lambdaC=0.5, alpha=0.6, margin=0.02,
+                                         distance="euclidean")], ids=str)
+def test_manifold_equals_pml(hp):
+  """PML's `indices_tuple` is the assignment to proxies (our `meta_classes`)."""
+  k = hp.get("K", 50)
+  rng = np.random.default_rng(k)
+  x = _raw(rng)
+  proxies = rng.normal(size=(k, 8)).astype(np.float32)
+  meta = (_meta_classes(rng, 12, k) if k <= 12 else rng.integers(0, k, 12)).astype(np.int32)
+  pml_hp = dict(hp, distance=pml_distances.LpDistance()) if "distance" in hp else hp
+  pml = pml_losses.ManifoldLoss(l=8, **pml_hp).double()
+  pml.proxies.data = _t(proxies).clone()
+  xt = _t(x, grad=True)
+  want = pml(xt, None, indices_tuple=torch.tensor(meta, dtype=torch.long))
+  want.backward()
+  fn = lambda e, p: losses.get("manifold")(embeddings=e, loss_params={"proxies": p},
+                                           meta_classes=jnp.asarray(meta), **hp)
+  (value, aux), (dx, dp) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
+      jnp.asarray(x), jnp.asarray(proxies))
+  # PML inverts the walk's matrix in float32 whatever the dtype.
+  _close(value, want.item(), str(hp), rtol=1e-4)
+  _close(dx, xt.grad.numpy(), str(hp))
+  _close(dp, pml.proxies.grad.numpy(), str(hp))
+  assert np.abs(pml.proxies.grad.numpy()).max() > 0
+  # The two terms: lambdaC=0 is PML's intrinsic loss alone.
+  pml.lambdaC = 0.0
+  intrinsic = pml(_t(x), None, indices_tuple=torch.tensor(meta, dtype=torch.long))
+  _close(aux["intrinsic"], intrinsic.item(), str(hp), rtol=1e-4)
+  assert aux["context"] > 0 and aux["intrinsic"] > 0
+
+
+def test_manifold_draws_every_proxy_from_its_key():
+  k, n = 5, 12
+  meta = manifold_lib.draw_meta_classes(jax.random.key(3), n, k)
+  assert meta.shape == (n,) and set(np.asarray(meta).tolist()) == set(range(k))
+  x = jnp.asarray(_raw(np.random.default_rng(0)))
+  params = losses.init_params("manifold", jax.random.key(1), num_classes=0, dim=8, K=k)
+  fn = losses.get("manifold")
+
+  @jax.jit
+  def by_key_given_and_context_only(x, params, meta):
+    by_key, _ = fn(embeddings=x, loss_params=params, rng=jax.random.key(3), K=k)
+    given, aux = fn(embeddings=x, loss_params=params, meta_classes=meta, K=k)
+    context_only, _ = fn(embeddings=x, loss_params=params, meta_classes=meta, K=k,
+                         lambdaC=float("inf"))
+    return by_key, given, context_only, aux["context"]
+  by_key, given, context_only, context = by_key_given_and_context_only(x, params, meta)
+  np.testing.assert_allclose(by_key, given, rtol=1e-6)
+  np.testing.assert_allclose(context_only, context, rtol=1e-6)
+  for kw, match in [({}, "rng="), (dict(K=4, rng=jax.random.key(0)), r"\[K=4, D\]"),
+                    (dict(lambdaC=-1.0, rng=jax.random.key(0)), "lambdaC")]:
+    with pytest.raises(ValueError, match=match):
+      fn(embeddings=x, loss_params=params, **dict(dict(K=k), **kw))
+  with pytest.raises(ValueError, match="B >= K"):
+    fn(embeddings=x[:3], loss_params=params, K=k, rng=jax.random.key(0))
+
+
+@pytest.mark.parametrize("hp", [{}, dict(invariance_lambda=5.0, variance_mu=10.0,
+                                         covariance_v=2.0, eps=1e-3)], ids=str)
+def test_vicreg_equals_pml_with_both_views_gradients(hp):
+  rng = np.random.default_rng(7)
+  # Per-dimension scales below and above 1: the variance hinge is active on some.
+  x = _raw(rng) * rng.uniform(0.1, 2.0, size=(1, 8)).astype(np.float32)
+  ref = (x + 0.5 * rng.normal(size=x.shape)).astype(np.float32)
+  xt, reft = _t(x, grad=True), _t(ref, grad=True)
+  want = pml_losses.VICRegLoss(**hp)(xt, ref_emb=reft)
+  want.backward()
+  fn = lambda a, b: losses.get("vicreg")(embeddings=a, ref_embeddings=b, **hp)
+  (value, aux), (da, db) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
+      jnp.asarray(x), jnp.asarray(ref))
+  _close(value, want.item(), str(hp), rtol=2e-5)
+  _close(da, xt.grad.numpy(), str(hp))
+  _close(db, reft.grad.numpy(), str(hp))
+  _close(sum(aux.values()), value, str(hp), rtol=1e-6)
+  assert aux["variance"] > 0 and aux["covariance"] > 0
+  with pytest.raises(ValueError, match="second view as ref_embeddings"):
+    losses.get("vicreg")(embeddings=jnp.asarray(x))
+  with pytest.raises(ValueError, match="same"):
+    losses.get("vicreg")(embeddings=jnp.asarray(x), ref_embeddings=jnp.asarray(ref[:5]))
+
+
+def test_what_the_unlabelled_losses_consume():
+  assert losses.consumes("manifold") == {"params", "rng"}
+  assert losses.consumes("vicreg") == frozenset()

@@ -24,7 +24,10 @@ contrastive, contrastive_koleo, multi_similarity):
   equals its in-batch value.
 The distillation/regulariser losses (koleo, embedding_distill, raml, obd_sd)
 accept the same arguments, ignore `labels`, and raise ValueError when given a
-reference set.
+reference set. The unsupervised losses take no labels (`labels=None`,
+ignored if given): manifold (learnable proxies, a random assignment to them
+from `rng=`) and vicreg, whose `ref_embeddings` is the second view of the
+batch (row i the same image), passed by the caller, not a memory.
 
 The registry records what each loss consumes beyond embeddings and labels
 (`consumes(name)`, keys of `INPUTS`): the teacher's outputs, the training
@@ -67,7 +70,8 @@ raml, obd_sd, and
 the losses with learnable class vectors (`loss_params["proxies"]`, made by
 `init_params`): proxy_anchor, proxy_nca, normalized_softmax, cosface,
 arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies),
-large_margin_softmax, sphereface, p2s_grad (jaxdml.losses.margin_softmax).
+large_margin_softmax, sphereface, p2s_grad (jaxdml.losses.margin_softmax); the
+unsupervised manifold (K learnable proxies) and vicreg (two views).
 See each function's docstring for its hyperparameters and the choices that
 are ours.
 """
@@ -81,6 +85,7 @@ from jaxdml.losses import contrastive
 from jaxdml.losses import distill
 from jaxdml.losses import koleo
 from jaxdml.losses import lifted
+from jaxdml.losses import manifold
 from jaxdml.losses import margin
 from jaxdml.losses import margin_softmax
 from jaxdml.losses import multi_similarity
@@ -89,6 +94,7 @@ from jaxdml.losses import proxies
 from jaxdml.losses import relative_triplet
 from jaxdml.losses import softmax_pairs
 from jaxdml.losses import triplet
+from jaxdml.losses import vicreg
 
 # What a loss consumes beyond `embeddings` and `labels`, and the keyword the
 # train step passes it under (None: the caller passes the reference set).
@@ -238,6 +244,9 @@ for _name, _fn, _init in (
     ("sphereface", margin_softmax.sphereface, proxies.init_normal),
     ("p2s_grad", margin_softmax.p2s_grad, margin_softmax.init_p2s_grad)):
   register(_name, _fn, consumes=("params",), init_params=_init)
+register("manifold", manifold.manifold, consumes=("params", "rng"),
+         init_params=manifold.init_manifold)  # no labels; K proxies
+register("vicreg", vicreg.vicreg, consumes=())  # two views, no labels: the caller's
 register("koleo", koleo.koleo, consumes=())
 register("lifted_structure", lifted.lifted_structure, consumes=())  # in-batch only
 register("npairs", margin.npairs, consumes=())  # in-batch only
