@@ -556,6 +556,7 @@ SHARD_CONFIGS = [
     ("p2s_grad", {}),
     ("manifold", dict(K=8)),
     ("vicreg", {}),
+    ("dynamic_soft_margin", {}),
 ]
 
 
@@ -568,6 +569,7 @@ def _every_loss(batch):
     kw = dict(hp, **losses.inputs_for(name, {
         "teacher": t, "progress": batch["progress"],  # traced
         "params": {"proxies": batch["proxies"], "beta": batch["beta"]},
+        "state": losses.init_state(name, **hp) if "state" in losses.consumes(name) else None,
         "rng": jax.random.key(0)}, hp))
     if name == "vicreg":
       kw["ref_embeddings"] = t  # the second view
@@ -654,7 +656,8 @@ def test_registry():
       "ntxent", "supcon", "proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
       "arcface", "circle", "tuplet_margin", "lifted_structure", "generalized_lifted_structure",
       "subcenter_arcface", "soft_triple", "margin", "npairs", "fast_ap", "smooth_ap",
-      "large_margin_softmax", "sphereface", "p2s_grad", "manifold", "vicreg"}
+      "large_margin_softmax", "sphereface", "p2s_grad", "manifold", "vicreg",
+      "dynamic_soft_margin"}
   with pytest.raises(ValueError, match="triplet.*obd_sd|obd_sd.*triplet"):
     losses.get("tripletz")
   with pytest.raises(ValueError, match="already registered"):

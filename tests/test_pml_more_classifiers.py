@@ -1,11 +1,12 @@
-"""Large-margin softmax, SphereFace, P2SGrad, Manifold and VICReg against
-PML 2.9.0 on the same arrays.
+"""Large-margin softmax, SphereFace, P2SGrad, Manifold, VICReg and dynamic
+soft margin against PML 2.9.0 on the same arrays.
 
 PML runs in float64 on the same raw embeddings (rows of norm 0.3 to 4) and
 the same learnable tensors (its `W` / `weight` [dim, C] is our `proxies`
 transposed; Manifold's `proxies` has our layout); values and gradients
 w.r.t. the embeddings and the learnable tensors must agree, for PML's
-defaults and for a non-default setting.
+defaults and for a non-default setting. DynamicSoftMargin runs several
+calls in a row with its histogram carried, as PML's buffer is.
 """
 
 import jax
@@ -187,6 +188,107 @@ def test_vicreg_equals_pml_with_both_views_gradients(hp):
     losses.get("vicreg")(embeddings=jnp.asarray(x), ref_embeddings=jnp.asarray(ref[:5]))
 
 
-def test_what_the_unlabelled_losses_consume():
+class _Cloned(torch.nn.Module):
+  """PML's distance with its output copied: PML's label-free mode fills the
+  diagonal of cdist's output in place, which cdist's backward needs, so
+  PML cannot backward there at all."""
+
+  def __init__(self, distance):
+    super().__init__()
+    self.distance = distance
+
+  def forward(self, a, b):
+    return self.distance(a, b).clone()
+
+
+# case -> (our hyperparameters, PML's distance where not the default, mode)
+DSM_CASES = {
+    "defaults": ({}, None, "labels"),
+    "settings": (dict(min_val=-4.0, num_bins=12, momentum=0.3, distance="squared_euclidean"),
+                 pml_distances.LpDistance(power=2), "labels"),
+    "reference_set": (dict(momentum=0.5), None, "reference_set"),
+    "label_free": (dict(num_bins=8), None, "label_free"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DSM_CASES))
+def test_dynamic_soft_margin_carries_pmls_histogram(case):
+  """Three calls in a row: loss, gradient and PML's `hist_` after each.
+
+  PML keeps the autograd graph on `hist_`, so its second backward() fails
+  (PML issue #731); the reference detaches the buffer between calls, which
+  is what our state (returned under stop_gradient) amounts to. Label-free,
+  it also copies the distance matrix it writes into (`_Cloned`)."""
+  hp, pml_distance, mode = DSM_CASES[case]
+  rng = np.random.default_rng(len(case))
+  pml_hp = {k: v for k, v in hp.items() if k != "distance"}
+  if pml_distance is not None:
+    pml_hp["distance"] = pml_distance
+  pml = pml_losses.DynamicSoftMarginLoss(**pml_hp).double()
+  if mode == "label_free":
+    pml.distance = _Cloned(pml.distance)
+  def loss_aux_state(e, r, state, y, ry):
+    loss, aux, new_state = losses.get("dynamic_soft_margin")(
+        embeddings=e, labels=y, ref_embeddings=r, ref_labels=ry, loss_state=state, **hp)
+    return loss, (aux, new_state)
+  fn = jax.jit(jax.value_and_grad(loss_aux_state, argnums=(0, 1), has_aux=True))
+  state = losses.init_state("dynamic_soft_margin", **hp)
+  assert state["hist"].shape == (hp.get("num_bins", 10),) and not np.any(state["hist"])
+  for call in range(3):
+    x = _raw(rng)
+    labels = rng.permutation(np.arange(12) % 4).astype(np.int32)
+    ref = ref_labels = None
+    kwargs = {}
+    if mode == "reference_set":
+      ref, ref_labels = _raw(rng, n=9), rng.integers(0, 4, 9).astype(np.int32)
+      kwargs = dict(ref_emb=_t(ref, grad=True),
+                    ref_labels=torch.tensor(ref_labels, dtype=torch.long))
+    elif mode == "label_free":
+      ref, labels = x + 0.3 * rng.normal(size=x.shape).astype(np.float32), None
+      kwargs = dict(ref_emb=_t(ref, grad=True))
+    xt = _t(x, grad=True)
+    pml.hist_ = pml.hist_.detach()
+    want = pml(xt, None if labels is None else torch.tensor(labels, dtype=torch.long),
+               **kwargs)
+    want.backward()
+    (value, (aux, state)), (dx, dref) = fn(x, ref, state, labels, ref_labels)
+    what = f"{case} call {call}"
+    _close(value, want.item(), what, rtol=1e-4)
+    _close(state["hist"], pml.hist_.detach().numpy(), what, rtol=1e-4)
+    _close(dx, xt.grad.numpy(), what)
+    if ref is not None:
+      _close(dref, kwargs["ref_emb"].grad.numpy(), what)
+    assert aux["triplets"] > 0 and abs(want.item()) > 0
+
+
+def test_dynamic_soft_margin_state_contract_and_bad_input():
+  fn = losses.get("dynamic_soft_margin")
+  x = jnp.asarray(_raw(np.random.default_rng(1), n=4))
+  state = losses.init_state("dynamic_soft_margin")
+  # No triplets (one class): 0, and the state stays as it was.
+  value, aux, new = jax.jit(lambda e, y: fn(embeddings=e, labels=y, loss_state=state))(
+      x, jnp.zeros(4, jnp.int32))
+  assert value == 0 and aux["triplets"] == 0 and not np.any(new["hist"])
+  # Margins outside [min_val, -min_val - delta) land in the end bins (PML
+  # indexes out of bounds there and fails).
+  narrow = dict(min_val=-0.1, num_bins=4)
+  value, _, new = jax.jit(lambda e, y, s: fn(embeddings=e, labels=y, loss_state=s, **narrow))(
+      x, jnp.arange(4) % 2,
+      losses.init_state("dynamic_soft_margin", **narrow))
+  assert np.isfinite(value) and new["hist"][0] > 0 and new["hist"][-1] > 0
+  np.testing.assert_allclose(np.sum(new["hist"]), 1.0, rtol=1e-6)
+  for kw, match in [(dict(distance="cosine"), "LpDistance with p=2"),
+                    (dict(num_bins=5), r"init_state\(num_bins=5\)"),
+                    (dict(labels=None), "matching view")]:
+    with pytest.raises(ValueError, match=match):
+      fn(**dict(dict(embeddings=x, labels=jnp.arange(4) % 2, loss_state=state), **kw))
+
+
+def test_what_the_unlabelled_and_stateful_losses_consume():
   assert losses.consumes("manifold") == {"params", "rng"}
   assert losses.consumes("vicreg") == frozenset()
+  assert losses.consumes("dynamic_soft_margin") == {"reference_set", "state"}
+  state = losses.init_state("dynamic_soft_margin", num_bins=7)
+  assert losses.inputs_for("dynamic_soft_margin", {"state": state}) == {"loss_state": state}
+  with pytest.raises(ValueError, match="consumes 'state'"):
+    losses.inputs_for("dynamic_soft_margin", {})

@@ -71,7 +71,8 @@ the losses with learnable class vectors (`loss_params["proxies"]`, made by
 `init_params`): proxy_anchor, proxy_nca, normalized_softmax, cosface,
 arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies),
 large_margin_softmax, sphereface, p2s_grad (jaxdml.losses.margin_softmax); the
-unsupervised manifold (K learnable proxies) and vicreg (two views).
+unsupervised manifold (K learnable proxies) and vicreg (two views); and the
+stateful dynamic_soft_margin.
 See each function's docstring for its hyperparameters and the choices that
 are ours.
 """
@@ -83,6 +84,7 @@ from typing import Callable
 from jaxdml.losses import average_precision
 from jaxdml.losses import contrastive
 from jaxdml.losses import distill
+from jaxdml.losses import dynamic_soft_margin
 from jaxdml.losses import koleo
 from jaxdml.losses import lifted
 from jaxdml.losses import manifold
@@ -247,6 +249,8 @@ for _name, _fn, _init in (
 register("manifold", manifold.manifold, consumes=("params", "rng"),
          init_params=manifold.init_manifold)  # no labels; K proxies
 register("vicreg", vicreg.vicreg, consumes=())  # two views, no labels: the caller's
+register("dynamic_soft_margin", dynamic_soft_margin.dynamic_soft_margin,
+         consumes=("reference_set", "state"), init_state=dynamic_soft_margin.init_state)
 register("koleo", koleo.koleo, consumes=())
 register("lifted_structure", lifted.lifted_structure, consumes=())  # in-batch only
 register("npairs", margin.npairs, consumes=())  # in-batch only
