@@ -157,7 +157,8 @@ def test_manifold_draws_every_proxy_from_its_key():
   np.testing.assert_allclose(by_key, given, rtol=1e-6)
   np.testing.assert_allclose(context_only, context, rtol=1e-6)
   for kw, match in [({}, "rng="), (dict(K=4, rng=jax.random.key(0)), r"\[K=4, D\]"),
-                    (dict(lambdaC=-1.0, rng=jax.random.key(0)), "lambdaC")]:
+                    (dict(lambdaC=-1.0, rng=jax.random.key(0)), "lambdaC"),
+                    (dict(alpha=1.0, rng=jax.random.key(0)), r"alpha=1.0 must lie in \(0, 1\)")]:
     with pytest.raises(ValueError, match=match):
       fn(embeddings=x, loss_params=params, **dict(dict(K=k), **kw))
   with pytest.raises(ValueError, match="B >= K"):

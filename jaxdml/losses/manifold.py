@@ -86,6 +86,9 @@ def manifold(*, embeddings, loss_params, labels=None, rng=None, meta_classes=Non
   if lambdaC < 0:
     raise ValueError(f"manifold: lambdaC={lambdaC} must be >= 0 (inf: the context loss "
                      "alone).")
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"manifold: alpha={alpha} must lie in (0, 1): the random walk "
+                     "passes that share of similarity on (PML's range).")
   x = distances.as_float(embeddings)
   proxies = distances.as_float(loss_params["proxies"])
   if x.ndim != 2 or proxies.shape != (int(K), x.shape[-1]):
