@@ -25,14 +25,27 @@ with consumes "reference_set", e.g. angular, nca, intra_pair_variance):
   equals its in-batch value.
 The distillation/regulariser losses (koleo, embedding_distill, raml, obd_sd)
 accept the same arguments, ignore `labels`, and raise ValueError when given a
-reference set.
+reference set. The unsupervised losses take no labels (`labels=None`,
+ignored if given): manifold (learnable proxies, a random assignment to them
+from `rng=`) and vicreg, whose `ref_embeddings` is the second view of the
+batch (row i the same image), passed by the caller, not a memory.
 
 The registry records what each loss consumes beyond embeddings and labels
 (`consumes(name)`, keys of `INPUTS`): the teacher's outputs, the training
-progress, a reference set. The train step offers what it has and
-`inputs_for(name, available)` picks the loss's keywords, so
+progress, a reference set, learnable parameters, running state, a random
+key. The train step offers what it has and `inputs_for(name, available)`
+picks the loss's keywords, so
 `register("my_distill", fn, consumes=("teacher",))` from outside the
 package is enough for a new distillation term.
+
+Running state (PML's buffers, e.g. DynamicSoftMargin's histogram): a loss
+that consumes "state" is registered with `init_state(**hparams) -> pytree`
+(`init_state(name, **hparams)` makes it), is called with `loss_state=` and
+returns a 3-tuple `(loss, aux, new_state)`; the caller passes `new_state`
+to the next call (the train state carries it beside the cross-batch
+memory). The state is not trained: `new_state` comes back under
+stop_gradient. A loss that draws random numbers consumes "rng" and is
+given a fresh key as `rng=` on every call.
 
 Distances (`distance=`, jaxdml.losses.distances) are PML's: "euclidean" is
 `LpDistance()`, which L2-normalises the rows first, "cosine"
@@ -59,8 +72,12 @@ raml, obd_sd, snr_contrastive, angular, nca, ranked_list, instance
 threshold_consistent_margin (jaxdml.losses.similarity_distributions), and
 the losses with learnable class vectors (`loss_params["proxies"]`, made by
 `init_params`): proxy_anchor, proxy_nca, normalized_softmax, cosface,
-arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies). See each function's
-docstring for its hyperparameters and the choices that are ours.
+arcface, subcenter_arcface, soft_triple (jaxdml.losses.proxies),
+large_margin_softmax, sphereface, p2s_grad (jaxdml.losses.margin_softmax); the
+unsupervised manifold (K learnable proxies) and vicreg (two views); and the
+stateful dynamic_soft_margin.
+See each function's docstring for its hyperparameters and the choices that
+are ours.
 """
 import dataclasses
 import importlib
@@ -68,10 +85,11 @@ from typing import Callable
 
 # Submodules load when first used (`losses.get`, `jaxdml.losses.triplet`):
 # the registry itself is plain data, so a config is checked without JAX.
-_SUBMODULES = ("average_precision", "contrastive", "distances", "distill", "koleo", "lifted",
-               "listwise", "margin", "miners", "multi_similarity", "obd_sd", "pairs", "proxies",
+_SUBMODULES = ("average_precision", "contrastive", "distances", "distill",
+               "dynamic_soft_margin", "koleo", "lifted", "listwise", "manifold", "margin",
+               "margin_softmax", "miners", "multi_similarity", "obd_sd", "pairs", "proxies",
                "relative_triplet", "similarity_distributions", "softmax_pairs", "triplet",
-               "wrappers")
+               "vicreg", "wrappers")
 # Loss wrappers (`jaxdml.losses.wrappers`): PML's SelfSupervisedLoss and MultipleLosses.
 _WRAPPERS = ("self_supervised", "multiple")
 
@@ -82,6 +100,8 @@ INPUTS = {
     "progress": "progress",  # training progress in [0, 1] (jaxdml.objective.progress)
     "reference_set": None,  # ref_embeddings, ref_labels, ref_valid, ref_self_index
     "params": "loss_params",  # the loss's learnable parameters (init_params), trained
+    "state": "loss_state",  # the loss's running state (init_state); it returns the next
+    "rng": "rng",  # a fresh jax.random key for this call
 }
 
 
@@ -99,6 +119,7 @@ class Registered:
   consumes: frozenset
   init_params: Callable | str | None = None
   params_when: Callable | None = None  # hparams -> whether they ask for parameters
+  init_state: Callable | None = None
 
   @property
   def fn(self) -> Callable:
@@ -170,8 +191,17 @@ def init_params(name, rng, *, num_classes: int, dim: int, **hparams):
   return _load(entry.init_params)(rng, num_classes=int(num_classes), dim=int(dim), **hparams)
 
 
+def init_state(name, **hparams):
+  """The initial running state of loss `name` (a pytree) for its `hparams`;
+  the loss returns the next one as the third element of its result."""
+  entry = _entry(name)
+  if entry.init_state is None:
+    raise ValueError(f"loss {name!r} keeps no running state.")
+  return _load(entry.init_state)(**hparams)
+
+
 def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pylint: disable=redefined-outer-name
-             params_when=None):
+             params_when=None, init_state=None):
   """Adds `fn` under `name`; `consumes` lists the keys of INPUTS it takes.
 
   A distillation loss says `consumes=("teacher",)` and is given
@@ -181,8 +211,11 @@ def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pyli
   num_classes, dim, **hparams) -> pytree`: the train state keeps them (under
   `loss_params`, by term) and the optimizer trains them with the encoder.
   `params_when(hparams) -> bool` says which settings have parameters, when
-  not all do. `fn` (and `init_params`) may be a "module:function" string of
-  a jaxdml.losses submodule, imported when first used.
+  not all do. A loss with running state says "state" and gives
+  `init_state(**hparams) -> pytree`; it is called with `loss_state=` and
+  returns `(loss, aux, new_state)`. `fn`, `init_params` and `init_state`
+  may be a "module:function" string of a jaxdml.losses submodule, imported
+  when first used.
   Re-registering a taken name is a ValueError.
   """
   if not (callable(fn) or isinstance(fn, str)):
@@ -197,7 +230,10 @@ def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pyli
   if ("params" in consumes) != (init_params is not None):
     raise ValueError(f"register({name!r}, ...): a loss that consumes 'params' gives "
                      "init_params, and only such a loss.")
-  _REGISTRY[name] = Registered(fn, frozenset(consumes), init_params, params_when)
+  if ("state" in consumes) != (init_state is not None):
+    raise ValueError(f"register({name!r}, ...): a loss that consumes 'state' gives "
+                     "init_state, and only such a loss.")
+  _REGISTRY[name] = Registered(fn, frozenset(consumes), init_params, params_when, init_state)
 
 
 for _name, _fn in (("triplet", "triplet:triplet"),
@@ -222,6 +258,15 @@ for _name, _init in (("proxy_anchor", "init_kaiming_fan_out"), ("proxy_nca", "in
                      ("arcface", "init_normal"), ("subcenter_arcface", "init_subcenter"),
                      ("soft_triple", "init_soft_triple")):
   register(_name, f"proxies:{_name}", consumes=("params",), init_params=f"proxies:{_init}")
+for _name, _init in (("large_margin_softmax", "proxies:init_normal"),
+                     ("sphereface", "proxies:init_normal"),
+                     ("p2s_grad", "margin_softmax:init_p2s_grad")):
+  register(_name, f"margin_softmax:{_name}", consumes=("params",), init_params=_init)
+register("manifold", "manifold:manifold", consumes=("params", "rng"),
+         init_params="manifold:init_manifold")  # no labels; K proxies
+register("vicreg", "vicreg:vicreg", consumes=())  # two views, no labels: the caller's
+register("dynamic_soft_margin", "dynamic_soft_margin:dynamic_soft_margin",
+         consumes=("reference_set", "state"), init_state="dynamic_soft_margin:init_state")
 register("koleo", "koleo:koleo", consumes=())
 register("lifted_structure", "lifted:lifted_structure", consumes=())  # in-batch only
 register("npairs", "margin:npairs", consumes=())  # in-batch only

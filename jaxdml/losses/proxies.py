@@ -36,8 +36,11 @@ init_normal = _normal_init(lambda c, d: 1.0)
 init_kaiming_fan_out = _normal_init(lambda c, d: math.sqrt(2.0 / c))
 
 
-def _prepare(name, embeddings, labels, loss_params, refs):
-  pairs.reject_ref(name, **refs)
+def prepare(name, embeddings, labels, loss_params, ref_set):
+  """Checks the inputs of a loss with class vectors: (embeddings [B, D] at
+  least float32, proxies [C, D], labels [B], their one-hot [B, C]).
+  `ref_set` (`refs(...)`) must be empty."""
+  pairs.reject_ref(name, **ref_set)
   x = distances.as_float(embeddings)
   proxies = distances.as_float(loss_params["proxies"])
   if x.ndim != 2 or proxies.ndim != 2 or proxies.shape[1] != x.shape[1]:
@@ -50,12 +53,12 @@ def _prepare(name, embeddings, labels, loss_params, refs):
   return x, proxies, labels, one_hot
 
 
-def _cross_entropy(logits, one_hot):
+def cross_entropy(logits, one_hot):
   """Per-row softmax cross-entropy (torch.nn.CrossEntropyLoss, no reduction)."""
   return -jnp.sum(one_hot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
-def _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index):
+def refs(ref_embeddings, ref_labels, ref_valid, ref_self_index):
   return dict(ref_embeddings=ref_embeddings, ref_labels=ref_labels, ref_valid=ref_valid,
               ref_self_index=ref_self_index)
 
@@ -69,8 +72,8 @@ def proxy_anchor(*, embeddings, labels, loss_params, margin=0.1, alpha=32.0,
   have a positive in the batch, plus log(1 + sum over its negatives of
   exp(alpha (s_ic + margin))), averaged over all proxies. Allocates [B, C].
   """
-  x, proxies, _, pos = _prepare("proxy_anchor", embeddings, labels, loss_params,
-                                _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  x, proxies, _, pos = prepare("proxy_anchor", embeddings, labels, loss_params,
+                               refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   cos = distances.cosine_matrix(x, proxies)
   neg = 1.0 - pos
 
@@ -95,8 +98,8 @@ def proxy_nca(*, embeddings, labels, loss_params, softmax_scale=1.0,
   over the batch (rows whose probability underflows to 0 are dropped, as in
   PML). Allocates [B, C].
   """
-  x, proxies, _, one_hot = _prepare("proxy_nca", embeddings, labels, loss_params,
-                                    _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  x, proxies, _, one_hot = prepare("proxy_nca", embeddings, labels, loss_params,
+                                   refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   d2 = distances.squared_euclidean_matrix(distances.l2_normalize(x),
                                           distances.l2_normalize(proxies))
   log_p = jnp.sum(one_hot * jax.nn.log_softmax(-softmax_scale * d2, axis=-1), axis=-1)
@@ -109,21 +112,21 @@ def normalized_softmax(*, embeddings, labels, loss_params, temperature=0.05,
                        ref_self_index=None):
   """Normalized softmax (Zhai & Wu 2018), PML's `NormalizedSoftmaxLoss`:
   cross-entropy over cosine / temperature, averaged. Allocates [B, C]."""
-  x, proxies, _, one_hot = _prepare(
+  x, proxies, _, one_hot = prepare(
       "normalized_softmax", embeddings, labels, loss_params,
-      _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+      refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   logits = distances.cosine_matrix(x, proxies) / temperature
-  return jnp.mean(_cross_entropy(logits, one_hot)), {}
+  return jnp.mean(cross_entropy(logits, one_hot)), {}
 
 
 def cosface(*, embeddings, labels, loss_params, margin=0.35, scale=64.0,
             ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
   """CosFace (Wang et al. 2018), PML's `CosFaceLoss`: cross-entropy over
   scale * (cosine - margin at the own class). Allocates [B, C]."""
-  x, proxies, _, one_hot = _prepare("cosface", embeddings, labels, loss_params,
-                                    _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  x, proxies, _, one_hot = prepare("cosface", embeddings, labels, loss_params,
+                                   refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   cos = distances.cosine_matrix(x, proxies)
-  return jnp.mean(_cross_entropy(scale * (cos - margin * one_hot), one_hot)), {}
+  return jnp.mean(cross_entropy(scale * (cos - margin * one_hot), one_hot)), {}
 
 
 def _arcface_loss(cos, one_hot, margin, scale):
@@ -136,7 +139,7 @@ def _arcface_loss(cos, one_hot, margin, scale):
                           target * math.cos(m) - sine * math.sin(m),
                           target - m * math.sin(m))
   logits = cos + one_hot * (plus_margin - target)[:, None]
-  return jnp.mean(_cross_entropy(scale * logits, one_hot))
+  return jnp.mean(cross_entropy(scale * logits, one_hot))
 
 
 def arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
@@ -149,8 +152,8 @@ def arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
   sin m rather than through arccos, the same value with a finite gradient
   at c = +-1. Allocates [B, C].
   """
-  x, proxies, _, one_hot = _prepare("arcface", embeddings, labels, loss_params,
-                                    _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  x, proxies, _, one_hot = prepare("arcface", embeddings, labels, loss_params,
+                                   refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   return _arcface_loss(distances.cosine_matrix(x, proxies), one_hot, margin, scale), {}
 
 
@@ -179,8 +182,8 @@ def subcenter_arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.
   ArcFace on each class's best-matching of its `sub_centers` centres
   (`loss_params["proxies"]` [C * sub_centers, D], class-major). Allocates
   [B, C * sub_centers]."""
-  x, proxies, labels, _ = _prepare("subcenter_arcface", embeddings, labels, loss_params,
-                                   _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  x, proxies, labels, _ = prepare("subcenter_arcface", embeddings, labels, loss_params,
+                                  refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   cos, one_hot = _per_class("subcenter_arcface", x, proxies, labels, int(sub_centers))
   return _arcface_loss(jnp.max(cos, axis=-1), one_hot, margin, scale), {}
 
@@ -195,12 +198,12 @@ def soft_triple(*, embeddings, labels, loss_params, centers_per_class=10, la=20.
   class), averaged. `loss_params["proxies"]` is [C * centers_per_class, D],
   class-major. Allocates [B, C * centers_per_class].
   """
-  x, proxies, labels, _ = _prepare("soft_triple", embeddings, labels, loss_params,
-                                   _refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
+  x, proxies, labels, _ = prepare("soft_triple", embeddings, labels, loss_params,
+                                  refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   cos, one_hot = _per_class("soft_triple", x, proxies, labels, int(centers_per_class))
   weights = jax.nn.softmax(cos / gamma, axis=-1)
   similarity = jnp.sum(weights * cos, axis=-1)
-  return jnp.mean(_cross_entropy(la * (similarity - margin * one_hot), one_hot)), {}
+  return jnp.mean(cross_entropy(la * (similarity - margin * one_hot), one_hot)), {}
 
 
 # Sub-center ArcFace: PML's normal_ init; SoftTriple: kaiming_uniform_(a=sqrt(5))

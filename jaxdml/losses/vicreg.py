@@ -1,0 +1,64 @@
+"""VICReg (Bardes et al. 2022), PML 2.9.0's `VICRegLoss`: a self-supervised
+loss on two views of the same batch, without labels or negatives.
+
+The two views are `embeddings` and `ref_embeddings` (PML's `embeddings` and
+`ref_emb`), row i of one the same image as row i of the other. Here
+`ref_embeddings` is the second view, not a reference set of labelled
+candidates: the loss consumes no cross-batch memory, and the caller passes
+the second view.
+"""
+import jax
+import jax.numpy as jnp
+
+from jaxdml.losses import distances
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _variance_term(z, eps):
+  """mean over dims of relu(1 - sqrt(Var(z_d) + eps)) / 2, unbiased variance."""
+  std = jnp.sqrt(jnp.var(z, axis=0, ddof=1) + eps)
+  return jnp.mean(jax.nn.relu(1.0 - std)) / 2.0
+
+
+def _covariance_term(z):
+  """Sum of the squared off-diagonal entries of the unbiased covariance, / D."""
+  n, d = z.shape
+  centred = z - jnp.mean(z, axis=0)
+  cov = jnp.matmul(centred.T, centred, precision=_HIGHEST) / (n - 1)
+  off_diagonal = cov * (1.0 - jnp.eye(d, dtype=cov.dtype))
+  return jnp.sum(off_diagonal * off_diagonal) / d
+
+
+def vicreg(*, embeddings, ref_embeddings=None, labels=None, invariance_lambda=25.0,
+           variance_mu=25.0, covariance_v=1.0, eps=1e-4):
+  """lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')] on the raw rows.
+
+  Args:
+    embeddings: float [B, D], the first view Z.
+    ref_embeddings: float [B, D], the second view Z' (required).
+    labels: ignored (PML refuses labels).
+    invariance_lambda, variance_mu, covariance_v: lambda, mu and nu.
+    eps: inside the standard deviation's square root.
+
+  s is the mean squared difference of the views; v(Z) the mean over the D
+  dimensions of relu(1 - std_d) / 2 (PML halves each view's term); c(Z) the
+  sum of squared off-diagonal covariances / D. B >= 2 (unbiased variances).
+
+  Returns:
+    (loss, aux) with aux `invariance`, `variance` and `covariance`, each
+    already weighted (they sum to the loss).
+  """
+  del labels
+  if ref_embeddings is None:
+    raise ValueError("vicreg compares two views of the batch: pass the second view as "
+                     "ref_embeddings=, row i the same image as row i of embeddings.")
+  z, z_ref = distances.as_float(embeddings), distances.as_float(ref_embeddings)
+  if z.ndim != 2 or z.shape != z_ref.shape or z.shape[0] < 2:
+    raise ValueError(f"vicreg: embeddings and ref_embeddings must be two views of the same "
+                     f"[B, D] batch with B >= 2, got {z.shape} and {z_ref.shape}.")
+  invariance = invariance_lambda * jnp.mean(jnp.square(z - z_ref))
+  variance = variance_mu * (_variance_term(z, eps) + _variance_term(z_ref, eps))
+  covariance = covariance_v * (_covariance_term(z) + _covariance_term(z_ref))
+  aux = {"invariance": invariance, "variance": variance, "covariance": covariance}
+  return invariance + variance + covariance, aux
