@@ -20,7 +20,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jaxdml import bench, build, config_lib, models, sharding, train  # noqa: E402
+from jaxdml import build, models, sharding, train  # noqa: E402
+from jaxdml import config as config_lib  # noqa: E402
+from jaxdml.tools import bench  # noqa: E402
 from jaxdml.models import pos_embed, torch_import  # noqa: E402
 from test_lowering import convolutions, lowered  # noqa: E402
 
