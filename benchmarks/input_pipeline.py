@@ -170,7 +170,7 @@ def make_sketchy_tree(root: str, num_photos: int, seed: int = 2,
 def prepare(root: str, dataset: str = "cub") -> str:
   data_dir = os.path.join(root, "data")
   if not glob.glob(os.path.join(data_dir, f"jaxdml_{dataset}", "*", "*")):
-    from data_prep import build  # pylint: disable=g-import-not-at-top
+    from jaxdml.data_prep import build  # pylint: disable=g-import-not-at-top
     build.build(dataset, manual_dir=os.path.join(root, "manual"), data_dir=data_dir,
                 expect_counts="none")
   return data_dir

@@ -3,7 +3,7 @@
 Seddati et al. 2023 (arXiv 2305.18988), PAPERS.md section 1. Headline:
 instance R@1 = 62.38 % on the Sketchy test photos (sketch -> its own photo).
 
-    # Real data (prepare it once: python -m data_prep.build sketchy ...):
+    # Real data (prepare it once: python -m jaxdml.data_prep.build sketchy ...):
     python -m jaxdml.main --config=configs/sketchy_rtl.py --workdir=workdirs/sketchy
     # Embedded synthetic data, a small real model, a few minutes on a CPU:
     python -m jaxdml.main --config=configs/sketchy_rtl.py:demo --workdir=workdirs/demo

@@ -58,6 +58,6 @@ def get_config(arg=None):
     c.model[side] = tower
   if arg.distill != "off":
     c.teacher = teacher.teacher_config(
-        "frozen", recipe=f"configs/sketchy_rtl.py{':' + size if size else ''}")
+        "frozen", recipe=f"sketchy_rtl{':' + size if size else ''}")
     c.terms.embedding_distill = dict(weight=arg.distill_weight, mode=arg.distill)
   return c

@@ -3,7 +3,7 @@
 None can be downloaded by a program: the user downloads the official release,
 unpacks it in a manual dir, and runs
 
-    python -m data_prep.build NAME --manual_dir=DIR --data_dir=DATA_DIR
+    python -m jaxdml.data_prep.build NAME --manual_dir=DIR --data_dir=DATA_DIR
 
 which writes `array_record` files that grain reads with random access:
 
@@ -19,12 +19,12 @@ import os
 
 import tensorflow_datasets as tfds
 
-from data_prep.cars196 import Cars196Builder
-from data_prep.cub import CubBuilder
-from data_prep.deepfashion2 import DeepFashion2Builder
-from data_prep.inshop import InShopBuilder
-from data_prep.sketchy import SketchyBuilder
-from data_prep.sop import SopBuilder
+from .cars196 import Cars196Builder
+from .cub import CubBuilder
+from .deepfashion2 import DeepFashion2Builder
+from .inshop import InShopBuilder
+from .sketchy import SketchyBuilder
+from .sop import SopBuilder
 
 BUILDERS = {
     "sketchy": SketchyBuilder,
@@ -61,6 +61,6 @@ def load_info(name: str, *, data_dir: str | os.PathLike,
     short = next(s for s, c in BUILDERS.items() if c is cls)
     raise FileNotFoundError(
         f"{cls.name} is not prepared under {data_dir}. Build it with:\n"
-        f"  python -m data_prep.build {short} --manual_dir=<your download> "
+        f"  python -m jaxdml.data_prep.build {short} --manual_dir=<your download> "
         f"--data_dir={data_dir}")
   return builder.info

@@ -160,6 +160,10 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
 
   VERSION = tfds.core.Version("1.0.0")
+  # Where TFDS reads a builder's metadata files: this folder, which is
+  # `data_prep/` in a checkout and `jaxdml/data_prep/` once installed
+  # (TFDS would infer it from the module name, wrongly for the first).
+  pkg_dir_path = epath.Path(os.path.dirname(os.path.abspath(__file__)))
   RELEASE_NOTES = {"1.0.0": "First release."}
   EXPECTED_COUNTS: Mapping[str, int] = {}
 

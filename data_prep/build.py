@@ -1,6 +1,6 @@
 r"""Builds one data set from the user's own download into TFDS array_record files.
 
-  python -m data_prep.build cub --manual_dir=~/downloads/cub \
+  python -m jaxdml.data_prep.build cub --manual_dir=~/downloads/cub \
       --data_dir=~/tensorflow_datasets [--skip_bad_images]
 
 NAME is one of sketchy, cub, cars196, sop, inshop, deepfashion2 (or its TFDS
@@ -21,8 +21,8 @@ import tempfile
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-import data_prep
-from data_prep import base
+from . import base
+from . import builder_class, BUILDERS
 from jaxdml import paths  # a URL --data_dir (and STORAGE_EMULATOR_HOST) as jaxdml reads it
 
 _MANUAL_DIR = flags.DEFINE_string(
@@ -73,7 +73,7 @@ def build(name: str, *, manual_dir: str, data_dir: str,
   file and the expected layout, or BadImageError naming the unreadable image
   (unless `skip_bad_images`).
   """
-  cls = data_prep.builder_class(name)
+  cls = builder_class(name)
   manual_dir = os.path.expanduser(os.fspath(manual_dir))
   data_dir = os.path.expanduser(os.fspath(data_dir))
   if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
@@ -145,7 +145,7 @@ def _prepare(builder, manual_dir, mode):
 
 def main(argv):
   if len(argv) != 2:
-    raise app.UsageError(f"Give one data set name: {sorted(data_prep.BUILDERS)}")
+    raise app.UsageError(f"Give one data set name: {sorted(BUILDERS)}")
   if not _MANUAL_DIR.value or not _DATA_DIR.value:
     raise app.UsageError("--manual_dir and --data_dir are required.")
   try:
@@ -157,5 +157,10 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == "__main__":
+def run():
+  """The `jaxdml-prepare-data` command."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
 
-from data_prep import base
+from . import base
 from jaxdml.config import datasets
 
 LAYOUT = """

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from data_prep import base
+from . import base
 from jaxdml.config import datasets
 
 LAYOUT = """

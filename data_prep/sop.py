@@ -6,7 +6,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import base
+from . import base
 from jaxdml.config import datasets
 
 LAYOUT = """

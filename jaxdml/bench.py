@@ -7,8 +7,16 @@ The tool is `jaxdml.tools.bench`; this module only runs it.
 
 from absl import app
 
+from jaxdml import config as config_lib
 from jaxdml.tools import bench
 
-if __name__ == "__main__":
+
+def run():
+  """The `jaxdml-bench` command."""
   bench.define_flags()
-  app.run(bench.main)
+  app.run(bench.main, flags_parser=lambda argv: app.parse_flags_with_usage(
+      config_lib.expand_recipe_flags(argv)))
+
+
+if __name__ == "__main__":
+  run()

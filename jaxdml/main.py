@@ -1,11 +1,12 @@
 """jaxdml command line: train, evaluate or export a recipe.
 
     python -m jaxdml.main --config=configs/sketchy_rtl.py:demo --workdir=workdirs/demo
-    python -m jaxdml.main --config=configs/sketchy_rtl.py:demo --workdir=workdirs/demo --mode=eval
+    jaxdml-train --config=sketchy_rtl:demo --workdir=workdirs/demo --mode=eval
     python -m jaxdml.main --config=configs/sketchy_rtl.py --config.batch_size=64 ...
-    python -m jaxdml.main --config=configs/cub_obdsd.py:demo --mode=print_config
+    python -m jaxdml.main --config=cub_obdsd:demo --mode=print_config
 
-`--config=FILE.py:ARG` calls `get_config(ARG)`; `--config.FIELD=VALUE`
+`--config=FILE.py:ARG` calls `get_config(ARG)`; a shipped recipe is also
+found by its name (`--config=sketchy_rtl:demo`). `--config.FIELD=VALUE`
 overrides one field of the (locked) config, so a typo is an error. This
 module only parses flags and calls library functions.
 """
@@ -14,7 +15,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file(
-    "config", None, "Recipe file, e.g. configs/sketchy_rtl.py:demo.", lock_config=True)
+    "config", None, "Recipe file or name and its argument, e.g. configs/sketchy_rtl.py:demo "
+    "or sketchy_rtl:demo.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "print_config"],
                   "What to do; print_config prints the resolved config (every default "
@@ -53,5 +55,12 @@ def main(argv):
     print(f"SavedModel written to {path}")
 
 
+def run():
+  """The `jaxdml-train` command."""
+  from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(
+      config_lib.expand_recipe_flags(argv)))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -113,7 +113,8 @@ def _tensorboard_writer(workdir: str):
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError as err:
-    logging.warning("TensorBoard summaries off (%s); metrics.jsonl only.", err)
+    logging.warning("TensorBoard summaries off (%s; pip install 'jaxdml[tensorboard]'); "
+                    "metrics.jsonl only.", err)
     return None
   destination = paths.join(workdir, "tensorboard")
   if not paths.is_url(workdir):

@@ -80,6 +80,9 @@ def check_reachable(path, what: str = "--workdir") -> None:
     return
   scheme, rest = path.split("://", 1)
   bucket = rest.split("/", 1)[0]
+  if scheme == "gs":
+    from jaxdml import extras  # pylint: disable=g-import-not-at-top
+    extras.require("gcsfs", f"{what}={path}")
   try:
     found = bool(bucket) and epath.Path(f"{scheme}://{bucket}").exists()
   except NotImplementedError as error:

@@ -420,7 +420,7 @@ def test_missing_tfds_dataset_error_names_the_build_command(tmp_path):
     sources.open_splits("sop", data_dir=str(tmp_path))
   msg = str(err.value)
   assert "jaxdml_sop" in msg and str(tmp_path) in msg
-  assert f"python -m data_prep.build sop --manual_dir=/path/to/your/download --data_dir={tmp_path}" in msg
+  assert f"python -m jaxdml.data_prep.build sop --manual_dir=/path/to/your/download --data_dir={tmp_path}" in msg
   assert "demo" in msg and "synthetic_sketchy" in msg
 
 

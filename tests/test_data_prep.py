@@ -13,8 +13,8 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-import data_prep
-from data_prep import base, build, inshop, sketchy
+from jaxdml import data_prep
+from jaxdml.data_prep import base, build, inshop, sketchy
 
 RED, GREEN, BLUE = (220, 20, 20), (20, 200, 20), (20, 20, 220)
 
@@ -176,7 +176,7 @@ def test_cli_reports_missing_dir(tmp_path, capsys):
 
 
 def test_load_info_unprepared_names_the_command(tmp_path):
-  with pytest.raises(FileNotFoundError, match="python -m data_prep.build sop"):
+  with pytest.raises(FileNotFoundError, match="python -m jaxdml.data_prep.build sop"):
     data_prep.load_info("sop", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="Unknown data set"):
     data_prep.builder_class("imagenet")

@@ -31,7 +31,7 @@ import pytest
 from etils import epath
 from PIL import Image
 
-from data_prep import build
+from jaxdml.data_prep import build
 from jaxdml import data, paths, teacher, train
 from jaxdml.apps import export
 from test_train import ROOT, final_state, load_config, losses_of, short_run, evaluation

@@ -60,7 +60,7 @@ def test_a_run_on_jpeg_files_in_worker_processes_resumes_exactly_after_sigkill(t
   memory. The training process alone is killed after its first checkpoint:
   its workers must exit too, and the rerun must log the losses of one
   uninterrupted run whose threads make the same batches."""
-  from data_prep import build  # pylint: disable=g-import-not-at-top
+  from jaxdml.data_prep import build  # pylint: disable=g-import-not-at-top
   from test_gcs import _cub_download  # pylint: disable=g-import-not-at-top
   _cub_download(tmp_path / "download", np.random.default_rng(0))
   data_dir = str(tmp_path / "tfds")

@@ -352,7 +352,7 @@ def test_every_single_encoder_recipe_keeps_its_m_per_class_batches(cache_dir):
   synthetic.load_or_generate(cache_dir, **SMALL)
   labels = pipeline._single_split(_data_config(cache_dir), pipeline._open(
       _data_config(cache_dir)))[1]
-  recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+  recipes = sorted(glob.glob(os.path.join(ROOT, "configs", "[a-z]*.py")))
   assert len(recipes) > 10
   for path in recipes:
     config = config_lib.load_config(path, "smoke")

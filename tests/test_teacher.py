@@ -58,7 +58,7 @@ def test_frozen_teacher_is_the_teachers_checkpoint_and_never_moves(tmp_path):
 
 def test_frozen_teacher_without_a_workdir_names_the_command(tmp_path):
   config = load_config("sketchy_rtl_kd.py")
-  with pytest.raises(ValueError, match=r"configs/sketchy_rtl\.py:smoke.*--config\.teacher\.workdir"):
+  with pytest.raises(ValueError, match=r"--config=sketchy_rtl:smoke.*--config\.teacher\.workdir"):
     train.train_and_evaluate(config, str(tmp_path))
   config.teacher.workdir = str(tmp_path / "empty")
   with pytest.raises(FileNotFoundError, match="has no checkpoint"):

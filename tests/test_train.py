@@ -15,7 +15,7 @@ from jaxdml import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sketchy_rtl's smoke run is covered, with evaluation, by its own test below.
-CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "[a-z]*.py"))
                  if not p.endswith("sketchy_rtl.py"))
 # A recipe's configs for other data sets differ from its CUB one only in
 # constants (their :smoke runs on the same embedded data): they train in the
@@ -41,8 +41,8 @@ def has_frozen_teacher(config) -> bool:
 
 def train_teacher_of(config, workdir):
   """Trains the smoke teacher a frozen-teacher recipe names; sets its workdir."""
-  file, _, arg = config.teacher.recipe.partition(":")
-  teacher_config = config_lib.load_config(os.path.join(ROOT, file), arg)
+  name, _, arg = config.teacher.recipe.partition(":")
+  teacher_config = config_lib.load_config(name, arg)
   teacher_config.total_steps = 1
   evaluation(teacher_config, False)
   train.train_and_evaluate(teacher_config, workdir)
@@ -195,7 +195,7 @@ def test_missing_data_set_names_the_data_prep_command(tmp_path):
   config = load_config("sketchy_rtl.py", "smoke")
   config.data.name = "sketchy"
   config.data.data_dir = str(tmp_path / "no_data_here")
-  with pytest.raises(FileNotFoundError, match="python -m data_prep.build sketchy"):
+  with pytest.raises(FileNotFoundError, match="python -m jaxdml.data_prep.build sketchy"):
     train.train_and_evaluate(config, str(tmp_path / "work"))
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from jaxdml import extras
 from jaxdml import paths
 
 TOWERS = ("query", "gallery")
@@ -73,7 +74,7 @@ def from_export(export_dir: str, *, batch_size: int = 256) -> Embedder:
   """A `--mode=export` SavedModel (`serving_default` the gallery tower,
   `query` the query tower of two-tower models)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = extras.require("tensorflow", "reading images and SavedModels")
   from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
   from jaxdml.apps import export  # pylint: disable=g-import-not-at-top
   manifest = export.read_manifest(export_dir)
@@ -102,7 +103,7 @@ def load_image(path, size: int) -> np.ndarray:
   """One image file (JPEG, PNG, ...; local or a URL) as uint8 [size, size, 3]:
   evaluation's transform (shorter side to size * 8/7, centre crop)."""
   import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "reading images and SavedModels")
   from jaxdml.data import augment  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(io.BytesIO(paths.as_path(path).read_bytes())) as image:

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from jaxdml import config as config_lib
-from jaxdml import inference, paths, tasks
+from jaxdml import extras, inference, paths, tasks
 
 EXPORT_DIR = "export"
 MANIFEST = "jaxdml_export.json"
@@ -106,7 +106,7 @@ def export_saved_model(config, workdir: str, *, step: int | None = None,
   dropped with a warning; the manifest lists those kept). The directory is
   replaced only once the new export is complete. Returns its path.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = extras.require("tensorflow", "the TF SavedModel export")
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
   platforms = tuple(platforms)
@@ -175,7 +175,7 @@ def export_saved_model(config, workdir: str, *, step: int | None = None,
 def load_saved_model(export_dir: str):
   """`tf.saved_model.load` of an export, local or on a bucket (copied to a
   temporary folder first: TensorFlow's GCS client cannot reach an emulator)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = extras.require("tensorflow", "the TF SavedModel export")
   local = paths.LocalCopy(export_dir, download=True)
   try:
     return tf.saved_model.load(local.local)

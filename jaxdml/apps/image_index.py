@@ -33,6 +33,7 @@ import tempfile
 
 import numpy as np
 
+from jaxdml import extras
 from jaxdml import paths
 from jaxdml.apps.embedder import Embedder, describe, load_image
 
@@ -310,7 +311,7 @@ def write_eval_images(config, folder) -> list:
   """Writes the evaluation images of `config`'s data (the embedded set's
   test photos and sketches, for the demo) as PNG files to `folder`, named
   after what they show; returns their paths. Something to index and search."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "writing images")
   from jaxdml import data as data_lib  # pylint: disable=g-import-not-at-top
   sets = data_lib.eval_sets(config.data, task=config.task)
   if config.task == "sbir":  # labels are the photo ids

@@ -75,5 +75,12 @@ def main(argv):
         f"in {index.path}.")
 
 
+def run():
+  """The `jaxdml-index` command."""
+  from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(
+      config_lib.expand_recipe_flags(argv)))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -101,5 +101,12 @@ def draw(path, index, query_images, rows) -> None:
                               max_queries=len(query_images))
 
 
+def run():
+  """The `jaxdml-search` command."""
+  from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(
+      config_lib.expand_recipe_flags(argv)))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

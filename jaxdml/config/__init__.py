@@ -26,7 +26,8 @@ import ml_collections
 
 from jaxdml.config import datasets, defaults
 
-__all__ = ["parse_arg", "load_config", "default_data_config", "resolve", "validate", "upgrade_saved", "as_dict",
+__all__ = ["parse_arg", "load_config", "recipe_path", "recipes", "expand_recipe_flags",
+           "default_data_config", "resolve", "validate", "upgrade_saved", "as_dict",
            "config_dict", "datasets", "defaults", "TOP_LEVEL_FIELDS", "RENAMED"]
 
 # Every field the trainer reads at the top level of a config. A field outside
@@ -258,8 +259,63 @@ def upgrade_saved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return c
 
 
+def recipe_dirs() -> list[str]:
+  """Where recipes are found by name: the installed `jaxdml.configs`, and
+  a source checkout's `configs/` when running from one."""
+  found = []
+  spec = importlib.util.find_spec("jaxdml.configs")
+  if spec is not None and spec.submodule_search_locations:
+    found += [os.path.abspath(d) for d in spec.submodule_search_locations]
+  checkout = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
+                                          "configs"))
+  if os.path.isdir(checkout) and checkout not in found:
+    found.append(checkout)
+  return found
+
+
+def recipes() -> list[str]:
+  """The names of the recipes jaxdml ships (`sketchy_rtl`, `sop_xbn`, ...)."""
+  return sorted({f[:-3] for d in recipe_dirs() for f in os.listdir(d)
+                 if f.endswith(".py") and not f.startswith("_")})
+
+
+def recipe_path(spec: str) -> str:
+  """The file a recipe spec names: a path (`configs/sketchy_rtl.py`), or a
+  shipped recipe's name (`sketchy_rtl`)."""
+  if spec.endswith(".py") or os.sep in spec or os.path.exists(spec):
+    return spec
+  for directory in recipe_dirs():
+    path = os.path.join(directory, f"{spec}.py")
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(f"No recipe {spec!r}{did_you_mean(spec, recipes())}: give a path "
+                          f"to a recipe file, or one of {recipes()}.")
+
+
+def expand_recipe_flags(argv: list[str], flag: str = "config") -> list[str]:
+  """`argv` with `--config=NAME[:ARG]` naming a shipped recipe rewritten to
+  its file, so ml_collections' config flag (which takes a path) finds it."""
+  out, i = [], 0
+  while i < len(argv):
+    item = argv[i]
+    if item in (f"--{flag}", f"-{flag}") and i + 1 < len(argv):
+      item, i = f"--{flag}={argv[i + 1]}", i + 1
+    if item.startswith((f"--{flag}=", f"-{flag}=")):
+      prefix, _, value = item.partition("=")
+      spec, sep, arg = value.partition(":")
+      try:
+        item = f"{prefix}={recipe_path(spec)}{sep}{arg}"
+      except FileNotFoundError as error:
+        raise SystemExit(f"FATAL Flags parsing error: {error}") from None
+    out.append(item)
+    i += 1
+  return out
+
+
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Calls `get_config(arg)` of the recipe file at `path` (as `--config` does)."""
+  """Calls `get_config(arg)` of a recipe (a file's path, or a shipped
+  recipe's name: `recipe_path`), as `--config` does."""
+  path = recipe_path(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"No recipe file {path!r}.")
   name = os.path.splitext(os.path.basename(path))[0]

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from jaxdml import extras
+
 try:
   from jaxdml.data import _jpeg_region  # pylint: disable=g-import-not-at-top
 except ImportError:  # built only where libjpeg-turbo's headers were found (pyproject.toml)
@@ -55,7 +57,7 @@ class EncodedImage:
       self.format, self.size = "PNG", png[:2]
       return
     if data[:3] == b"\xff\xd8\xff":
-      import simplejpeg  # pylint: disable=g-import-not-at-top
+      simplejpeg = extras.require("simplejpeg", "the image transforms of the data pipeline")
       try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
       except ValueError:  # a JPEG libjpeg-turbo cannot parse: PIL's turn
@@ -71,7 +73,7 @@ class EncodedImage:
   def to_pil(self):
     """The file opened with PIL (decoded when its pixels are read)."""
     import io  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    Image = extras.require("PIL.Image", "the image transforms of the data pipeline")
     return Image.open(io.BytesIO(self.data))
 
 
@@ -124,7 +126,7 @@ def _opencv():
   """
   global _CV2
   if _CV2 is None:
-    import cv2  # pylint: disable=g-import-not-at-top
+    cv2 = extras.require("cv2", "the image transforms of the data pipeline")
     cv2.setNumThreads(1)
     _CV2 = cv2
   return _CV2
@@ -152,7 +154,7 @@ def decoded_array(image, scale_to: tuple[int, int]):
     return to_rgb(image), (1.0, 1.0)
   width, height = image.size
   if isinstance(image, EncodedImage) and image.turbo:
-    import simplejpeg  # pylint: disable=g-import-not-at-top
+    simplejpeg = extras.require("simplejpeg", "the image transforms of the data pipeline")
     factor, (min_width, min_height) = _dct_scale(width, height, scale_to)
     # Asking for a size at all takes a slower path in simplejpeg (2x): only when it pays.
     kw = {} if factor == 1 else {"min_width": min_width, "min_height": min_height}
@@ -206,7 +208,7 @@ def decoded_for(image, scale_to: tuple[int, int]):
   decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that still holds
   `scale_to = (w, h)` pixels for the whole image.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "the image transforms of the data pipeline")
   if isinstance(image, EncodedImage):
     image = image.to_pil()
   if isinstance(image, np.ndarray) or not hasattr(image, "draft"):
@@ -366,7 +368,7 @@ def crop_resize(image, box, size, *, flip=False, out=None):
 
 def resize_center_crop(image, *, size, resize=None):
   """Shorter side to `resize` (default `size`), then a centred `size` crop."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "the image transforms of the data pipeline")
   resize = resize or size
   h, w = height_width(image)
   s = resize / min(h, w)
@@ -417,7 +419,7 @@ def adjust_hue(image, hue):
   (torchvision's tensor path). It is the costliest jitter op (~5 ms at 224
   px; a vectorised numpy HSV version measured 3x slower).
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "the image transforms of the data pipeline")
   h, s, v = Image.fromarray(image).convert("HSV").split()
   shifted = (np.asarray(h, np.int16) + int(round(hue * 255))) % 256
   hsv = Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v))
@@ -426,7 +428,8 @@ def adjust_hue(image, hue):
 
 def apply_color_jitter(image, params):
   """Applies `color_jitter_params` output with torchvision's PIL-path pixel ops."""
-  from PIL import Image, ImageEnhance  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "the image transforms of the data pipeline")
+  ImageEnhance = extras.require("PIL.ImageEnhance", "the image transforms of the data pipeline")
   order, factors = params
   out = image
   for i in order:

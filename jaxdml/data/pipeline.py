@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from jaxdml import extras
 from jaxdml import host
 from jaxdml.config import default_data_config  # pylint: disable=unused-import  (re-exported)
 from jaxdml.config import get as _get
@@ -281,7 +282,7 @@ def train_batches(data_config, *, seed, global_batch_size, start_step, process_i
                                  shared_min_bytes=shared)
   if not workers:
     # Imported here: training on accelerators without grain still benchmarks.
-    import grain  # pylint: disable=g-import-not-at-top
+    grain = extras.require("grain", "the data pipeline")
     # Each thread makes whole batches (steps s, s + threads, ...): grain's
     # per-element machinery cost ~30 % of the CPU when threads shared one
     # batch's examples (docs/benchmarks.md).

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from jaxdml import extras
 from jaxdml import paths
 from jaxdml.config import datasets
 from jaxdml.data import synthetic
@@ -104,13 +105,13 @@ class TfdsSource:
 
   @functools.cached_property
   def _ds(self):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds = extras.require("tensorflow_datasets", "a prepared TFDS data set")
     return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
 
   @functools.cached_property
   def _encoded(self):
     # The same records with the image left as its encoded file.
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tfds = extras.require("tensorflow_datasets", "a prepared TFDS data set")
     return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
 
@@ -193,7 +194,7 @@ def _check_prepared(name, data_dir):
         f"TFDS data set {name!r} is not prepared in data_dir {data_dir!r} (looked for "
         f"{data_dir}/{name}/<version>/dataset_info.json). The data cannot be downloaded by jaxdml: "
         f"download {short} by hand, then build it with\n"
-        f"  python -m data_prep.build {short} --manual_dir=/path/to/your/download "
+        f"  python -m jaxdml.data_prep.build {short} --manual_dir=/path/to/your/download "
         f"--data_dir={data_dir}\n"
         f"and pass the same data_dir (config.data.data_dir). For a run with no download, "
         f"use the embedded data: a config's `:demo` or `:smoke` argument (e.g. "

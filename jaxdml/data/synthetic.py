@@ -21,6 +21,7 @@ import tempfile
 
 import numpy as np
 
+from jaxdml import extras
 from jaxdml import paths
 from jaxdml.config import defaults
 
@@ -244,13 +245,13 @@ def _apply(affine, pts, size):
 
 
 def _hsv(h, s, v):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "the embedded sketch/photo data set")
   return np.array(Image.new("HSV", (1, 1), (int(h * 255) % 256, int(s * 255), int(v * 255))).convert("RGB").getpixel((0, 0)), float)
 
 
 def _field(rng, size, kind):
   """A [size, size] multiplicative texture around 1."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "the embedded sketch/photo data set")
   yy, xx = np.mgrid[0:size, 0:size] / size
   a = rng.uniform(0, _TAU)
   u = xx * np.cos(a) + yy * np.sin(a)
@@ -268,7 +269,8 @@ def _field(rng, size, kind):
 
 
 def _photo(parts, affine, rng, size):
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "the embedded sketch/photo data set")
+  ImageDraw = extras.require("PIL.ImageDraw", "the embedded sketch/photo data set")
   big = 2 * size
   hue = rng.random()
   obj_v = rng.uniform(0.55, 0.95)
@@ -309,7 +311,8 @@ def _smooth_noise(rng, n, amp):
 
 
 def _sketch(parts, affine, rng, size, drop=0.15):
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "the embedded sketch/photo data set")
+  ImageDraw = extras.require("PIL.ImageDraw", "the embedded sketch/photo data set")
   big = 2 * size
   # Slight affine distortion of the photo's pose: the drawer's imprecision.
   distort = np.eye(2) + rng.normal(0, 0.06, (2, 2))

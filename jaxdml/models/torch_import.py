@@ -100,8 +100,8 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
+    from jaxdml import extras  # pylint: disable=g-import-not-at-top
+    return dict(extras.require("safetensors.numpy", f"reading {path!r}").load_file(path))
   if path.endswith((".pth", ".pt", ".bin")):
     try:
       import torch

@@ -105,7 +105,7 @@ def raml(dataset: str, arg) -> ml_collections.ConfigDict:
   c.terms.raml = dict(weight=1.0, views_per_image=views, lambda1=lambda1, lambda2=lambda2,
                       reduction="sum")
   size = "smoke" if arg.smoke else "demo" if arg.demo else ""
-  recipe = f"configs/{CONFIG_NAMES[dataset]}_raml_teacher.py" + (f":{size}" if size else "")
+  recipe = f"{CONFIG_NAMES[dataset]}_raml_teacher" + (f":{size}" if size else "")
   c.teacher = teacher.teacher_config("frozen", images="image_hi", recipe=recipe)
   # RAML's protocol beside the symmetric one: student queries, teacher database.
   same = {k: v for k, v in c.evals.retrieval.items() if k not in ("type", "picture", "prefix")}

@@ -14,10 +14,13 @@ when asked (`metrics=(..., "nmi", "ami")`).
 """
 import numpy as np
 
+from jaxdml import extras
+
 
 def cluster_scores(embeddings, labels, *, seed: int = 0, n_init: int = 3) -> dict:
   """`{"nmi": ..., "ami": ...}` of k-means on `embeddings` against `labels`."""
-  from sklearn import cluster, metrics  # pylint: disable=g-import-not-at-top
+  cluster = extras.require("sklearn.cluster", "NMI and AMI (k-means)")
+  metrics = extras.require("sklearn.metrics", "NMI and AMI (k-means)")
   x = np.asarray(embeddings, np.float64)
   labels = np.asarray(labels)
   num_clusters = len(np.unique(labels))

@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 
+from jaxdml import extras
 from jaxdml import paths
 
 GREEN = (0, 200, 0)
@@ -45,7 +46,7 @@ def _as_rgb_uint8(name, images):
 
 def _tile(image, tile, colour):
   """The image resized into a tile, inside a frame of ``colour``."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top (jaxdml.bench runs without PIL)
+  Image = extras.require("PIL.Image", "the retrieval picture")
   fw = frame_width(tile)
   inner = Image.fromarray(image).resize((tile - 2 * fw, tile - 2 * fw),
                                         Image.BILINEAR)
@@ -73,7 +74,7 @@ def save_retrieval_grid(path, query_images, gallery_images, indices, hits, *,
   Returns:
     ``path``. The picture measures ``grid_size(rows, k, tile)``.
   """
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image = extras.require("PIL.Image", "the retrieval picture")
   query_images = _as_rgb_uint8("query_images", query_images)
   gallery_images = _as_rgb_uint8("gallery_images", gallery_images)
   indices = np.asarray(indices)

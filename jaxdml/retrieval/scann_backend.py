@@ -31,6 +31,7 @@ import os
 from absl import logging
 import numpy as np
 
+from jaxdml import extras
 from jaxdml.retrieval import exact
 
 BRUTE_FORCE_BELOW = 20_000
@@ -44,13 +45,10 @@ AUDIT_MAX_REORDER_GROWTH = 16
 
 
 def _import_scann():
-  try:
-    from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        "backend='scann' needs the scann package: `pip install scann==1.4.2` "
-        "(it needs tensorflow-cpu 2.20), or use backend='exact'.") from e
-  return scann_ops_pybind
+  """ScaNN's searcher module; without it, one error naming the extra (or
+  backend='exact')."""
+  return extras.require("scann.scann_ops.py.scann_ops_pybind",
+                        "backend='scann' (use backend='exact' without it)")
 
 
 def default_config(num_gallery, k, similarity="cosine"):

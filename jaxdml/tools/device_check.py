@@ -42,8 +42,9 @@ def define_flags():
 
 
 def _config_path(name: str) -> str:
-  """A recipe of this checkout's `configs/` (device_check runs from a checkout)."""
-  return os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", name)
+  """A shipped recipe's file (`jaxdml.config.recipe_path`)."""
+  from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.recipe_path(name.removesuffix(".py"))
 
 
 def bench_config(model: str, quick: bool):

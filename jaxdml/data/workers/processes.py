@@ -40,6 +40,8 @@ import threading
 import traceback
 import weakref
 
+from jaxdml import extras
+
 _BATCH, _ERROR = "batch", "error"
 _JOIN_SECONDS = 10.0  # a worker finishes the batch it is making, then exits
 
@@ -51,7 +53,7 @@ def _work(pickled_make_batch, threads, conn, own_credits, credits, next_step, st
   # terminate() as a last resort: exit through Python, which unlinks the
   # worker's shared memory (multiprocessing runs its finalizers).
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-  import cloudpickle  # pylint: disable=g-import-not-at-top
+  cloudpickle = extras.require("cloudpickle", "the data pipeline's worker processes")
   send_lock, failed = threading.Lock(), threading.Event()
 
   def send(message):
@@ -124,7 +126,7 @@ class WorkerBatches:
 
   def __init__(self, make_batch, num_workers: int, *, threads: int = 1, start_step: int,
                prefetch: int, receive):
-    import cloudpickle  # pylint: disable=g-import-not-at-top
+    cloudpickle = extras.require("cloudpickle", "the data pipeline's worker processes")
     if num_workers < 1 or threads < 1 or prefetch < 1:
       raise ValueError(f"need at least one worker, thread and batch of prefetch; got num_workers="
                        f"{num_workers}, threads={threads}, prefetch={prefetch}.")
