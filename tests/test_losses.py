@@ -766,3 +766,26 @@ def test_contrastive_per_anchor_sum_by_hand():
   np.testing.assert_allclose(aux["pos_loss"] + aux["neg_loss"], loss, rtol=1e-6)
   with pytest.raises(ValueError, match="per_anchor_sum"):
     losses.get("contrastive")(embeddings=z, labels=y, reduction="sum")
+
+
+def test_make_binds_hyperparameters_for_jit_grad_and_vmap():
+  """`losses.make` is PML's constructor: hyperparameters bound once, a
+  function of arrays left, which jit, grad and vmap take as it is."""
+  emb, labels = _batch(4, b=8, d=5, classes=3)
+  e, y = jnp.asarray(emb, jnp.float32), jnp.asarray(labels)
+  want, _ = losses.get("triplet")(embeddings=e, labels=y, margin=0.3, distance="cosine")
+  got, aux = jax.jit(losses.make("triplet", margin=0.3, distance="cosine"))(embeddings=e, labels=y)
+  _close(got, want)
+  assert "num_triplets" in aux
+  grad = jax.grad(losses.make("triplet", margin=0.3, distance="cosine", with_aux=False))(e,
+                                                                                         labels=y)
+  want_grad, _ = jax.grad(lambda e: losses.get("triplet")(
+      embeddings=e, labels=y, margin=0.3, distance="cosine"), has_aux=True)(e)
+  _close(grad, want_grad)
+  batched = jax.vmap(losses.make("contrastive", with_aux=False))(jnp.stack([e, 2 * e]),
+                                                                  labels=jnp.stack([y, y]))
+  assert batched.shape == (2,) and bool(jnp.all(jnp.isfinite(batched)))
+  with pytest.raises(TypeError, match=r"takes no hyperparameter\(s\) \['margn'\]"):
+    losses.make("triplet", margn=0.3)
+  with pytest.raises(ValueError, match="Unknown loss 'triplets'"):
+    losses.make("triplets")

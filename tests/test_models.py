@@ -58,7 +58,7 @@ def _images(size, batch=2, seed=1):
 
 def test_registry():
   assert set(REQUIRED) <= set(models.names())
-  with pytest.raises(KeyError, match="resnet9000"):
+  with pytest.raises(ValueError, match="Unknown model 'resnet9000'"):
     models.get("resnet9000")
   with pytest.raises(ValueError, match="already registered"):
     models.register("resnet18", lambda **kw: None)

@@ -153,6 +153,42 @@ def get(name):
   return _entry(name).fn
 
 
+def make(name: str, *, with_aux: bool = True, **hparams) -> Callable:
+  """The loss `name` with its hyperparameters bound: a function of arrays
+  only, so `jax.jit`, `jax.grad` and `jax.vmap` take it as it is (PML's
+  `TripletMarginLoss(margin=0.1)` is `make("triplet", margin=0.1)`).
+
+      loss_fn = jax.jit(losses.make("triplet", margin=0.1, distance="cosine"))
+      loss, aux = loss_fn(embeddings=E, labels=y)
+      grads = jax.grad(losses.make("triplet", with_aux=False))(E, labels=y)
+
+  A misspelt hyperparameter is a TypeError here, not at the first call. A
+  `distance` is resolved to its `Distance` value once. With
+  `with_aux=False` it returns the scalar loss alone and takes the
+  embeddings as its first positional argument, what `jax.grad` wants
+  (with the `(loss, aux)` form, use `jax.grad(..., has_aux=True)`).
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  fn = get(name)
+  params = inspect.signature(fn).parameters
+  takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+  unknown = sorted(k for k in hparams if k not in params and not takes_any)
+  if unknown:
+    raise TypeError(f"loss {name!r} takes no hyperparameter(s) {unknown}; it takes "
+                    f"{sorted(k for k in params if k not in ('embeddings', 'labels'))}.")
+  if "distance" in hparams:
+    hparams["distance"] = _load("distances:resolve")(hparams["distance"])
+  bound = functools.partial(fn, **hparams)
+  if with_aux:
+    return bound
+
+  def value(embeddings, **arrays):
+    return bound(embeddings=embeddings, **arrays)[0]
+  value.__name__ = f"{name}_value"
+  return value
+
+
 def consumes(name, hparams=None) -> frozenset:
   """What the loss `name` takes beyond embeddings and labels (keys of INPUTS);
   with `hparams`, for that setting (margin takes parameters only with

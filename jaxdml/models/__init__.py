@@ -103,7 +103,7 @@ def get(name: str, *, platform: str | None = None, **kwargs) -> nn.Module:
   `dtype="auto"` is resolved for `platform` (default: JAX's default backend).
   """
   if name not in _REGISTRY:
-    raise KeyError(f"unknown model {name!r}; registered: {', '.join(names())}.")
+    raise ValueError(f"Unknown model {name!r}; registered models: {', '.join(names())}.")
   if name == "two_tower":
     kwargs["platform"] = platform
   elif "dtype" in kwargs:
