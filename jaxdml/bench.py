@@ -5,17 +5,14 @@
 The tool is `jaxdml.tools.bench`; this module only runs it.
 """
 
-from absl import app
-
-from jaxdml import config as config_lib
+from jaxdml import commands
 from jaxdml.tools import bench
 
 
 def run():
   """The `jaxdml-bench` command."""
   bench.define_flags()
-  app.run(bench.main, flags_parser=lambda argv: app.parse_flags_with_usage(
-      config_lib.expand_recipe_flags(argv)))
+  commands.run(bench.main)
 
 
 if __name__ == "__main__":

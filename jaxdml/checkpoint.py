@@ -6,16 +6,33 @@ item: the batch of step `s` is a pure function of `(seed, s)`, so restoring
 `step` restores the iterator. Beside the state, a small JSON item records
 what model the checkpoint belongs to, so a workdir reused for another model
 fails with a clear message instead of a shape error deep inside orbax.
-Orbax writes each step to a temporary directory and renames it when complete,
-so an interrupted save never leaves a half checkpoint that a rerun would load.
-A checkpoint damaged after its commit (a truncated array file, as a disk
-error leaves it) is reported, moved to `workdir/damaged_checkpoints/STEP`
-and the next older one restores (`restore_latest_good`).
+
+A save is atomic. On a local disk orbax writes each step to a temporary
+directory and renames it when complete; on a bucket (no renames) it writes
+the step in place and commits it last with `commit_success.txt`. Either way
+an interrupted save leaves an uncommitted step that no restore reads, and a
+training run removes such leftovers when it starts (`cleanup_tmp_directories`).
+
+Saves are asynchronous: a save that fails in the background (disk full,
+permissions, a bucket gone) is caught as it fails (`check`) and stops the
+run at its next step with one line naming the cause and the path; the last
+good checkpoint stays the resume point.
+
+Damaged checkpoints, one rule: a committed checkpoint that no longer
+restores (a truncated array file, as a disk error leaves it) is reported in
+one line, moved to `workdir/damaged_checkpoints/STEP`, and the next older
+one restores. A rerun never starts over silently: while
+`damaged_checkpoints/` holds steps and no good checkpoint is left, a
+training run refuses to start until `damaged_checkpoints/` is deleted
+(start from step 0) or a good checkpoint is put back.
 """
 
 from __future__ import annotations
 
 import json
+import logging as py_logging
+import re
+import sys
 
 from absl import logging
 from etils import epath
@@ -28,6 +45,90 @@ from jaxdml import paths
 
 class WrongModelError(ValueError):
   """The checkpoint belongs to another model: never a reason to fall back."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the run stops."""
+
+
+class DamagedCheckpointsError(RuntimeError):
+  """The workdir holds only damaged checkpoints."""
+
+
+_OS_CAUSES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+              "Permission denied")
+
+
+def one_line(error: BaseException) -> str:
+  """An exception as one readable line: a plain cause where the text names
+  one (tensorstore nests "No space left on device" five levels deep),
+  else its first line with object reprs dropped, 300 characters."""
+  full = str(error)
+  for cause in _OS_CAUSES:
+    if cause in full:
+      return f"{cause} ({type(error).__name__})"
+  text = (full.strip().splitlines() or [""])[0]
+  text = re.sub(r"<[^<>]*>", "", text)
+  text = re.sub(r"\b\w+\(\{.*?\}\)", "", text)
+  text = re.sub(r"\s+", " ", text).strip(" :;,")
+  return f"{type(error).__name__}: {text}"[:300]
+
+
+class _SaveFailures(py_logging.Filter):
+  """Orbax's background threads log a failed save (with a traceback per
+  thread and per array, hundreds of lines) and then clear the error:
+  catch the first as it goes by, and keep the rest off the terminal, since
+  `Checkpointer.check` reports the failure in one line."""
+
+  def __init__(self):
+    super().__init__()
+    self.failure = None  # (step or None, exception)
+
+  def filter(self, record) -> bool:
+    if "orbax" not in record.pathname or record.levelno < py_logging.ERROR:
+      return True
+    if self.failure is None:
+      message = record.getMessage()
+      step = re.search(r"\[step=(\d+)\]|/checkpoints/(\d+)", message)
+      error = record.exc_info[1] if record.exc_info else RuntimeError(message)
+      self.failure = (int(next(g for g in step.groups() if g)) if step else None, error)
+    return False
+
+  @property
+  def failure(self):
+    return self._failure
+
+  @failure.setter
+  def failure(self, value):
+    global _A_SAVE_FAILED
+    self._failure = value
+    _A_SAVE_FAILED = _A_SAVE_FAILED or value is not None
+
+
+_A_SAVE_FAILED = False  # in this process; see `_quiet_after_a_failed_save`
+
+
+def _quiet_after_a_failed_save() -> None:
+  """A failed save's orphaned writes still end after it, each with a
+  traceback (dozens, racing and following the one-line report): orbax's
+  write tasks as "Task exception was never retrieved" on the asyncio logger,
+  and tensorstore's completions into the save's closed event loop as
+  unraisable `RuntimeError: Event loop is closed`. Those are dropped: the
+  failure itself reaches `Checkpointer.check`. Installed once per process."""
+  previous_hook = sys.unraisablehook
+  if hasattr(previous_hook, "jaxdml_quiets_failed_saves"):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+            and unraisable.exc_traceback is not None
+            and unraisable.exc_traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+      previous_hook(unraisable)
+  hook.jaxdml_quiets_failed_saves = True
+  sys.unraisablehook = hook
+  py_logging.getLogger("asyncio").addFilter(
+      lambda record: not (_A_SAVE_FAILED or "orbax" in record.getMessage()))
 
 
 def _fingerprint(abstract_state) -> dict:
@@ -46,28 +147,81 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, every: int = 1000,
                model_config=None, teacher_model=None, async_save: bool = True,
-               create: bool = True):
+               read_only: bool = False):
     """`model_config` and `teacher_model` (the teacher's architecture, where
     it is not the student's) are recorded with every checkpoint: a restored
-    run rebuilds both towers from its own checkpoint."""
+    run rebuilds both towers from its own checkpoint. A writer (the run
+    that holds the workdir) removes uncommitted leftovers of an
+    interrupted save when it starts and creates the directory when it
+    first saves; `read_only` reads a workdir, even one a run is writing."""
     self.directory = paths.join(workdir, "checkpoints")  # local or a URL (gs://...)
     self.damaged_directory = paths.join(workdir, "damaged_checkpoints")
     self.every = int(every)
     as_json = lambda c: json.loads(c.to_json()) if hasattr(c, "to_json") else c
     self.model_description = as_json(model_config) or {}
     self.teacher_description = as_json(teacher_model)
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=create, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=False, enable_async_checkpointing=async_save,
+        read_only=read_only, cleanup_tmp_directories=not read_only)
+    self._failures = _SaveFailures()
+    self._created = False
+    self._reported = False
+    self._in_flight = None  # the newest save's step: a failure of no step is its
+    if not read_only:
+      py_logging.getLogger("absl").addFilter(self._failures)
+      _quiet_after_a_failed_save()
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _failed(self, step, error) -> None:
+    if self._failures.failure is None:
+      self._failures.failure = (step, error)
+
+  def check(self) -> None:
+    """CheckpointSaveError, in one line, if a background save failed: the
+    cause and the path, and where a rerun resumes."""
+    if self._reported:
+      return
+    try:
+      self.manager.check_for_errors()
+    except Exception as error:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
+      self._failed(None, error)
+    if self._failures.failure is None:
+      return
+    step, error = self._failures.failure
+    step = self._in_flight if step is None else step  # saves run one at a time
+    self._reported = True
+    self.manager.reload()  # the steps on disk now, not those orbax expected
+    good = [s for s in self.manager.all_steps() if s != step]
+    resume = f"step {max(good)}" if good else "step 0 (no checkpoint was written)"
+    raise CheckpointSaveError(
+        f"Saving checkpoint{f' step {step}' if step is not None else ''} to {self.directory} "
+        f"failed ({one_line(error)}). The run stopped; a rerun resumes from {resume} once "
+        "the cause is fixed (free disk space, permissions, the bucket).")
+
   def should_save(self, step: int, total_steps: int) -> bool:
     return step == total_steps or (self.every > 0 and step % self.every == 0)
 
   def save(self, step: int, state, *, force: bool = False) -> None:
+    # Orbax waits for the previous save before it starts one anyway; waiting
+    # here tells the previous save's failure from this one's.
+    self.wait()
+    self._in_flight = step
+    try:
+      if not self._created:  # the first save: from here on the run has checkpoints
+        if jax.process_index() == 0:
+          epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
+        self._created = True
+      self._save(step, state, force)
+    except Exception as error:  # pylint: disable=broad-except  (disk, permissions, bucket)
+      self._failed(step, error)
+    self.check()
+
+  def _save(self, step: int, state, force: bool) -> None:
     meta = {"step": int(step), "model": self.model_description,
             "param_shapes": _fingerprint(state)}
     if self.teacher_description is not None:
@@ -108,7 +262,8 @@ class Checkpointer:
     """`(state, step)` of the newest checkpoint that restores, or `(None, None)`
     when there is none. A newer one that fails (a damaged file) is reported in
     one line and moved to `damaged_checkpoints/`; one of another model is an
-    error, as is a workdir whose every checkpoint is damaged."""
+    error, as is a workdir whose checkpoints are all damaged, now or before
+    (the module's rule: a rerun never starts over silently)."""
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -116,19 +271,27 @@ class Checkpointer:
       except WrongModelError:
         raise
       except Exception as error:  # pylint: disable=broad-except  (orbax/tensorstore raise many kinds)
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         damaged.append(step)
         if jax.process_index() == 0:
           print(f"Checkpoint step {step} in {self.directory} does not restore "
-                f"({type(error).__name__}: {first_line}); moving it to "
-                f"{self.damaged_directory}/{step} and trying the one before.")
+                f"({one_line(error)}); moving it to {self.damaged_directory}/{step} and "
+                "trying the one before.")
         self._set_aside(step)
-    if damaged:
-      raise RuntimeError(
-          f"No checkpoint in {self.directory} restores (damaged steps {damaged}, moved to "
-          f"{self.damaged_directory}). Delete {self.damaged_directory} and rerun to start "
-          "over, or copy a good checkpoint into the directory.")
+    set_aside = self.damaged_steps()
+    if set_aside:
+      raise DamagedCheckpointsError(
+          f"No checkpoint in {self.directory} restores: damaged steps {set_aside} are in "
+          f"{self.damaged_directory}. A rerun refuses to start while that is so. To start "
+          f"over from step 0, delete {self.damaged_directory}; to resume, copy a good "
+          f"checkpoint into {self.directory}.")
     return None, None
+
+  def damaged_steps(self) -> list[int]:
+    """The steps set aside in `damaged_checkpoints/` (restored by no run)."""
+    directory = epath.Path(self.damaged_directory)
+    if not directory.exists():
+      return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
   def _set_aside(self, step: int) -> None:
     """Moves a damaged step out of orbax's sight (process 0; all wait)."""
@@ -202,8 +365,20 @@ class Checkpointer:
     return step
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except  (a failed save, surfaced here)
+      self._failed(None, error)
+    self.check()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save; CheckpointSaveError if it failed (unless
+    that failure was reported already)."""
+    try:
+      self.manager.wait_until_finished()
+      self.manager.close()
+    except Exception as error:  # pylint: disable=broad-except  (a failed save, surfaced here)
+      self._failed(None, error)
+    finally:
+      py_logging.getLogger("absl").removeFilter(self._failures)
+    self.check()

@@ -124,14 +124,17 @@ class Towers:
     return bound
 
 
-def embed_all(embed, images, batch_size: int, mesh) -> np.ndarray:
+def embed_all(embed, images, batch_size: int, mesh, between=None) -> np.ndarray:
   """Embeds every image with `embed` (a bound tower function); the last
   batch is padded to keep one compiled shape. Each process feeds its share
-  of every batch."""
+  of every batch. `between()`, if given, runs before each batch (it may
+  raise to abandon the work)."""
   n_data = mesh.shape[sharding.DATA_AXIS]
   batch_size = max(n_data, batch_size // n_data * n_data)
   outputs = []
   for start in range(0, len(images), batch_size):
+    if between is not None:
+      between()
     chunk = np.asarray(images[start:start + batch_size])
     pad = batch_size - len(chunk)
     if pad:
@@ -199,7 +202,7 @@ def restore(workdir: str, config=None, *, step: int | None = None, devices=None,
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                *tasks.dummy_inputs(config.task, size)))
   ckpt = checkpoint_lib.Checkpointer(workdir, model_config=config.model, async_save=False,
-                                     create=False)
+                                     read_only=True)
   try:
     steps = [step] if step is not None else sorted(ckpt.manager.all_steps(), reverse=True)
     for i, candidate in enumerate(steps):

@@ -39,7 +39,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
   from jaxdml import paths  # pylint: disable=g-import-not-at-top
-  paths.check_reachable(FLAGS.workdir)  # a bad URL or bucket fails before any compile
+  paths.check_reachable(FLAGS.workdir, folder=True)  # a bad URL or bucket fails before any compile
   # Imported here so that `--help` answers without starting JAX.
   from jaxdml import sharding, train  # pylint: disable=g-import-not-at-top
   sharding.use_cpu_cores_as_devices(FLAGS.cpu_devices, int(FLAGS.config.batch_size))
@@ -56,10 +56,10 @@ def main(argv):
 
 
 def run():
-  """The `jaxdml-train` command."""
-  from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(
-      config_lib.expand_recipe_flags(argv)))
+  """The `jaxdml-train` command (`jaxdml.commands.run`: recipes by name,
+  user errors in one line)."""
+  from jaxdml import commands  # pylint: disable=g-import-not-at-top
+  commands.run(main)
 
 
 if __name__ == "__main__":

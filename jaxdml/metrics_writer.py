@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -42,10 +43,23 @@ class MetricsWriter:
       self._tb = _tensorboard_writer(workdir)
 
   def _kept_until(self, step: int) -> list[str]:
+    """The lines up to `step`. A line cut short (a run killed while writing
+    it) is set aside in a side file, with a note: the run goes on."""
     if not self.path.exists():
       return []
-    return [l + "\n" for l in self.path.read_text().splitlines()
-            if l.strip() and json.loads(l).get("step", 0) <= step]
+    kept, torn = [], []
+    for line in filter(str.strip, self.path.read_text().splitlines()):
+      row = _parse(line)
+      if row is None:
+        torn.append(line)
+      elif row.get("step", 0) <= step:
+        kept.append(line + "\n")
+    if torn:
+      side = self.path.parent / f"{self.path.name}.torn-{int(time.time())}"
+      side.write_text("\n".join(torn) + "\n")
+      print(f"{self.path}: {len(torn)} line(s) cut short by an interrupted write set aside in "
+            f"{side}.")
+    return kept
 
   def _rewrite(self) -> None:
     """The whole file at once: atomically on a local disk (a temporary file
@@ -65,20 +79,39 @@ class MetricsWriter:
     row.update({k: _to_python(v) for k, v in metrics.items()})
     line = json.dumps(row) + "\n"
     self._lines.append(line)
-    if self._remote:
-      self._rewrite()
-    else:
-      with open(self.path, "a") as f:
-        f.write(line)
+    try:
+      if self._remote:
+        self._rewrite()
+      else:
+        with open(self.path, "a") as f:
+          f.write(line)
+    except OSError as error:
+      raise OSError(f"Writing {self.path} failed ({type(error).__name__}: {error}). Free "
+                    "space or fix permissions; a rerun resumes from the last checkpoint.") from None
     if self._tb is not None:
       scalars = {k: v for k, v in row.items()
                  if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
-      self._tb.write_scalars(int(step), scalars)
-      self._tb.flush()
+      try:
+        self._tb.write_scalars(int(step), scalars)
+        self._tb.flush()
+      except Exception as error:  # pylint: disable=broad-except  (TensorFlow's, any kind)
+        # The summaries are a copy of metrics.jsonl: losing them must not stop a run.
+        logging.warning("TensorBoard summaries off from step %d on (%s: %s); metrics.jsonl "
+                        "goes on.", step, type(error).__name__, error)
+        self._tb = None
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _parse(line: str) -> dict | None:
+  """A metrics line as a dict; None for a line cut short (or not a row)."""
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  return row if isinstance(row, dict) else None
 
 
 def _to_python(value):
@@ -124,6 +157,8 @@ def _tensorboard_writer(workdir: str):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The rows of `workdir/metrics.jsonl`, for tests and notebooks."""
+  """The rows of `workdir/metrics.jsonl`, for tests and notebooks (a line
+  cut short is skipped)."""
   text = (paths.as_path(workdir) / "metrics.jsonl").read_text()
-  return [json.loads(l) for l in text.splitlines() if l.strip()]
+  rows = [_parse(line) for line in filter(str.strip, text.splitlines())]
+  return [row for row in rows if row is not None]

@@ -72,11 +72,15 @@ def join(path, *parts) -> str:
   return os.fspath(as_path(path).joinpath(*parts))
 
 
-def check_reachable(path, what: str = "--workdir") -> None:
+def check_reachable(path, what: str = "--workdir", *, folder: bool = False) -> None:
   """A URL whose scheme epath does not know, or whose bucket does not exist,
-  is an error naming it, before anything is built or compiled."""
+  is an error naming it, before anything is built or compiled; so is a
+  local file where a `folder` (a workdir) is wanted."""
   path = os.fspath(path)
   if not is_url(path):
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f"{what}={path} is a file, not a directory: give a folder (a new "
+                       "one is created).")
     return
   scheme, rest = path.split("://", 1)
   bucket = rest.split("/", 1)[0]

@@ -85,7 +85,7 @@ def _local_file(file: str):
 
 def _from_workdir(workdir: str, path: tuple, shardings: dict) -> dict:
   """The encoder's variables at `path` of another run's latest checkpoint."""
-  ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
+  ckpt = checkpoint.Checkpointer(workdir, async_save=False, read_only=True)
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"model.init_file={workdir!r} is a directory without "

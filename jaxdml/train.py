@@ -22,7 +22,8 @@ import optax
 from jaxdml import build as build_lib
 from jaxdml import checkpoint as checkpoint_lib
 from jaxdml import config as config_lib
-from jaxdml import inference, models, paths, sharding, tasks
+from jaxdml import evaluators as evaluators_lib
+from jaxdml import inference, models, paths, run_lock, sharding, tasks
 from jaxdml import workdir as workdir_lib
 from jaxdml.metrics_writer import MetricsWriter
 
@@ -116,9 +117,13 @@ def _summarise(pending: list[tuple[int, dict]]) -> dict:
 
 class Preemption:
   """SIGTERM (SLURM, Kubernetes, spot and preemptible VMs send it before
-  taking the machine) asks the loop to stop after the current step.
+  taking the machine) and a first Ctrl-C ask the loop to stop: it
+  checkpoints the step it is at, flushes the metrics and returns. An
+  evaluation under way is abandoned between batches, so the checkpoint is
+  written within seconds, not after the evaluation (Kubernetes kills 30 s
+  after SIGTERM). A second Ctrl-C stops at once.
 
-  One process: a handler sets a flag. Several: `jax.distributed` has its own
+  One process: handlers set a flag. Several: `jax.distributed` has its own
   SIGTERM notifier and the processes agree on the step through JAX's
   preemption sync point (orbax's `reached_preemption`), so every process
   stops, and saves, at the same step.
@@ -126,36 +131,57 @@ class Preemption:
 
   def __init__(self, checkpointer):
     self._checkpointer = checkpointer
-    self.requested = False
-    self._previous = None
+    self.requested = None  # the signal's name once one came
+    self._previous = {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._on_signal)
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self.requested = True
+  def _on_signal(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again: at once).",
+            flush=True)
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def stop_requested(self) -> bool:
+    """For evaluators, between batches: whether to abandon (one process)."""
+    return self.requested is not None
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
       return self._checkpointer.manager.reached_preemption(step)
-    return self.requested
+    return self.requested is not None
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
-def setup(config, workdir: str):
-  """`(parts, checkpointer)`: everything a run needs before its first step."""
-  paths.check_reachable(workdir)
+def _build(config, workdir: str) -> build_lib.Parts:
+  """The run's parts, the config checked; nothing written."""
+  paths.check_reachable(workdir, folder=True)
   sharding.maybe_initialize_distributed()
   parts = build_lib.build(config)
   sharding.check_batch_size(parts.loop.batch_size, parts.mesh)
-  ckpt = checkpoint_lib.Checkpointer(
+  return parts
+
+
+def _checkpointer(parts: build_lib.Parts, workdir: str) -> checkpoint_lib.Checkpointer:
+  """The run's checkpointer: it removes what an interrupted save left, so
+  only the run that holds the workdir makes one."""
+  return checkpoint_lib.Checkpointer(
       workdir, keep=parts.loop.keep_checkpoints, every=parts.loop.checkpoint_every,
       model_config=parts.config.model,
       teacher_model=None if parts.teacher is None else parts.teacher.describe_model())
-  return parts, ckpt
+
+
+def setup(config, workdir: str):
+  """`(parts, checkpointer)`: everything a run needs before its first step
+  (for code that reads a run: a training run takes its workdir first)."""
+  parts = _build(config, workdir)
+  return parts, _checkpointer(parts, workdir)
 
 
 def restore_or_create(parts: build_lib.Parts, ckpt) -> dict:
@@ -183,12 +209,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   metrics and returns; rerunning the same command resumes.
   Returns the last evaluation's metrics (empty without evaluation).
   """
-  parts, ckpt = setup(config, workdir)
-  if jax.process_index() == 0:
-    workdir_lib.save_config(config, workdir)
-  start = ckpt.latest_step() or 0
+  parts = _build(config, workdir)  # the config checked: nothing written yet
   with contextlib.ExitStack() as cleanup:
+    claim = cleanup.enter_context(workdir_lib.Start(workdir))
+    ckpt = _checkpointer(parts, workdir)
     cleanup.callback(ckpt.close)
+    start = ckpt.latest_step() or 0
 
     def open_batches(step):
       # Closed when the run ends, however it ends: its worker processes hold
@@ -203,11 +229,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
       host_batches.close()  # its workers go now, not when the run ends
       start = step_of(state)
       host_batches = open_batches(start)
+    # The data is there and the checkpoint fits the model: the run starts.
+    claim.accepted()
+    if jax.process_index() == 0:
+      workdir_lib.save_config(config, workdir)
     batches = sharding.prefetch_to_devices(host_batches, parts.mesh, parts.loop.device_prefetch)
-    return _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup)
+    return _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup, claim)
 
 
-def _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup) -> dict:
+def _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup, claim) -> dict:
   """Steps from `start` to the end (or `stop_after` steps); `cleanup` closes
   what the loop opens when the run ends."""
   total = parts.loop.total_steps
@@ -240,25 +270,37 @@ def _train_loop(parts, ckpt, state, batches, start, workdir, stop_after, cleanup
     # A preempted job has seconds left: the checkpoint first, no evaluation.
     due = [e for e in evaluators if e.due(step, total)] if not preempted else []
     if due:
-      embed_fns = parts.embed_fns(state)
-      results = run_evaluators(due, embed_fns, step)
-      writer.write(step, results)
-      bar.write(f"step {step}: " + ", ".join(
-          f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+      try:
+        results = run_evaluators(due, parts.embed_fns(state), step,
+                                 should_stop=preemption.stop_requested)
+        writer.write(step, results)
+        bar.write(f"step {step}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in results.items() if isinstance(v, float)))
+      except evaluators_lib.EvaluationAbandoned:
+        preempted = must_save = True  # the signal came during the evaluation
     if must_save:
       ckpt.save(step, state, force=preempted)
+    ckpt.check()  # a background save that failed stops the run here, in one line
+    if claim.lost:
+      raise run_lock.WorkdirLockedError(
+          f"The lock of {workdir} was taken over by another run (this one was thought "
+          f"dead); stopping at step {step} so the two do not both write. Its last "
+          "checkpoint stays.")
     if preempted:
       if jax.process_index() == 0:
-        bar.write(f"SIGTERM: stopped at step {step} of {total}, checkpoint saved in "
-                  f"{ckpt.directory}. Rerun the same command to resume.")
+        bar.write(f"{preemption.requested or 'SIGTERM'}: stopped at step {step} of {total}, "
+                  f"checkpoint saved in {ckpt.directory}. Rerun the same command to resume.")
       break
   return results
 
 
-def run_evaluators(evaluators, embed_fns: dict, step: int) -> dict:
-  """Every evaluator's metrics on the towers `embed_fns`, in one dict."""
+def run_evaluators(evaluators, embed_fns: dict, step: int, should_stop=None) -> dict:
+  """Every evaluator's metrics on the towers `embed_fns`, in one dict.
+  `should_stop()` is asked between batches; when it says so the evaluation
+  is abandoned (`evaluators.EvaluationAbandoned`)."""
   results = {}
   for evaluator in evaluators:
+    evaluator.should_stop = should_stop
     results.update(evaluator.run(embed_fns, step))
   return results
 
@@ -266,8 +308,7 @@ def run_evaluators(evaluators, embed_fns: dict, step: int) -> dict:
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """`--mode=eval`: the config's evaluators on the workdir's latest
   checkpoint, restored for inference (`jaxdml.inference.restore`)."""
-  from jaxdml import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
-  paths.check_reachable(workdir)
+  paths.check_reachable(workdir, folder=True)
   sharding.maybe_initialize_distributed()
   resolved = config_lib.resolve(config)
   model = inference.restore(workdir, resolved, teacher=evaluators_lib.uses_teacher(resolved.evals))
@@ -276,5 +317,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     raise ValueError("--mode=eval needs an evaluator in config.evals; this config has none "
                      "enabled.")
   results = run_evaluators(evaluators, model.embed_fns(), model.step)
-  MetricsWriter(workdir, resume_step=10**12).write(model.step, dict(results, mode="eval"))
+  try:
+    MetricsWriter(workdir, resume_step=10**12, tensorboard=False).write(
+        model.step, dict(results, mode="eval"))
+  except OSError as error:  # a read-only workdir: the metrics are returned (and printed)
+    print(f"Warning: could not add the metrics to {workdir}/metrics.jsonl "
+          f"({checkpoint_lib.one_line(error)}).")
   return results

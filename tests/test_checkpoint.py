@@ -26,7 +26,7 @@ def test_checkpoint_subset_restore_reads_only_what_is_asked(tmp_path):
   config.total_steps = 1
   evaluation(config, False)
   train.train_and_evaluate(config, str(tmp_path))
-  ckpt = checkpoint.Checkpointer(str(tmp_path), create=False)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   full = saved_state(str(tmp_path), config)
   shardings = {"params": jax.tree.map(lambda _: one, full["params"])}

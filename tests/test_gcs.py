@@ -13,6 +13,11 @@ bucket and its losses equal an uninterrupted local run's. Then --mode=eval,
 whose init_file and frozen teacher are that run on the bucket. TFDS data
 built by `data_prep.build` straight into the bucket trains and evaluates
 exactly as the same data on a local disk.
+
+Faults on a bucket: a second run on a gs:// workdir is refused (the lock is
+an object created with a generation precondition), a stale one is taken
+over; a step a killed run left uncommitted is removed when the next run
+starts, whether the kill came before, during or after the first commit.
 """
 import json
 import os
@@ -32,7 +37,7 @@ from etils import epath
 from PIL import Image
 
 from jaxdml.data_prep import build
-from jaxdml import data, paths, teacher, train
+from jaxdml import data, paths, run_lock, teacher, train
 from jaxdml.apps import export
 from test_train import ROOT, final_state, load_config, losses_of, short_run, evaluation
 
@@ -183,3 +188,95 @@ def test_tfds_data_built_into_the_bucket_trains_and_evaluates_as_from_local_disk
   assert metrics[0] == pytest.approx(metrics[1])
   np.testing.assert_allclose(losses_of(str(tmp_path / "bucket")),
                              losses_of(str(tmp_path / "disk")), rtol=1e-6)
+
+
+def test_a_gs_workdir_has_one_writer_and_a_stale_lock_is_taken_over(gcs):
+  url = f"gs://{BUCKET}/locked"
+  lock_object = epath.Path(url) / run_lock.LOCK_FILE
+  first = run_lock.RunLock(url)
+  assert first.acquire() is None
+  with pytest.raises(run_lock.WorkdirLockedError, match=f"pid {os.getpid()} on "):
+    run_lock.RunLock(url).acquire()
+  first.release()
+  assert not lock_object.exists()
+
+  def lock_of_another_host(heartbeat_ago):
+    now = time.time()
+    lock_object.write_text(json.dumps(dict(host="another-host", pid=1, started=now - 900,
+                                           heartbeat=now - heartbeat_ago, token="theirs")))
+  lock_of_another_host(heartbeat_ago=5)
+  with pytest.raises(run_lock.WorkdirLockedError, match="another-host"):
+    run_lock.RunLock(url).acquire()
+  lock_of_another_host(heartbeat_ago=600)
+  taker = run_lock.RunLock(url, stale_after_s=300)
+  note = taker.acquire()
+  assert "stale lock" in note and "another-host" in note
+  assert json.loads(lock_object.read_text())["pid"] == os.getpid()
+  taker.release()
+  assert not lock_object.exists()
+
+
+def _committed_and_not(url):
+  directory = epath.Path(url) / "checkpoints"
+  names = [p.name for p in directory.iterdir()] if directory.exists() else []
+  committed = _bucket_steps(url)
+  return committed, sorted(set(names) - {str(s) for s in committed})
+
+
+def test_an_uncommitted_bucket_step_is_removed_when_a_run_starts(gcs, tmp_path):
+  """A save killed mid-write leaves its step in place without
+  commit_success.txt (a bucket has no renames); one whose number is never
+  saved again would stay for ever unless the next run removes it."""
+  url = f"gs://{BUCKET}/partial"
+  config, _ = short_run(4, checkpoint_every=2)
+  train.train_and_evaluate(config, url, stop_after=2)
+  committed = epath.Path(url) / "checkpoints" / "2"
+  partial = epath.Path(url) / "checkpoints" / "3"  # checkpoint_every=2: never saved again
+  def files(directory):  # rglob is refused on gs://
+    for path in directory.iterdir():
+      yield from files(path) if path.is_dir() else [path]
+  for path in files(committed):
+    if path.name != "commit_success.txt":
+      target = partial / path.relative_to(committed)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(path.read_bytes())
+  assert _committed_and_not(url) == ([2], ["3"])
+  train.train_and_evaluate(config, url)
+  assert _committed_and_not(url) == ([2, 4], [])
+  train.train_and_evaluate(config, str(tmp_path / "local"))
+  np.testing.assert_allclose(losses_of(url), losses_of(str(tmp_path / "local")), rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["before", "during", "after"])
+def test_a_gs_run_killed_around_its_first_commit_resumes_and_leaves_only_commits(
+    gcs, tmp_path, moment):
+  """SIGKILL before the first checkpoint's first object, while the step is
+  in the bucket uncommitted, or once it is committed: the rerun ends like an
+  uninterrupted run and the bucket holds committed steps only."""
+  url = f"gs://{BUCKET}/killed-{moment}"
+  config, flags = short_run(6, checkpoint_every=2)
+  run = subprocess.Popen([sys.executable, "-m", "jaxdml.main", f"--workdir={url}", *flags],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  lock_object = epath.Path(url) / run_lock.LOCK_FILE
+  reached = {
+      "before": lambda: lock_object.exists() and _committed_and_not(url) == ([], []),
+      "during": lambda: bool(_committed_and_not(url)[1]),
+      "after": lambda: (lambda c, u: bool(c) and not u)(*_committed_and_not(url)),
+  }[moment]
+  deadline = time.time() + 300
+  while True:
+    assert run.poll() is None and time.time() < deadline, run.communicate()[1][-3000:]
+    if reached():
+      run.send_signal(signal.SIGSTOP)  # frozen: the moment cannot pass while we look
+      if reached():
+        break
+      run.send_signal(signal.SIGCONT)
+  run.send_signal(signal.SIGKILL)
+  run.communicate(timeout=60)
+  left = _committed_and_not(url)
+  train.train_and_evaluate(config, url)  # the lock's holder is gone: taken over
+  assert _committed_and_not(url) == ([2, 4, 6], [])
+  train.train_and_evaluate(config, str(tmp_path / "local"))
+  np.testing.assert_allclose(losses_of(url), losses_of(str(tmp_path / "local")), rtol=1e-5)
+  assert bool(left[1]) == (moment == "during"), left

@@ -94,6 +94,6 @@ def test_raml_student_evaluates_asymmetrically_without_its_teacher(tmp_path):
   teacher = jax.tree.structure(model.teacher_variables["params"])
   assert model.towers.image_sizes["teacher"] == 2 * model.towers.image_sizes["query"]
   assert student == teacher  # same architecture here, at twice the resolution
-  ckpt = checkpoint.Checkpointer(str(tmp_path / "student"), create=False)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "student"), read_only=True)
   assert ckpt.meta()["teacher_model"]["name"] == config.model.name
   ckpt.close()

@@ -304,7 +304,11 @@ def expand_recipe_flags(argv: list[str], flag: str = "config") -> list[str]:
       prefix, _, value = item.partition("=")
       spec, sep, arg = value.partition(":")
       try:
-        item = f"{prefix}={recipe_path(spec)}{sep}{arg}"
+        path = recipe_path(spec)
+        if not os.path.exists(path):
+          raise FileNotFoundError(f"No recipe file {path!r}: give a path to a recipe file, or "
+                                  f"a recipe's name, one of {recipes()}.")
+        item = f"{prefix}={path}{sep}{arg}"
       except FileNotFoundError as error:
         raise SystemExit(f"FATAL Flags parsing error: {error}") from None
     out.append(item)

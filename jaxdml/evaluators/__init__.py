@@ -34,6 +34,10 @@ from jaxdml.config import defaults
 
 COMMON = defaults.EVALUATOR
 
+
+class EvaluationAbandoned(Exception):
+  """The run was asked to stop (SIGTERM, Ctrl-C) during an evaluation."""
+
 # type -> (the class, or "module:attr" of jaxdml.evaluators, loaded when
 # built; its own settings with their defaults).
 _TYPES: dict[str, tuple] = {

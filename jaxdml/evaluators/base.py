@@ -17,6 +17,9 @@ class Evaluator:
   """
 
   needs_teacher = False
+  # Asked between batches; when it says so the evaluation is abandoned
+  # (the train loop sets it: a SIGTERM must not wait for a long evaluation).
+  should_stop = None
 
   def __init__(self, name: str, *, data, task: str, towers: dict, mesh, workdir=None,
                every: int = 0, batch_size: int = 256):
@@ -31,9 +34,15 @@ class Evaluator:
     return step == total_steps or (self.every > 0 and step % self.every == 0)
 
   def embed(self, embed_fn, images) -> np.ndarray:
-    """float32 [N, D] embeddings of every image, batched over the mesh."""
-    from jaxdml import inference  # pylint: disable=g-import-not-at-top
-    return inference.embed_all(embed_fn, images, self.batch_size, self.mesh)
+    """float32 [N, D] embeddings of every image, batched over the mesh;
+    `EvaluationAbandoned` when `should_stop()` says so between batches."""
+    from jaxdml import evaluators, inference  # pylint: disable=g-import-not-at-top
+    stop = self.should_stop
+
+    def check():
+      if stop is not None and stop():
+        raise evaluators.EvaluationAbandoned(f"evaluation {self.name} abandoned")
+    return inference.embed_all(embed_fn, images, self.batch_size, self.mesh, between=check)
 
   def run(self, embed_fns: dict, step: int) -> dict:
     raise NotImplementedError

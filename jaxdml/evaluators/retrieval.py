@@ -115,6 +115,9 @@ class Retrieval(Evaluator):
     k = min(self.picture_k, len(g) - int(self.same_set))
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     hits = gallery["labels"][top] == self.query["labels"][rows, None]
-    save_retrieval_grid(paths.join(self.workdir, f"{self.name}_{step}.png"),
-                        self.query["images"][rows], gallery["images"], top, hits,
-                        max_queries=len(rows))
+    path = paths.join(self.workdir, f"{self.name}_{step}.png")
+    try:
+      save_retrieval_grid(path, self.query["images"][rows], gallery["images"], top, hits,
+                          max_queries=len(rows))
+    except OSError as error:  # a read-only workdir: the metrics matter, not the picture
+      print(f"Warning: could not write the retrieval picture {path} ({error}).")

@@ -142,8 +142,8 @@ def _frozen_checkpointer(workdir: str | None, recipe: str) -> checkpoint_lib.Che
   if not workdir:
     raise ValueError(f"config.teacher.workdir is not set: this recipe distils a trained "
                      f"teacher; {hint}.")
-  paths.check_reachable(workdir, "config.teacher.workdir")
-  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False, create=False)
+  paths.check_reachable(workdir, "config.teacher.workdir", folder=True)
+  ckpt = checkpoint_lib.Checkpointer(workdir, async_save=False, read_only=True)
   if ckpt.latest_step() is None:
     ckpt.close()
     raise FileNotFoundError(
