@@ -11,24 +11,26 @@
 Search: "exact" is `jaxdml.retrieval.exact` (JAX, blocked, sharded over the
 local devices); "scann" is a ScaNN searcher built once (`scann_backend`,
 its settings from the size, overridden by `scann_config`) and audited
-(`audit`): a sample of the indexed items, used as queries, must find their
-exact 10 nearest neighbours (recall@1 and @10 within `audit_max_gap`
-points, 0.1), else the search deepens; where no setting meets it the index
-searches exactly. "auto" is exact below `scann_backend.BRUTE_FORCE_BELOW`
-items, ScaNN above. `retrieval.search(backend="scann")` is the one-shot
-search of an evaluation (a new searcher per call); this is the reusable one.
+(`scann_backend.audit`): a sample of the indexed rows, used as queries,
+must find their exact 10 nearest neighbours (recall@1 and @10 within
+`audit_max_gap` points, 0.1), else the search deepens; where no setting
+meets it the index searches exactly (and stays exact as it grows). "auto"
+is exact below `scann_backend.BRUTE_FORCE_BELOW` rows, ScaNN from there
+on. `retrieval.search(backend="scann")` is the one-shot search of an
+evaluation (a new searcher per call); this is the reusable one.
 
 Scores (larger is better): cosine in [-1, 1] (1: the same direction),
 dot the inner product, euclidean minus the squared distance (0: the same
 point), as `retrieval.search`.
 
-Adding: an exact index just grows. A ScaNN index searches its new rows
-exactly and merges them into its results, until they pass
-`REBUILD_FRACTION` (a tenth) of the rows it was built on: then the
-searcher is rebuilt, and audited, over every row. Up to there the exact
-part of a search costs at most about what the tree's part does (a tenth
-of the leaves), and the tree's leaves, trained on the first rows, still
-hold the rest; results stay correct either way.
+Adding: an exact index just grows. A ScaNN index searches the rows added
+since its searcher was built exactly and merges them into the searcher's
+results, so they are found as an exact index finds them; once they pass
+`REBUILD_FRACTION` (a tenth) of the rows the searcher holds, it is rebuilt
+over every row and audited again. A tenth: the exact part of a search
+then scores as many rows as the tree's part does at its default depth (a
+tenth of the leaves), so a search slows by at most about 2x before the
+rebuild, and a rebuild is paid once per 10 % of growth.
 
 On disk (`Index.save`, `read`; a folder or a URL through `jaxdml.paths`):
 `embeddings.npy` (float32 [N, D], as given), `ids.npy` (int64 [N], only
@@ -51,6 +53,9 @@ from jaxdml.retrieval import exact
 from jaxdml.retrieval import index_files
 from jaxdml.retrieval import scann_backend
 from jaxdml.retrieval.index_files import FORMAT, IndexFileError, check_replaceable
+
+__all__ = ["Index", "Match", "Saved", "read", "check_options", "check_replaceable",
+           "IndexFileError", "FORMAT", "REBUILD_FRACTION"]
 
 EMBEDDINGS = "embeddings.npy"
 IDS = "ids.npy"
@@ -141,12 +146,13 @@ class Index:
   @property
   def scann_config(self) -> dict | None:
     """ScaNN's settings as built and audited (`"audit"`: the report); kept
-    where the audit sent the index to exact search; None if never built."""
+    where the audit sent the index to exact search; None for an index
+    built exact."""
     return None if self._scann_config is None else dict(self._scann_config)
 
   @property
   def embeddings(self) -> np.ndarray:
-    """float32 [N, D], the rows in order."""
+    """float32 [N, D], the rows in order (a new array)."""
     return np.concatenate([self._indexed, self._exact_rows()])
 
   @property
