@@ -7,8 +7,11 @@ not trained: the same restore path, without compiling a train step. The
 reference embeddings are `model.apply` on the saved variables.
 """
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -155,7 +158,7 @@ def test_scann_index_round_trips(index, model, run, tmp_path):
                                   progress=False)
   assert (out / "scann").is_dir() and built.manifest["scann_config"]["brute_force"]
   loaded = image_index.load_index(str(out))
-  assert loaded.searcher is not None
+  assert loaded.index.backend == "scann"
   np.testing.assert_allclose(loaded.embeddings, index.embeddings, atol=TOL)
   queries = index.embeddings[[1, 2]] + 0.01
   scores, rows = image_index.search_embeddings(loaded, queries, k=4)
@@ -177,6 +180,56 @@ def test_export_gives_the_same_neighbours(index, run):
   got = image_index.search_index(index, exported, queries, k=4)
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+
+
+def test_an_image_index_is_an_index_whose_files_are_checked(index, run, tmp_path):
+  """It loads as a `retrieval.Index`; a files list of another index, one of
+  another length, an old format and a bare `Index` are refused in one line."""
+  from jaxdml.retrieval import Index  # pylint: disable=g-import-not-at-top
+  as_index = Index.load(index.path)
+  assert (as_index.count, as_index.similarity) == (len(LAYOUT), "cosine")
+  np.testing.assert_array_equal(as_index.embeddings, index.embeddings)
+  fewer = tmp_path / "fewer"
+  fewer.mkdir()
+  for name in files_in_order()[:4]:
+    shutil.copy(os.path.join(run["folder"], name), fewer / os.path.basename(name))
+  other = tmp_path / "other.index"
+  image_index.build_index(fake_model(dim=16), str(fewer), str(other), progress=False)
+
+  def damaged(change):
+    copy = tmp_path / "damaged"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(index.path, copy)
+    change(copy)
+    with pytest.raises(ValueError) as caught:
+      image_index.load_index(str(copy))
+    message = str(caught.value)
+    assert "\n" not in message and "python -m jaxdml.apps.index_images" in message
+    return message
+
+  assert re.search(r"files.json (is not the file|has \d+ bytes)", damaged(
+      lambda copy: shutil.copy(other / "files.json", copy / "files.json")))
+
+  def shorter_list_in_the_manifest(copy):
+    listing = json.loads((copy / "files.json").read_text())
+    listing["files"] = listing["files"][:5]
+    (copy / "files.json").write_text(json.dumps(listing))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    digest = hashlib.sha256((copy / "files.json").read_bytes()).hexdigest()
+    manifest["files"]["files.json"] = {"size": (copy / "files.json").stat().st_size,
+                                       "sha256": digest}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+  assert "files.json lists 5 files for 6 embeddings" in damaged(shorter_list_in_the_manifest)
+
+  def format_1(copy):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+  assert "an index of format 1; this jaxdml reads format 2: rebuild it" in damaged(format_1)
+
+  bare = tmp_path / "bare"
+  as_index.save(bare)
+  with pytest.raises(ValueError, match="is an index of embeddings, not of images"):
+    image_index.load_index(str(bare))
 
 
 def test_an_interrupted_build_keeps_the_index_there_was(run, tmp_path, monkeypatch):
@@ -251,27 +304,3 @@ def test_training_writes_its_config_for_the_tools(tmp_path):
   train.train_and_evaluate(config, str(tmp_path), stop_after=0)  # set-up only, no step
   saved = workdir_lib.load_config(str(tmp_path))
   assert json.loads(saved.to_json()) == json.loads(config.to_json())  # tuples come back as lists
-
-
-def test_tree_index_searches_as_deep_as_its_audit_chose():
-  """A tree index built to search one leaf is deepened at build time until
-  a sample of its own images finds its exact neighbours; searches use that."""
-  pytest.importorskip("scann")
-  from jaxdml import retrieval  # pylint: disable=g-import-not-at-top
-  from jaxdml.retrieval import exact, scann_backend  # pylint: disable=g-import-not-at-top
-  from jaxdml.tools.search_bench import make_clustered  # pylint: disable=g-import-not-at-top
-  x, _ = make_clustered(4000, 16, noise=0.8, seed=5)
-  settings = scann_backend.resolve_config(4000, 100, "cosine", {
-      "brute_force": False, "num_leaves_to_search": 1, "audit_sample": 500})
-  searcher = scann_backend.build_searcher(exact.prepare(x, "cosine"), 100, config=settings)
-  searcher, chosen = image_index._audited(  # pylint: disable=protected-access
-      searcher, exact.prepare(x, "cosine"), settings, "cosine")
-  assert searcher is not None and chosen["audit"]["scann/target_met"] == 1
-  assert chosen["num_leaves_to_search"] > 1
-  index = image_index.Index(path="mem", manifest={"similarity": "cosine", "scann_config": chosen},
-                            embeddings=x, folder="", files=[str(i) for i in range(4000)],
-                            searcher=searcher)
-  queries = x[:300] + 0.05 * np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
-  _, rows = image_index.search_embeddings(index, queries, k=10)
-  _, want = retrieval.search(queries, x, 10)
-  assert np.mean(rows[:, 0] == want[:, 0]) >= 0.99

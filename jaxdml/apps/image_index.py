@@ -6,15 +6,21 @@
     scores, rows = image_index.search_index(index, model, queries, k=10)
     index.path_of(rows[0, 0])                   # the best match of query 0
 
-INDEX/ (a local folder or a URL) holds
+An image index is a `jaxdml.retrieval.Index` of the images' embeddings
+(exact search, or ScaNN audited at build time; `retrieval/index.py`), plus
+the folder's file names and the model's identity. INDEX/ (a local folder
+or a URL) holds
 - `embeddings.npy`: float32 [N, D], as the model outputs them;
 - `files.json`: the images folder and each file's path in it, sorted;
-- `manifest.json`: format, the model (workdir or export, and step), its
-  config, image size, tower, similarity, dim, count, backend ("exact", or
-  "scann" with its settings) and the model's probe embeddings (below);
-- `scann/`: the serialized ScaNN searcher, backend "scann" only.
+- `scann/`: the serialized ScaNN searcher, backend "scann" only;
+- `manifest.json`: the `Index`'s (format, similarity, dim, count, backend,
+  ScaNN's settings and audit, each file's size and sha256), and the model
+  (workdir or export, and step), its config, image size, tower and the
+  model's probe embeddings (below).
 It is written in a temporary folder and renamed into place (a URL: uploaded,
-the manifest last), so an interrupted build never leaves an index that loads.
+the manifest last), so an interrupted build never leaves an index that
+loads; loading checks every file against the manifest, and an index of
+format 1 (before the checksums) is refused with the command to rebuild it.
 
 The model's identity: at build time the index's tower embeds `probe_images`
 (fixed, seeded) and the manifest keeps those embeddings. A query model must
@@ -28,26 +34,25 @@ import dataclasses
 import io
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from jaxdml import extras
 from jaxdml import paths
 from jaxdml.apps.embedder import Embedder, describe, load_image
+from jaxdml.retrieval import index as index_lib
+from jaxdml.retrieval.index import Index, IndexFileError
 
-FORMAT = 1
-MANIFEST = "manifest.json"
+FILES = "files.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PROBE_ROWS = 4
 # Float rounding (another device count, TF instead of XLA) moves cosines by
 # ~1e-6; another model's embeddings are far below this.
 PROBE_MIN_COSINE = 0.999
-# ScaNN's re-scoring depth is set at build time for this many neighbours.
-SCANN_BUILD_K = 100
-# Neighbours per image the build-time recall audit checks.
-AUDIT_K = 10
+# The manifest's entries an image index adds to an `Index`'s.
+MODEL_KEYS = ("model", "config", "image_size", "tower", "probe")
+REBUILD = ("rebuild it with python -m jaxdml.apps.index_images --workdir=... (or --export=...) "
+           "--images=FOLDER --out=INDEX")
 
 
 class ModelMismatchError(ValueError):
@@ -55,14 +60,18 @@ class ModelMismatchError(ValueError):
 
 
 @dataclasses.dataclass
-class Index:
-  """A loaded index; `searcher` is ScaNN's (backend "scann") or None."""
+class ImageIndex:
+  """A built or loaded image index: `index` searches, `files[row]` is what
+  a row shows, `manifest` is what was saved (model included)."""
   path: str
   manifest: dict
-  embeddings: np.ndarray
+  index: Index
   folder: str
   files: list
-  searcher: object = None
+
+  @property
+  def embeddings(self) -> np.ndarray:
+    return self.index.embeddings
 
   def path_of(self, row: int) -> str:
     """The full path (or URL) of the image in `row`."""
@@ -120,137 +129,50 @@ def embed_files(model: Embedder, folder, files, *, tower="gallery", batch_size=2
 
 def build_index(model: Embedder, images, out, *, tower="gallery", batch_size=256,
                 backend="auto", similarity="cosine", scann_config=None, threads=None,
-                progress=True) -> Index:
+                progress=True) -> ImageIndex:
   """Embeds every image in the folder `images` with `model`'s `tower` and
   writes the index to `out` (replacing an index there). `backend` "auto" is
-  exact search below `scann_backend.BRUTE_FORCE_BELOW` images, ScaNN above.
-  Returns the index, as `load_index(out)` would."""
-  from jaxdml.retrieval import exact, scann_backend  # pylint: disable=g-import-not-at-top
-  if backend not in ("auto", "exact", "scann"):
-    raise ValueError(f"backend={backend!r}: expected 'auto', 'exact' or 'scann'.")
-  if similarity not in exact.SIMILARITIES:
-    raise ValueError(f"similarity={similarity!r}: expected one of {exact.SIMILARITIES}.")
-  _check_replaceable(out)
+  exact search below `scann_backend.BRUTE_FORCE_BELOW` images, ScaNN above
+  (`Index.build`). Returns the index, as `load_index(out)` would."""
+  index_lib.check_options(similarity, backend)  # before the long part
+  index_lib.check_replaceable(out)
   files = list_images(images)
   embeddings = embed_files(model, images, files, tower=tower, batch_size=batch_size,
                            threads=threads, progress=progress)
-  if backend == "auto":
-    backend = "scann" if len(files) >= scann_backend.BRUTE_FORCE_BELOW else "exact"
-  searcher, settings = None, None
-  if backend == "scann":
-    settings = scann_backend.resolve_config(len(files), min(SCANN_BUILD_K, len(files)),
-                                            similarity, scann_config)
-    prepared = exact.prepare(embeddings, similarity)
-    searcher = scann_backend.build_searcher(prepared, min(SCANN_BUILD_K, len(files)),
-                                            similarity=similarity, config=settings)
-    if not settings["brute_force"] and int(settings["audit_sample"]) > 0:
-      searcher, settings = _audited(searcher, prepared, settings, similarity)
-      backend = "exact" if searcher is None else backend
-  manifest = {
-      "format": FORMAT, "model": model.source, "config": json.loads(model.config.to_json()),
-      "image_size": model.image_size, "tower": tower, "similarity": similarity,
-      "dim": int(embeddings.shape[1]), "count": len(files), "backend": backend,
-      "scann_config": settings,
-      "probe": model.embed(tower, probe_images(model.image_size)).tolist()}
+  index = Index.build(embeddings, similarity=similarity, backend=backend,
+                      scann_config=scann_config)
   folder = paths.join(images)
-  _write(out, manifest, embeddings, {"folder": folder, "files": files}, searcher)
-  return Index(path=paths.join(out), manifest=manifest, embeddings=embeddings, folder=folder,
-               files=files, searcher=searcher)
+  metadata = {"model": model.source, "config": json.loads(model.config.to_json()),
+              "image_size": model.image_size, "tower": tower,
+              "probe": model.embed(tower, probe_images(model.image_size)).tolist()}
+  listing = json.dumps({"folder": folder, "files": files}, indent=1).encode()
+  manifest = index.save(out, metadata=metadata, attachments={FILES: listing})
+  return ImageIndex(path=paths.join(out), manifest=manifest, index=index, folder=folder,
+                    files=files)
 
 
-def _audited(searcher, prepared, settings, similarity):
-  """The searcher and its settings deepened until a sample of the indexed
-  images, used as queries, finds its exact 10 nearest neighbours as the
-  target asks (`scann_backend.audit`); (None, settings) where no setting
-  meets it: the index then searches exactly."""
-  from jaxdml.retrieval import scann_backend  # pylint: disable=g-import-not-at-top
-  k = min(AUDIT_K, len(prepared) - 1) + 1  # + the image itself
-  chosen = scann_backend.audit(searcher, prepared, prepared, k, exclude_self=True,
-                               similarity=similarity, config=settings)
-  settings = {**settings, "audit": chosen["report"]}
-  if chosen["leaves"] is None:
-    print(f"ScaNN misses the recall target even searching every leaf ({chosen['report']}): "
-          "this index searches exactly.")
-    return None, settings
-  settings.update(num_leaves_to_search=chosen["leaves"],
-                  reorder_k=max(chosen["reorder_k"], settings["reorder_k"]))
-  return searcher, settings
-
-
-def _check_replaceable(out) -> None:
-  """An existing `out` is replaced only when it is an index (or empty):
-  never someone's folder of photos."""
-  target = paths.as_path(out)
-  if target.exists() and not (target / MANIFEST).exists() and any(target.iterdir()):
-    raise FileExistsError(f"--out={out} exists and is not an index (no {MANIFEST}); "
-                          "pick a new folder, or remove it first.")
-
-
-def _write(out, manifest, embeddings, files, searcher) -> None:
-  remote = paths.is_url(out)
-  local = os.fspath(paths.as_path(out))
-  tmp = tempfile.mkdtemp(prefix="jaxdml-index-") if remote else f"{local}.tmp-{os.getpid()}"
-  os.makedirs(tmp, exist_ok=True)
+def load_index(path) -> ImageIndex:
+  """The index `build_index` wrote at `path` (a folder or a URL), every
+  file checked against its manifest (`retrieval.index.read`)."""
+  saved = index_lib.read(path, rebuild=REBUILD)
+  missing = [key for key in MODEL_KEYS if key not in saved.manifest]
+  if missing or FILES not in saved.attachments:
+    raise IndexFileError(f"{paths.join(path)} is an index of embeddings, not of images (no "
+                         f"{FILES} or {MODEL_KEYS} in its manifest): {REBUILD}.")
   try:
-    np.save(os.path.join(tmp, "embeddings.npy"), embeddings.astype(np.float32))
-    with open(os.path.join(tmp, "files.json"), "w") as f:
-      json.dump(files, f, indent=1)
-    if searcher is not None:
-      os.makedirs(os.path.join(tmp, "scann"))
-      # Relative asset paths: the folder is renamed or uploaded after this.
-      searcher.serialize(os.path.join(tmp, "scann"), relative_path=True)
-    text = json.dumps(manifest, indent=2)
-    if remote:
-      paths.upload_tree(tmp, out, replace=True)
-      (paths.as_path(out) / MANIFEST).write_text(text)  # last: the index is complete
-      return
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-      f.write(text)
-    # The old index steps aside, the new one takes its place, then the old
-    # one goes: a run killed in between leaves one of them whole.
-    old = f"{local}.old-{os.getpid()}"
-    if os.path.exists(local):
-      os.rename(local, old)
-    try:
-      os.rename(tmp, local)
-    except BaseException:
-      if os.path.exists(old):
-        os.rename(old, local)
-      raise
-    shutil.rmtree(old, ignore_errors=True)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+    listing = json.loads(saved.attachments[FILES])
+    folder, files = listing["folder"], listing["files"]
+  except (ValueError, KeyError, TypeError):
+    raise IndexFileError(f"{paths.join(path)}: {FILES} is not a files list; {REBUILD}.") from None
+  if not isinstance(files, list) or len(files) != saved.index.count:
+    raise IndexFileError(f"{paths.join(path)}: {FILES} lists {len(files)} files for "
+                         f"{saved.index.count} embeddings; the index is damaged or mixed with "
+                         f"another index's files: {REBUILD}.")
+  return ImageIndex(path=paths.join(path), manifest=saved.manifest, index=saved.index,
+                    folder=folder, files=files)
 
 
-def load_index(path) -> Index:
-  """The index `build_index` wrote at `path` (a folder or a URL)."""
-  manifest_path = paths.as_path(path) / MANIFEST
-  if not manifest_path.exists():
-    raise FileNotFoundError(
-        f"{manifest_path} not found: {path} is not an index, or its build was interrupted. "
-        "Build it with python -m jaxdml.apps.index_images --workdir=... --images=... --out=...")
-  manifest = json.loads(manifest_path.read_text())
-  if manifest.get("format") != FORMAT:
-    raise ValueError(f"{path} is an index of format {manifest.get('format')}; this jaxdml "
-                     f"reads format {FORMAT}: rebuild it with python -m jaxdml.apps.index_images.")
-  local = paths.LocalCopy(path, download=True)  # numpy and ScaNN read local files
-  try:
-    embeddings = np.load(os.path.join(local.local, "embeddings.npy"))
-    with open(os.path.join(local.local, "files.json")) as f:
-      files = json.load(f)
-    searcher = None
-    if manifest["backend"] == "scann":
-      from jaxdml.retrieval import scann_backend  # pylint: disable=g-import-not-at-top
-      searcher = scann_backend._import_scann().load_searcher(  # pylint: disable=protected-access
-          os.path.join(local.local, "scann"))
-  finally:
-    local.close()
-  return Index(path=paths.join(path), manifest=manifest, embeddings=embeddings,
-               folder=files["folder"], files=files["files"], searcher=searcher)
-
-
-def check_model(index: Index, model: Embedder) -> None:
+def check_model(index: ImageIndex, model: Embedder) -> None:
   """Raises ModelMismatchError unless `model` embeds the index's probe as
   the index's model did."""
   made_with = describe(index.manifest["model"])
@@ -275,30 +197,13 @@ def check_model(index: Index, model: Embedder) -> None:
         f"images differ (cosine {cosine:.4f} < {PROBE_MIN_COSINE}). {fix}")
 
 
-def search_embeddings(index: Index, queries: np.ndarray, k: int = 10):
+def search_embeddings(index: ImageIndex, queries: np.ndarray, k: int = 10):
   """`(scores float32 [Q, k'], rows int64 [Q, k'])` of the index's nearest
   items to `queries` (embeddings), best first; k' = min(k, count)."""
-  from jaxdml import retrieval  # pylint: disable=g-import-not-at-top
-  from jaxdml.retrieval import exact  # pylint: disable=g-import-not-at-top
-  k = min(int(k), len(index.files))
-  similarity = index.manifest["similarity"]
-  if index.searcher is None:
-    return retrieval.search(queries, index.embeddings, k, similarity=similarity)
-  settings = index.manifest["scann_config"]
-  if not settings["brute_force"] and k > settings["reorder_k"]:
-    raise ValueError(f"k={k}: this ScaNN index re-scores {settings['reorder_k']} candidates; "
-                     "ask for fewer, or rebuild it with --backend=exact.")
-  tree = not settings["brute_force"]  # searched as deep as the build's audit chose
-  rows, scores = index.searcher.search_batched(
-      exact.prepare(queries, similarity), final_num_neighbors=k,
-      leaves_to_search=settings["num_leaves_to_search"] if tree else None,
-      pre_reorder_num_neighbors=settings["reorder_k"] if tree else None)
-  scores = np.asarray(scores, np.float32)
-  # ScaNN returns squared distances for euclidean; scores rank larger-is-better.
-  return (-scores if similarity == "euclidean" else scores), np.asarray(rows, np.int64)
+  return index.index.search(queries, min(int(k), index.index.count))
 
 
-def search_index(index: Index, model: Embedder, images: np.ndarray, *, k: int = 10,
+def search_index(index: ImageIndex, model: Embedder, images: np.ndarray, *, k: int = 10,
                  tower: str = "query"):
   """Embeds uint8 `images` (`embedder.load_images`) with `model`'s `tower`
   (for SBIR "query" is the sketch encoder) and searches the index; the

@@ -7,6 +7,9 @@ Protocols:
 - sketch -> photo with instance and category hits (Sketchy): one ``search``,
   then ``metrics_from_neighbors`` once per label set, with
   ``count_relevant`` giving each label set's R.
+
+``Index`` is an index over one's own embeddings: built once, then searched,
+grown, matched against, saved and loaded (``retrieval/index.py``).
 """
 import jax
 from jax.experimental import multihost_utils
@@ -16,11 +19,12 @@ from jaxdml.retrieval import clustering
 from jaxdml.retrieval import exact
 from jaxdml.retrieval import metrics as metrics_lib
 from jaxdml.retrieval import scann_backend
+from jaxdml.retrieval.index import Index
 from jaxdml.retrieval.metrics import count_relevant
 from jaxdml.retrieval.metrics import metrics_from_neighbors
 from jaxdml.retrieval.picture import save_retrieval_grid
 
-__all__ = ["evaluate", "search", "search_and_audit", "metrics_from_neighbors", "count_relevant",
+__all__ = ["Index", "evaluate", "search", "search_and_audit", "metrics_from_neighbors", "count_relevant",
            "save_retrieval_grid", "BACKENDS"]
 
 BACKENDS = ("exact", "scann")
@@ -42,6 +46,10 @@ def _check_embeddings(name, x):
 def search(query, gallery, k, *, exclude_self=False, backend="exact",
            similarity="cosine", scann_config=None, mesh=None):
   """Top-k gallery items for each query, best first.
+
+  One search: ``backend="scann"`` builds (and audits) a ScaNN searcher for
+  this call, as an evaluation wants. ``Index`` is the reusable one: built
+  once, searched many times, grown, saved and loaded.
 
   ``search_and_audit`` is the same search that also returns ScaNN's recall
   audit (`scann_backend.audit`).

@@ -81,8 +81,7 @@ def _chunked_top_k(raw, score, k, chunk):
   return values, jnp.take_along_axis(pos, at, axis=1)
 
 
-def _device_topk(q, q_start, g, g_sq, *, k, similarity, exclude_self,
-                 num_valid):
+def _device_topk(q, q_start, num_valid, g, g_sq, *, k, similarity, exclude_self):
   """Running top-k of one query block over this device's gallery tiles."""
   n_tiles, tile, _ = g.shape
   base = jax.lax.axis_index("data") * (n_tiles * tile)
@@ -124,15 +123,17 @@ def _device_topk(q, q_start, g, g_sq, *, k, similarity, exclude_self,
 
 
 @functools.lru_cache(maxsize=32)
-def _build(mesh, k, similarity, exclude_self, num_valid):
+def _build(mesh, k, similarity, exclude_self):
+  # The gallery's size is an argument, not a constant: a growing gallery
+  # (`Index.add`) reuses the compiled search until its padded shape grows.
   local = functools.partial(_device_topk, k=k, similarity=similarity,
-                            exclude_self=exclude_self, num_valid=num_valid)
+                            exclude_self=exclude_self)
   sharded = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
+      local, mesh=mesh, in_specs=(P(), P(), P(), P("data"), P("data")),
       out_specs=(P(None, "data"), P(None, "data")), check_vma=False)
 
-  def fn(q, q_start, g, g_sq):
-    s, i = sharded(q, q_start, g, g_sq)
+  def fn(q, q_start, num_valid, g, g_sq):
+    s, i = sharded(q, q_start, num_valid, g, g_sq)
     # Device d's list sits at columns [d*k, (d+1)*k) and covers lower gallery
     # indices than device d+1's, so top_k's tie rule keeps the index order.
     s, pos = jax.lax.top_k(s, k)
@@ -193,7 +194,7 @@ def search_blocks(query, gallery, k, *, exclude_self=False,
   gallery_sharding = NamedSharding(mesh, P("data"))
   g_dev = _local_shards(padded, gallery_sharding)
   g_sq_dev = _local_shards(g_sq, gallery_sharding)
-  fn = _build(mesh, int(k), similarity, bool(exclude_self), num_g)
+  fn = _build(mesh, int(k), similarity, bool(exclude_self))
   block = min(block_size or query_block_size(num_g, k, ndev), _round_up(num_q, 8))
   replicated = NamedSharding(mesh, P())
 
@@ -202,7 +203,8 @@ def search_blocks(query, gallery, k, *, exclude_self=False,
     if qb.shape[0] < block:
       qb = np.concatenate([qb, np.zeros((block - qb.shape[0], q.shape[1]),
                                         np.float32)])
-    return start, fn(_local_shards(qb, replicated), np.int32(start), g_dev, g_sq_dev)
+    return start, fn(_local_shards(qb, replicated), np.int32(start), np.int32(num_g), g_dev,
+                     g_sq_dev)
 
   pending = collections.deque()
   for start in range(0, num_q, block):
