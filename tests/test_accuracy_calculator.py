@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jaxdml import retrieval
-from jaxdml.retrieval import clustering, exact
+from jaxdml.retrieval import clustering, exact, scann_backend
 from jaxdml.tools.search_bench import make_clustered
 
 faiss = pytest.importorskip("faiss")
@@ -277,6 +277,32 @@ def test_scann_brute_force_equals_exact_at_every_depth():
     assert got == pytest.approx(want, abs=1e-12)
 
 
+def test_no_query_with_a_relevant_item_gives_nan_as_accuracy_calculator():
+  x, y = labelled_set("balanced", seed=8, n=60)
+  q, ql, g, gl = split(x, y, n_query=20)
+  gl = gl + 1000  # no query label in the gallery
+  ours = retrieval.evaluate(q, ql, g, gl, ks=(1,), metrics=ALL)
+  peer = pml(q, ql, g, gl)
+  assert all(np.isnan(ours[n]) and np.isnan(peer[p]) for n, p in PML_NAMES.items())
+  per_class = retrieval.evaluate(q, ql, g, gl, ks=(1,), metrics=ALL, return_per_class=True)
+  peer = pml(q, ql, g, gl, return_per_class=True)
+  for name, peer_name in PML_NAMES.items():
+    assert len(per_class[name]) == len(peer[peer_name]) == len(np.unique(ql))
+    assert np.all(np.isnan(per_class[name])) and np.all(np.isnan(peer[peer_name]))
+
+
+def test_scann_drops_self_as_accuracy_calculator():
+  """scann_backend.drop_self after a k+1 search: the self hit, or the last
+  column of rows without one, as PML's FaissKNN does."""
+  indices = np.array([[0, 5, 7], [4, 1, 2], [9, 8, 6], [6, 3, 1]])
+  scores = -np.arange(12, dtype=np.float32).reshape(4, 3)
+  ours = scann_backend.drop_self(scores, indices)
+  peer = inference.return_results(torch.tensor(scores), torch.tensor(indices), True)
+  np.testing.assert_array_equal(ours[1], peer[1].numpy())
+  np.testing.assert_array_equal(ours[0], peer[0].numpy())
+  np.testing.assert_array_equal(ours[1], [[5, 7], [4, 2], [9, 8], [6, 1]])
+
+
 def test_bad_options_raise_clear_errors():
   x, y = labelled_set("balanced", n=40)
   with pytest.raises(ValueError, match="k=0: pass None"):
@@ -289,8 +315,12 @@ def test_bad_options_raise_clear_errors():
     retrieval.evaluate(x, y, k=40)
   with pytest.raises(ValueError, match="mutually exclusive"):
     retrieval.evaluate(x, y, avg_of_avgs=True, return_per_class=True)
+  with pytest.raises(ValueError, match="mutually exclusive"):  # PML refuses both too
+    accuracy_calculator.AccuracyCalculator(avg_of_avgs=True, return_per_class=True)
   with pytest.raises(ValueError, match="label_comparison_fn does not define"):
     retrieval.evaluate(x, y, metrics=("nmi",), label_comparison_fn=np.equal)
+  with pytest.raises(NotImplementedError, match="clustering \\+ custom label comparison"):
+    accuracy_calculator.AccuracyCalculator(include=("NMI",), label_comparison_fn=torch.eq)
   with pytest.raises(ValueError, match=r"exclude names unknown metrics \['ndcg'\]"):
     retrieval.evaluate(x, y, exclude=("ndcg",))
   with pytest.raises(ValueError, match="'mean_reciprocal_rank' is 'mrr'"):
