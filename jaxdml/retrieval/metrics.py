@@ -76,7 +76,9 @@ def relevance(query_labels, neighbor_labels, label_comparison_fn: Optional[Calla
 
 def _unique_rows(labels):
   """(unique labels, inverse) of [N] or [N, ...] labels, rows as units."""
-  uniq, inverse = np.unique(labels, axis=0, return_inverse=True)
+  labels = np.asarray(labels)
+  # `axis` only where rows are labels: it refuses object arrays.
+  uniq, inverse = np.unique(labels, axis=0 if labels.ndim > 1 else None, return_inverse=True)
   return uniq, np.asarray(inverse).reshape(-1)
 
 
