@@ -219,8 +219,9 @@ def test_fast_ap_equals_pml(case):
 
 @pytest.mark.parametrize("case", ["random", "ties", "shuffled"])
 def test_smooth_ap_equals_pml(case):
-  """PML needs equal-size classes in contiguous blocks; ours reads the labels,
-  so a shuffled batch equals PML on the same batch sorted by class."""
+  """As many classes as samples per class (4 x 4), where PML equals the
+  authors' code: ours reads the labels, so a shuffled batch equals PML on
+  the same batch sorted by class."""
   rng = np.random.default_rng(5 + len(case))
   labels = np.repeat(np.arange(4), 4).astype(np.int32)
   x = rng.normal(size=(16, 8)).astype(np.float32)
@@ -239,3 +240,66 @@ def test_smooth_ap_equals_pml(case):
     np.testing.assert_allclose(value, want.item(), rtol=1e-4, atol=1e-6, err_msg=f"{hp}")
     g = xt.grad.numpy()[order]
     np.testing.assert_allclose(grad, g, rtol=1e-3, atol=1e-4 * np.abs(g).max(), err_msg=f"{hp}")
+
+
+def _smooth_ap_reference(preds, num_id, anneal):
+  """The Smooth-AP authors' loss (github.com/Andrew-Brown1/Smooth_AP,
+  src/Smooth_AP_loss.py, `SmoothAP.forward`) in numpy float64: `preds` are
+  L2-normalised rows, class by class, `num_id` classes of equal size."""
+  batch_size, feat_dims = preds.shape
+  group = batch_size // num_id
+
+  def sigmoid(tensor, temp):
+    exponent = np.clip(-tensor / temp, -50, 50)
+    return 1.0 / (1.0 + np.exp(exponent))
+  mask = np.repeat((1.0 - np.eye(batch_size))[None], batch_size, axis=0)
+  sim_all = preds @ preds.T
+  sim_all_repeat = np.repeat(sim_all[:, None, :], batch_size, axis=1)
+  sim_diff = sim_all_repeat - sim_all_repeat.transpose(0, 2, 1)
+  sim_all_rk = np.sum(sigmoid(sim_diff, anneal) * mask, axis=-1) + 1
+  xs = preds.reshape(num_id, group, feat_dims)
+  pos_mask = np.tile((1.0 - np.eye(group))[None, None], (num_id, group, 1, 1))
+  sim_pos = xs @ xs.transpose(0, 2, 1)
+  sim_pos_repeat = np.repeat(sim_pos[:, :, None, :], group, axis=2)
+  sim_pos_diff = sim_pos_repeat - sim_pos_repeat.transpose(0, 1, 3, 2)
+  sim_pos_rk = np.sum(sigmoid(sim_pos_diff, anneal) * pos_mask, axis=-1) + 1
+  ap = 0.0
+  for ind in range(num_id):
+    block = slice(ind * group, (ind + 1) * group)
+    pos_divide = np.sum(sim_pos_rk[ind] / sim_all_rk[block, block])
+    ap = ap + ((pos_divide / group) / batch_size)
+  return 1 - ap
+
+
+@pytest.mark.parametrize("classes,per_class", [(4, 8), (8, 4), (4, 4)])
+def test_smooth_ap_equals_the_authors_code(classes, per_class):
+  """Value and gradient of the authors' code, transcribed above (gradient by
+  central differences in float64), on shuffled batches. PML 2.9.0 equals it
+  only with as many classes as samples per class: it reshapes the batch by
+  the samples per class where the authors pass the number of classes."""
+  rng = np.random.default_rng(classes * 10 + per_class)
+  n = classes * per_class
+  labels = np.repeat(np.arange(classes), per_class).astype(np.int32)
+  x = rng.normal(size=(n, 8))
+  order = rng.permutation(n)
+  for temperature in (0.01, 0.1):
+    reference = lambda e: _smooth_ap_reference(
+        e / np.linalg.norm(e, axis=1, keepdims=True), classes, temperature)
+    want = reference(x)
+    eps, want_grad = 1e-6, np.zeros_like(x)
+    for i, j in np.ndindex(*x.shape):
+      step = np.zeros_like(x)
+      step[i, j] = eps
+      want_grad[i, j] = (reference(x + step) - reference(x - step)) / (2 * eps)
+    fn = lambda e: losses.get("smooth_ap")(embeddings=e, labels=jnp.asarray(labels[order]),
+                                           anchor_chunk=5, temperature=temperature)[0]
+    value, grad = jax.value_and_grad(fn)(jnp.asarray(x[order], jnp.float32))
+    np.testing.assert_allclose(value, want, rtol=1e-5, err_msg=f"T={temperature}")
+    np.testing.assert_allclose(grad, want_grad[order], rtol=1e-3,
+                               atol=1e-4 * np.abs(want_grad).max(), err_msg=f"T={temperature}")
+    pml = pml_losses.SmoothAPLoss(temperature=temperature)(
+        torch.tensor(x), torch.tensor(labels, dtype=torch.long)).item()
+    if classes == per_class:
+      assert pml == pytest.approx(want, rel=1e-6)  # PML sums the APs in float32
+    else:
+      assert abs(pml - want) > 1e-3

@@ -38,9 +38,8 @@ def pml_metrics(q, ql, g=None, gl=None, *, similarity, full_map=False):
            "mean_reciprocal_rank"]
   if full_map:
     names = ["mean_average_precision"]
-  calc = accuracy_calculator.AccuracyCalculator(
-      include=tuple(names), k=None if full_map else "max_bin_count",
-      knn_func=inference.FaissKNN(index_init_fn=index), device=None)
+  calc = accuracy_calculator.AccuracyCalculator(  # k=None: its default, the whole gallery
+      include=tuple(names), knn_func=inference.FaissKNN(index_init_fn=index), device=None)
   res = calc.get_accuracy(q, ql, g, gl, ref_includes_query=False)
   return res
 
@@ -374,8 +373,8 @@ def test_mrr_known_values():
   out = retrieval.metrics_from_neighbors(nl, np.array([1, 2, 4, 3]), np.array([2, 1, 1, 0]),
                                          metrics=("mrr",))
   assert out["mrr"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
-  values, _ = metrics_lib.per_query(nl, np.array([1, 2, 4, 3]), np.array([2, 1, 1, 0]), (1,),
-                                    ("mrr",), mrr_depth=2)
+  hits = metrics_lib.relevance(np.array([1, 2, 4, 3]), nl)
+  values, _ = metrics_lib.per_query(hits, np.array([2, 1, 1, 0]), (1,), ("mrr",), depth=2)
   np.testing.assert_allclose(values["mrr"], [1 / 2, 1, 0, 0])
 
 

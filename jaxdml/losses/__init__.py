@@ -51,7 +51,8 @@ Distances (`distance=`, jaxdml.losses.distances) are PML's: "euclidean" is
 `LpDistance()`, which L2-normalises the rows first, "cosine"
 `CosineSimilarity()`; a loss called with no hyperparameters computes what
 PML's class of the same name computes with no arguments, value and
-gradient, on raw embeddings. Embeddings that must stay as they are
+gradient, on raw embeddings (smooth_ap: the authors' code, which PML's
+equals only with as many classes as samples per class in the batch). Embeddings that must stay as they are
 (BatchNorm-ended towers) say `distance=dict(name="euclidean",
 normalize_embeddings=False)`. Distances use a safe sqrt: no NaN gradient at
 distance 0.

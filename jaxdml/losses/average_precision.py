@@ -1,7 +1,9 @@
-"""Listwise average-precision losses: FastAP (Cakir et al. 2019) and
-Smooth-AP (Brown et al. 2020), equal to pytorch-metric-learning 2.9.0's
-`FastAPLoss` and `SmoothAPLoss` with their default reducers (the mean of
-1 - AP over the anchors that have one). In-batch only, as in PML.
+"""Listwise average-precision losses: FastAP (Cakir et al. 2019), equal to
+pytorch-metric-learning 2.9.0's `FastAPLoss` with its default reducer (the
+mean of 1 - AP over the anchors that have one), and Smooth-AP (Brown et al.
+2020), equal to its authors' code, which PML's `SmoothAPLoss` equals only
+when a batch has as many classes as samples per class (`smooth_ap`).
+In-batch only, as in PML.
 """
 import jax
 import jax.numpy as jnp
@@ -42,17 +44,35 @@ def fast_ap(*, embeddings, labels, num_bins=10):
   return value, {"anchors": count.astype(jnp.float32)}
 
 
-def smooth_ap(*, embeddings, labels, temperature=0.01, anchor_chunk=32):
+def smooth_ap(*, embeddings: jax.Array, labels: jax.Array, temperature: float = 0.01,
+              anchor_chunk: int = 32) -> tuple[jax.Array, dict]:
   """Smooth-AP: AP with each rank replaced by a sum of sigmoids of cosine
   similarity differences / temperature. For anchor i and positive j
-  (its own class, i itself included, as PML's code does), AP_i = mean_j
-  R+(i, j) / R(i, j), R = 1 + sum over the batch (R+: over i's class) of
-  sigmoid((s_ik - s_ij) / T), k != j; the loss is mean_i (1 - AP_i).
+  (its own class, i itself included, as the authors' code does), AP_i =
+  mean_j R+(i, j) / R(i, j), R = 1 + sum over the batch (R+: over i's
+  class) of sigmoid((s_ik - s_ij) / T), k != j; the loss is
+  mean_i (1 - AP_i).
 
-  PML requires every class to have the same number of samples, grouped
-  contiguously (its MPerClassSampler), and raises otherwise; here classes
-  come from `labels` in any order and any sizes, which equals PML where PML
-  runs. PML builds [B, B, B]; this allocates [anchor_chunk, B, B] per step.
+  Args:
+    embeddings: float [B, D], L2-normalised here (cosine similarity).
+    labels: int [B]; classes in any order and of any sizes.
+    temperature: T, the authors' `anneal`.
+    anchor_chunk: anchors per step of the [anchor_chunk, B, B] sigmoids.
+
+  Returns:
+    `(loss, {"mean_ap": ...})`, float32 scalars.
+
+  Equal, value and gradient, to the authors' code (github.com/Andrew-Brown1/
+  Smooth_AP, `src/Smooth_AP_loss.py`: `SmoothAP(anneal=T, batch_size=B,
+  num_id=C)` on the rows sorted into C classes of equal size; its sigmoid
+  clamps |x / T| at 50, a difference below 1e-21). PML 2.9.0's
+  `SmoothAPLoss`, which cites that code, sets its `num_id` to B // C, the
+  samples per class, so it groups the rows into blocks of C, not of the
+  class size: it equals the authors' code (and this) only when C equals the
+  samples per class, and differs otherwise (4 classes of 8 in
+  tests/test_pml_losses.py: 0.5227 here and in the authors' code, 0.5517 in
+  PML; 8 of 4: 0.5466 and 0.5689). PML also requires equal class sizes and
+  raises otherwise. Memory: [anchor_chunk, B, B] per step (PML: [B, B, B]).
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None, ref_labels=None,
                     ref_valid=None, ref_self_index=None, loss_name="smooth_ap")

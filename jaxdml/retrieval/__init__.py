@@ -10,6 +10,11 @@ Protocols:
 
 ``Index`` is an index over one's own embeddings: built once, then searched,
 grown, matched against, saved and loaded (``retrieval/index.py``).
+
+``evaluate`` computes pytorch-metric-learning's ``AccuracyCalculator``
+metrics with its options (``k``, ``avg_of_avgs``, ``return_per_class``,
+``label_comparison_fn``, ``exclude``, custom metrics; ``scoring``) from one
+search consumed block by block.
 """
 import jax
 from jax.experimental import multihost_utils
@@ -19,6 +24,7 @@ from jaxdml.retrieval import clustering
 from jaxdml.retrieval import exact
 from jaxdml.retrieval import metrics as metrics_lib
 from jaxdml.retrieval import scann_backend
+from jaxdml.retrieval import scoring
 from jaxdml.retrieval.index import Index
 from jaxdml.retrieval.metrics import count_relevant
 from jaxdml.retrieval.metrics import metrics_from_neighbors
@@ -150,8 +156,16 @@ def _broadcast_names(names: list, size: int = 4096) -> list:
 def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
              gallery_labels=None, *, ks=(1, 2, 4, 8), backend="exact",
              metrics=("recall", "r_precision", "map@r", "mrr"), scann_config=None,
-             similarity="cosine", mesh=None, exclude_self=None, label_sets=None):
+             similarity="cosine", mesh=None, exclude_self=None, label_sets=None,
+             k=None, exclude=(), avg_of_avgs=False, return_per_class=False,
+             label_comparison_fn=None, custom_metrics=None, kmeans_seed=0):
   """Retrieval metrics of queries against a gallery.
+
+  With the exact backend the values equal pytorch-metric-learning's
+  ``AccuracyCalculator`` (2.9.0, faiss k-NN) given the same arrays, options
+  and ``k`` (``tests/test_accuracy_calculator.py``), up to the order of exact
+  ties between items of different relevance (ours: lower gallery index
+  first).
 
   Args:
     query_embeddings, query_labels: [Q, D] and int [Q].
@@ -159,18 +173,18 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
       the same-set leave-one-out protocol (each query excluded from its own
       results by index), as for CUB, Cars and SOP.
     ks: the K of ``recall@K``.
-    backend, similarity, scann_config, mesh: as in ``search``.
+    backend, similarity, scann_config, mesh: as in ``search``. With
+      ``"scann"`` the neighbours are approximate: every metric reads
+      ScaNN's ranking, except ``mrr``'s first hits beyond the searched
+      depth, which come from exact search.
     metrics: subset of ``("recall", "r_precision", "map@r", "map", "mrr",
-      "nmi", "ami", "nn_distance")``; see ``metrics_from_neighbors``.
-      ``"map"`` ranks the whole gallery, so it needs ``backend="exact"`` and
-      costs a full sort per query. ``"mrr"`` looks as deep as
-      AccuracyCalculator's default k: the largest gallery class (minus the
-      query itself in the same-set protocol). ``"nmi"`` and ``"ami"`` score
-      a k-means clustering of the queries against their labels
-      (``retrieval.clustering``; off by default: k-means over many classes
-      is slow). ``"nn_distance"`` is the mean distance from a query to its
-      nearest gallery item after L2 normalisation (how spread out the
-      embeddings are; KoLeo should raise it), over every query.
+      "nmi", "ami", "nn_distance")``; see ``metrics.per_query``.
+      ``"nmi"`` and ``"ami"`` score a k-means clustering of the queries
+      against their labels (``retrieval.clustering``, seeded by
+      ``kmeans_seed``; off by default: k-means over many classes is slow).
+      ``"nn_distance"`` is the mean distance from a query to its nearest
+      gallery item after L2 normalisation (how spread out the embeddings
+      are; KoLeo should raise it), over every query.
     exclude_self: the gallery is the query set, row i of both item i, each
       query excluded from its own results by index; default: when no
       gallery is given. True with a gallery is the same set embedded
@@ -178,22 +192,56 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
     label_sets: more labellings of the same items, ``{prefix: (query_labels,
       gallery_labels)}``, each scored from the same search and reported
       under its prefix (Sketchy's instance hits and ``"category/"`` hits).
+    k: AccuracyCalculator's ``k``, how deep ``map``, ``mrr`` and custom
+      metrics read: None (its default) the whole gallery, minus the query
+      itself in the same-set protocol; ``"max_bin_count"`` the largest R;
+      or an int. ``map`` at the whole depth is the full mAP and ranks the
+      whole gallery (exact backend only); ``mrr`` at any depth finds each
+      query's first hit beyond the search by two more passes over the
+      gallery for those queries only (``exact.first_hit_ranks``). An int
+      below the largest R cuts ``r_precision`` and ``map@r`` short, as
+      there (with the same warning). ``ks`` is independent of it.
+    exclude: names of metrics (built-in or custom) not to compute.
+    avg_of_avgs: each metric averaged per query class, then over the
+      classes; ``return_per_class``: the per-class averages as a list in the
+      order of ``np.unique(labels, axis=0)`` over the queries with a
+      relevant item (a list of NaN, one per query label, when none has).
+      Mutually exclusive, as there; ``nmi``, ``ami`` and ``nn_distance``
+      stay single numbers.
+    label_comparison_fn: AccuracyCalculator's custom relevance, a predicate
+      over numpy labels that broadcasts: ``fn(query_labels[:, None],
+      neighbor_labels)`` -> bool [Q, k] (labels may then be [N, ...],
+      e.g. hierarchical ``lambda a, b: a[..., 0] == b[..., 0]``). R per
+      query is its number of relevant gallery items, minus the query
+      itself in the same-set protocol where its label matches itself.
+      Unsupported with ``nmi``/``ami`` (as there); ``mrr``'s deep first
+      hits are then scored on the host (``exact.first_hit_ranks_numpy``).
+    custom_metrics: ``{name: fn}``, AccuracyCalculator's ``calculate_*``
+      extension as per-query functions: ``fn(*, hits, neighbor_labels,
+      neighbor_indices, neighbor_scores, query_labels, relevant_counts,
+      **kwargs) -> float [b]`` for a block of b queries, each neighbour
+      array [b, depth] best first (``hits``: bool relevance, scores: larger
+      is better), ``relevant_counts`` int64 [b] (R). Averaged like the
+      built-in metrics (over the queries with R > 0, per class as asked);
+      one result per labelling. They read ``k`` deep, so ``k=None``
+      ranks the whole gallery: pass ``k`` to bound it.
+    kmeans_seed: the seed of the k-means of ``nmi`` and ``ami``.
 
   Returns:
-    dict: ``recall@K`` per K, ``r_precision``, ``map@r``, ``map``, ``mrr`` as asked,
-    averaged over the queries with at least one relevant gallery item;
-    with ``backend="scann"`` also the audit report (``scann/...``).
+    dict: ``recall@K`` per K, ``r_precision``, ``map@r``, ``map``, ``mrr``,
+    the custom metrics, ``nmi``, ``ami``, ``nn_distance`` as asked
+    (floats, or per-class lists with ``return_per_class``), averaged over
+    the queries with at least one relevant gallery item; with
+    ``backend="scann"`` also the audit report (``scann/...``).
 
-  The search depth is k = max(max(ks), max R) with R the relevant count per
-  query (what AccuracyCalculator's ``k="max_bin_count"`` does), capped at
-  the gallery size. There is no further cap: results are consumed block by
-  block, so memory stays at [block, k] whatever the largest class.
+  The search depth is the largest of max(ks), R per query (capped at the
+  depth ``k``) and ``k`` itself where ``map`` or a custom metric reads
+  it, capped at the gallery size. Results are consumed block by block, so
+  memory stays at [block, depth] whatever the largest class.
   """
-  metric_names, ks = metrics_lib.check_metrics(metrics, ks)
-  cluster_names = [m for m in metric_names if m in metrics_lib.CLUSTER_METRICS]
-  nn_distance = "nn_distance" in metric_names
-  metric_names = tuple(m for m in metric_names
-                       if m not in metrics_lib.CLUSTER_METRICS and m != "nn_distance")
+  req = scoring.request(metrics, ks, exclude=exclude, custom_metrics=custom_metrics,
+                        avg_of_avgs=avg_of_avgs, return_per_class=return_per_class,
+                        label_comparison_fn=label_comparison_fn)
   if (gallery_embeddings is None) != (gallery_labels is None):
     raise ValueError("Pass gallery_embeddings and gallery_labels together, or "
                      "neither for the same-set protocol.")
@@ -210,67 +258,59 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
     raise ValueError("exclude_self=True needs the gallery to be the query set (row i of "
                      f"both item i); got {query_embeddings.shape[0]} and "
                      f"{gallery_embeddings.shape[0]} rows.")
-  for name, emb, lab in (("query", query_embeddings, query_labels),
-                         ("gallery", gallery_embeddings, gallery_labels)):
-    if lab.shape != (emb.shape[0],):
-      raise ValueError(f"{name}_labels must have shape [{emb.shape[0]}] to "
-                       f"match {name}_embeddings, got {lab.shape}.")
-  labellings = {"": (query_labels, gallery_labels)}
+  label_pairs = {"": (query_labels, gallery_labels)}
   for prefix, (q_lab, g_lab) in (label_sets or {}).items():
-    labellings[prefix] = (np.asarray(q_lab), np.asarray(g_lab))
+    label_pairs[prefix] = (np.asarray(q_lab), np.asarray(g_lab))
+  for prefix, (q_lab, g_lab) in label_pairs.items():
+    scoring.check_labels(f"{prefix}query", query_embeddings, q_lab, label_comparison_fn)
+    scoring.check_labels(f"{prefix}gallery", gallery_embeddings, g_lab, label_comparison_fn)
   results = {}
-  if cluster_names:
-    scores = clustering.cluster_scores(query_embeddings, query_labels)
-    results.update({m: scores[m] for m in cluster_names})
-  if not (metric_names or nn_distance):
+  if req.clusters:
+    scores = clustering.cluster_scores(query_embeddings, query_labels, seed=kmeans_seed)
+    results.update({m: scores[m] for m in req.clusters})
+  if not req.needs_ranking:
     return results
-  rel = {p: count_relevant(q, g, same_set=same_set) for p, (q, g) in labellings.items()}
   available = gallery_embeddings.shape[0] - int(same_set)
-  if "recall" in metric_names and max(ks) > available:
-    raise ValueError(f"recall@{max(ks)} needs {max(ks)} neighbours but the "
+  if "recall" in req.ranked and max(req.ks) > available:
+    raise ValueError(f"recall@{max(req.ks)} needs {max(req.ks)} neighbours but the "
                      f"gallery offers {available}; lower ks.")
-  mrr_depth = None
-  if "mrr" in metric_names:
-    mrr_depth = max(1, min(int(np.unique(gallery_labels, return_counts=True)[1].max())
-                           - int(same_set), available))
-  if "map" in metric_names:
-    if backend != "exact":
-      raise ValueError("metric 'map' ranks the whole gallery: use "
-                       "backend='exact', or drop 'map' for backend='scann'.")
-    k = available
-  else:
-    need_r = any(m in metrics_lib.NEEDS_R for m in metric_names)
-    k = max(max(ks) if "recall" in metric_names else 1,
-            max(int(r.max()) for r in rel.values()) if need_r else 1, mrr_depth or 1)
-    k = max(1, min(k, available))
+  labellings, search_k = {}, 1
+  for prefix, (q_lab, g_lab) in label_pairs.items():
+    rel = count_relevant(q_lab, g_lab, same_set=same_set, label_comparison_fn=label_comparison_fn)
+    largest_r = int(rel.max())
+    d = scoring.depth(k, rel, available)
+    scoring.warn_if_short(k, req, largest_r)
+    if req.reads_depth and backend != "exact" and d == available:
+      raise ValueError("metric 'map' and custom metrics read k deep, and k=None ranks the "
+                       "whole gallery: use backend='exact', or pass an int k (or "
+                       "'max_bin_count').")
+    labellings[prefix] = scoring.Labelling(req, q_lab, g_lab, rel, d)
+    search_k = max(search_k, scoring.search_depth(req, largest_r, d, available))
   if backend == "exact":
-    blocks = exact.search_blocks(query_embeddings, gallery_embeddings, k,
+    blocks = exact.search_blocks(query_embeddings, gallery_embeddings, search_k,
                                  exclude_self=same_set, similarity=similarity,
                                  mesh=mesh)
   else:
-    _, idx, report = search_and_audit(
-        query_embeddings, gallery_embeddings, k, exclude_self=same_set, backend=backend,
-        similarity=similarity, scann_config=scann_config,
+    scores, idx, report = search_and_audit(
+        query_embeddings, gallery_embeddings, search_k, exclude_self=same_set,
+        backend=backend, similarity=similarity, scann_config=scann_config,
         labels=(query_labels, gallery_labels))
     results.update(report)
-    blocks = [(0, None, idx)]
-  parts = {p: [] for p in labellings}
+    blocks = [(0, scores, idx)]
   nn_sum = 0.0
-  for start, _, idx in blocks:
-    end = start + idx.shape[0]
-    for prefix, (q_lab, g_lab) in labellings.items():
-      if metric_names:
-        values, _ = metrics_lib.per_query(g_lab[idx], q_lab[start:end], rel[prefix][start:end],
-                                          ks, metric_names, mrr_depth=mrr_depth)
-        parts[prefix].append(values)
-    if nn_distance:
-      nn_sum += metrics_lib.nn_distances(query_embeddings[start:end],
+  for start, scores, idx in blocks:
+    if req.ranked or req.custom:
+      for labelling in labellings.values():
+        labelling.add(start, scores, idx)
+    if req.nn_distance:
+      nn_sum += metrics_lib.nn_distances(query_embeddings[start:start + idx.shape[0]],
                                          gallery_embeddings[idx[:, 0]]).sum()
-  for prefix, chunks in parts.items():
-    if chunks:
-      values = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
-      results.update({prefix + name: value for name, value
-                      in metrics_lib.average(values, rel[prefix] > 0).items()})
-  if nn_distance:
+  for prefix, labelling in labellings.items():
+    first = None
+    if "mrr" in req.ranked:
+      first = labelling.deep_first_hits(search_k, query_embeddings, gallery_embeddings,
+                                        same_set=same_set, similarity=similarity, mesh=mesh)
+    results.update({prefix + name: value for name, value in labelling.result(first).items()})
+  if req.nn_distance:
     results["nn_distance"] = float(nn_sum / query_embeddings.shape[0])
   return results

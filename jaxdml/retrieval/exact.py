@@ -13,6 +13,10 @@ stage. Each score is one row-by-row dot product, so 1 or 8 devices give the
 same scores and indices (tested on CPU; the tile width follows the device
 count, to keep padding low).
 
+`first_hit_ranks` finds how deep each query's first relevant item lies in
+the whole ranking with the same tiles and tie rule, in two passes (the best
+relevant score, then the items above it), for MRR at full depth.
+
 On several processes (a pod) every process holds the same numpy query and
 gallery; each puts only its own devices' shards on them
 (`jax.make_array_from_callback`): `jax.device_put` of a numpy array onto a
@@ -178,22 +182,11 @@ def search_blocks(query, gallery, k, *, exclude_self=False,
   """
   if similarity not in SIMILARITIES:
     raise ValueError(f"similarity={similarity!r}; choose from {SIMILARITIES}.")
-  mesh = default_mesh() if mesh is None else mesh
-  if mesh.axis_names != ("data",):
-    raise ValueError(f"Exact search needs a 1-D mesh with axis 'data', got "
-                     f"axes {mesh.axis_names}.")
+  mesh = _check_mesh(mesh)
   q = prepare(query, similarity)
-  g = prepare(gallery, similarity)
-  num_q, num_g = q.shape[0], g.shape[0]
+  num_q, num_g = q.shape[0], np.shape(gallery)[0]
   ndev = mesh.devices.size
-  tile, n_tiles = tiling(num_g, ndev)
-  padded = np.zeros((ndev * n_tiles * tile, g.shape[1]), np.float32)
-  padded[:num_g] = g
-  padded = padded.reshape(ndev * n_tiles, tile, g.shape[1])
-  g_sq = np.sum(padded * padded, axis=2)
-  gallery_sharding = NamedSharding(mesh, P("data"))
-  g_dev = _local_shards(padded, gallery_sharding)
-  g_sq_dev = _local_shards(g_sq, gallery_sharding)
+  g_dev, g_sq_dev = _sharded_gallery(prepare(gallery, similarity), mesh)
   fn = _build(mesh, int(k), similarity, bool(exclude_self))
   block = min(block_size or query_block_size(num_g, k, ndev), _round_up(num_q, 8))
   replicated = NamedSharding(mesh, P())
@@ -213,6 +206,31 @@ def search_blocks(query, gallery, k, *, exclude_self=False,
       yield _fetch(*pending.popleft(), num_q)
   while pending:
     yield _fetch(*pending.popleft(), num_q)
+
+
+def _check_mesh(mesh):
+  mesh = default_mesh() if mesh is None else mesh
+  if mesh.axis_names != ("data",):
+    raise ValueError(f"Exact search needs a 1-D mesh with axis 'data', got "
+                     f"axes {mesh.axis_names}.")
+  return mesh
+
+
+def _tiled(rows: np.ndarray, mesh, fill=0) -> np.ndarray:
+  """[N, ...] rows padded and cut into [devices * tiles, tile, ...] (`tiling`)."""
+  ndev = mesh.devices.size
+  tile, n_tiles = tiling(rows.shape[0], ndev)
+  padded = np.full((ndev * n_tiles * tile,) + rows.shape[1:], fill, rows.dtype)
+  padded[:rows.shape[0]] = rows
+  return padded.reshape((ndev * n_tiles, tile) + rows.shape[1:])
+
+
+def _sharded_gallery(g: np.ndarray, mesh):
+  """The prepared gallery's tiles and their squared norms, sharded over `data`."""
+  padded = _tiled(g, mesh)
+  g_sq = np.sum(padded * padded, axis=2)
+  gallery_sharding = NamedSharding(mesh, P("data"))
+  return _local_shards(padded, gallery_sharding), _local_shards(g_sq, gallery_sharding)
 
 
 def _local_shards(array: np.ndarray, sharding) -> jax.Array:
@@ -239,3 +257,134 @@ def search(query, gallery, k, *, exclude_self=False, similarity="cosine",
     scores[start:start + len(s)] = s
     indices[start:start + len(s)] = i
   return scores, indices
+
+
+# First hits at full depth: how deep a query's first relevant item lies in
+# the whole ranking, without ranking the whole gallery (MRR at
+# AccuracyCalculator's default depth, for the queries a top-k missed).
+
+def _device_first_hit(q, q_code, q_self, g, g_sq, g_code, *, similarity, num_valid):
+  """Best relevant item, then how many items rank above it, on this device's
+  gallery tiles; both reduced over the mesh (`first_hit_ranks`)."""
+  n_tiles, tile, _ = g.shape
+  base = jax.lax.axis_index("data") * (n_tiles * tile)
+  q_sq = jnp.sum(q * q, axis=1)
+
+  def tile_scores(t):
+    raw = jnp.dot(q, g[t].T, precision=jax.lax.Precision.HIGHEST)
+    s = raw
+    if similarity == "euclidean":  # as `_device_topk`, so that the ranks agree
+      s = jnp.minimum(2.0 * raw - g_sq[t][None, :] - q_sq[:, None], 0.0)
+    index = base + t * tile + jnp.arange(tile, dtype=jnp.int32)
+    ok = (index < num_valid)[None, :] & (index[None, :] != q_self[:, None])
+    return s, index, ok
+
+  def best(carry, t):
+    s, index, ok = tile_scores(t)
+    relevant = jnp.where(ok & (g_code[t][None, :] == q_code[:, None]), s, -jnp.inf)
+    tile_best = relevant.max(axis=1)
+    tile_index = index[jnp.argmax(relevant, axis=1)]  # the first of equal scores
+    # Strictly better only: on a tie the earlier tile (lower index) stays.
+    better = tile_best > carry[0]
+    return (jnp.where(better, tile_best, carry[0]), jnp.where(better, tile_index, carry[1])), None
+
+  tiles = jnp.arange(n_tiles, dtype=jnp.int32)
+  init = (jnp.full(q.shape[:1], -jnp.inf, jnp.float32),
+          jnp.full(q.shape[:1], _INDEX_PAD, jnp.int32))
+  (score, index), _ = jax.lax.scan(best, init, tiles)
+  top = jax.lax.pmax(score, "data")
+  first = jax.lax.pmin(jnp.where(score == top, index, _INDEX_PAD), "data")
+
+  def above(count, t):
+    s, idx, ok = tile_scores(t)
+    ahead = (s > top[:, None]) | ((s == top[:, None]) & (idx[None, :] < first[:, None]))
+    return count + jnp.sum(ok & ahead, axis=1, dtype=jnp.int32), None
+
+  count, _ = jax.lax.scan(above, jnp.zeros(q.shape[:1], jnp.int32), tiles)
+  count = jax.lax.psum(count, "data")
+  return jnp.where(top > -jnp.inf, count + 1, 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _build_first_hit(mesh, similarity, num_valid):
+  local = functools.partial(_device_first_hit, similarity=similarity, num_valid=num_valid)
+  sharded = jax.shard_map(local, mesh=mesh,
+                          in_specs=(P(), P(), P(), P("data"), P("data"), P("data")),
+                          out_specs=P(), check_vma=False)
+  return jax.jit(sharded, out_shardings=NamedSharding(mesh, P()))
+
+
+def first_hit_ranks(query, gallery, query_labels, gallery_labels, *, self_rows=None,
+                    similarity="cosine", mesh=None, block_size=None) -> np.ndarray:
+  """Rank of each query's first relevant gallery item in the whole ranking.
+
+  The ranking is `search`'s at full depth (score descending, ties to the
+  lower gallery index, row ``self_rows[i]`` left out for query i); an item is
+  relevant when its label equals the query's. Per query block, one pass over
+  the gallery tiles finds the best relevant item and a second counts the
+  items ranked above it: memory stays at `search`'s [block, tile].
+
+  Args:
+    query: [Q, D] embeddings; gallery: [G, D].
+    query_labels: [Q]; gallery_labels: [G] (any comparable dtype).
+    self_rows: int [Q], each query's own gallery row (-1: none), or None.
+    similarity, mesh: as in `search`.
+    block_size: queries per block (default: as `search_blocks`).
+
+  Returns:
+    int64 [Q], 1-based; 0 where no gallery item is relevant.
+  """
+  if similarity not in SIMILARITIES:
+    raise ValueError(f"similarity={similarity!r}; choose from {SIMILARITIES}.")
+  mesh = _check_mesh(mesh)
+  num_q, num_g = np.shape(query)[0], np.shape(gallery)[0]
+  # Labels as int32 codes, shared by both sides; -1 pads the gallery.
+  _, codes = np.unique(np.concatenate([np.asarray(query_labels).reshape(-1),
+                                       np.asarray(gallery_labels).reshape(-1)]),
+                       return_inverse=True)
+  codes = np.asarray(codes, np.int32).reshape(-1)
+  q_codes, g_codes = codes[:num_q], codes[num_q:]
+  self_rows = (np.full(num_q, -1, np.int32) if self_rows is None
+               else np.asarray(self_rows, np.int32))
+  q = prepare(query, similarity)
+  g_dev, g_sq_dev = _sharded_gallery(prepare(gallery, similarity), mesh)
+  g_code_dev = _local_shards(_tiled(g_codes, mesh, fill=-1), NamedSharding(mesh, P("data")))
+  fn = _build_first_hit(mesh, similarity, num_g)
+  block = min(block_size or query_block_size(num_g, 1, mesh.devices.size), _round_up(num_q, 8))
+  replicated = NamedSharding(mesh, P())
+  ranks = np.zeros(num_q, np.int64)
+  for start in range(0, num_q, block):
+    n = min(block, num_q - start)
+    pad = lambda x, fill: np.concatenate([x, np.full((block - n,) + x.shape[1:], fill, x.dtype)])
+    args = (pad(q[start:start + n], 0), pad(q_codes[start:start + n], -2),
+            pad(self_rows[start:start + n], -1))
+    out = fn(*(_local_shards(a, replicated) for a in args), g_dev, g_sq_dev, g_code_dev)
+    ranks[start:start + n] = np.asarray(out.addressable_data(0))[:n]
+  return ranks
+
+
+def first_hit_ranks_numpy(query, gallery, relevant_fn, *, self_rows=None,
+                          similarity="cosine", block_size=None) -> np.ndarray:
+  """`first_hit_ranks` on the host for any relevance: ``relevant_fn(rows)``
+  gives bool [len(rows), G] for the query positions ``rows`` (a custom
+  ``label_comparison_fn``). Scores in float32 numpy, as `scores_numpy`;
+  memory [block, G]."""
+  num_q, num_g = np.shape(query)[0], np.shape(gallery)[0]
+  self_rows = np.full(num_q, -1) if self_rows is None else np.asarray(self_rows)
+  block = block_size or max(1, _SCORE_BUDGET // max(num_g, 1))
+  q, g = prepare(query, similarity), prepare(gallery, similarity)
+  g_sq = np.sum(g * g, axis=1)
+  index = np.arange(num_g)
+  ranks = np.zeros(num_q, np.int64)
+  for start in range(0, num_q, block):
+    rows = np.arange(start, min(start + block, num_q))
+    s = q[rows] @ g.T
+    if similarity == "euclidean":
+      s = np.minimum(2 * s - np.sum(q[rows] ** 2, axis=1)[:, None] - g_sq[None, :], 0.0)
+    ok = index[None, :] != self_rows[rows][:, None]
+    relevant = np.asarray(relevant_fn(rows), bool) & ok
+    top = np.where(relevant, s, -np.inf).max(axis=1)
+    first = np.where(relevant & (s == top[:, None]), index[None, :], num_g).min(axis=1)
+    ahead = (s > top[:, None]) | ((s == top[:, None]) & (index[None, :] < first[:, None]))
+    ranks[rows] = np.where(np.isfinite(top), np.sum(ok & ahead, axis=1) + 1, 0)
+  return ranks
