@@ -8,6 +8,7 @@ reference embeddings are `model.apply` on the saved variables.
 """
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -304,3 +305,67 @@ def test_training_writes_its_config_for_the_tools(tmp_path):
   train.train_and_evaluate(config, str(tmp_path), stop_after=0)  # set-up only, no step
   saved = workdir_lib.load_config(str(tmp_path))
   assert json.loads(saved.to_json()) == json.loads(config.to_json())  # tuples come back as lists
+
+
+def _images_that_do_not_load(folder) -> dict:
+  """A fake .png, a JPEG cut short and a 1.5-megapixel PNG (over
+  --max_megapixels=1): {file: what its error says}."""
+  (folder / "fake.png").write_bytes(b"not a png at all")
+  jpeg = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+      jpeg, format="JPEG")
+  (folder / "cut.jpg").write_bytes(jpeg.getvalue()[:400])
+  Image.new("L", (1500, 1000)).save(folder / "large.png")
+  return {"fake.png": "not an image file", "cut.jpg": "Truncated",
+          "large.png": "has 2 megapixels, over the limit of 1"}
+
+
+def test_index_leaves_out_files_that_do_not_load_and_strict_refuses(run, index, tmp_path):
+  folder = tmp_path / "mixed"
+  shutil.copytree(run["folder"], folder)
+  bad = _images_that_do_not_load(folder)
+  out = tmp_path / "mixed.index"
+  args = [f"--workdir={run['workdir']}", f"--images={folder}", "--max_megapixels=1"]
+  result = run_cli("jaxdml.apps.index_images", *args, f"--out={out}")
+  assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert f"Indexed {len(LAYOUT)} images" in result.stdout
+  assert f"Left out {len(bad)} files that do not load" in result.stdout
+  for name, why in bad.items():
+    [line] = [l for l in result.stdout.splitlines() if str(folder / name) in l]
+    assert why in line, line
+  mixed = image_index.load_index(str(out))
+  assert mixed.files == index.files and sorted(mixed.manifest["skipped"]) == sorted(bad)
+  np.testing.assert_allclose(mixed.embeddings, index.embeddings, atol=TOL)
+
+  strict = run_cli("jaxdml.apps.index_images", *args, f"--out={tmp_path / 'strict.index'}",
+                   "--strict")
+  said = [l for l in strict.stderr.splitlines() if l.startswith("jaxdml:")]
+  assert strict.returncode == 1 and "Traceback" not in strict.stderr, strict.stderr[-3000:]
+  assert len(said) == 1 and all(str(folder / name) in said[0] for name in bad), said
+  assert not (tmp_path / "strict.index").exists()
+
+
+def test_search_names_queries_that_do_not_load_and_answers_the_others(index, tmp_path):
+  bad = _images_that_do_not_load(tmp_path)
+  queries = [index.path_of(1), *(str(tmp_path / name) for name in bad),
+             str(tmp_path / "missing.png"), index.path_of(4)]
+  result = run_cli("jaxdml.apps.search_images", f"--index={index.path}", *queries, "-k", "2",
+                   "--tower=gallery", "--max_megapixels=1")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  for query, row in ((queries[0], 1), (queries[-1], 4)):
+    assert lines[lines.index(query) + 1].split()[2] == index.files[row]
+  said = [l for l in result.stderr.splitlines() if l.startswith("jaxdml:")]
+  assert len(said) == len(bad) + 1
+  for name, why in [*bad.items(), ("missing.png", "No such file")]:
+    [line] = [l for l in said if str(tmp_path / name) in l]
+    assert why in line, line
+
+
+def test_an_image_over_pils_pixel_limit_is_named(tmp_path):
+  """PIL's own guard (179 megapixels) as the default: a 400-megapixel PNG,
+  390 KB on disk, is refused by name before it is decoded."""
+  Image.new("L", (20000, 20000)).save(tmp_path / "bomb.png")
+  with pytest.raises(ValueError, match=r"bomb.png has 400 megapixels, over the limit of 179: "
+                     r"resize it, or raise the limit with --max_megapixels"):
+    embedder.load_image(tmp_path / "bomb.png", SIZE)

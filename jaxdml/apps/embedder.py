@@ -99,17 +99,40 @@ def from_source(source: dict, config=None, *, batch_size: int = 256) -> Embedder
   return from_workdir(source["workdir"], config, batch_size=batch_size)
 
 
+# PIL refuses an image over twice its MAX_IMAGE_PIXELS (a decompression
+# bomb guard, 179 megapixels); `set_pixel_limit` moves the limit.
+_PIXEL_LIMIT_FIX = "resize it, or raise the limit with --max_megapixels"
+
+
+def set_pixel_limit(megapixels: float) -> None:
+  """Images over `megapixels` are refused by `load_image`, naming the file."""
+  Image = extras.require("PIL.Image", "reading images and SavedModels")
+  Image.MAX_IMAGE_PIXELS = int(megapixels * 1e6 / 2)
+
+
 def load_image(path, size: int) -> np.ndarray:
   """One image file (JPEG, PNG, ...; local or a URL) as uint8 [size, size, 3]:
-  evaluation's transform (shorter side to size * 8/7, centre crop)."""
+  evaluation's transform (shorter side to size * 8/7, centre crop). A file
+  that is no image, or one over the pixel limit, is a ValueError naming it."""
   import io  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
   Image = extras.require("PIL.Image", "reading images and SavedModels")
   from jaxdml.data import augment  # pylint: disable=g-import-not-at-top
   try:
-    with Image.open(io.BytesIO(paths.as_path(path).read_bytes())) as image:
-      return augment.eval_transform(image, size=size)
+    with warnings.catch_warnings():  # between the limit and half of it: decoded, quietly
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(io.BytesIO(paths.as_path(path).read_bytes())) as image:
+        return augment.eval_transform(image, size=size)
+  except Image.DecompressionBombError as error:
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    megapixels = f"{int(pixels.group(1)) / 1e6:.0f} megapixels" if pixels else "too many pixels"
+    raise ValueError(f"image {path} has {megapixels}, over the limit of "
+                     f"{2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f}: {_PIXEL_LIMIT_FIX}.") from None
   except OSError as error:  # PIL's UnidentifiedImageError is one
-    raise ValueError(f"cannot read image {path}: {error}") from None
+    reason = ("not an image file PIL can read" if isinstance(error, Image.UnidentifiedImageError)
+              else str(error))
+    raise ValueError(f"cannot read image {path}: {reason}.") from None
 
 
 def load_images(files, size: int, *, threads: int | None = None) -> np.ndarray:

@@ -15,8 +15,9 @@ or a URL) holds
 - `scann/`: the serialized ScaNN searcher, backend "scann" only;
 - `manifest.json`: the `Index`'s (format, similarity, dim, count, backend,
   ScaNN's settings and audit, each file's size and sha256), and the model
-  (workdir or export, and step), its config, image size, tower and the
-  model's probe embeddings (below).
+  (workdir or export, and step), its config, image size, tower, the
+  model's probe embeddings (below) and the files left out because they did
+  not load (`skipped`, with why).
 It is written in a temporary folder and renamed into place (a URL: uploaded,
 the manifest last), so an interrupted build never leaves an index that
 loads; loading checks every file against the manifest, and an index of
@@ -105,46 +106,74 @@ def list_images(folder) -> list:
   return sorted(found)
 
 
+def _load_or_reason(path, size):
+  try:
+    return load_image(path, size)
+  except ValueError as error:  # not an image, cut short, over the pixel limit
+    return str(error)
+
+
 def embed_files(model: Embedder, folder, files, *, tower="gallery", batch_size=256,
-                threads=None, progress=True) -> np.ndarray:
-  """float32 [N, D] embeddings of `folder`'s `files`, batch by batch; the
-  next batch decodes (in a thread pool) while this one is embedded."""
+                threads=None, progress=True) -> tuple[np.ndarray, dict]:
+  """`(embeddings float32 [N', D], skipped)`: the embeddings of `folder`'s
+  `files` that load, in order, and `{file: why}` of those that do not.
+  Batch by batch; the next batch decodes (in a thread pool) while this one
+  is embedded."""
   from concurrent import futures  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
   from jaxdml.data import pipeline  # pylint: disable=g-import-not-at-top
   chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-  outputs = []
+  outputs, skipped = [], {}
   with futures.ThreadPoolExecutor(threads or pipeline.num_threads(model.config.data)) as pool, \
       tqdm.tqdm(total=len(files), desc="embed", unit="image", disable=not progress,
                 dynamic_ncols=True) as bar:
-    submit = lambda chunk: [pool.submit(load_image, paths.join(folder, f), model.image_size)
-                            for f in chunk]
+    submit = lambda chunk: [(f, pool.submit(_load_or_reason, paths.join(folder, f),
+                                            model.image_size)) for f in chunk]
     pending = submit(chunks[0])
     for i in range(len(chunks)):
       ready, pending = pending, submit(chunks[i + 1]) if i + 1 < len(chunks) else []
-      outputs.append(model.embed(tower, np.stack([f.result() for f in ready])))
+      loaded = []
+      for file, image in ((f, future.result()) for f, future in ready):
+        if isinstance(image, str):
+          skipped[file] = image
+        else:
+          loaded.append(image)
+      if loaded:
+        outputs.append(model.embed(tower, np.stack(loaded)))
       bar.update(len(ready))
-  return np.concatenate(outputs)
+  dim = outputs[0].shape[1] if outputs else 0
+  return (np.concatenate(outputs) if outputs else np.zeros((0, dim), np.float32)), skipped
 
 
 def build_index(model: Embedder, images, out, *, tower="gallery", batch_size=256,
                 backend="auto", similarity="cosine", scann_config=None, threads=None,
-                progress=True) -> ImageIndex:
+                progress=True, strict=False) -> ImageIndex:
   """Embeds every image in the folder `images` with `model`'s `tower` and
   writes the index to `out` (replacing an index there). `backend` "auto" is
   exact search below `scann_backend.BRUTE_FORCE_BELOW` images, ScaNN above
-  (`Index.build`). Returns the index, as `load_index(out)` would."""
+  (`Index.build`). A file that does not load (not an image, cut short, over
+  the pixel limit) is left out and listed in the manifest's `skipped`;
+  `strict` makes it an error instead. Returns the index, as
+  `load_index(out)` would."""
   index_lib.check_options(similarity, backend)  # before the long part
   index_lib.check_replaceable(out)
   files = list_images(images)
-  embeddings = embed_files(model, images, files, tower=tower, batch_size=batch_size,
-                           threads=threads, progress=progress)
+  embeddings, skipped = embed_files(model, images, files, tower=tower, batch_size=batch_size,
+                                    threads=threads, progress=progress)
+  if skipped and (strict or len(skipped) == len(files)):
+    listed = "; ".join(skipped.values())
+    raise ValueError(f"{len(skipped)} of the {len(files)} image files in {images} do not load "
+                     f"({listed[:500]}{'...' if len(listed) > 500 else ''}). Nothing was "
+                     "written" + ("." if len(skipped) == len(files) else
+                                  "; without --strict they are left out of the index."))
+  files = [f for f in files if f not in skipped]
   index = Index.build(embeddings, similarity=similarity, backend=backend,
                       scann_config=scann_config)
   folder = paths.join(images)
   metadata = {"model": model.source, "config": json.loads(model.config.to_json()),
               "image_size": model.image_size, "tower": tower,
-              "probe": model.embed(tower, probe_images(model.image_size)).tolist()}
+              "probe": model.embed(tower, probe_images(model.image_size)).tolist(),
+              "skipped": skipped}
   listing = json.dumps({"folder": folder, "files": files}, indent=1).encode()
   manifest = index.save(out, metadata=metadata, attachments={FILES: listing})
   return ImageIndex(path=paths.join(out), manifest=manifest, index=index, folder=folder,

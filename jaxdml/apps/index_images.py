@@ -9,7 +9,9 @@ from the `config.json` training wrote, or `--config`) or its export
 (`--export`, a `--mode=export` SavedModel). Every .jpg, .jpeg and .png under
 `--images` is decoded, given evaluation's transform (shorter side to
 S * 8/7, centre crop), embedded in batches and saved with its file name
-(`jaxdml/apps/image_index.py` describes the index). `--write_demo_images=DIR`
+(`jaxdml/apps/image_index.py` describes the index). A file that does not
+load (not an image, cut short, over --max_megapixels) is left out, named in
+the output and in the index's manifest; `--strict` makes it an error. `--write_demo_images=DIR`
 instead writes the run's evaluation images (for the demo: its test photos
 and sketches) to DIR, something to index and search.
 Then: python -m jaxdml.apps.search_images --index=photos.index QUERY_IMAGE...
@@ -18,24 +20,35 @@ Then: python -m jaxdml.apps.search_images --index=photos.index QUERY_IMAGE...
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file(
-    "config", None, "The run's recipe, when its workdir has no config.json (runs trained "
-    "before jaxdml wrote one); overrides it otherwise.", lock_config=True)
-flags.DEFINE_string("workdir", None, "A trained run: its latest checkpoint embeds.")
-flags.DEFINE_string("export", None, "A --mode=export SavedModel directory, instead of --workdir.")
-flags.DEFINE_string("images", None, "Folder of images (.jpg, .jpeg, .png, searched recursively).")
-flags.DEFINE_string("out", None, "Index directory to write (local or a URL).")
-flags.DEFINE_enum("tower", "gallery", ["gallery", "query"],
-                  "Which tower embeds the images (SBIR: gallery = photos, query = sketches).")
-flags.DEFINE_integer("batch_size", 256, "Images per embedding batch.")
-flags.DEFINE_enum("backend", "auto", ["auto", "exact", "scann"],
-                  "Search structure: auto = exact below 20,000 images, a ScaNN index above.")
-flags.DEFINE_enum("similarity", "cosine", ["cosine", "dot", "euclidean"],
-                  "How results are scored (cosine: 1 for the same image).")
-flags.DEFINE_string("cpu_devices", "auto", "JAX devices to split a CPU into, as in jaxdml.main.")
-flags.DEFINE_string("write_demo_images", None,
-                    "Write the run's evaluation images as PNG files to this folder and exit.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags (defined when it runs, so that importing this
+  module, for its documentation, defines none)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "The run's recipe, when its workdir has no config.json (runs trained "
+      "before jaxdml wrote one); overrides it otherwise.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "A trained run: its latest checkpoint embeds.")
+  flags.DEFINE_string("export", None,
+                      "A --mode=export SavedModel directory, instead of --workdir.")
+  flags.DEFINE_string("images", None,
+                      "Folder of images (.jpg, .jpeg, .png, searched recursively).")
+  flags.DEFINE_string("out", None, "Index directory to write (local or a URL).")
+  flags.DEFINE_enum("tower", "gallery", ["gallery", "query"],
+                    "Which tower embeds the images (SBIR: gallery = photos, query = sketches).")
+  flags.DEFINE_integer("batch_size", 256, "Images per embedding batch.")
+  flags.DEFINE_enum("backend", "auto", ["auto", "exact", "scann"],
+                    "Search structure: auto = exact below 20,000 images, a ScaNN index above.")
+  flags.DEFINE_enum("similarity", "cosine", ["cosine", "dot", "euclidean"],
+                    "How results are scored (cosine: 1 for the same image).")
+  flags.DEFINE_string("cpu_devices", "auto", "JAX devices to split a CPU into, as in jaxdml.main.")
+  flags.DEFINE_string("write_demo_images", None,
+                      "Write the run's evaluation images as PNG files to this folder and exit.")
+  flags.DEFINE_bool("strict", False, "Fail when an image file does not load, instead of "
+                    "leaving it out of the index (listed in its manifest).")
+  flags.DEFINE_float("max_megapixels", 179, "Images with more pixels are refused (PIL's "
+                     "decompression bomb guard).")
 
 
 def main(argv):
@@ -61,6 +74,7 @@ def main(argv):
     raise app.UsageError("Pass --images=FOLDER (the images to index) and --out=INDEX.")
   paths.check_reachable(FLAGS.workdir or FLAGS.export, "--workdir" if FLAGS.workdir else "--export")
   paths.check_reachable(FLAGS.out, "--out")
+  embedder.set_pixel_limit(FLAGS.max_megapixels)
   if FLAGS.workdir:
     sharding.use_cpu_cores_as_devices(FLAGS.cpu_devices, FLAGS.batch_size)
     model = embedder.from_workdir(FLAGS.workdir, FLAGS.config, batch_size=FLAGS.batch_size)
@@ -68,18 +82,26 @@ def main(argv):
     model = embedder.from_export(FLAGS.export, batch_size=FLAGS.batch_size)
   index = image_index.build_index(model, FLAGS.images, FLAGS.out, tower=FLAGS.tower,
                                   batch_size=FLAGS.batch_size, backend=FLAGS.backend,
-                                  similarity=FLAGS.similarity)
+                                  similarity=FLAGS.similarity, strict=FLAGS.strict)
   manifest = index.manifest
   print(f"Indexed {manifest['count']} images of {index.folder} ({manifest['dim']}-d, "
         f"{manifest['tower']} tower of {model.describe()}, {manifest['backend']} search) "
         f"in {index.path}.")
+  skipped = manifest["skipped"]
+  if skipped:
+    print(f"Left out {len(skipped)} files that do not load (all listed under \"skipped\" in "
+          f"{index.path}/manifest.json; --strict makes this an error):")
+    for why in list(skipped.values())[:10]:
+      print(f"  {why}")
+    if len(skipped) > 10:
+      print(f"  ... and {len(skipped) - 10} more.")
 
 
 def run():
-  """The `jaxdml-index` command."""
-  from jaxdml import config as config_lib  # pylint: disable=g-import-not-at-top
-  app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(
-      config_lib.expand_recipe_flags(argv)))
+  """The `jaxdml-index` command (`jaxdml.commands.run`: user errors in one line)."""
+  from jaxdml import commands  # pylint: disable=g-import-not-at-top
+  define_flags()
+  commands.run(main)
 
 
 if __name__ == "__main__":
