@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench device-check ablations clean
+.PHONY: demo test test-slow docs bench device-check ablations clean
 
 # The C source too: pip builds the partial JPEG decoder from it.
 $(VENV)/.installed: pyproject.toml jaxdml/data/_jpeg_region.c
@@ -21,6 +21,11 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+# The API reference, from the docstrings (pdoc): docs/api/index.html.
+docs: $(VENV)/.installed
+	$(PY) -m pdoc -o docs/api --docformat google jaxdml '!jaxdml.tools.torch_reference' \
+	  '!jaxdml.tools.torch_step'
 
 # Every paper's claim on the embedded data, 3 seeds each (about 2 hours on
 # 2 CPU cores); resumable, tables printed at the end (docs/ablations.md).
