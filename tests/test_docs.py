@@ -253,3 +253,17 @@ def test_the_shell_check_catches_what_it_should():
               "python benchmarks/search.py --config.seed=1"):
     with pytest.raises((AssertionError, FileNotFoundError, ValueError)):
       _check_command(shlex.split(bad), targets, scripts)
+
+
+def test_blocks_and_their_markers_are_read_as_written(tmp_path, monkeypatch):
+  """The fence reader finds each block's language, line and marker (an
+  empty reason is kept as "", which the marker test refuses)."""
+  page = tmp_path / "page.md"
+  page.write_text("text\n\n```python\nx = 1\n```\n\n<!-- not run: needs a TPU pod -->\n"
+                  "```sh\nmake demo\n```\n<!-- not run: -->\n\n```python pml\ny = 2\n```\n"
+                  "```\noutput\n```\n")
+  monkeypatch.setitem(globals(), "ROOT", str(tmp_path))
+  blocks = read_blocks("page.md")
+  assert [(b.lang, b.line, b.code, b.not_run) for b in blocks] == [
+      ("python", 3, "x = 1", None), ("sh", 8, "make demo", "needs a TPU pod"),
+      ("python pml", 13, "y = 2", ""), ("", 16, "output", None)]
