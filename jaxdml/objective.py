@@ -32,6 +32,7 @@ Settings that cannot work together are a ValueError in `from_config`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from typing import Any
 
@@ -86,11 +87,36 @@ class Term:
 
   @property
   def fn(self):
+    return self.fn_with()
+
+  @property
+  def miner_samples(self) -> bool:
+    """Whether its miner draws random numbers (`miners.SAMPLING`)."""
+    if self.miner is None:
+      return False
+    spec = {"name": self.miner} if isinstance(self.miner, str) else dict(self.miner)
+    return spec.get("name") in miners.SAMPLING
+
+  @property
+  def loss_fn(self):
+    """The loss without its miner (a wrapper built from its arguments)."""
     if self.name in WRAPPERS:
-      fn = getattr(losses, self.name)(**self.hparams)
-    else:
-      fn = losses.get(self.name)
-    return fn if self.miner is None else miners.with_miner(fn, self.miner)
+      return getattr(losses, self.name)(**self.hparams)
+    return losses.get(self.name)
+
+  def fn_with(self, rng=None):
+    """The loss, mining first with its miner; a sampling miner draws from `rng`."""
+    fn = self.loss_fn
+    if self.miner is None:
+      return fn
+    miner = self.miner
+    if self.miner_samples:
+      spec = {"name": miner} if isinstance(miner, str) else dict(miner)
+      name = spec.pop("name")
+      if rng is None:
+        raise ValueError(f"miner {name!r} samples: the objective needs the step's rng.")
+      miner = functools.partial(miners.get(name), rng=rng, **spec)
+    return miners.with_miner(fn, miner)
 
   @property
   def call_hparams(self) -> dict:
@@ -98,6 +124,10 @@ class Term:
     return {} if self.name in WRAPPERS else self.hparams
 
   def consumes(self) -> frozenset:
+    """What it takes (keys of `losses.INPUTS`); "rng" also for a sampling miner."""
+    return self._consumes() | ({"rng"} if self.miner_samples else frozenset())
+
+  def _consumes(self) -> frozenset:
     if self.name == "self_supervised":
       return frozenset()  # it makes the labels and rejects a reference set
     if self.name == "multiple":
@@ -108,7 +138,8 @@ class Term:
     return losses.consumes(self.name, self.hparams)
 
   def inputs(self, available: dict) -> dict:
-    """The keywords of `available` (INPUTS key -> value) this loss consumes."""
+    """The keywords of `available` (INPUTS key -> value) the loss itself
+    consumes (a sampling miner's key is bound by `fn_with`)."""
     return {} if self.name in WRAPPERS else losses.inputs_for(self.name, available,
                                                               self.hparams)
 
@@ -124,7 +155,7 @@ class Term:
       return
     inner_names = loss_names(dict(self.hparams, name=self.name))
     try:
-      self.fn  # pylint: disable=pointless-statement  (builds the wrapper: checks its args)
+      self.loss_fn  # pylint: disable=pointless-statement  (building checks the args)
     except (TypeError, ValueError) as e:
       raise ValueError(f"{where}: {self.name}(...) cannot be built: {e} (see "
                        f"jaxdml.losses.wrappers.{self.name}).") from None
@@ -267,18 +298,21 @@ class Objective:
     available = {"teacher": teacher_outputs,
                  "progress": self.progress(step) if "progress" in self.consumed else None}
 
+    def own_rng(term, tag=0):
+      """The term's key this step (tag 1: its miner's)."""
+      if rng is None or "rng" not in term.consumes():
+        return None
+      return jax.random.fold_in(jax.random.fold_in(rng, term.rng_tag), tag)
+
     def hparams_of(term, teacher):
       """Its hyperparameters and what it consumes of what the step has."""
-      own_rng = None
-      if rng is not None and "rng" in term.consumes():
-        own_rng = jax.random.fold_in(rng, term.rng_tag)
       return {**term.call_hparams, **term.inputs(dict(
           available, teacher=teacher, params=(loss_params or {}).get(term.key),
-          state=loss_state.get(term.key), rng=own_rng))}
+          state=loss_state.get(term.key), rng=own_rng(term)))}
 
     def call(term, teacher, **arrays):
       """`(value, aux)` of `term`, its running state updated in `loss_state`."""
-      result = term.fn(**arrays, **hparams_of(term, teacher))
+      result = term.fn_with(own_rng(term, 1))(**arrays, **hparams_of(term, teacher))
       if "state" in term.consumes():
         value, aux, loss_state[term.key] = result
         return value, aux
@@ -293,8 +327,8 @@ class Objective:
       elif self.uses_memory:
         keys = outputs if memory_keys is None else memory_keys
         loss, aux, memory = memory_lib.loss_with_memory(
-            self.memory, term.fn, hparams_of(term, teacher_outputs), outputs, labels, memory,
-            step, batch_keys=keys)
+            self.memory, term.fn_with(own_rng(term, 1)), hparams_of(term, teacher_outputs),
+            outputs, labels, memory, step, batch_keys=keys)
       elif self.two_views:  # rows 2i and 2i + 1: image i's two views
         loss, aux = call(term, teacher_outputs, embeddings=outputs[0::2], labels=labels[0::2],
                          ref_embeddings=outputs[1::2])

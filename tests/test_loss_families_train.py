@@ -139,18 +139,50 @@ def test_two_view_losses_train_on_two_views_of_each_image(loss):
     assert all(m["loss/pos_pairs"] == 2 * images for m in history)
 
 
-def test_multiple_losses_with_a_miner_on_fixed_triplets_log_each_term():
-  """PML's MultipleLosses from config.loss, config.loss.miner mining its
-  pairs for both terms, batches of whole triplets (fixed_set_of_triplets)."""
+def test_multiple_losses_with_a_sampling_miner_on_fixed_triplets_log_each_term():
+  """PML's MultipleLosses from config.loss; config.loss.miner (the
+  distance-weighted miner, drawing from the step's key) mines both terms'
+  pairs; batches of whole triplets (fixed_set_of_triplets)."""
   loss = dict(name="multiple", losses=dict(c="contrastive", t=dict(name="triplet", margin=0.1)),
-              weights=dict(c=1.0, t=0.5), miner="batch_hard")
+              weights=dict(c=1.0, t=0.5), miner=dict(name="distance_weighted", cutoff=0.5))
   config = family_config(loss, sampler=dict(name="fixed_set_of_triplets", num_triplets=60))
   config.batch_size = 24  # whole triplets, split over the 8 test devices
   parts = build.build(config)
+  assert "rng" in parts.objective.consumed
+  with contextlib.closing(parts.train_batches(0)) as batches:
+    labels = [next(batches)["label"] for _ in range(2)]
   state = parts.create_state()
   before = host(state)
   state, history = run_steps(parts, train.make_train_step(parts), state, 0, 2)
   assert_trained(before, host(state), history)
-  for m in history:
+  for m, y in zip(history, labels):
     np.testing.assert_allclose(m["loss"], m["loss/c"] + 0.5 * m["loss/t"], rtol=1e-5)
-    assert m["loss/t/num_triplets"] <= 24  # batch_hard: at most one triplet per anchor
+    positive_pairs = np.sum(y[:, None] == y[None, :]) - len(y)
+    # The miner: at most one negative per positive pair (all triplets: far more).
+    assert 0 < m["loss/t/num_triplets"] <= positive_pairs
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(loss=dict(name="vicreg")), r"set config.data.views = dict\(num=2\)"),
+    (dict(loss=dict(name="self_supervised", loss="ntxent"), views=dict(num=3)),
+     r"not 3 view"),
+    (dict(loss=dict(name="vicreg"), views=dict(num=2), memory=16), "takes a reference set"),
+    (dict(loss=dict(name="manifold", K=4), memory=16), "takes a reference set"),
+    (dict(loss=dict(name="dynamic_soft_margin"), memory=16), "keeps running state"),
+    (dict(loss=dict(name="multiple", losses=["contrastive", "proxy_anchor"])),
+     r"'proxy_anchor' consumes \['params'\]"),
+    (dict(loss=dict(name="self_supervised", loss="proxy_anchor")), "does not support"),
+    (dict(loss=dict(name="multiple", losses=["contrastive"], weigths=[1.0])),
+     r"multiple\(...\) cannot be built"),
+    (dict(loss=dict(name="multiple", losses=["contrastiv"])), "Unknown loss 'contrastiv'"),
+    (dict(loss=dict(name="self_supervised")), "wraps no loss"),
+    (dict(loss=dict(name="triplet"), terms=dict(vicreg=dict(weight=1.0)), views=dict(num=2)),
+     "taken as config.loss only"),
+])
+def test_settings_that_cannot_train_fail_at_build_time(change, message):
+  config = family_config(change["loss"], change.get("terms"))
+  if "views" in change:
+    config.data.views = change["views"]
+  config.memory.size = change.get("memory", 0)
+  with pytest.raises(ValueError, match=message):
+    build.build(config)

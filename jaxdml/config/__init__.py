@@ -218,7 +218,7 @@ def loss_names(spec) -> list:
   if name not in LOSS_WRAPPERS:
     return [name]
   inner = [spec.get("loss")] if name == "self_supervised" else spec.get("losses") or []
-  inner = list(inner.values()) if isinstance(inner, dict) else list(inner)
+  inner = [x for x in (inner.values() if isinstance(inner, dict) else inner) if x is not None]
   names = [x if isinstance(x, str) else as_dict(x).get("name") for x in inner]
   if not names:
     raise ValueError(f"config.loss: {name} wraps no loss; give "
