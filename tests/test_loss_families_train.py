@@ -77,6 +77,7 @@ def test_stateful_ranking_loss_with_parametric_random_and_pair_terms(tmp_path):
       dict(name="dynamic_soft_margin"), PARAMETRIC_AND_RANDOM_TERMS, single_labels="instance",
       sampler=dict(name="hierarchical", super_label="category", samples_per_class=2))
   parts = build.build(config)
+  assert parts.shardings["loss_state"]["loss"]["hist"].is_fully_replicated  # as the memory
   blind = dataclasses.replace(parts, config=_Unreadable())
   step_fn = train.make_train_step(blind)
   state = blind.create_state()
@@ -186,3 +187,14 @@ def test_settings_that_cannot_train_fail_at_build_time(change, message):
   config.memory.size = change.get("memory", 0)
   with pytest.raises(ValueError, match=message):
     build.build(config)
+
+
+def test_a_state_without_stateful_losses_keeps_its_layout():
+  """No `loss_state` entry unless a loss keeps state: checkpoints of runs
+  from before it restore onto the same target."""
+  plain = build.build(family_config(dict(name="triplet"))).abstract
+  assert "loss_state" not in plain
+  stateful = build.build(family_config(dict(name="triplet"),
+                                       dict(dsm=dict(loss="dynamic_soft_margin")))).abstract
+  assert jax.tree.map(lambda a: a.shape, stateful["loss_state"]) == {"dsm": {"hist": (10,)}}
+  assert set(stateful) - set(plain) == {"loss_state"}
