@@ -32,8 +32,11 @@ def make_train_step(parts: build_lib.Parts):
   """The jitted `(state, batch) -> (state, metrics)`; the state is donated.
 
   Built from the parts alone: the model, the teacher, the objective, the
-  optimizer and the state's shardings. The batch is sharded on the mesh's
-  `data` axis and the state keeps the parts' shardings. A step whose loss
+  optimizer and the state's shardings. The objective gets the step's key
+  (losses that draw fold their own from it) and the losses' running state
+  (`state["loss_state"]`, stored back from what they return). The batch is
+  sharded on the mesh's `data` axis and the state keeps the parts'
+  shardings. A step whose loss
   or gradients are not finite leaves the state as it was (only `step`
   moves on) and reports `finite = False`; the loop stops the run on it, so
   the last checkpoint stays a good one.

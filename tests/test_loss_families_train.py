@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdml import build, checkpoint, sharding, train
+from jaxdml import build, checkpoint, objective as objective_lib, sharding, train
+from jaxdml import config as config_lib
 from test_build import _Unreadable
 from test_train import load_config
 
@@ -198,3 +199,25 @@ def test_a_state_without_stateful_losses_keeps_its_layout():
                                        dict(dsm=dict(loss="dynamic_soft_margin")))).abstract
   assert jax.tree.map(lambda a: a.shape, stateful["loss_state"]) == {"dsm": {"hist": (10,)}}
   assert set(stateful) - set(plain) == {"loss_state"}
+
+
+def test_each_term_draws_from_its_own_key_and_a_new_one_each_step():
+  """Two manifold terms with the same proxies draw different assignments
+  (keys folded with their own tags); a term's draw follows the step's key."""
+  terms = {"m1": dict(loss="manifold", K=4), "m2": dict(loss="manifold", K=4)}
+  objective = objective_lib.Objective.from_config(config_lib.resolve(family_config(None, terms)))
+  embeddings = jax.random.normal(jax.random.key(0), (8, 16))
+  proxies = {"proxies": jax.random.normal(jax.random.key(1), (4, 16))}
+  labels = np.repeat(np.arange(4), 2)
+
+  def values(seed):
+    _, aux, _, _ = objective(embeddings, labels, {}, 0,
+                             loss_params={"m1": proxies, "m2": proxies}, rng=jax.random.key(seed))
+    return float(aux["reg/m1"]), float(aux["reg/m2"])
+
+  first, again, other = values(0), values(0), values(1)
+  assert first == again
+  assert first[0] != first[1]
+  assert first[0] != other[0] and first[1] != other[1]
+  with pytest.raises(ValueError, match="consumes 'rng'"):
+    objective(embeddings, labels, {}, 0, loss_params={"m1": proxies, "m2": proxies})
