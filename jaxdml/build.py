@@ -16,7 +16,11 @@ The train state is one dict pytree: `params`, `batch_stats`, `opt`, `step`,
 `rng`, `memory` (cross-batch memory, `{}` when unused), `teacher` (the
 teacher kind's own subtree, `{}` when unused) and, only when a loss has
 learnable parameters, `loss_params` (by `Objective.learnable` key; the
-optimizer then updates `trainable(state)`, params and loss params). Its
+optimizer then updates `trainable(state)`, params and loss params) and,
+only when a loss keeps running state, `loss_state` (by
+`Objective.stateful` key; replicated, not trained; the step stores what
+the loss returns), so the checkpoints of runs without them restore as
+they are. Its
 shapes come from `jax.eval_shape(init)`, its shardings from
 `jaxdml.sharding`, and `jax.jit(init, out_shardings=...)` creates it
 already laid out on the mesh.
@@ -149,6 +153,8 @@ def _init_fn(task, image_size, objective, model, teacher, tx, num_classes):
       # parameter and run keys (and so the initial weights) they always had.
       state["loss_params"] = objective.init_loss_params(
           jax.random.fold_in(run_rng, 1), num_classes=num_classes, dim=dim)
+    if objective.stateful:
+      state["loss_state"] = objective.init_loss_state()
     state["opt"] = tx.init(trainable(state))
     if teacher is not None:
       state["teacher"] = teacher.init(model_variables(state),
@@ -210,7 +216,8 @@ def build(config, *, devices=None, mesh=None) -> Parts:
   return Parts(config=config, mesh=mesh, task=config.task, model=model, teacher=teacher,
                objective=objective, tx=tx, schedule=schedule, init=init, abstract=abstract,
                shardings=shardings, towers=towers,
-               views_lo=int(views["lo"]) if views else None, seed=int(config.seed),
+               views_lo=int(views.get("lo") or image_size) if views else None,
+               seed=int(config.seed),
                make_initial=_initial_state_fn(config.model, int(config.seed), teacher),
                loop=loop, train_batches=_batches_fn(config))
 

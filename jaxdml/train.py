@@ -32,8 +32,11 @@ def make_train_step(parts: build_lib.Parts):
   """The jitted `(state, batch) -> (state, metrics)`; the state is donated.
 
   Built from the parts alone: the model, the teacher, the objective, the
-  optimizer and the state's shardings. The batch is sharded on the mesh's
-  `data` axis and the state keeps the parts' shardings. A step whose loss
+  optimizer and the state's shardings. The objective gets the step's key
+  (losses that draw fold their own from it) and the losses' running state
+  (`state["loss_state"]`, stored back from what they return). The batch is
+  sharded on the mesh's `data` axis and the state keeps the parts'
+  shardings. A step whose loss
   or gradients are not finite leaves the state as it was (only `step`
   moves on) and reports `finite = False`; the loop stops the run on it, so
   the last checkpoint stays a good one.
@@ -54,18 +57,21 @@ def make_train_step(parts: build_lib.Parts):
       (outputs, _), updates = model.apply(
           build_lib.model_variables(current), *tasks.model_inputs(task, batch), train=True,
           mutable=["batch_stats"] if has_bn else [], rngs={"dropout": rng})
-      loss, aux, memory = objective(outputs, batch["label"], state["memory"], state["step"],
-                                    teacher_out, memory_keys, current.get("loss_params"))
-      return loss, (aux, updates.get("batch_stats", {}), memory)
+      loss, aux, memory, loss_state = objective(
+          outputs, batch["label"], state["memory"], state["step"], teacher_out, memory_keys,
+          current.get("loss_params"), rng=rng, loss_state=state.get("loss_state"))
+      return loss, (aux, updates.get("batch_stats", {}), memory, loss_state)
 
     trained = build_lib.trainable(state)
-    (loss, (aux, batch_stats, memory)), grads = jax.value_and_grad(
+    (loss, (aux, batch_stats, memory, loss_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(trained)
     updates, opt = tx.update(grads, state["opt"], trained)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updated = dict(build_lib.with_trainable(state, optax.apply_updates(trained, updates)),
                    opt=opt, batch_stats=batch_stats, memory=memory)
+    if "loss_state" in state:
+      updated["loss_state"] = loss_state
     if teacher is not None:
       updated["teacher"] = teacher.update(state["teacher"], build_lib.model_variables(updated),
                                           state["step"], teacher_out)

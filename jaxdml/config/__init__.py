@@ -28,7 +28,8 @@ from jaxdml.config import datasets, defaults
 
 __all__ = ["parse_arg", "load_config", "recipe_path", "recipes", "expand_recipe_flags",
            "default_data_config", "resolve", "validate", "upgrade_saved", "as_dict",
-           "config_dict", "datasets", "defaults", "TOP_LEVEL_FIELDS", "RENAMED"]
+           "config_dict", "datasets", "defaults", "TOP_LEVEL_FIELDS", "RENAMED", "LOSS_WRAPPERS",
+           "loss_names"]
 
 # Every field the trainer reads at the top level of a config. A field outside
 # this set is almost always a typo (`optimzer`), so `validate` rejects it.
@@ -190,7 +191,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.loss is None and not terms:
     raise ValueError("config.loss is None and config.terms is empty: nothing to train.")
   if config.loss is not None:
-    losses.check_name(config.loss.name)
+    for name in loss_names(config.loss):
+      try:
+        losses.check_name(name)
+      except ValueError as e:
+        raise ValueError(f"config.loss: {e}") from None
   for term, settings in terms.items():
     try:
       losses.check_name(as_dict(settings).get("loss", term))
@@ -198,6 +203,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.terms.{term}: {e}") from None
   teacher.validate(config.get("teacher"), config)
   evaluators.validate(config.get("evals"))
+
+
+# PML's loss wrappers (jaxdml.losses.wrappers): config.loss names one with
+# its arguments, e.g. dict(name="self_supervised", loss=dict(name="ntxent")).
+LOSS_WRAPPERS = ("self_supervised", "multiple")
+
+
+def loss_names(spec) -> list:
+  """The registered losses a `{name, **hparams}` loss config uses: its name,
+  or for a wrapper the losses it wraps (`loss`, or each of `losses`)."""
+  spec = as_dict(spec)
+  name = spec.get("name")
+  if name not in LOSS_WRAPPERS:
+    return [name]
+  inner = [spec.get("loss")] if name == "self_supervised" else spec.get("losses") or []
+  inner = [x for x in (inner.values() if isinstance(inner, dict) else inner) if x is not None]
+  names = [x if isinstance(x, str) else as_dict(x).get("name") for x in inner]
+  if not names:
+    raise ValueError(f"config.loss: {name} wraps no loss; give "
+                     + ("loss=dict(name=...)." if name == "self_supervised"
+                        else "losses={key: dict(name=...), ...}."))
+  return names
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -65,7 +65,8 @@ DATA = {
         "color_jitter": None,
     },
     # RAML: dict(num=8, hi=448, lo=224, mixup=0.2); mixup is the Beta
-    # parameter of view-wise mixup with another image (0: off).
+    # parameter of view-wise mixup with another image (0: off). Two-view
+    # losses (vicreg, self_supervised): dict(num=2), views at image_size.
     "views": None,
     # Sketch/photo sets with one encoder: "category" classes of photos, or
     # "instance": a photo and its sketches form a class.

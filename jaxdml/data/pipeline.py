@@ -163,7 +163,10 @@ def _single_plan(data_config, splits, batch_size, seed):
   size, aug, views = _get(data_config, "image_size"), _augment_kwargs(data_config), _get(data_config, "views")
 
   if views:
-    num, hi, lo = int(views["num"]), int(views["hi"]), int(views["lo"])
+    # Without hi and lo, views at image_size: two-view losses (vicreg).
+    num = int(views["num"])
+    hi = int(_get(views, "hi", None) or size)
+    lo = int(_get(views, "lo", None) or hi)
     mixup = float(_get(views, "mixup", 0.0) or 0.0)
     aug.pop("random_resized_crop")
     if aug.pop("resize_square"):
