@@ -149,9 +149,62 @@ def check_name(name) -> None:
   _entry(name)
 
 
+# PML's losses with a WeightRegularizerMixin: their class vectors take a weight_regularizer.
+WEIGHT_REGULARIZED = frozenset(("proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
+                                "arcface", "subcenter_arcface", "soft_triple",
+                                "large_margin_softmax", "sphereface"))
+
+
 def get(name):
-  """The loss function registered under `name`; ValueError if unknown."""
-  return _entry(name).fn
+  """The loss function registered under `name`; ValueError if unknown.
+
+  It takes the loss's own keywords plus `embedding_regularizer=`,
+  `embedding_reg_weight=` (and, for WEIGHT_REGULARIZED losses,
+  `weight_regularizer=`, `weight_reg_weight=`): PML's regularizers added as
+  weighted terms (jaxdml.losses.regularizers).
+  """
+  return _with_regularizers(name, _entry(name).fn)
+
+
+def _with_regularizers(name, fn):
+  import functools  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  weights = name in WEIGHT_REGULARIZED
+
+  @functools.wraps(fn)
+  def loss(*, embedding_regularizer=None, embedding_reg_weight=1.0, **kwargs):
+    weight_regularizer = kwargs.pop("weight_regularizer", None) if weights else None
+    weight_reg_weight = kwargs.pop("weight_reg_weight", 1.0) if weights else 1.0
+    out = fn(**kwargs)
+    if embedding_regularizer is None and weight_regularizer is None:
+      return out
+    regs = _load("regularizers:value")
+    value, aux, *state = out
+    aux, added = dict(aux), {}
+    if embedding_regularizer is not None:
+      added["embedding_reg_loss"] = embedding_reg_weight * regs(
+          embedding_regularizer, kwargs["embeddings"])
+    if weight_regularizer is not None:
+      added["weight_reg_loss"] = weight_reg_weight * regs(
+          weight_regularizer, kwargs["loss_params"]["proxies"], "weight_regularizer")
+    aux.update(added)
+    if isinstance(value, dict):  # "do_nothing": PML's dict gains already-reduced entries
+      value = {**value, **{k: {"losses": v, "mask": None, "reduction_type": "already_reduced"}
+                           for k, v in added.items()}}
+    else:
+      value = value + sum(added.values())
+    return (value, aux, *state)
+
+  params = list(inspect.signature(fn).parameters.values())
+  extra = ["embedding_regularizer", "embedding_reg_weight"]
+  if weights:
+    extra += ["weight_regularizer", "weight_reg_weight"]
+  var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+  params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in extra]
+  params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY,
+                               default=1.0 if k.endswith("weight") else None) for k in extra]
+  loss.__signature__ = inspect.Signature(params + var_kw)
+  return loss
 
 
 def make(name: str, *, with_aux: bool = True, **hparams) -> Callable:
