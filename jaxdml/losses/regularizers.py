@@ -109,7 +109,8 @@ def terms(spec: dict, x) -> reducers.Term:
                      f"centers_per_class={per_class}.")
   same = _same_class_pairs(num_classes, per_class)
   tiny = jnp.finfo(x.dtype).tiny
-  reg = jnp.sqrt(2.0 + tiny - jnp.minimum(2.0 * cos, 2.0))
+  # Only the listed pairs: a row's cosine with itself would put sqrt's infinite slope at 0.
+  reg = distances.safe_sqrt(jnp.where(same, 2.0 + tiny - jnp.minimum(2.0 * cos, 2.0), 1.0))
   return reducers.Term(reg, "element", mask=jnp.asarray(same),
                        divisor=2.0 * float(same.sum()))
 
