@@ -211,3 +211,20 @@ def test_reduction_keeps_the_loss_jittable():
   np.testing.assert_allclose(fn(jnp.asarray(x), labels=jnp.asarray(labels)),
                              losses.get("contrastive")(embeddings=x, labels=labels,
                                                        reduction=spec)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["euclidean", "cosine", {"name": "lp", "p": 1, "power": 2},
+                                  "snr", {"name": "dot", "normalize_embeddings": False}])
+def test_a_chunked_distance_equals_the_whole_matrix(spec):
+  from jaxdml.losses import distances  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(37, 8)).astype(np.float32)
+  whole = lambda x, y: jnp.sum(jnp.sin(distances.pairwise(x, y, distance=spec)))
+  chunked = lambda x, y: jnp.sum(jnp.sin(distances.batched(x, y, distance=spec, chunk_size=8)))
+  np.testing.assert_allclose(distances.pairwise(x, y, distance=spec, chunk_size=8),
+                             distances.pairwise(x, y, distance=spec), rtol=1e-6, atol=1e-6)
+  for got, want in zip(jax.grad(chunked, argnums=(0, 1))(x, y),
+                       jax.grad(whole, argnums=(0, 1))(x, y)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="chunk_size=0"):
+    distances.batched(x, y, distance=spec, chunk_size=0)
