@@ -228,3 +228,51 @@ def test_a_chunked_distance_equals_the_whole_matrix(spec):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="chunk_size=0"):
     distances.batched(x, y, distance=spec, chunk_size=0)
+
+
+ALREADY_REDUCED = ("histogram", "pnp", "threshold_consistent_margin")
+
+
+@pytest.mark.parametrize("name", sorted(__import__("test_pml_defaults").LOSSES))
+def test_every_distance_loss_sums_as_pmls_sum_reducer(name):
+  import test_pml_defaults  # pylint: disable=g-import-not-at-top
+  x, labels = test_pml_defaults._raw_batch(len(name))  # pylint: disable=protected-access
+  fn = lambda e: losses.get(name)(embeddings=e, labels=jnp.asarray(labels), reduction="sum")[0]
+  if name in ALREADY_REDUCED:  # PML's loss is one number: its reducers leave it as it is
+    with pytest.raises(ValueError, match="already reduced"):
+      fn(jnp.asarray(x))
+    return
+  xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+  want = test_pml_defaults.LOSSES[name](reducer=pml_reducers.SumReducer())(
+      xt, torch.tensor(labels, dtype=torch.long))
+  want.backward()
+  value, grad = jax.value_and_grad(fn)(jnp.asarray(x))
+  test_pml_defaults._compare(value, grad, want.item(), xt.grad.numpy())  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("name", ["proxy_nca", "normalized_softmax", "cosface",
+                                  "subcenter_arcface", "soft_triple"])
+def test_every_proxy_loss_sums_as_pmls_sum_reducer(name):
+  import test_pml_losses  # pylint: disable=g-import-not-at-top
+  _, per_class = test_pml_losses.PER_CLASS.get(name, (None, 1))
+  x, labels, proxies = test_pml_losses._inputs("random", np.random.default_rng(len(name)),  # pylint: disable=protected-access
+                                               classes=6 * per_class)
+  want, want_dx, want_dp = test_pml_losses._pml(  # pylint: disable=protected-access
+      name, {"reducer": pml_reducers.SumReducer()}, x, labels, proxies)
+  fn = lambda e, p: losses.get(name)(embeddings=e, labels=jnp.asarray(labels),
+                                     loss_params={"proxies": p}, reduction="sum")
+  (value, aux), (dx, dp) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(
+      jnp.asarray(x), jnp.asarray(proxies))
+  compare(name, ((value, aux), dx, dp), (want, want_dx, want_dp))
+
+
+def test_every_pml_loss_takes_a_reduction_and_the_others_say_so():
+  import inspect  # pylint: disable=g-import-not-at-top
+  ours = {"koleo", "embedding_distill", "obd_sd"}  # not PML's (raml has its own reduction=)
+  for name in losses.names():
+    takes = "reduction" in inspect.signature(losses.get(name)).parameters
+    assert takes == (name not in ours), name
+  x, labels, _ = _batch(2)
+  with pytest.raises(ValueError, match="p2s_grad: reduction='sum' is not available .*already"):
+    losses.get("p2s_grad")(embeddings=x, labels=labels, loss_params={"proxies": x[:4]},
+                           reduction="sum")

@@ -57,13 +57,34 @@ equals only with as many classes as samples per class in the batch). Embeddings 
 normalize_embeddings=False)`. Distances use a safe sqrt: no NaN gradient at
 distance 0.
 
-Reductions follow PML's defaults so numbers compare directly:
-AvgNonZeroReducer for triplet and contrastive (contrastive reduces its
-positive and negative parts separately, then sums), MeanReducer over anchors
-for multi_similarity; `reduction="mean"` is available for all three.
-contrastive also takes `reduction="per_anchor_sum"`, XBM's code and IRT's
+Reductions (`reduction=`, jaxdml.losses.reducers) are PML's reducers with
+PML's meanings. Each loss lists its per-element losses as PML's loss dict
+does (named sub-losses of kind element, pos_pair, neg_pair or triplet) and
+one reduce step applies the reducer to every sub-loss and sums them:
+"avg_nonzero", "mean", "sum", "divisor", "do_nothing" (the value is then
+PML's dict of per-element losses), {"name": "class_weighted", "weights"},
+{"name": "threshold", "low", "high"}, {"name": "per_anchor", "reducer"},
+{"name": "multiple", "reducers": {sub_loss: ...}, "default"}. The default
+is each loss's PML default (AvgNonZeroReducer for triplet, contrastive,
+supcon, circle; DivisorReducer for proxy_anchor and margin; MeanReducer
+otherwise), so values compare directly. The losses PML computes already
+reduced (histogram, pnp, threshold_consistent_margin, p2s_grad, manifold,
+dynamic_soft_margin) take only their default: PML's reducers leave such a
+loss as it is, so another reduction is a ValueError saying so. contrastive
+(and any pair loss) also takes "per_anchor_sum", XBM's code and IRT's
 equation (each anchor's pair losses summed, the sums averaged), which the
-XBM/XBN and IRT recipes use.
+XBM/XBN and IRT recipes use. relative_triplet, koleo, embedding_distill,
+raml and obd_sd are not PML's and keep their own reductions.
+
+Regularizers (jaxdml.losses.regularizers): every loss `get` returns also
+takes `embedding_regularizer={"name": "lp" | "zero_mean" |
+"center_invariant" | "regular_face", ...}` and `embedding_reg_weight=`,
+and the losses with class vectors (WEIGHT_REGULARIZED) `weight_regularizer=`
+(those and "sparse_centers") and `weight_reg_weight=`: PML's regularizers,
+each reduced by its own reducer, added to the loss as PML's already-reduced
+sub-losses; aux gets `embedding_reg_loss` / `weight_reg_loss`.
+`distances.batched` computes a distance matrix a block of reference rows at
+a time for large reference sets.
 
 Registered names: triplet, relative_triplet, contrastive, contrastive_koleo,
 multi_similarity, ntxent, supcon, circle, tuplet_margin, lifted_structure,
@@ -89,8 +110,8 @@ from typing import Callable
 _SUBMODULES = ("average_precision", "contrastive", "distances", "distill",
                "dynamic_soft_margin", "koleo", "lifted", "listwise", "manifold", "margin",
                "margin_softmax", "miners", "multi_similarity", "obd_sd", "pairs", "proxies",
-               "relative_triplet", "similarity_distributions", "softmax_pairs", "triplet",
-               "vicreg", "wrappers")
+               "reducers", "regularizers", "relative_triplet", "similarity_distributions",
+               "softmax_pairs", "triplet", "vicreg", "wrappers")
 # Loss wrappers (`jaxdml.losses.wrappers`): PML's SelfSupervisedLoss and MultipleLosses.
 _WRAPPERS = ("self_supervised", "multiple")
 
