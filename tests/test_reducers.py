@@ -19,6 +19,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers as pml_reducers
 
 from jaxdml import losses
+from jaxdml.losses import distances
 from jaxdml.losses import reducers
 
 CLASSES = 6  # class vectors; the batch holds classes 0-3
@@ -216,7 +217,6 @@ def test_reduction_keeps_the_loss_jittable():
 @pytest.mark.parametrize("spec", ["euclidean", "cosine", {"name": "lp", "p": 1, "power": 2},
                                   "snr", {"name": "dot", "normalize_embeddings": False}])
 def test_a_chunked_distance_equals_the_whole_matrix(spec):
-  from jaxdml.losses import distances  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(5, 8)).astype(np.float32), rng.normal(size=(37, 8)).astype(np.float32)
   whole = lambda x, y: jnp.sum(jnp.sin(distances.pairwise(x, y, distance=spec)))
