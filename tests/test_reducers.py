@@ -276,3 +276,60 @@ def test_every_pml_loss_takes_a_reduction_and_the_others_say_so():
   with pytest.raises(ValueError, match="p2s_grad: reduction='sum' is not available .*already"):
     losses.get("p2s_grad")(embeddings=x, labels=labels, loss_params={"proxies": x[:4]},
                            reduction="sum")
+
+
+@pytest.mark.parametrize("spec", ["sum", {"name": "class_weighted", "weights": WEIGHTS}])
+@pytest.mark.parametrize("loss", ["contrastive", "triplet"])
+@pytest.mark.parametrize("miner", ["batch_hard", "pair_margin", "triplet_margin"])
+def test_a_reduction_after_a_miner_equals_pmls(miner, loss, spec):
+  """Mined tuples reduce as PML's index lists do, repeats included."""
+  import test_pml_defaults  # pylint: disable=g-import-not-at-top
+  from jaxdml.losses import miners  # pylint: disable=g-import-not-at-top
+  x, labels = test_pml_defaults._raw_batch(3 + len(miner))  # pylint: disable=protected-access
+  xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+  yt = torch.tensor(labels, dtype=torch.long)
+  pml_loss = test_pml_defaults.LOSSES[loss](reducer=pml_reducer(spec))
+  want = pml_loss(xt, yt, test_pml_defaults.MINERS[miner]()(xt.detach(), yt))
+  want.backward()
+  assert want.item() > 0, "the case must exercise the loss"
+  fn = lambda e: losses.get(loss)(
+      embeddings=e, labels=jnp.asarray(labels), reduction=spec,
+      mined=miners.get(miner)(embeddings=e, labels=jnp.asarray(labels)))[0]
+  value, grad = jax.value_and_grad(fn)(jnp.asarray(x))
+  test_pml_defaults._compare(value, grad, want.item(), xt.grad.numpy())  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("name", ["large_margin_softmax", "sphereface"])
+def test_the_large_margin_classifiers_reduce_as_pml(name):
+  pml_class = {"large_margin_softmax": pml_losses.LargeMarginSoftmaxLoss,
+               "sphereface": pml_losses.SphereFaceLoss}[name]
+  x, labels, proxies = _batch(len(name))
+  pml_loss = pml_class(CLASSES, 8, reducer=pml_reducers.DoNothingReducer()).double()
+  pml_loss.W.data = torch.tensor(proxies.T, dtype=torch.float64)
+  xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+  yt = torch.tensor(labels, dtype=torch.long)
+  # Half of PML's per-sample losses (16, an even count) lie above the median.
+  spec = {"name": "threshold", "low": float(np.median(
+      pml_loss(xt, yt)["loss"]["losses"].detach().numpy()))}
+  pml_loss.reducer = pml_reducer(spec)
+  want = pml_loss(xt, yt)
+  want.backward()
+  fn = lambda e, p: losses.get(name)(embeddings=e, labels=jnp.asarray(labels),
+                                     loss_params={"proxies": p}, reduction=spec)[0]
+  value, (dx, dp) = jax.value_and_grad(fn, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(proxies))
+  compare(name, ((value, {}), dx, dp), (want.item(), xt.grad.numpy(), pml_loss.W.grad.numpy().T))
+
+
+@pytest.mark.parametrize("spec", ["sum", {"name": "multiple", "reducers": {
+    "invariance_loss": "sum", "variance_loss2": {"name": "threshold", "high": 0.3}}}])
+def test_vicreg_reduces_its_four_sub_losses_as_pml(spec):
+  x, _, _ = _batch(9)
+  ref = x[::-1] * 0.5 + 0.1
+  xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+  want = pml_losses.VICRegLoss(reducer=pml_reducer(spec))(
+      xt, ref_emb=torch.tensor(ref, dtype=torch.float64))
+  want.backward()
+  fn = lambda e: losses.get("vicreg")(embeddings=e, ref_embeddings=jnp.asarray(ref),
+                                      reduction=spec)
+  (value, aux), dx = jax.value_and_grad(fn, has_aux=True)(jnp.asarray(x))
+  compare("vicreg", ((value, aux), dx, None), (want.item(), xt.grad.numpy(), None))
