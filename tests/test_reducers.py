@@ -130,7 +130,9 @@ def _thresholds(name, hp, pml_hp, x, labels, proxies):
   listed, _, _ = run_pml(name, pml_hp, pml_reducers.DoNothingReducer(), x, labels, proxies)
   values = np.unique(np.concatenate([np.atleast_1d(v["losses"].detach().numpy())
                                      for v in listed.values()]))
-  cut = lambda q: float(values[int(q * (len(values) - 1))] + values[int(q * (len(values) - 1)) + 1]) / 2
+  def cut(q):
+    i = int(q * (len(values) - 1))
+    return float(values[i] + values[i + 1]) / 2
   return {"name": "threshold", "low": cut(0.25), "high": cut(0.75)}
 
 

@@ -221,7 +221,8 @@ def _with_regularizers(name, fn):
   if weights:
     extra += ["weight_regularizer", "weight_reg_weight"]
   var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
-  params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in extra]
+  params = [p for p in params
+            if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in extra]
   params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY,
                                default=1.0 if k.endswith("weight") else None) for k in extra]
   loss.__signature__ = inspect.Signature(params + var_kw)

@@ -58,7 +58,8 @@ def angular(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = 
       negative) computation, beside one [R, R] matrix; not PML's, it bounds
       memory only (PML builds [positive pairs, R]).
     reduction: any of jaxdml.losses.reducers (PML's reducer of that name),
-      over the per-element losses PML lists (kind pos_pair); default PML's.
+      over the per-element losses PML lists (kind pos_pair);
+      default PML's.
 
   Returns:
     (loss, aux) with aux `num_pos_pairs`.
@@ -117,7 +118,9 @@ def nca(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = None
     softmax_scale: multiplies the (negated) distances before the softmax.
     distance: a distance (jaxdml.losses.distances).
     reduction: any of jaxdml.losses.reducers (PML's reducer of that name),
-      over the per-element losses PML lists (kind element, the anchors with a positive); default PML's.
+      over the per-element losses PML lists (kind element: the anchors
+      with a positive);
+      default PML's.
 
   Returns:
     (loss, aux) with aux `anchors` (how many have a positive).
@@ -166,7 +169,8 @@ def ranked_list(*, embeddings: Array, labels: Array, margin: float, Tn: float,  
     distance: a distance (jaxdml.losses.distances); "euclidean" is PML's
       default `LpDistance()`, which L2-normalises the rows first.
     reduction: any of jaxdml.losses.reducers (PML's reducer of that name),
-      over the per-element losses PML lists (kind element, per anchor); default PML's.
+      over the per-element losses PML lists (kind element, per anchor);
+      default PML's.
 
   Returns:
     (loss, aux) with aux `pos_loss`, `neg_loss` (batch means of L_P, L_N).
@@ -231,7 +235,8 @@ def instance(*, embeddings: Array, labels: Array, gamma: float = 64.0, ref_embed
     labels: int [B].
     gamma: the logit scale.
     reduction: any of jaxdml.losses.reducers (PML's reducer of that name),
-      over the per-element losses PML lists (kind element, per row); default PML's.
+      over the per-element losses PML lists (kind element, per row);
+      default PML's.
 
   Returns:
     (loss, aux) with aux `self_similarity_prob` (mean softmax mass on the

@@ -65,7 +65,8 @@ def margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   return value, {"triplets": triplets}
 
 
-def _per_triplet(p, d, beta, margin, nu, beta_per_class, labels, mined, reduction):  # pylint: disable=redefined-outer-name
+def _per_triplet(p, d, beta, margin, nu, beta_per_class, labels, mined,  # pylint: disable=redefined-outer-name
+                 reduction):
   """PML's loss dict, per triplet, reduced by `reduction` (nu None: fixed beta)."""
   if mined is not None:
     raise ValueError("margin: reduction other than 'divisor' reduces PML's per-triplet "

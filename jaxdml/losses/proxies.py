@@ -10,7 +10,10 @@ not the same numbers). The number of classes and the width come from the
 arrays. Labels must lie in [0, num_classes).
 
 Every loss here allocates [B, C] (batch x classes) and nothing larger.
-A reference set is rejected, as in PML.
+A reference set is rejected, as in PML. `reduction=` is any reducer of
+jaxdml.losses.reducers over PML's per-element losses: one per sample
+(kind "element"), for proxy_anchor one per proxy in "pos_loss" and
+"neg_loss" with PML's divisors (the proxies with a positive, all proxies).
 """
 import math
 
