@@ -128,3 +128,8 @@ def test_the_regularized_loss_stays_jittable():
   want = losses.get("contrastive")(embeddings=x, labels=labels,
                                    embedding_regularizer="center_invariant")[0]
   np.testing.assert_allclose(fn(jnp.asarray(x), labels=jnp.asarray(labels)), want, rtol=1e-6)
+
+
+def test_get_returns_one_function_per_loss():
+  # jax.jit caches by function: a fresh wrapper per call would retrace every time.
+  assert losses.get("contrastive") is losses.get("contrastive")

@@ -184,7 +184,14 @@ def get(name):
   `weight_regularizer=`, `weight_reg_weight=`): PML's regularizers added as
   weighted terms (jaxdml.losses.regularizers).
   """
-  return _with_regularizers(name, _entry(name).fn)
+  fn = _entry(name).fn
+  key = (name, fn)
+  if key not in _WRAPPED:  # one function per loss, so jax.jit's cache keeps hitting
+    _WRAPPED[key] = _with_regularizers(name, fn)
+  return _WRAPPED[key]
+
+
+_WRAPPED: dict = {}
 
 
 def _with_regularizers(name, fn):
