@@ -732,7 +732,7 @@ def test_bad_arguments():
   for kw, match in [
       (dict(distance="manhattan"), "distance"),
       (dict(mining="easy"), "mining"),
-      (dict(reduction="sum"), "reduction"),
+      (dict(reduction="median"), "reduction"),  # "sum" is PML's SumReducer
       (dict(ref_embeddings=e), "ref_labels"),
       (dict(ref_labels=y), "without ref_embeddings"),
       (dict(ref_embeddings=e, ref_labels=y, ref_valid=jnp.ones(4)),
@@ -765,7 +765,7 @@ def test_contrastive_per_anchor_sum_by_hand():
   np.testing.assert_allclose(loss, np.mean(per_anchor), rtol=1e-6)
   np.testing.assert_allclose(aux["pos_loss"] + aux["neg_loss"], loss, rtol=1e-6)
   with pytest.raises(ValueError, match="per_anchor_sum"):
-    losses.get("contrastive")(embeddings=z, labels=y, reduction="sum")
+    losses.get("contrastive")(embeddings=z, labels=y, reduction="median")
 
 
 def test_make_binds_hyperparameters_for_jit_grad_and_vmap():

@@ -57,13 +57,34 @@ equals only with as many classes as samples per class in the batch). Embeddings 
 normalize_embeddings=False)`. Distances use a safe sqrt: no NaN gradient at
 distance 0.
 
-Reductions follow PML's defaults so numbers compare directly:
-AvgNonZeroReducer for triplet and contrastive (contrastive reduces its
-positive and negative parts separately, then sums), MeanReducer over anchors
-for multi_similarity; `reduction="mean"` is available for all three.
-contrastive also takes `reduction="per_anchor_sum"`, XBM's code and IRT's
+Reductions (`reduction=`, jaxdml.losses.reducers) are PML's reducers with
+PML's meanings. Each loss lists its per-element losses as PML's loss dict
+does (named sub-losses of kind element, pos_pair, neg_pair or triplet) and
+one reduce step applies the reducer to every sub-loss and sums them:
+"avg_nonzero", "mean", "sum", "divisor", "do_nothing" (the value is then
+PML's dict of per-element losses), {"name": "class_weighted", "weights"},
+{"name": "threshold", "low", "high"}, {"name": "per_anchor", "reducer"},
+{"name": "multiple", "reducers": {sub_loss: ...}, "default"}. The default
+is each loss's PML default (AvgNonZeroReducer for triplet, contrastive,
+supcon, circle; DivisorReducer for proxy_anchor and margin; MeanReducer
+otherwise), so values compare directly. The losses PML computes already
+reduced (histogram, pnp, threshold_consistent_margin, p2s_grad, manifold,
+dynamic_soft_margin) take only their default: PML's reducers leave such a
+loss as it is, so another reduction is a ValueError saying so. contrastive
+(and any pair loss) also takes "per_anchor_sum", XBM's code and IRT's
 equation (each anchor's pair losses summed, the sums averaged), which the
-XBM/XBN and IRT recipes use.
+XBM/XBN and IRT recipes use. relative_triplet, koleo, embedding_distill,
+raml and obd_sd are not PML's and keep their own reductions.
+
+Regularizers (jaxdml.losses.regularizers): every loss `get` returns also
+takes `embedding_regularizer={"name": "lp" | "zero_mean" |
+"center_invariant" | "regular_face", ...}` and `embedding_reg_weight=`,
+and the losses with class vectors (WEIGHT_REGULARIZED) `weight_regularizer=`
+(those and "sparse_centers") and `weight_reg_weight=`: PML's regularizers,
+each reduced by its own reducer, added to the loss as PML's already-reduced
+sub-losses; aux gets `embedding_reg_loss` / `weight_reg_loss`.
+`distances.batched` computes a distance matrix a block of reference rows at
+a time for large reference sets.
 
 Registered names: triplet, relative_triplet, contrastive, contrastive_koleo,
 multi_similarity, ntxent, supcon, circle, tuplet_margin, lifted_structure,
@@ -89,8 +110,8 @@ from typing import Callable
 _SUBMODULES = ("average_precision", "contrastive", "distances", "distill",
                "dynamic_soft_margin", "koleo", "lifted", "listwise", "manifold", "margin",
                "margin_softmax", "miners", "multi_similarity", "obd_sd", "pairs", "proxies",
-               "relative_triplet", "similarity_distributions", "softmax_pairs", "triplet",
-               "vicreg", "wrappers")
+               "reducers", "regularizers", "relative_triplet", "similarity_distributions",
+               "softmax_pairs", "triplet", "vicreg", "wrappers")
 # Loss wrappers (`jaxdml.losses.wrappers`): PML's SelfSupervisedLoss and MultipleLosses.
 _WRAPPERS = ("self_supervised", "multiple")
 
@@ -149,9 +170,70 @@ def check_name(name) -> None:
   _entry(name)
 
 
+# PML's losses with a WeightRegularizerMixin: their class vectors take a weight_regularizer.
+WEIGHT_REGULARIZED = frozenset(("proxy_anchor", "proxy_nca", "normalized_softmax", "cosface",
+                                "arcface", "subcenter_arcface", "soft_triple",
+                                "large_margin_softmax", "sphereface"))
+
+
 def get(name):
-  """The loss function registered under `name`; ValueError if unknown."""
-  return _entry(name).fn
+  """The loss function registered under `name`; ValueError if unknown.
+
+  It takes the loss's own keywords plus `embedding_regularizer=`,
+  `embedding_reg_weight=` (and, for WEIGHT_REGULARIZED losses,
+  `weight_regularizer=`, `weight_reg_weight=`): PML's regularizers added as
+  weighted terms (jaxdml.losses.regularizers).
+  """
+  fn = _entry(name).fn
+  key = (name, fn)
+  if key not in _WRAPPED:  # one function per loss, so jax.jit's cache keeps hitting
+    _WRAPPED[key] = _with_regularizers(name, fn)
+  return _WRAPPED[key]
+
+
+_WRAPPED: dict = {}
+
+
+def _with_regularizers(name, fn):
+  import functools  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  weights = name in WEIGHT_REGULARIZED
+
+  @functools.wraps(fn)
+  def loss(*, embedding_regularizer=None, embedding_reg_weight=1.0, **kwargs):
+    weight_regularizer = kwargs.pop("weight_regularizer", None) if weights else None
+    weight_reg_weight = kwargs.pop("weight_reg_weight", 1.0) if weights else 1.0
+    out = fn(**kwargs)
+    if embedding_regularizer is None and weight_regularizer is None:
+      return out
+    regs = _load("regularizers:value")
+    value, aux, *state = out
+    aux, added = dict(aux), {}
+    if embedding_regularizer is not None:
+      added["embedding_reg_loss"] = embedding_reg_weight * regs(
+          embedding_regularizer, kwargs["embeddings"])
+    if weight_regularizer is not None:
+      added["weight_reg_loss"] = weight_reg_weight * regs(
+          weight_regularizer, kwargs["loss_params"]["proxies"], "weight_regularizer")
+    aux.update(added)
+    if isinstance(value, dict):  # "do_nothing": PML's dict gains already-reduced entries
+      value = {**value, **{k: {"losses": v, "mask": None, "reduction_type": "already_reduced"}
+                           for k, v in added.items()}}
+    else:
+      value = value + sum(added.values())
+    return (value, aux, *state)
+
+  params = list(inspect.signature(fn).parameters.values())
+  extra = ["embedding_regularizer", "embedding_reg_weight"]
+  if weights:
+    extra += ["weight_regularizer", "weight_reg_weight"]
+  var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+  params = [p for p in params
+            if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name not in extra]
+  params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY,
+                               default=1.0 if k.endswith("weight") else None) for k in extra]
+  loss.__signature__ = inspect.Signature(params + var_kw)
+  return loss
 
 
 def make(name: str, *, with_aux: bool = True, **hparams) -> Callable:

@@ -9,15 +9,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import reducers
 from jaxdml.losses import pairs
 
 
-def fast_ap(*, embeddings, labels, num_bins=10):
+def fast_ap(*, embeddings, labels, num_bins=10, reduction="mean"):
   """FastAP: AP from soft histograms of squared distances between
   L2-normalised rows (PML asserts `LpDistance(normalize_embeddings=True)`;
   here the rows are normalised inside), `num_bins` triangular bins on
   [0, 4]. Per anchor with a positive: 1 - sum_k h+_k H+_k / H_k / N+,
   averaged. Allocates [B, B] per bin (PML: [bins + 1, B, B] at once).
+  `reduction`: any of jaxdml.losses.reducers over the anchors' ("element")
+  losses.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None, ref_labels=None,
                     ref_valid=None, ref_self_index=None, loss_name="fast_ap")
@@ -40,12 +43,14 @@ def fast_ap(*, embeddings, labels, num_bins=10):
   losses = jnp.where(has_pos, 1.0 - ap_sum / jnp.where(has_pos, n_pos, 1.0), 0.0)
   count = jnp.sum(has_pos)
   # PML gives 0 when no histogram entry is usable at all.
-  value = jnp.where((count > 0) & jnp.any(safe), jnp.sum(losses) / jnp.maximum(count, 1), 0.0)
+  value, _ = reducers.finish({"loss": reducers.Term(losses, "element", mask=has_pos)},
+                             reduction, labels=labels, loss_name="fast_ap",
+                             zero=~jnp.any(safe))
   return value, {"anchors": count.astype(jnp.float32)}
 
 
 def smooth_ap(*, embeddings: jax.Array, labels: jax.Array, temperature: float = 0.01,
-              anchor_chunk: int = 32) -> tuple[jax.Array, dict]:
+              anchor_chunk: int = 32, reduction="mean") -> tuple[jax.Array, dict]:
   """Smooth-AP: AP with each rank replaced by a sum of sigmoids of cosine
   similarity differences / temperature. For anchor i and positive j
   (its own class, i itself included, as the authors' code does), AP_i =
@@ -58,6 +63,8 @@ def smooth_ap(*, embeddings: jax.Array, labels: jax.Array, temperature: float = 
     labels: int [B]; classes in any order and of any sizes.
     temperature: T, the authors' `anneal`.
     anchor_chunk: anchors per step of the [anchor_chunk, B, B] sigmoids.
+    reduction: any of jaxdml.losses.reducers over the anchors' 1 - AP
+      (PML's "ap_loss", element).
 
   Returns:
     `(loss, {"mean_ap": ...})`, float32 scalars.
@@ -88,4 +95,6 @@ def smooth_ap(*, embeddings: jax.Array, labels: jax.Array, temperature: float = 
     rank_pos = 1.0 + jnp.sum(sig * cls[None, :], axis=1)
     return jnp.sum(jnp.where(cls, rank_pos / rank_all, 0.0)) / jnp.sum(cls)
   ap = jax.lax.map(anchor_ap, (sims, same), batch_size=min(anchor_chunk, b))
-  return jnp.mean(1.0 - ap), {"mean_ap": jnp.mean(ap)}
+  value, _ = reducers.finish({"ap_loss": reducers.Term(1.0 - ap, "element")}, reduction,
+                             labels=labels, loss_name="smooth_ap")
+  return value, {"mean_ap": jnp.mean(ap)}

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxdml.losses import distances
 from jaxdml.losses import miners
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 
 
 def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
@@ -41,8 +42,10 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
     pos_margin, neg_margin: margins (see module docstring for the direction).
     distance: a distance (jaxdml.losses.distances); "euclidean" is PML's
       `LpDistance()`, which L2-normalises the rows first.
-    reduction: "avg_nonzero" (PML default) | "mean", applied to each part, or
-      "per_anchor_sum" (XBM's code, IRT's paper; see the module docstring).
+    reduction: "avg_nonzero" (PML default) or any reducer of
+      jaxdml.losses.reducers, applied to each part ("pos_loss" of kind
+      pos_pair, "neg_loss" neg_pair) and summed; "per_anchor_sum" is XBM's
+      code, IRT's paper (see the module docstring).
     mined: a miner's selection (jaxdml.losses.miners); each pair counts as
       often as it was mined, as in PML's pair lists.
 
@@ -63,12 +66,14 @@ def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
   else:
     pos_l = jax.nn.relu(mat - pos_margin)
     neg_l = jax.nn.relu(neg_margin - mat)
-  pos_loss = pairs.reduce(pos_l, pos, reduction, weight=pos_w)
-  neg_loss = pairs.reduce(neg_l, neg, reduction, weight=neg_w)
   n_pos, n_neg = jnp.sum(pos_w), jnp.sum(neg_w)
   degenerate = ((n_pos <= 1) & (n_neg <= 1)
-                & (reduction != pairs.PER_ANCHOR_SUM))
-  loss = jnp.where(degenerate, 0.0, pos_loss + neg_loss)
+                & (reducers.parse(reduction)["name"] != "per_anchor_sum"))
+  loss, parts = reducers.finish(
+      {"pos_loss": reducers.Term(pos_l, "pos_pair", mask=pos, weight=pos_w),
+       "neg_loss": reducers.Term(neg_l, "neg_pair", mask=neg, weight=neg_w)},
+      reduction, labels=labels, loss_name="contrastive", zero=degenerate)
+  pos_loss, neg_loss = parts.get("pos_loss", 0.0), parts.get("neg_loss", 0.0)
   aux = {
       "pos_loss": pos_loss,
       "neg_loss": neg_loss,

@@ -234,10 +234,35 @@ def snr_matrix(x, y):
   return jnp.maximum(pair_var, 0.0) / anchor_var[:, None]
 
 
-def pairwise(x, y, *, distance: DistanceLike):
+def pairwise(x, y, *, distance: DistanceLike, chunk_size: int | None = None):
   """[N, D] x [M, D] -> [N, M] matrix of `distance` (a similarity for
-  "cosine" and "dot")."""
+  "cosine" and "dot"). `chunk_size`: see `batched`."""
+  if chunk_size is not None:
+    return batched(x, y, distance=distance, chunk_size=chunk_size)
   return resolve(distance).matrix(x, y)
+
+
+def batched(x, y, *, distance: DistanceLike, chunk_size: int = 4096):
+  """`pairwise(x, y)` computed `chunk_size` reference rows (of `y`) at a
+  time, for large reference sets: every intermediate is [N, chunk_size]
+  (or [N, chunk_size, D] for an Lp distance with p != 2) instead of [N, M],
+  and the backward pass recomputes each chunk. The result equals the
+  unchunked matrix (each row is normalised on its own). M need not be a
+  multiple of `chunk_size`: the last chunk is padded and cut off."""
+  chunk_size = int(chunk_size)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size}: expected a positive number of rows.")
+  dist = resolve(distance)
+  x, y = as_float(x), as_float(y)
+  m = y.shape[0]
+  if m <= chunk_size:
+    return dist.matrix(x, y)
+  chunks = -(-m // chunk_size)
+  # Padding rows repeat the last one: finite, and cut off below.
+  padded = jnp.concatenate([y, jnp.repeat(y[-1:], chunks * chunk_size - m, axis=0)])
+  blocks = jax.lax.map(jax.checkpoint(lambda block: dist.matrix(x, block)),
+                       padded.reshape(chunks, chunk_size, y.shape[1]))  # [chunks, N, chunk]
+  return jnp.moveaxis(blocks, 0, 1).reshape(x.shape[0], chunks * chunk_size)[:, :m]
 
 
 def dissimilarity(mat, *, distance: DistanceLike):

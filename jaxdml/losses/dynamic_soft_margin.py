@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import reducers
 from jaxdml.losses import pairs
 
 
@@ -67,7 +68,7 @@ def _updated_histogram(hist, margins, weight, min_val, delta, momentum):
 
 def dynamic_soft_margin(*, embeddings, loss_state, labels=None, ref_embeddings=None,
                         ref_labels=None, ref_valid=None, ref_self_index=None, min_val=-2.0,
-                        num_bins=10, momentum=0.01, distance="euclidean"):
+                        num_bins=10, momentum=0.01, distance="euclidean", reduction="mean"):
   """PML's `DynamicSoftMarginLoss(min_val, num_bins, momentum)`.
 
   Args:
@@ -90,6 +91,7 @@ def dynamic_soft_margin(*, embeddings, loss_state, labels=None, ref_embeddings=N
   Returns:
     (loss, aux, new_state): aux `triplets`, how many were used.
   """
+  reducers.check_reducible(reduction, "mean", "dynamic_soft_margin")
   dist = _check_distance(distance)
   hist = jnp.asarray(loss_state["hist"])
   if hist.shape != (int(num_bins),):

@@ -12,16 +12,18 @@ import jax.numpy as jnp
 from jaxdml.losses import distances
 from jaxdml.losses import miners
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 from jaxdml.losses.softmax_pairs import masked_logsumexp
 
 
 def lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
                      ref_valid=None, ref_self_index=None, pos_margin=0.0, neg_margin=1.0,
-                     distance="euclidean", mined=None):
+                     distance="euclidean", mined=None, reduction="mean"):
   """Each positive pair (i, j): [logsumexp over the negatives of i and of j
   of (neg_margin - d) + d_ij - pos_margin]_+^2 / 2, averaged over positive
   pairs (both orders, as PML). In-batch only: the negatives of j need j's
-  row. `mined`: a miner's pairs, each counted as often as mined."""
+  row. `mined`: a miner's pairs, each counted as often as mined.
+  `reduction`: any of jaxdml.losses.reducers over these pos_pair losses."""
   pairs.reject_ref("lifted_structure", ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                    ref_valid=ref_valid, ref_self_index=ref_self_index)
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None,
@@ -34,16 +36,20 @@ def lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None
   negatives = jnp.logaddexp(per_row[:, None], per_row[None, :])
   inner = negatives + d - pos_margin
   losses = jnp.square(jax.nn.relu(jnp.where(pos, inner, 0.0))) / 2.0
-  value = pairs.reduce(losses, pos, "mean", weight=pos_w)
-  return jnp.where(jnp.any(pos) & jnp.any(neg), value, 0.0), {}
+  value, _ = reducers.finish(
+      {"loss": reducers.Term(losses, "pos_pair", mask=pos, weight=pos_w)}, reduction,
+      labels=labels, loss_name="lifted_structure", zero=~(jnp.any(pos) & jnp.any(neg)))
+  return value, {}
 
 
 def generalized_lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
                                  ref_valid=None, ref_self_index=None, pos_margin=0.0,
-                                 neg_margin=1.0, distance="euclidean", mined=None):
+                                 neg_margin=1.0, distance="euclidean", mined=None,
+                                 reduction="mean"):
   """Per anchor: [logsumexp_p (d_p - pos_margin) + logsumexp_n (neg_margin
   - d_n)]_+, a missing side counting 0; averaged over anchors. `mined`: a
-  miner's pairs, as a set."""
+  miner's pairs, as a set. `reduction`: any of jaxdml.losses.reducers over
+  the anchors' ("element") losses."""
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="generalized_lifted_structure")
@@ -53,4 +59,6 @@ def generalized_lifted_structure(*, embeddings, labels, ref_embeddings=None, ref
   zero_if_none = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
   pos = zero_if_none(masked_logsumexp(d - pos_margin, pos_mask))
   neg = zero_if_none(masked_logsumexp(neg_margin - d, neg_mask))
-  return jnp.mean(jax.nn.relu(pos + neg)), {}
+  value, _ = reducers.finish({"loss": reducers.Term(jax.nn.relu(pos + neg), "element")},
+                             reduction, labels=labels, loss_name="generalized_lifted_structure")
+  return value, {}

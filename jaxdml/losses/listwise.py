@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxdml.losses import distances
 from jaxdml.losses import miners
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 from jaxdml.losses.softmax_pairs import masked_logsumexp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -30,7 +31,8 @@ def _matmul_t(x, y):
 def angular(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = None,
             ref_labels: Array | None = None, ref_valid: Array | None = None,
             ref_self_index: Array | None = None, alpha: float = 40.0,
-            mined: miners.Mined | None = None, anchor_chunk: int = 32) -> LossAndAux:
+            mined: miners.Mined | None = None, anchor_chunk: int = 32,
+            reduction="mean") -> LossAndAux:
   """Angular loss (Wang et al. 2017, "Deep Metric Learning with Angular
   Loss"; PML's `AngularLoss()`), `alpha` in degrees.
 
@@ -55,6 +57,9 @@ def angular(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = 
     anchor_chunk: anchors per step of the [chunk, R, R] (positive x
       negative) computation, beside one [R, R] matrix; not PML's, it bounds
       memory only (PML builds [positive pairs, R]).
+    reduction: any of jaxdml.losses.reducers (PML's reducer of that name),
+      over the per-element losses PML lists (kind pos_pair);
+      default PML's.
 
   Returns:
     (loss, aux) with aux `num_pos_pairs`.
@@ -79,15 +84,16 @@ def angular(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = 
   # instead of keeping all B of them.
   losses = jax.lax.map(jax.checkpoint(per_anchor), (anchor_neg, p.neg, anchor_pos),
                        batch_size=min(anchor_chunk, p.query.shape[0]))
-  value = pairs.reduce(losses, pos, "mean", weight=pos_w)
-  value = jnp.where(jnp.any(pos) & jnp.any(mined_neg), value, 0.0)
+  value, _ = reducers.finish(
+      {"loss": reducers.Term(losses, "pos_pair", mask=pos, weight=pos_w)}, reduction,
+      labels=labels, loss_name="angular", zero=~(jnp.any(pos) & jnp.any(mined_neg)))
   return value, {"num_pos_pairs": jnp.sum(pos_w)}
 
 
 def nca(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = None,
         ref_labels: Array | None = None, ref_valid: Array | None = None,
         ref_self_index: Array | None = None, softmax_scale: float = 1.0,
-        distance: distances.DistanceLike = "squared_euclidean") -> LossAndAux:
+        distance: distances.DistanceLike = "squared_euclidean", reduction="mean") -> LossAndAux:
   """Neighbourhood Components Analysis (Goldberger et al. 2004; PML's
   `NCALoss()`).
 
@@ -111,6 +117,10 @@ def nca(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = None
       set (PML's `ref_emb`); see the `jaxdml.losses` docstring.
     softmax_scale: multiplies the (negated) distances before the softmax.
     distance: a distance (jaxdml.losses.distances).
+    reduction: any of jaxdml.losses.reducers (PML's reducer of that name),
+      over the per-element losses PML lists (kind element: the anchors
+      with a positive);
+      default PML's.
 
   Returns:
     (loss, aux) with aux `anchors` (how many have a positive).
@@ -124,14 +134,17 @@ def nca(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = None
   logits = softmax_scale * (mat if distances.is_similarity(distance) else -mat)
   log_prob = masked_logsumexp(logits, p.pos) - masked_logsumexp(logits, p.pos | p.neg)
   has_pos = jnp.any(p.pos, axis=1)
-  value = pairs.reduce(-jnp.where(has_pos, log_prob, 0.0), has_pos, "mean")
+  value, _ = reducers.finish(
+      {"loss": reducers.Term(-jnp.where(has_pos, log_prob, 0.0), "element", mask=has_pos)},
+      reduction, labels=labels, loss_name="nca")
   return value, {"anchors": pairs.count(has_pos)}
 
 
 def ranked_list(*, embeddings: Array, labels: Array, margin: float, Tn: float,  # pylint: disable=invalid-name
                 imbalance: float = 0.5, alpha: float | None = None, Tp: float = 0.0,
                 distance: distances.DistanceLike = "euclidean", ref_embeddings=None,
-                ref_labels=None, ref_valid=None, ref_self_index=None) -> LossAndAux:
+                ref_labels=None, ref_valid=None, ref_self_index=None,
+                reduction="mean") -> LossAndAux:
   """Ranked List Loss (Wang et al. 2019; PML's `RankedListLoss(margin, Tn)`).
 
   `margin` and `Tn` are required, as in PML. With boundary alpha (default
@@ -155,6 +168,9 @@ def ranked_list(*, embeddings: Array, labels: Array, margin: float, Tn: float,  
     margin, Tn, imbalance, alpha, Tp: PML's names (see above).
     distance: a distance (jaxdml.losses.distances); "euclidean" is PML's
       default `LpDistance()`, which L2-normalises the rows first.
+    reduction: any of jaxdml.losses.reducers (PML's reducer of that name),
+      over the per-element losses PML lists (kind element, per anchor);
+      default PML's.
 
   Returns:
     (loss, aux) with aux `pos_loss`, `neg_loss` (batch means of L_P, L_N).
@@ -183,7 +199,9 @@ def ranked_list(*, embeddings: Array, labels: Array, margin: float, Tn: float,  
               / (jnp.sum(w_pos, axis=1) + 1e-5 * b))
   neg_loss = jnp.sum(w_neg * (alpha - neg_star), axis=1) / (jnp.sum(w_neg, axis=1) + 1e-5 * b)
   per_anchor = (1.0 - imbalance) * pos_loss + imbalance * neg_loss
-  return jnp.mean(per_anchor), {"pos_loss": jnp.mean(pos_loss), "neg_loss": jnp.mean(neg_loss)}
+  value, _ = reducers.finish({"loss": reducers.Term(per_anchor, "element")}, reduction,
+                             labels=labels, loss_name="ranked_list")
+  return value, {"pos_loss": jnp.mean(pos_loss), "neg_loss": jnp.mean(neg_loss)}
 
 
 def _dense_class_ids(labels):
@@ -196,7 +214,8 @@ def _dense_class_ids(labels):
 
 
 def instance(*, embeddings: Array, labels: Array, gamma: float = 64.0, ref_embeddings=None,
-             ref_labels=None, ref_valid=None, ref_self_index=None) -> LossAndAux:
+             ref_labels=None, ref_valid=None, ref_self_index=None,
+             reduction="mean") -> LossAndAux:
   """Instance loss as PML's `InstanceLoss()` computes it (after Zheng et al.
   2020, "Dual-Path Convolutional Image-Text Embeddings with Instance Loss").
 
@@ -215,6 +234,9 @@ def instance(*, embeddings: Array, labels: Array, gamma: float = 64.0, ref_embed
     embeddings: float [B, D].
     labels: int [B].
     gamma: the logit scale.
+    reduction: any of jaxdml.losses.reducers (PML's reducer of that name),
+      over the per-element losses PML lists (kind element, per row);
+      default PML's.
 
   Returns:
     (loss, aux) with aux `self_similarity_prob` (mean softmax mass on the
@@ -229,4 +251,6 @@ def instance(*, embeddings: Array, labels: Array, gamma: float = 64.0, ref_embed
   log_prob = jax.nn.log_softmax(logits, axis=1)
   target = _dense_class_ids(jnp.asarray(labels))
   losses = -jnp.take_along_axis(log_prob, target[:, None], axis=1)[:, 0]
-  return jnp.mean(losses), {"self_similarity_prob": jnp.mean(jnp.exp(jnp.diagonal(log_prob)))}
+  value, _ = reducers.finish({"loss": reducers.Term(losses, "element")}, reduction,
+                             labels=labels, loss_name="instance")
+  return value, {"self_similarity_prob": jnp.mean(jnp.exp(jnp.diagonal(log_prob)))}

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import reducers
 from jaxdml.losses import pairs
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -52,7 +53,8 @@ def _hinge_log_sum_exp(scores, own, margin):
 
 def manifold(*, embeddings, loss_params, labels=None, rng=None, meta_classes=None, K=50,
              lambdaC=1.0, alpha=0.8, margin=5e-4, distance="cosine",
-             ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+             ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
+             reduction="mean"):
   """PML's `ManifoldLoss(l=D, K, lambdaC, alpha, margin)`.
 
   Args:
@@ -80,6 +82,7 @@ def manifold(*, embeddings, loss_params, labels=None, rng=None, meta_classes=Non
   Returns:
     (loss, aux) with aux `intrinsic` and `context` (unweighted).
   """
+  reducers.check_reducible(reduction, "mean", "manifold")
   del labels
   pairs.reject_ref("manifold", ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                    ref_valid=ref_valid, ref_self_index=ref_self_index)

@@ -6,11 +6,13 @@ import jax.numpy as jnp
 from jaxdml.losses import distances
 from jaxdml.losses import miners
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 
 
 def margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
            ref_self_index=None, margin=0.2, beta=1.2, distance="euclidean", mined=None,  # pylint: disable=redefined-outer-name
-           learn_beta=False, nu=0.0, beta_per_class=False, loss_params=None):
+           learn_beta=False, nu=0.0, beta_per_class=False, loss_params=None,
+           reduction="divisor"):
   """Margin loss (Wu et al. 2017), PML's `MarginLoss()`: over every triplet
   (a, p, n), or a miner's (`mined=`), [d_ap - beta + margin]_+ +
   [beta - d_an + margin]_+, summed and divided by the number of non-zero
@@ -24,6 +26,11 @@ def margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   PML's `num_classes=`), initialised to `beta`, plus PML's regulariser
   nu * beta (per class: summed over the triplets' anchors, divided as the
   loss).
+
+  `reduction`: PML's DivisorReducer by default (computed from pair counts);
+  any other reducer of jaxdml.losses.reducers reduces PML's per-triplet
+  losses ("margin_loss", kind triplet, from the dense [B, R, R] tensor) and
+  its "beta_reg_loss", and needs `mined=None`.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
@@ -45,6 +52,9 @@ def margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   divisor = jnp.sum(jnp.where(pos > 0, t_pos, 0.0)) + jnp.sum(jnp.where(neg > 0, t_neg, 0.0))
   value = jnp.where(divisor > 0, total / jnp.where(divisor > 0, divisor, 1.0), 0.0)
   triplets = jnp.sum(t_pos)
+  if reducers.parse(reduction)["name"] != "divisor":
+    return _per_triplet(p, d, beta, margin, nu if learn_beta else None, beta_per_class,
+                        labels, mined, reduction), {"triplets": triplets}
   if learn_beta:
     if beta_per_class:  # PML: nu * beta per triplet's anchor, over the same divisor
       reg = nu * jnp.sum(beta[:, 0] * jnp.sum(t_pos, 1))
@@ -53,6 +63,32 @@ def margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
       reg = nu * beta[0, 0]
     value = value + jnp.where(triplets > 0, reg, 0.0)
   return value, {"triplets": triplets}
+
+
+def _per_triplet(p, d, beta, margin, nu, beta_per_class, labels, mined,  # pylint: disable=redefined-outer-name
+                 reduction):
+  """PML's loss dict, per triplet, reduced by `reduction` (nu None: fixed beta)."""
+  if mined is not None:
+    raise ValueError("margin: reduction other than 'divisor' reduces PML's per-triplet "
+                     "losses, which are built for all triplets only; drop mined= or the "
+                     "reduction.")
+  beta = jnp.broadcast_to(beta, (d.shape[0], 1))  # [B, 1]: the anchor's beta
+  mask = p.pos[:, :, None] & p.neg[:, None, :]
+  pos = jax.nn.relu(d - beta + margin)[:, :, None]
+  neg = jax.nn.relu(beta - d + margin)[:, None, :]
+  divisor = jnp.sum(jnp.where(mask, pos > 0, False)) + jnp.sum(jnp.where(mask, neg > 0, False))
+  terms = {"margin_loss": reducers.Term(pos + neg, "triplet", mask=mask, divisor=divisor)}
+  if nu is None:
+    terms["beta_reg_loss"] = reducers.Term(jnp.zeros(()), "already_reduced")
+  elif not beta_per_class:
+    terms["beta_reg_loss"] = reducers.Term(nu * beta[0, 0], "already_reduced")
+  else:  # one entry per triplet: its anchor's beta
+    terms["beta_reg_loss"] = reducers.Term(
+        jnp.broadcast_to(nu * beta[:, :, None], mask.shape), "element", mask=mask,
+        divisor=divisor)
+  value, _ = reducers.finish(terms, reduction, labels=labels, loss_name="margin",
+                             zero=~jnp.any(mask))
+  return value
 
 
 def init_beta(rng, *, num_classes, dim, beta=1.2, learn_beta=False, beta_per_class=False,
@@ -65,11 +101,13 @@ def init_beta(rng, *, num_classes, dim, beta=1.2, learn_beta=False, beta_per_cla
 
 
 def npairs(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None):
+           ref_self_index=None, reduction="mean"):
   """N-pairs loss (Sohn 2016), PML's `NPairsLoss()`: one positive pair per
   label (its first sample and that sample's first positive, in batch
   order), then cross-entropy of each anchor against all pairs' positives
-  over cosine similarities, averaged. Allocates [B, B]; in-batch only."""
+  over cosine similarities, averaged. Allocates [B, B]; in-batch only.
+  `reduction`: any of jaxdml.losses.reducers over the anchors' ("element")
+  losses."""
   pairs.reject_ref("npairs", ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                    ref_valid=ref_valid, ref_self_index=ref_self_index)
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None, ref_labels=None,
@@ -85,5 +123,6 @@ def npairs(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   log_p = jnp.diagonal(logits) - jax.nn.logsumexp(jnp.where(both, logits, -1e30), axis=1)
   losses = jnp.where(anchor, -log_p, 0.0)
   count = jnp.sum(anchor)
-  value = jnp.where(count > 0, jnp.sum(losses) / jnp.maximum(count, 1), 0.0)
+  value, _ = reducers.finish({"loss": reducers.Term(losses, "element", mask=anchor)}, reduction,
+                             labels=labels, loss_name="npairs")
   return value, {"pairs": count.astype(jnp.float32)}

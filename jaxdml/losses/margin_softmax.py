@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import reducers
 from jaxdml.losses import proxies as proxies_lib
 
 
@@ -35,7 +36,8 @@ def _cos_of_multiple_angle(cos, m: int):
              for n in range(m // 2 + 1))
 
 
-def _large_margin(name, embeddings, labels, loss_params, margin, scale, class_norms, ref_set):
+def _large_margin(name, embeddings, labels, loss_params, margin, scale, class_norms, ref_set,
+                  reduction):
   """Cross-entropy over the L-Softmax logits ||x_i|| (||w_c|| if
   `class_norms`) scale psi_ic, psi = cosine except at the own class."""
   x, table, _, one_hot = proxies_lib.prepare(name, embeddings, labels, loss_params, ref_set)
@@ -52,13 +54,15 @@ def _large_margin(name, embeddings, labels, loss_params, margin, scale, class_no
   magnitudes = distances.safe_norm(x)[:, None]
   if class_norms:
     magnitudes = magnitudes * distances.safe_norm(table)[None, :]
-  loss = jnp.mean(proxies_lib.cross_entropy(logits * magnitudes * scale, one_hot))
+  loss, _ = reducers.finish(
+      {"loss": reducers.Term(proxies_lib.cross_entropy(logits * magnitudes * scale, one_hot),
+                             "element")}, reduction, labels=labels, loss_name=name)
   return loss, {"avg_angle": jnp.degrees(jnp.mean(angles))}
 
 
 def large_margin_softmax(*, embeddings, labels, loss_params, margin=4, scale=1.0,
                          ref_embeddings=None, ref_labels=None, ref_valid=None,
-                         ref_self_index=None):
+                         ref_self_index=None, reduction="mean"):
   """Large-margin softmax (Liu et al. 2016), PML's `LargeMarginSoftmaxLoss`.
 
   Args:
@@ -68,6 +72,8 @@ def large_margin_softmax(*, embeddings, labels, loss_params, margin=4, scale=1.0
     margin: the integer m: the own class's logit uses cos(m theta) (made
       monotone, see `_large_margin`) in place of cos(theta).
     scale: multiplies every logit.
+    reduction: any of jaxdml.losses.reducers over the per-sample
+      ("element") cross-entropies; PML's MeanReducer.
 
   The logit of class c is ||w_c|| ||x_i|| cos(theta_ic) * scale, i.e.
   w_c . x_i, with the own class's cosine replaced; cross-entropy, averaged
@@ -79,11 +85,12 @@ def large_margin_softmax(*, embeddings, labels, loss_params, margin=4, scale=1.0
   """
   return _large_margin("large_margin_softmax", embeddings, labels, loss_params, margin, scale,
                        True, proxies_lib.refs(ref_embeddings, ref_labels, ref_valid,
-                                              ref_self_index))
+                                              ref_self_index), reduction)
 
 
 def sphereface(*, embeddings, labels, loss_params, margin=4, scale=1.0,
-               ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+               ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
+               reduction="mean"):
   """SphereFace / A-Softmax (Liu et al. 2017), PML's `SphereFaceLoss`.
 
   `large_margin_softmax` with the class vectors' norms left out of the
@@ -92,11 +99,11 @@ def sphereface(*, embeddings, labels, loss_params, margin=4, scale=1.0,
   """
   return _large_margin("sphereface", embeddings, labels, loss_params, margin, scale,
                        False, proxies_lib.refs(ref_embeddings, ref_labels, ref_valid,
-                                               ref_self_index))
+                                               ref_self_index), reduction)
 
 
 def p2s_grad(*, embeddings, labels, loss_params, ref_embeddings=None, ref_labels=None,
-             ref_valid=None, ref_self_index=None):
+             ref_valid=None, ref_self_index=None, reduction="mean"):
   """P2SGrad (Zhang et al. 2019), PML's `P2SGradLoss`; no hyperparameters.
 
   The mean over [B, C] of (cos theta_ic - [c == y_i])^2, cosines clipped to
@@ -116,6 +123,7 @@ def p2s_grad(*, embeddings, labels, loss_params, ref_embeddings=None, ref_labels
     labels: int [B] in [0, C).
     loss_params: {"proxies": float [C, D]}.
   """
+  reducers.check_reducible(reduction, "mean", "p2s_grad")
   x, table, _, one_hot = proxies_lib.prepare(
       "p2s_grad", embeddings, labels, loss_params,
       proxies_lib.refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))

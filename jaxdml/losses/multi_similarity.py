@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxdml.losses import distances
 from jaxdml.losses import miners
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 
 
 def _log1p_sum_exp(x, mask):
@@ -43,7 +44,8 @@ def multi_similarity(*, embeddings, labels, ref_embeddings=None,
       similarity offset lambda of the paper).
     miner_epsilon: None (all pairs) or the MS miner's epsilon.
     distance: a distance (jaxdml.losses.distances); "cosine" as PML's default.
-    reduction: "mean" over anchors (PML default) | "avg_nonzero".
+    reduction: "mean" over anchors (PML default) or any reducer of
+      jaxdml.losses.reducers, over the anchors' ("element") losses.
     mined: a miner's selection (jaxdml.losses.miners), used as a set as
       PML's masks do; `miner_epsilon` then mines within it.
 
@@ -67,8 +69,9 @@ def multi_similarity(*, embeddings, labels, ref_embeddings=None,
   neg_term = _log1p_sum_exp(beta * neg_exp, neg) / beta
   n_pos, n_neg = pairs.count(pos), pairs.count(neg)
   per_anchor = pos_term + neg_term
-  loss = pairs.reduce(per_anchor, jnp.ones(per_anchor.shape, bool), reduction)
-  loss = jnp.where((n_pos <= 1) & (n_neg <= 1), 0.0, loss)
+  loss, _ = reducers.finish({"loss": reducers.Term(per_anchor, "element")}, reduction,
+                            labels=labels, loss_name="multi_similarity",
+                            zero=(n_pos <= 1) & (n_neg <= 1))
   aux = {
       "num_pos_pairs": n_pos,
       "num_neg_pairs": n_neg,

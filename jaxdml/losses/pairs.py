@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import reducers
 
 REDUCTIONS = ("avg_nonzero", "mean")
 # XBM's code and IRT's equation: each anchor's pair losses summed, then the
@@ -120,16 +121,12 @@ def reduce(losses, mask, reduction, weight=None):
   PML does. "per_anchor_sum" sums each row of [B, R] `losses` over `mask`
   and averages the B sums, so more pairs (a larger memory) weigh more.
   `weight`: how many times each entry counts (a miner's pair counts, as
-  PML's index lists repeat a pair); 1 where None.
+  PML's index lists repeat a pair); 1 where None. Any reducer of
+  jaxdml.losses.reducers is accepted; these are the ones losses use here.
   """
-  check_reduction(reduction, REDUCTIONS + (PER_ANCHOR_SUM,))
-  weight = jnp.ones(losses.shape, losses.dtype) if weight is None else weight
-  if reduction == PER_ANCHOR_SUM:
-    return jnp.sum(jnp.where(mask, weight * losses, 0.0)) / losses.shape[0]
-  keep = mask & (losses > 0) if reduction == "avg_nonzero" else mask
-  total = jnp.sum(jnp.where(keep, weight * losses, 0.0))
-  count = jnp.sum(jnp.where(keep, weight, 0.0))
-  return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
+  kind = "pos_pair" if jnp.ndim(losses) == 2 else "element"
+  term = reducers.Term(losses, kind, mask=mask, weight=weight)
+  return reducers.reduce_term(term, reducers.parse(reduction))
 
 
 def count(mask):

@@ -10,7 +10,10 @@ not the same numbers). The number of classes and the width come from the
 arrays. Labels must lie in [0, num_classes).
 
 Every loss here allocates [B, C] (batch x classes) and nothing larger.
-A reference set is rejected, as in PML.
+A reference set is rejected, as in PML. `reduction=` is any reducer of
+jaxdml.losses.reducers over PML's per-element losses: one per sample
+(kind "element"), for proxy_anchor one per proxy in "pos_loss" and
+"neg_loss" with PML's divisors (the proxies with a positive, all proxies).
 """
 import math
 
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxdml.losses import distances
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 from jaxdml.losses.softmax_pairs import masked_logsumexp
 
 
@@ -58,13 +62,21 @@ def cross_entropy(logits, one_hot):
   return -jnp.sum(one_hot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
+def _finish(name, losses, reduction, labels):
+  """(loss, {}) from the per-sample losses (a reducers.Term, or an array of
+  "element" losses over the batch) reduced by `reduction`."""
+  term = losses if isinstance(losses, reducers.Term) else reducers.Term(losses, "element")
+  return reducers.finish({"loss": term}, reduction, labels=labels, loss_name=name)[0], {}
+
+
 def refs(ref_embeddings, ref_labels, ref_valid, ref_self_index):
   return dict(ref_embeddings=ref_embeddings, ref_labels=ref_labels, ref_valid=ref_valid,
               ref_self_index=ref_self_index)
 
 
 def proxy_anchor(*, embeddings, labels, loss_params, margin=0.1, alpha=32.0,
-                 ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+                 ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
+                 reduction="divisor"):
   """Proxy-Anchor (Kim et al. 2020), PML's `ProxyAnchorLoss`.
 
   For each proxy c with cosine s_ic to the batch: log(1 + sum over its
@@ -83,13 +95,17 @@ def proxy_anchor(*, embeddings, labels, loss_params, margin=0.1, alpha=32.0,
   pos_term = log1p_sum_exp(alpha * (margin - cos), pos)
   neg_term = log1p_sum_exp(alpha * (cos + margin), neg)
   with_pos = jnp.sum(jnp.any(pos > 0, axis=0))
-  pos_loss = jnp.sum(pos_term) / jnp.maximum(with_pos, 1)
-  neg_loss = jnp.sum(neg_term) / proxies.shape[0]
-  return pos_loss + neg_loss, {"pos_loss": pos_loss, "neg_loss": neg_loss}
+  # Per proxy ("element" over the C proxies), as PML lists them, with its divisors.
+  value, parts = reducers.finish(
+      {"pos_loss": reducers.Term(pos_term, "element", divisor=with_pos),
+       "neg_loss": reducers.Term(neg_term, "element", divisor=proxies.shape[0])},
+      reduction, labels=labels, loss_name="proxy_anchor")
+  return value, parts
 
 
 def proxy_nca(*, embeddings, labels, loss_params, softmax_scale=1.0,
-              ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+              ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
+                 reduction="mean"):
   """ProxyNCA (Movshovitz-Attias et al. 2017), PML's `ProxyNCALoss`.
 
   Softmax over minus the squared distances of the L2-normalised embedding to
@@ -104,29 +120,31 @@ def proxy_nca(*, embeddings, labels, loss_params, softmax_scale=1.0,
                                           distances.l2_normalize(proxies))
   log_p = jnp.sum(one_hot * jax.nn.log_softmax(-softmax_scale * d2, axis=-1), axis=-1)
   keep = jnp.exp(log_p) > 0
-  return pairs.reduce(-log_p, keep, "mean"), {}
+  return _finish("proxy_nca", reducers.Term(-log_p, "element", mask=keep), reduction, labels)
 
 
 def normalized_softmax(*, embeddings, labels, loss_params, temperature=0.05,
                        ref_embeddings=None, ref_labels=None, ref_valid=None,
-                       ref_self_index=None):
+                       ref_self_index=None, reduction="mean"):
   """Normalized softmax (Zhai & Wu 2018), PML's `NormalizedSoftmaxLoss`:
   cross-entropy over cosine / temperature, averaged. Allocates [B, C]."""
   x, proxies, _, one_hot = prepare(
       "normalized_softmax", embeddings, labels, loss_params,
       refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   logits = distances.cosine_matrix(x, proxies) / temperature
-  return jnp.mean(cross_entropy(logits, one_hot)), {}
+  return _finish("normalized_softmax", cross_entropy(logits, one_hot), reduction, labels)
 
 
 def cosface(*, embeddings, labels, loss_params, margin=0.35, scale=64.0,
-            ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+            ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
+                 reduction="mean"):
   """CosFace (Wang et al. 2018), PML's `CosFaceLoss`: cross-entropy over
   scale * (cosine - margin at the own class). Allocates [B, C]."""
   x, proxies, _, one_hot = prepare("cosface", embeddings, labels, loss_params,
                                    refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   cos = distances.cosine_matrix(x, proxies)
-  return jnp.mean(cross_entropy(scale * (cos - margin * one_hot), one_hot)), {}
+  return _finish("cosface", cross_entropy(scale * (cos - margin * one_hot), one_hot), reduction,
+                 labels)
 
 
 def _arcface_loss(cos, one_hot, margin, scale):
@@ -139,11 +157,12 @@ def _arcface_loss(cos, one_hot, margin, scale):
                           target * math.cos(m) - sine * math.sin(m),
                           target - m * math.sin(m))
   logits = cos + one_hot * (plus_margin - target)[:, None]
-  return jnp.mean(cross_entropy(scale * logits, one_hot))
+  return cross_entropy(scale * logits, one_hot)
 
 
 def arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
-            ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None):
+            ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
+                 reduction="mean"):
   """ArcFace (Deng et al. 2019), PML's `ArcFaceLoss`; `margin` in degrees.
 
   The own class's cosine becomes cos(theta + m), or cos(theta) - m sin(m)
@@ -154,7 +173,8 @@ def arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
   """
   x, proxies, _, one_hot = prepare("arcface", embeddings, labels, loss_params,
                                    refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
-  return _arcface_loss(distances.cosine_matrix(x, proxies), one_hot, margin, scale), {}
+  return _finish("arcface", _arcface_loss(distances.cosine_matrix(x, proxies), one_hot, margin,
+                                          scale), reduction, labels)
 
 
 def _per_class(name, x, proxies, labels, per_class):
@@ -177,7 +197,7 @@ def _init_per_class(draw, key, default):
 
 def subcenter_arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
                       sub_centers=3, ref_embeddings=None, ref_labels=None, ref_valid=None,
-                      ref_self_index=None):
+                      ref_self_index=None, reduction="mean"):
   """Sub-center ArcFace (Deng et al. 2020), PML's `SubCenterArcFaceLoss`:
   ArcFace on each class's best-matching of its `sub_centers` centres
   (`loss_params["proxies"]` [C * sub_centers, D], class-major). Allocates
@@ -185,12 +205,13 @@ def subcenter_arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.
   x, proxies, labels, _ = prepare("subcenter_arcface", embeddings, labels, loss_params,
                                   refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   cos, one_hot = _per_class("subcenter_arcface", x, proxies, labels, int(sub_centers))
-  return _arcface_loss(jnp.max(cos, axis=-1), one_hot, margin, scale), {}
+  return _finish("subcenter_arcface", _arcface_loss(jnp.max(cos, axis=-1), one_hot, margin,
+                                                    scale), reduction, labels)
 
 
 def soft_triple(*, embeddings, labels, loss_params, centers_per_class=10, la=20.0, gamma=0.1,
                 margin=0.01, ref_embeddings=None, ref_labels=None, ref_valid=None,
-                ref_self_index=None):
+                ref_self_index=None, reduction="mean"):
   """SoftTriple (Qian et al. 2019), PML's `SoftTripleLoss`.
 
   A class's similarity is the softmax(cos / gamma)-weighted mean of its
@@ -203,7 +224,8 @@ def soft_triple(*, embeddings, labels, loss_params, centers_per_class=10, la=20.
   cos, one_hot = _per_class("soft_triple", x, proxies, labels, int(centers_per_class))
   weights = jax.nn.softmax(cos / gamma, axis=-1)
   similarity = jnp.sum(weights * cos, axis=-1)
-  return jnp.mean(cross_entropy(la * (similarity - margin * one_hot), one_hot)), {}
+  return _finish("soft_triple", cross_entropy(la * (similarity - margin * one_hot), one_hot),
+                 reduction, labels)
 
 
 # Sub-center ArcFace: PML's normal_ init; SoftTriple: kaiming_uniform_(a=sqrt(5))

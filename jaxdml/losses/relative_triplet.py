@@ -78,6 +78,7 @@ def relative_triplet(*, embeddings, labels, ref_embeddings=None,
     labels = jnp.asarray(labels)
     cand_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
     weight = anchor_dissimilarity_weights(p.query, labels, cand_labels)
+  pairs.check_reduction(reduction)
   loss, aux, den = triplet_lib.weighted_triplet(
       dis=dis, pos=p.pos, neg=p.neg, weight=weight, margin=margin,
       mining=mining, reduction=reduction)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import reducers
 from jaxdml.losses import miners
 from jaxdml.losses import pairs
 
@@ -59,8 +60,9 @@ def _unordered(pair_mask):
 def histogram(*, embeddings: Array, labels: Array, n_bins: int | None = None,
               delta: float | None = None, mined: miners.Mined | None = None,
               ref_embeddings=None, ref_labels=None, ref_valid=None,
-              ref_self_index=None) -> LossAndAux:
+              ref_self_index=None, reduction="mean") -> LossAndAux:
   """Histogram loss (Ustinova & Lempitsky 2016; PML's `HistogramLoss()`).
+  PML computes it already reduced: `reduction` stays "mean".
 
   The cosine similarities of the positive and of the negative pairs are
   binned into linear-interpolation histograms p+ and p- on [-1, 1]
@@ -85,6 +87,7 @@ def histogram(*, embeddings: Array, labels: Array, n_bins: int | None = None,
   Returns:
     (loss, aux) with aux `num_pos_pairs`, `num_neg_pairs` (unordered).
   """
+  reducers.check_reducible(reduction, "mean", "histogram")
   pairs.reject_ref("histogram", ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                    ref_valid=ref_valid, ref_self_index=ref_self_index)
   delta, nodes = _histogram_nodes(n_bins, delta)
@@ -113,7 +116,7 @@ def _clamped_sigmoid(x, temperature):
 
 def pnp(*, embeddings: Array, labels: Array, b: float = 2.0, alpha: float = 1.0,
         anneal: float = 0.01, variant: str = "O", anchor_chunk: int = 32, ref_embeddings=None,
-        ref_labels=None, ref_valid=None, ref_self_index=None) -> LossAndAux:
+        ref_labels=None, ref_valid=None, ref_self_index=None, reduction="mean") -> LossAndAux:
   """PNP loss (Li et al. 2022, "Rethinking the Optimization of Average
   Precision: Only Penalizing Negative Instances before Positive Ones is
   Enough"; PML's `PNPLoss()`).
@@ -137,6 +140,7 @@ def pnp(*, embeddings: Array, labels: Array, b: float = 2.0, alpha: float = 1.0,
   Returns:
     (loss, aux) with aux `anchors` (queries with a positive).
   """
+  reducers.check_reducible(reduction, "mean", "pnp")
   pairs.reject_ref("pnp", ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                    ref_valid=ref_valid, ref_self_index=ref_self_index)
   if variant not in PNP_VARIANTS:
@@ -175,7 +179,8 @@ def intra_pair_variance(*, embeddings: Array, labels: Array,
                         ref_valid: Array | None = None, ref_self_index: Array | None = None,
                         pos_eps: float = 0.01, neg_eps: float = 0.01,
                         distance: distances.DistanceLike = "cosine",
-                        mined: miners.Mined | None = None) -> LossAndAux:
+                        mined: miners.Mined | None = None,
+                        reduction="mean") -> LossAndAux:
   """Intra-pair variance loss (Yu & Tao 2019, "Deep Metric Learning with
   Tuplet Margin Loss"; PML's `IntraPairVarianceLoss()`).
 
@@ -197,6 +202,8 @@ def intra_pair_variance(*, embeddings: Array, labels: Array,
     distance: a distance (jaxdml.losses.distances); "cosine" as PML's default.
     mined: a miner's selection (jaxdml.losses.miners); each pair counts as
       often as mined, in the means too, as in PML's pair lists.
+    reduction: any of jaxdml.losses.reducers, applied to "pos_loss"
+      (pos_pair) and "neg_loss" (neg_pair) and summed; PML's MeanReducer.
 
   Returns:
     (loss, aux) with aux `pos_loss`, `neg_loss`, `num_pos_pairs`, `num_neg_pairs`.
@@ -213,9 +220,14 @@ def intra_pair_variance(*, embeddings: Array, labels: Array,
     pos_gap, neg_gap = (1.0 - pos_eps) * mean_pos - mat, mat - (1.0 + neg_eps) * mean_neg
   else:
     pos_gap, neg_gap = mat - (1.0 + pos_eps) * mean_pos, (1.0 - neg_eps) * mean_neg - mat
-  pos_loss = pairs.reduce(jnp.square(jax.nn.relu(pos_gap)), pos, "mean", weight=pos_w)
-  neg_loss = pairs.reduce(jnp.square(jax.nn.relu(neg_gap)), neg, "mean", weight=neg_w)
-  value = jnp.where((n_pos <= 1) & (n_neg <= 1), 0.0, pos_loss + neg_loss)
+  value, parts = reducers.finish(
+      {"pos_loss": reducers.Term(jnp.square(jax.nn.relu(pos_gap)), "pos_pair", mask=pos,
+                                 weight=pos_w),
+       "neg_loss": reducers.Term(jnp.square(jax.nn.relu(neg_gap)), "neg_pair", mask=neg,
+                                 weight=neg_w)},
+      reduction, labels=labels, loss_name="intra_pair_variance",
+      zero=(n_pos <= 1) & (n_neg <= 1))
+  pos_loss, neg_loss = parts.get("pos_loss", 0.0), parts.get("neg_loss", 0.0)
   return value, {"pos_loss": pos_loss, "neg_loss": neg_loss, "num_pos_pairs": n_pos,
                  "num_neg_pairs": n_neg}
 
@@ -227,7 +239,8 @@ def threshold_consistent_margin(*, embeddings: Array, labels: Array,
                                 ref_self_index: Array | None = None, lambda_plus: float = 1.0,
                                 lambda_minus: float = 1.0, margin_plus: float = 0.9,
                                 margin_minus: float = 0.5,
-                                mined: miners.Mined | None = None) -> LossAndAux:
+                                mined: miners.Mined | None = None,
+                                reduction="mean") -> LossAndAux:
   """Threshold-consistent margin loss (Zhang et al. 2023, "Threshold-Consistent
   Margin Loss for Open-World Deep Metric Learning"; PML's
   `ThresholdConsistentMarginLoss()`).
@@ -259,6 +272,7 @@ def threshold_consistent_margin(*, embeddings: Array, labels: Array,
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="threshold_consistent_margin")
+  reducers.check_reducible(reduction, "mean", "threshold_consistent_margin")
   pos, neg, pos_w, neg_w = miners.restrict(p, mined)
   s = distances.cosine_matrix(p.query, p.ref)
   pos_w = jnp.where(pos & (s <= margin_plus), pos_w, 0.0)

@@ -17,6 +17,7 @@ import jax
 from jaxdml.losses import distances
 from jaxdml.losses import miners
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 
 
 def masked_logsumexp(z, mask, axis=-1, weight=None):
@@ -36,14 +37,15 @@ def masked_logsumexp(z, mask, axis=-1, weight=None):
 
 
 def ntxent(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, temperature=0.07, mined=None):
+           ref_self_index=None, temperature=0.07, mined=None, reduction="mean"):
   """NT-Xent / InfoNCE with labels (PML's `NTXentLoss`).
   `mined`: a miner's pairs, each counted as often as it was mined.
 
   Every positive pair (a, p) is a softmax over p and the negatives of a,
   cosine / temperature: -log(e^{s_ap} / (e^{s_ap} + sum_n e^{s_an})),
   averaged over positive pairs (MeanReducer). Written as
-  softplus(logsumexp_n s_an - s_ap) per [B, R] entry.
+  softplus(logsumexp_n s_an - s_ap) per [B, R] entry. `reduction`: any of
+  jaxdml.losses.reducers, over these pos_pair losses.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
@@ -52,21 +54,23 @@ def ntxent(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   logits = distances.cosine_matrix(p.query, p.ref) / temperature
   negatives = masked_logsumexp(logits, neg, weight=neg_w)
   losses = jax.nn.softplus(negatives[:, None] - logits)
-  value = pairs.reduce(losses, pos, "mean", weight=pos_w)
   # PML returns zero unless the batch has positive and negative pairs.
-  value = jnp.where(jnp.any(pos) & jnp.any(neg), value, 0.0)
+  value, _ = reducers.finish(
+      {"loss": reducers.Term(losses, "pos_pair", mask=pos, weight=pos_w)}, reduction,
+      labels=labels, loss_name="ntxent", zero=~(jnp.any(pos) & jnp.any(neg)))
   return value, {"pos_pairs": jnp.sum(pos_w)}
 
 
 def supcon(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, temperature=0.1, mined=None):
+           ref_self_index=None, temperature=0.1, mined=None, reduction="avg_nonzero"):
   """Supervised contrastive loss (Khosla et al. 2020; PML's `SupConLoss`).
   `mined`: a miner's pairs, as a set.
 
   For anchor a: minus the mean over its positives p of
   log(e^{s_ap} / sum over its positives and negatives k of e^{s_ak}),
   cosine / temperature; averaged over anchors with a non-zero loss
-  (AvgNonZeroReducer).
+  (AvgNonZeroReducer). `reduction`: any of jaxdml.losses.reducers, over
+  these per-anchor ("element") losses.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
@@ -77,20 +81,22 @@ def supcon(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   n_pos = jnp.sum(pos, axis=1)
   tiny = jnp.finfo(logits.dtype).tiny
   per_anchor = -jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1) / (n_pos + tiny)
-  value = pairs.reduce(per_anchor, jnp.ones_like(n_pos, bool), "avg_nonzero")
-  value = jnp.where(jnp.any(pos) & jnp.any(neg), value, 0.0)
+  value, _ = reducers.finish({"loss": reducers.Term(per_anchor, "element")}, reduction,
+                             labels=labels, loss_name="supcon",
+                             zero=~(jnp.any(pos) & jnp.any(neg)))
   return value, {"anchors_with_positives": jnp.sum(n_pos > 0).astype(jnp.float32)}
 
 
 def circle(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, m=0.4, gamma=80.0, mined=None):
+           ref_self_index=None, m=0.4, gamma=80.0, mined=None, reduction="avg_nonzero"):
   """Circle loss (Sun et al. 2020; PML's `CircleLoss`), pairwise labels.
 
   Per anchor: softplus(logsumexp_p -gamma a_p (s_p - (1 - m)) +
   logsumexp_n gamma a_n (s_n - m)) with the weights a_p = [1 + m - s_p]_+
   and a_n = [s_n + m]_+ held constant; 0 for an anchor without a positive
   or a negative; averaged over the non-zero anchors (AvgNonZeroReducer).
-  `mined`: a miner's pairs, as a set.
+  `mined`: a miner's pairs, as a set. `reduction`: any of
+  jaxdml.losses.reducers, over these per-anchor ("element") losses.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
@@ -103,11 +109,13 @@ def circle(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   both = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
   inner = masked_logsumexp(pos_logits, pos) + masked_logsumexp(neg_logits, neg)
   losses = jnp.where(both, jax.nn.softplus(jnp.where(both, inner, 0.0)), 0.0)
-  return pairs.reduce(losses, jnp.ones_like(both), "avg_nonzero"), {}
+  value, _ = reducers.finish({"loss": reducers.Term(losses, "element")}, reduction,
+                             labels=labels, loss_name="circle")
+  return value, {}
 
 
 def tuplet_margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-                  ref_self_index=None, margin=5.73, scale=64.0, mined=None):
+                  ref_self_index=None, margin=5.73, scale=64.0, mined=None, reduction="mean"):
   """Tuplet margin loss (Yu & Tao 2019; PML's `TupletMarginLoss`); `margin`
   in degrees.
 
@@ -116,6 +124,7 @@ def tuplet_margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, r
   positive pairs. cos(theta - m) is computed as c cos m + sqrt(1 - c^2)
   sin m (PML goes through arccos: the same value, a finite gradient at
   c = 1 here). `mined`: a miner's pairs, each counted as often as mined.
+  `reduction`: any of jaxdml.losses.reducers, over these pos_pair losses.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
@@ -127,5 +136,7 @@ def tuplet_margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, r
   negatives = masked_logsumexp(scale * s, neg, weight=neg_w)  # per anchor
   # log(1 + sum_n exp(scale s_an - scale cos(theta_ap - m))) per [a, p] entry.
   losses = jax.nn.softplus(negatives[:, None] - scale * shifted)
-  value = pairs.reduce(losses, pos, "mean", weight=pos_w)
-  return jnp.where(jnp.any(pos) & jnp.any(neg), value, 0.0), {}
+  value, _ = reducers.finish(
+      {"loss": reducers.Term(losses, "pos_pair", mask=pos, weight=pos_w)}, reduction,
+      labels=labels, loss_name="tuplet_margin", zero=~(jnp.any(pos) & jnp.any(neg)))
+  return value, {}

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxdml.losses import distances
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 
 MININGS = ("all", "hard", "semihard")
 
@@ -125,18 +126,50 @@ def _sorted_runs(dis, pos, neg, weight, margin, window, reduction, pos_count=Non
   return num, den, n_mined, n_active
 
 
+def _triplet_term(dis, pos, neg, weight, margin, mining, mined, window, repeats):
+  """The mined triplets' hinges as PML lists them (a reducers.Term of kind
+  "triplet"): [B] for "hard", [B, R] for a sampled negative, [T] for a list,
+  else the dense [B, R, R] (a, p, n) tensor."""
+  take = lambda m, i: jnp.take_along_axis(m, i[:, None], axis=1)[:, 0]
+  if mined is not None and mined.triplets is not None:
+    a, p, n = (mined.triplets[:, i] for i in range(3))
+    listed = (a >= 0) & (p >= 0) & (n >= 0)
+    a, p, n = (jnp.where(listed, i, 0) for i in (a, p, n))
+    return reducers.Term(jax.nn.relu(dis[a, p] - dis[a, n] + margin), "triplet",
+                         mask=listed & pos[a, p] & neg[a, n], weight=weight[a, n], anchors=a)
+  if mined is not None and mined.sampled_neg is not None:
+    d_an = jnp.take_along_axis(dis, jnp.maximum(mined.sampled_neg, 0), axis=1)
+    return reducers.Term(jax.nn.relu(dis - d_an + margin), "triplet", mask=pos)
+  if mining == "hard":
+    p_idx = jnp.argmax(jnp.where(pos, dis, -jnp.inf), axis=1)
+    n_idx = jnp.argmin(jnp.where(neg, dis, jnp.inf), axis=1)
+    keep = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
+    return reducers.Term(jax.nn.relu(take(dis, p_idx) - take(dis, n_idx) + margin), "triplet",
+                         mask=keep, weight=take(weight, n_idx))
+  gap = dis[:, None, :] - dis[:, :, None]  # [a, p, n]: dis_an - dis_ap
+  mask = (pos[:, :, None] & neg[:, None, :] & (gap > window[0]) & (gap <= window[1]))
+  count = weight[:, None, :]
+  if repeats:
+    count = count * repeats["pos_count"][:, :, None] * repeats["neg_count"][:, None, :]
+  return reducers.Term(jax.nn.relu(margin - gap), "triplet", mask=mask, weight=count)
+
+
 def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction, mined=None,
-                     distance=None):
+                     distance=None, labels=None):
   """Shared core: sum(w * hinge) / sum(w) over the reduced set of triplets.
 
   `weight` is [B, R], indexed by (anchor, negative), under stop_gradient.
   With weight 1 this is PML's reduction exactly; with general weights it is
   the weighted mean, i.e. weights normalised to mean 1 over the triplets the
   reduction averages over. `mined` (with the loss's `distance`) replaces
-  `mining`.
+  `mining`. Reductions other than "avg_nonzero", "mean" and "sum" (any of
+  jaxdml.losses.reducers; `labels` for "class_weighted") reduce the listed
+  triplets, the dense [B, R, R] tensor for "all" and "semihard".
   """
   check_mining(mining)
-  pairs.check_reduction(reduction)
+  spec = reducers.parse(reduction)
+  fast = spec["name"] in ("avg_nonzero", "mean", "sum")
+  reduction = spec["name"] if fast else "mean"
   weight = jax.lax.stop_gradient(weight)
   if mined is not None:
     if mining != "all":
@@ -163,6 +196,13 @@ def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction, mined=
         dis, pos, neg, weight, margin, window if mined is None else mined.window, reduction,
         **repeats)
   loss = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+  if spec["name"] == "sum":
+    loss = num
+  elif not fast:
+    window = (mined.window if mined is not None
+              else {"all": (-math.inf, math.inf), "semihard": (0.0, margin)}.get(mining))
+    term = _triplet_term(dis, pos, neg, weight, margin, mining, mined, window, repeats)
+    loss, _ = reducers.finish({"loss": term}, spec, labels=labels, loss_name="triplet")
   aux = {
       "num_triplets": n_mined,
       "num_active": n_active,
@@ -186,7 +226,8 @@ def triplet(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
     distance: a distance (jaxdml.losses.distances); "euclidean" is PML's
       `LpDistance()`, which L2-normalises the rows first.
     mining: "all" | "hard" | "semihard" (see module docstring).
-    reduction: "avg_nonzero" (PML default) | "mean".
+    reduction: "avg_nonzero" (PML's AvgNonZeroReducer, the default) or any
+      reducer of jaxdml.losses.reducers, applied to PML's triplet losses.
     mined: a miner's selection (jaxdml.losses.miners) instead of `mining`.
 
   Returns:
@@ -202,5 +243,5 @@ def triplet(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
   loss, aux, _ = weighted_triplet(dis=dis, pos=p.pos, neg=p.neg,
                                   weight=jnp.ones_like(dis), margin=margin,
                                   mining=mining, reduction=reduction, mined=mined,
-                                  distance=distance)
+                                  distance=distance, labels=labels)
   return loss, aux

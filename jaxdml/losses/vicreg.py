@@ -11,14 +11,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import reducers
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _variance_term(z, eps):
-  """mean over dims of relu(1 - sqrt(Var(z_d) + eps)) / 2, unbiased variance."""
+def _variance_terms(z, eps):
+  """per dim relu(1 - sqrt(Var(z_d) + eps)) / 2, unbiased variance."""
   std = jnp.sqrt(jnp.var(z, axis=0, ddof=1) + eps)
-  return jnp.mean(jax.nn.relu(1.0 - std)) / 2.0
+  return jax.nn.relu(1.0 - std) / 2.0
 
 
 def _covariance_term(z):
@@ -31,7 +32,7 @@ def _covariance_term(z):
 
 
 def vicreg(*, embeddings, ref_embeddings=None, labels=None, invariance_lambda=25.0,
-           variance_mu=25.0, covariance_v=1.0, eps=1e-4):
+           variance_mu=25.0, covariance_v=1.0, eps=1e-4, reduction="mean"):
   """lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')] on the raw rows.
 
   Args:
@@ -40,6 +41,10 @@ def vicreg(*, embeddings, ref_embeddings=None, labels=None, invariance_lambda=25
     labels: ignored (PML refuses labels).
     invariance_lambda, variance_mu, covariance_v: lambda, mu and nu.
     eps: inside the standard deviation's square root.
+    reduction: any of jaxdml.losses.reducers, applied as PML's to its
+      sub-losses: "invariance_loss" (element, per row), "variance_loss1"
+      and "variance_loss2" (element, per dimension) and the already reduced
+      "covariance_loss"; PML's MeanReducer.
 
   s is the mean squared difference of the views; v(Z) the mean over the D
   dimensions of relu(1 - std_d) / 2 (PML halves each view's term); c(Z) the
@@ -57,8 +62,15 @@ def vicreg(*, embeddings, ref_embeddings=None, labels=None, invariance_lambda=25
   if z.ndim != 2 or z.shape != z_ref.shape or z.shape[0] < 2:
     raise ValueError(f"vicreg: embeddings and ref_embeddings must be two views of the same "
                      f"[B, D] batch with B >= 2, got {z.shape} and {z_ref.shape}.")
-  invariance = invariance_lambda * jnp.mean(jnp.square(z - z_ref))
-  variance = variance_mu * (_variance_term(z, eps) + _variance_term(z_ref, eps))
   covariance = covariance_v * (_covariance_term(z) + _covariance_term(z_ref))
-  aux = {"invariance": invariance, "variance": variance, "covariance": covariance}
-  return invariance + variance + covariance, aux
+  value, parts = reducers.finish(
+      {"invariance_loss": reducers.Term(
+          invariance_lambda * jnp.mean(jnp.square(z - z_ref), axis=1), "element"),
+       "variance_loss1": reducers.Term(variance_mu * _variance_terms(z, eps), "element"),
+       "variance_loss2": reducers.Term(variance_mu * _variance_terms(z_ref, eps), "element"),
+       "covariance_loss": reducers.Term(covariance, "already_reduced")},
+      reduction, loss_name="vicreg")
+  aux = {"invariance": parts.get("invariance_loss", 0.0),
+         "variance": parts.get("variance_loss1", 0.0) + parts.get("variance_loss2", 0.0),
+         "covariance": covariance}
+  return value, aux
