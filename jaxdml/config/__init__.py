@@ -265,9 +265,10 @@ def recipe_dirs() -> list[str]:
   `jaxdml.configs` (an editable install elsewhere maps that to its own
   checkout, whose recipes may not match this code)."""
   found = []
-  checkout = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                                          "configs"))
-  if os.path.isdir(checkout):
+  root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+  checkout = os.path.join(root, "configs")
+  # A source checkout has its pyproject.toml beside; site-packages/configs is someone else's.
+  if os.path.isdir(checkout) and os.path.isfile(os.path.join(root, "pyproject.toml")):
     found.append(checkout)
   spec = importlib.util.find_spec("jaxdml.configs")
   if spec is not None and spec.submodule_search_locations:
