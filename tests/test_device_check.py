@@ -102,3 +102,13 @@ def test_quick_clip_train_step_runs():
   record, = device_check.run_jobs(jobs, budget_s=1e9)
   assert "error" not in record, record
   assert record["images_per_sec"] > 0 and record["model_config"]["pooling"] == "cls"
+
+
+def test_targets_of_a_model_without_a_torch_run_report_mfu_only():
+  record = {"images_per_sec": 100.0, "dtype": "bfloat16", "measurement": "train_step",
+            "framework": "jaxdml", "batch_size": 256, "mfu": 0.5}
+  lines = device_check.targets([{**record, "model": "dinov2_vit_s14"},
+                                {**record, "model": "resnet50"}])
+  assert lines[0] == ("dinov2_vit_s14 b256: no torch eager run (MFU only), "
+                      "MFU 50.0% (target 45%: met)")
+  assert lines[1].startswith("resnet50 b256: -x torch eager (target 1.3x: NOT met)")
