@@ -104,6 +104,18 @@ def test_index_search_reranks_like_the_functions(name):
   np.testing.assert_array_equal(found, np.concatenate([ids, np.arange(10) + 5000])[want[:, :5]])
 
 
+def test_index_reranks_its_scann_lists():
+  """A ScaNN index: the re-ranking reorders the searcher's own deeper list."""
+  pytest.importorskip("scann")
+  x, _ = clustered(6, n=1500, classes=60)
+  q, g = x[:30], x[30:]
+  index = retrieval.Index.build(g, backend="scann")
+  assert index.backend == "scann"
+  _, candidates = index.search(q, DEPTH)
+  want = rerank.alpha_qe(q, g, candidates, n=3, alpha=2.0)[1][:, :5]
+  np.testing.assert_array_equal(index.search(q, 5, rerank=SPECS["alpha_qe"])[1], want)
+
+
 @pytest.mark.parametrize("spec,match", [
     ({"name": "qe"}, r"one of \['alpha_qe', 'dba', 'k_reciprocal'\]"),
     ("alpha_qe", "expected None or a dict"),
