@@ -64,6 +64,20 @@ def test_evaluate_reads_the_reranked_lists(name, same_set):
   assert without == pytest.approx(scored(plain, ql, ql if same_set else gl, same_set))
 
 
+def test_the_same_items_embedded_another_way_are_two_sets():
+  """exclude_self with another gallery (a teacher's embeddings of the query
+  images): k-reciprocal's graph holds queries and gallery items apart."""
+  x, labels = clustered(7, n=80)
+  teacher = x + 0.3 * np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+  spec = SPECS["k_reciprocal"]
+  _, idx = retrieval.search(x, teacher, DEPTH, exclude_self=True)
+  union = rerank.union_neighbors(x, teacher, spec["k1"] + 1)
+  _, want = rerank.k_reciprocal(x, teacher, idx, union, k1=spec["k1"], k2=spec["k2"])
+  got = retrieval.evaluate(x, labels, teacher, labels, exclude_self=True, ks=KS,
+                           metrics=("recall", "map@r"), rerank=spec)
+  assert got == pytest.approx(scored(want, labels, labels, True))
+
+
 def test_evaluate_reranks_scann_lists_too():
   pytest.importorskip("scann")
   x, labels = clustered(1, n=400, classes=40)

@@ -343,6 +343,9 @@ def _reranked(spec, query, gallery, k, available, *, same_set, backend, similari
       query, gallery, reranking.depth(spec, k, available), exclude_self=same_set,
       backend=backend, similarity=similarity, scann_config=scann_config, mesh=mesh,
       labels=labels)
+  # One set (leave-one-out): k-reciprocal's graph has each item once. The
+  # same items embedded another way (a teacher's gallery) are two sets.
+  one_set = same_set and (gallery is query or np.array_equal(gallery, query))
   reordered, order = reranking.apply(spec, query, gallery, idx, search=search_fn,
-                                     same_set=same_set, similarity=similarity)
+                                     same_set=one_set, similarity=similarity)
   return [(0, reordered[:, :k], order[:, :k], idx[:, 0])], report
