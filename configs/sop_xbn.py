@@ -8,6 +8,7 @@ contrastive loss pairs the batch with it.
     python -m jaxdml.main --config=configs/sop_xbn.py:adapt=none ...    # XBM
     python -m jaxdml.main --config=configs/sop_xbn.py:adapt=kalman ...  # revised XBN
     python -m jaxdml.main --config=configs/sop_xbn.py:demo ...          # embedded data
+    python -m jaxdml.main --config=configs/sop_xbn.py:backbone=dinov2_vit_s14 ...  # another encoder
 
 The XBN paper's code and exact settings are not public: everything below is
 XBM's published SOP sample config (msight-tech/research-xbm), which XBN builds

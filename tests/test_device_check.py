@@ -64,3 +64,51 @@ def test_jobs_past_the_budget_are_listed_as_skipped():
   assert ran == [] and all(r["skipped"].startswith("over the") for r in records)
   records = device_check.run_jobs(jobs + [("broken", lambda: 1 / 0)], budget_s=1e9)
   assert ran == [0, 1, 2] and records[-1]["error"].startswith("ZeroDivisionError")
+
+
+def test_plan_includes_one_model_of_each_newer_family():
+  """DINOv2, CLIP and ConvNeXt: bf16 train and inference on the GPU plan,
+  the train step of their test-sized models in --quick."""
+  full = [name for name, _ in device_check.plan(quick=False, steps=10)]
+  for model in ("resnet50", "vit_s16", "dinov2_vit_s14", "clip_vit_b16", "convnext_tiny"):
+    assert f"jaxdml train {model} bfloat16 b256" in full
+    assert f"jaxdml inference {model} bfloat16 b256" in full
+  quick = [name for name, _ in device_check.plan(quick=True, steps=1)]
+  for model in ("dinov2_vit_tiny", "clip_vit_tiny", "convnext_test"):
+    assert f"jaxdml train {model} bfloat16 b16" in quick
+
+
+@pytest.mark.parametrize("model,pooling,embed_dim", [
+    ("dinov2_vit_s14", "cls", None), ("clip_vit_b16", "cls", None), ("vit_s16", "cls", None),
+    ("convnext_tiny", "avg", 512), ("resnet50", "avg", 512)])
+def test_bench_config_pools_as_the_registry_says(model, pooling, embed_dim):
+  """A ViT by any name (dinov2_*, clip_*) pools its CLS token without an extra
+  projection; a CNN average-pools into a 512-d head. --quick keeps the
+  family: its test-sized model."""
+  config = device_check.bench_config(model, quick=False)
+  assert (config.model.name, config.model.pooling, config.model.embed_dim) == (
+      model, pooling, embed_dim)
+  tiny = {"dinov2_vit_s14": "dinov2_vit_tiny", "clip_vit_b16": "clip_vit_tiny",
+          "vit_s16": "vit_tiny", "convnext_tiny": "convnext_test", "resnet50": "resnet_tiny"}
+  quick = device_check.bench_config(tiny[model], quick=True)
+  assert (quick.model.name, quick.model.pooling) == (tiny[model], pooling)
+
+
+def test_quick_clip_train_step_runs():
+  """The CLIP tower (CLS pooling through its projection, CLIP's statistics
+  not set: the bench times the network) through the bench's train step."""
+  jobs = [job for job in device_check.plan(quick=True, steps=1)
+          if job[0] == "jaxdml train clip_vit_tiny bfloat16 b16"]
+  record, = device_check.run_jobs(jobs, budget_s=1e9)
+  assert "error" not in record, record
+  assert record["images_per_sec"] > 0 and record["model_config"]["pooling"] == "cls"
+
+
+def test_targets_of_a_model_without_a_torch_run_report_mfu_only():
+  record = {"images_per_sec": 100.0, "dtype": "bfloat16", "measurement": "train_step",
+            "framework": "jaxdml", "batch_size": 256, "mfu": 0.5}
+  lines = device_check.targets([{**record, "model": "dinov2_vit_s14"},
+                                {**record, "model": "resnet50"}])
+  assert lines[0] == ("dinov2_vit_s14 b256: no torch eager run (MFU only), "
+                      "MFU 50.0% (target 45%: met)")
+  assert lines[1].startswith("resnet50 b256: -x torch eager (target 1.3x: NOT met)")

@@ -287,16 +287,20 @@ def upgrade_saved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def recipe_dirs() -> list[str]:
-  """Where recipes are found by name: the installed `jaxdml.configs`, and
-  a source checkout's `configs/` when running from one."""
+  """Where recipes are found by name: the `configs/` of the source checkout
+  this `jaxdml` is imported from, when it is one, then the installed
+  `jaxdml.configs` (an editable install elsewhere maps that to its own
+  checkout, whose recipes may not match this code)."""
   found = []
+  root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+  checkout = os.path.join(root, "configs")
+  # A source checkout has its pyproject.toml beside; site-packages/configs is someone else's.
+  if os.path.isdir(checkout) and os.path.isfile(os.path.join(root, "pyproject.toml")):
+    found.append(checkout)
   spec = importlib.util.find_spec("jaxdml.configs")
   if spec is not None and spec.submodule_search_locations:
-    found += [os.path.abspath(d) for d in spec.submodule_search_locations]
-  checkout = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                                          "configs"))
-  if os.path.isdir(checkout) and checkout not in found:
-    found.append(checkout)
+    found += [d for d in map(os.path.abspath, spec.submodule_search_locations)
+              if d not in found]
   return found
 
 

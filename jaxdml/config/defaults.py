@@ -101,6 +101,9 @@ RETRIEVAL = {
     "metrics": ("recall", "r_precision", "map@r"), "ks": (1, 5, 10),
     "backend": "exact", "similarity": "cosine", "scann_config": None,
     "batch_size": 256, "picture": True, "prefix": "",
+    # None, or a re-ranking of the search's lists before scoring, e.g.
+    # {"name": "alpha_qe", "n": 2, "alpha": 3.0} (jaxdml.retrieval.reranking).
+    "rerank": None,
 }
 EVALUATOR_TYPES = {
     "retrieval": RETRIEVAL,

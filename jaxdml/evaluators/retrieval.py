@@ -8,7 +8,8 @@ Protocols (`protocol`; "auto" picks the data set's own):
 - `query_gallery` (In-Shop, DeepFashion2): query tower on the queries,
   gallery tower on the gallery (plus `category/...` where sets have them).
 Scores come from `jaxdml.retrieval.evaluate` (any metric it knows, plus
-`nn_distance`), under `prefix`; `picture` draws `workdir/NAME_STEP.png`:
+`nn_distance`), under `prefix`, of the search's lists re-ranked first where
+`rerank` names a method (`jaxdml.retrieval.reranking`); `picture` draws `workdir/NAME_STEP.png`:
 evenly spaced queries and their top results.
 """
 
@@ -46,6 +47,11 @@ class Retrieval(Evaluator):
     self.ks = tuple(int(k) for k in s["ks"])
     self.backend, self.similarity = s["backend"], s["similarity"]
     self.scann_config = s["scann_config"]
+    from jaxdml.retrieval import reranking  # pylint: disable=g-import-not-at-top
+    try:
+      self.rerank = reranking.check(s["rerank"], self.similarity)
+    except ValueError as e:
+      raise ValueError(f"config.evals.{name}.rerank: {e}") from None
     self.picture, self.prefix = bool(s["picture"]), s["prefix"]
     self.picture_k, self.picture_queries = picture_k, picture_queries
     sets = sets or self.load(self.towers["query"])
@@ -94,7 +100,7 @@ class Retrieval(Evaluator):
         ks=tuple(k for k in self.ks if k <= available) or (1,),
         metrics=self.metrics + ("nn_distance",), backend=self.backend,
         similarity=self.similarity, scann_config=self.scann_config, mesh=self.mesh,
-        label_sets=label_sets)
+        label_sets=label_sets, rerank=self.rerank)
     if self.picture and self.workdir:
       self._draw(step, q, g, gallery)
     return {self.prefix + k: v for k, v in scores.items()}

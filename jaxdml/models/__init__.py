@@ -23,7 +23,7 @@ from jaxdml.models.layers import BatchNorm
 from jaxdml.models.torch_import import load_torch_weights
 from jaxdml.models.two_tower import TwoTower
 
-__all__ = ["get", "register", "names", "compute_dtype", "with_dtype", "dtype_of", "TwoTower",
+__all__ = ["get", "register", "names", "architecture", "compute_dtype", "with_dtype", "dtype_of", "TwoTower",
            "BatchNorm", "EmbeddingHead", "load_torch_weights"]
 
 
@@ -95,6 +95,22 @@ def register(name: str, constructor: Callable[..., nn.Module]) -> None:
 def names() -> list[str]:
   """Registered model names, sorted."""
   return sorted(_REGISTRY)
+
+
+_ARCHITECTURES = {"resnet": resnet.VARIANTS, "vit": vit.VARIANTS,
+                  "shufflenet": shufflenet.VARIANTS, "convnext": convnext.VARIANTS}
+
+
+def architecture(name: str) -> str:
+  """What registered model `name` is: "vit" (DINOv2 and CLIP towers
+  included: a CLS token), "resnet", "shufflenet", "convnext", "two_tower",
+  or "custom" (added with `register`)."""
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown model {name!r}; registered models: {', '.join(names())}.")
+  for kind, variants in _ARCHITECTURES.items():
+    if name in variants:
+      return kind
+  return "two_tower" if name == "two_tower" else "custom"
 
 
 def get(name: str, *, platform: str | None = None, **kwargs) -> nn.Module:

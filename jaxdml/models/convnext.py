@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdml.models import heads
-from jaxdml.models.layers import Conv
+from jaxdml.data.augment import MEAN, STD
+from jaxdml.models.layers import Conv, to_image_stats
 from jaxdml.models.vit import Mlp
 
 _LN_EPS = 1e-6
@@ -84,7 +85,8 @@ class ConvNeXt(nn.Module):
   parameter depends on it). `remat=True` recomputes each block in the
   backward pass. `frozen_bn` is accepted for a uniform interface (no
   BatchNorm here outside a "bn" head). No stochastic depth: the recipes here
-  do not use it.
+  do not use it. `image_mean`/`image_std`: the weights' input statistics
+  (default ImageNet's; `layers.to_image_stats`).
   """
   depths: Sequence[int] = (3, 3, 9, 3)
   widths: Sequence[int] = (96, 192, 384, 768)
@@ -97,12 +99,15 @@ class ConvNeXt(nn.Module):
   dtype: Any = jnp.float32
   frozen_bn: bool = False
   remat: bool = False
+  image_mean: tuple = MEAN
+  image_std: tuple = STD
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     heads.check_head_options(pooling=self.pooling, head_norm=self.head_norm,
                              num_classes=self.num_classes, embed_dim=self.embed_dim,
                              allowed_pooling=("avg", *heads.GEM_POOLINGS, "avgmax"))
+    images = to_image_stats(images, self.image_mean, self.image_std)
     if len(self.depths) != len(self.widths):
       raise ValueError(f"depths {tuple(self.depths)} and widths {tuple(self.widths)} must "
                        "have one entry per stage.")

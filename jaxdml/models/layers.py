@@ -28,6 +28,25 @@ def on_cpu_else(cpu_fn, accelerator_fn, *args):
   return jax.lax.platform_dependent(*args, cpu=cpu_fn, default=accelerator_fn)
 
 
+def to_image_stats(images, mean, std):
+  """ImageNet-normalised images (what `jaxdml.data.normalize` hands every
+  encoder) renormalised to another mean/std per channel: `(x * 255 - mean *
+  255) / (std * 255)` of the same uint8 pixels, for weights trained with
+  other statistics (CLIP's). ImageNet's own statistics return `images`
+  untouched, bit for bit."""
+  from jaxdml.data.augment import MEAN, STD  # pylint: disable=g-import-not-at-top
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise ValueError(f"image_mean={mean} and image_std={std} must be 3 per-channel values "
+                     "(RGB, in [0, 1] units), std > 0.")
+  if (mean, std) == (MEAN, STD):
+    return images
+  scale = jnp.asarray(STD, jnp.float32) / jnp.asarray(std, jnp.float32)
+  shift = (jnp.asarray(MEAN, jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
+      std, jnp.float32)
+  return images * scale + shift
+
+
 def at_least_float32(x):
   """`x` in float32, or in its own dtype where that is wider (float64 checks)."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))

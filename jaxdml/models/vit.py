@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.models import heads
-from jaxdml.models.layers import at_least_float32
+from jaxdml.data.augment import MEAN, STD
+from jaxdml.models.layers import at_least_float32, to_image_stats
 from jaxdml.models.pos_embed import resample_pos_embed
 
 _dense_init = nn.initializers.truncated_normal(0.02)
@@ -149,7 +150,10 @@ class ViT(nn.Module):
   classifier instead (timm: `num_classes` replaces the projection, and
   `num_classes=proj_dim` is timm's CLIP image features). `frozen_bn` is
   accepted for a uniform interface (a ViT has no BatchNorm outside a "bn"
-  head). No dropout: the recipes here do not use it.
+  head). No dropout: the recipes here do not use it. `image_mean` and
+  `image_std` are the per-channel statistics the weights were trained with
+  (default ImageNet's, what the input pipeline normalises with; CLIP's
+  differ, `layers.to_image_stats`).
   """
   patch_size: int = 16
   hidden_size: int = 384
@@ -171,6 +175,8 @@ class ViT(nn.Module):
   act: str = "gelu"
   norm_eps: float = 1e-6
   proj_dim: int | None = None
+  image_mean: tuple = MEAN
+  image_std: tuple = STD
 
   @property
   def num_pos_prefix_tokens(self) -> int:
@@ -192,6 +198,7 @@ class ViT(nn.Module):
   def __call__(self, images, train: bool = False):
     self._check_options()
     p, d = self.patch_size, self.hidden_size
+    images = to_image_stats(images, self.image_mean, self.image_std)
     b, h, w, c = images.shape
     gh, gw = h // p, w // p
     if gh == 0 or gw == 0:

@@ -12,6 +12,7 @@ import ml_collections
 from jaxdml import config as config_lib
 from jaxdml import teacher
 from jaxdml.config import datasets
+from jaxdml.recipes import backbones
 from jaxdml.recipes.common import on_embedded_data, single_task, use_xbm_loss
 
 # data set -> (iterations, memory size as a fraction of the train set).
@@ -23,9 +24,10 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
 
   In-Shop's memory is 0.2 of the data set, filled by a momentum encoder
   (0.999). Arguments: `smoke`, `demo`, `koleo=W` (0: no KoLeo, for the
-  ablation), `seed=N`.
+  ablation), `seed=N`, `backbone=NAME` (DeiT-S's place taken by e.g.
+  dinov2_vit_s14, clip_vit_b16, convnext_tiny: `recipes.backbones`).
   """
-  arg = config_lib.parse_arg(arg, smoke=False, demo=False, koleo=0.7, seed=0)
+  arg = config_lib.parse_arg(arg, smoke=False, demo=False, koleo=0.7, seed=0, backbone="")
   if dataset not in HPARAMS:
     raise ValueError(f"IRT has settings for {sorted(HPARAMS)}, not {dataset!r}.")
   steps, memory_fraction = HPARAMS[dataset]
@@ -58,4 +60,5 @@ def irt(dataset: str, arg) -> ml_collections.ConfigDict:
         "model.name": "vit_tiny" if arg.smoke else "vit_small_demo", "model.embed_dim": None,
         "data.augment.resize_square": None, "data.augment.ratio": (3 / 4, 4 / 3),
         "memory.start_step": 0})
+  backbones.apply(c, arg.backbone, smoke=arg.smoke, demo=arg.demo)
   return c

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxdml import config as config_lib
+from jaxdml.recipes import backbones
 from jaxdml.recipes.common import on_embedded_data, single_task, use_xbm_loss
 
 
@@ -12,9 +13,12 @@ def xbn(dataset: str, arg, *, memory_size: int) -> ml_collections.ConfigDict:
   """XBM/XBN recipe: XBM's contrastive loss against an adapted cross-batch memory.
 
   Arguments: `adapt=none|moments|kalman` (none is XBM), `smoke`, `demo`,
-  `seed=N`. XBM's published SOP settings (PAPERS.md section 2).
+  `seed=N`, `backbone=NAME` (ResNet-50's place taken by e.g.
+  dinov2_vit_s14, clip_vit_b16, convnext_tiny, the 128-d head kept:
+  `recipes.backbones`). XBM's published SOP settings (PAPERS.md section 2).
   """
-  arg = config_lib.parse_arg(arg, smoke=False, demo=False, adapt="moments", seed=0)
+  arg = config_lib.parse_arg(arg, smoke=False, demo=False, adapt="moments", seed=0,
+                             backbone="")
   if arg.adapt not in ("none", "moments", "kalman"):
     raise ValueError(f"adapt={arg.adapt!r}: expected 'none' (XBM), 'moments' "
                      "(XBN) or 'kalman' (XBN with Kalman-filtered moments).")
@@ -32,4 +36,5 @@ def xbn(dataset: str, arg, *, memory_size: int) -> ml_collections.ConfigDict:
     c.memory.adapt_hparams = dict(process_noise=0.1, measurement_noise=1.0, adaptive=True)
   if arg.smoke or arg.demo:
     on_embedded_data(c, smoke=arg.smoke)
+  backbones.apply(c, arg.backbone, smoke=arg.smoke, demo=arg.demo)
   return c

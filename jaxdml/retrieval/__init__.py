@@ -24,6 +24,7 @@ from jaxdml.retrieval import clustering
 from jaxdml.retrieval import exact
 from jaxdml.retrieval import metrics as metrics_lib
 from jaxdml.retrieval import scann_backend
+from jaxdml.retrieval import reranking
 from jaxdml.retrieval import scoring
 from jaxdml.retrieval.index import Index
 from jaxdml.retrieval.metrics import count_relevant
@@ -158,7 +159,7 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
              metrics=("recall", "r_precision", "map@r", "mrr"), scann_config=None,
              similarity="cosine", mesh=None, exclude_self=None, label_sets=None,
              k=None, exclude=(), avg_of_avgs=False, return_per_class=False,
-             label_comparison_fn=None, custom_metrics=None, kmeans_seed=0):
+             label_comparison_fn=None, custom_metrics=None, kmeans_seed=0, rerank=None):
   """Retrieval metrics of queries against a gallery.
 
   With the exact backend the values equal pytorch-metric-learning's
@@ -226,6 +227,12 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
       one result per labelling. They read ``k`` deep, so ``k=None``
       ranks the whole gallery: pass ``k`` to bound it.
     kmeans_seed: the seed of the k-means of ``nmi`` and ``ami``.
+    rerank: None, or a re-ranking spec (``reranking.check``: ``{"name":
+      "alpha_qe" | "dba" | "k_reciprocal", **hyperparameters, "depth":
+      first-search candidates}``): the search fetches ``depth`` candidates
+      (at least the depth the metrics read), the method reorders them and
+      every ranked metric reads the reordered lists. ``nn_distance`` and
+      ``mrr``'s first hits beyond the lists stay the first search's.
 
   Returns:
     dict: ``recall@K`` per K, ``r_precision``, ``map@r``, ``map``, ``mrr``,
@@ -242,6 +249,7 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
   req = scoring.request(metrics, ks, exclude=exclude, custom_metrics=custom_metrics,
                         avg_of_avgs=avg_of_avgs, return_per_class=return_per_class,
                         label_comparison_fn=label_comparison_fn)
+  rerank = reranking.check(rerank, similarity)
   if (gallery_embeddings is None) != (gallery_labels is None):
     raise ValueError("Pass gallery_embeddings and gallery_labels together, or "
                      "neither for the same-set protocol.")
@@ -286,7 +294,13 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
                        "'max_bin_count').")
     labellings[prefix] = scoring.Labelling(req, q_lab, g_lab, rel, d)
     search_k = max(search_k, scoring.search_depth(req, largest_r, d, available))
-  if backend == "exact":
+  if rerank is not None:
+    blocks, results_ = _reranked(rerank, query_embeddings, gallery_embeddings, search_k,
+                                 available, same_set=same_set, backend=backend,
+                                 similarity=similarity, scann_config=scann_config, mesh=mesh,
+                                 labels=(query_labels, gallery_labels))
+    results.update(results_)
+  elif backend == "exact":
     blocks = exact.search_blocks(query_embeddings, gallery_embeddings, search_k,
                                  exclude_self=same_set, similarity=similarity,
                                  mesh=mesh)
@@ -298,13 +312,14 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
     results.update(report)
     blocks = [(0, scores, idx)]
   nn_sum = 0.0
-  for start, scores, idx in blocks:
+  for start, scores, idx, *first in blocks:
     if req.ranked or req.custom:
       for labelling in labellings.values():
         labelling.add(start, scores, idx)
-    if req.nn_distance:
+    if req.nn_distance:  # the nearest item: the first search's top 1 under re-ranking
+      nearest = first[0] if first else idx[:, 0]
       nn_sum += metrics_lib.nn_distances(query_embeddings[start:start + idx.shape[0]],
-                                         gallery_embeddings[idx[:, 0]]).sum()
+                                         gallery_embeddings[nearest]).sum()
   for prefix, labelling in labellings.items():
     first = None
     if "mrr" in req.ranked:
@@ -314,3 +329,23 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
   if req.nn_distance:
     results["nn_distance"] = float(nn_sum / query_embeddings.shape[0])
   return results
+
+
+def _reranked(spec, query, gallery, k, available, *, same_set, backend, similarity,
+              scann_config, mesh, labels):
+  """`evaluate`'s blocks under re-ranking: one search `reranking.depth` deep
+  on `backend`, reordered by `spec`, cut to the `k` the metrics read, with
+  the first search's top 1 beside (for `nn_distance`); and ScaNN's audit."""
+  def search_fn(q, g, depth_, exclude_self):
+    return search(q, g, depth_, exclude_self=exclude_self, backend=backend,
+                  similarity=similarity, scann_config=scann_config, mesh=mesh)
+  scores, idx, report = search_and_audit(
+      query, gallery, reranking.depth(spec, k, available), exclude_self=same_set,
+      backend=backend, similarity=similarity, scann_config=scann_config, mesh=mesh,
+      labels=labels)
+  # One set (leave-one-out): k-reciprocal's graph has each item once. The
+  # same items embedded another way (a teacher's gallery) are two sets.
+  one_set = same_set and (gallery is query or np.array_equal(gallery, query))
+  reordered, order = reranking.apply(spec, query, gallery, idx, search=search_fn,
+                                     same_set=one_set, similarity=similarity)
+  return [(0, reordered[:, :k], order[:, :k], idx[:, 0])], report

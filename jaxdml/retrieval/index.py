@@ -51,6 +51,8 @@ import numpy as np
 
 from jaxdml.retrieval import exact
 from jaxdml.retrieval import index_files
+from jaxdml.retrieval import rerank as rerank_lib
+from jaxdml.retrieval import reranking
 from jaxdml.retrieval import scann_backend
 from jaxdml.retrieval.index_files import FORMAT, IndexFileError, check_replaceable
 
@@ -96,6 +98,7 @@ class Index:
     self._searcher = searcher
     self._scann_config = scann_config
     self._scann_overrides = dict(scann_overrides or {})
+    self._dba = (None, None)  # ((k, alpha, count), DBA's augmented rows) of the last use
 
   @classmethod
   def build(cls, embeddings, *, similarity: str = "cosine", backend: str = "auto",
@@ -163,12 +166,20 @@ class Index:
   def __repr__(self) -> str:
     return f"Index({self.count} x {self.dim}, {self.similarity}, {self.backend})"
 
-  def search(self, queries, k: int):
+  def search(self, queries, k: int, *, rerank=None):
     """The `k` best rows for each query, best first.
 
     Args:
       queries: numeric [Q, D].
       k: 1 <= k <= count.
+      rerank: None, or a re-ranking spec (`reranking.check`, e.g.
+        `{"name": "alpha_qe", "n": 2, "alpha": 3.0}`): the index is
+        searched `depth` deep (default 100, at least k), the method
+        reorders those candidates and the top k are returned, with the
+        method's scores. DBA's augmented rows are computed once per
+        (k, alpha) and size of the index; k-reciprocal searches the
+        queries and rows together exactly, (Q + N)^2 work per call: for
+        a large index prefer alpha-QE or DBA.
 
     Returns:
       `(scores float32 [Q, k], ids int64 [Q, k])`. Exact ties go to the
@@ -178,6 +189,24 @@ class Index:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.count:
       raise ValueError(f"k={k!r}: ask for 1 to {self.count} neighbours (the index's size).")
     k = int(k)
+    spec = reranking.check(rerank, self.similarity)
+    if spec is None:
+      scores, rows = self._search_rows(queries, k)
+    else:
+      _, candidates = self._search_rows(queries, reranking.depth(spec, k, self.count))
+      if spec["name"] == "dba":
+        scores, rows = rerank_lib.rescore(queries, self._augmented(spec), candidates)
+      else:
+        exact_search = lambda q, g, depth, exclude_self: exact.search(
+            q, g, depth, exclude_self=exclude_self, similarity=self.similarity)
+        scores, rows = reranking.apply(spec, queries, self.embeddings, candidates,
+                                       search=exact_search, same_set=False,
+                                       similarity=self.similarity)
+      scores, rows = scores[:, :k], rows[:, :k]
+    return scores, (rows if self._ids is None else self._ids[rows])
+
+  def _search_rows(self, queries, k: int):
+    """`(scores, rows)` of the `k` best rows: the searcher's and the added rows' merged."""
     parts = []
     if self._searcher is not None:
       parts.append(self._search_scann(queries, min(k, len(self._indexed))))
@@ -185,8 +214,18 @@ class Index:
     if len(added):
       scores, rows = exact.search(queries, added, min(k, len(added)), similarity=self.similarity)
       parts.append((scores, rows + len(self._indexed)))
-    scores, rows = _merge(parts, k)
-    return scores, (rows if self._ids is None else self._ids[rows])
+    return _merge(parts, k)
+
+  def _augmented(self, spec: dict) -> np.ndarray:
+    """DBA's rows (`rerank.augment_database`), each row's neighbours found
+    by this index's own search; kept until the index grows."""
+    key = (spec["k"], spec["alpha"], self.count)
+    if self._dba[0] != key:
+      k = min(spec["k"], self.count - 1)
+      _, own = self._search_rows(self.embeddings, min(k + 1, self.count))
+      self._dba = (key, rerank_lib.augment_database(self.embeddings, own, k=k,
+                                                    alpha=spec["alpha"]))
+    return self._dba[1]
 
   def match(self, queries, threshold: float) -> Match:
     """Whether each query is an item of the index: its nearest row scores at
