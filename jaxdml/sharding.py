@@ -7,6 +7,7 @@ One code path from a laptop CPU to a pod: the batch is sharded on mesh axis
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
 import urllib.request
@@ -16,7 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdml import host
 
@@ -167,6 +168,64 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
         f"but {len(devices)} are available; use -1 for the data axis.")
   grid = np.array(devices).reshape(tuple(sizes.values()))
   return Mesh(grid, tuple(sizes))
+
+
+def _explicit_axes(mesh) -> tuple:
+  return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+
+
+def explicit_mesh(leaves):
+  """The abstract mesh whose Explicit axes the arrays in `leaves` are typed
+  on, or None: the context's mesh (`jax.set_mesh`) when it has one, else
+  the first array's. A context mesh without Explicit axes (Auto, or Manual
+  inside shard_map or `auto_axes`) is None: nothing to switch."""
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty:
+    return context if _explicit_axes(context) else None
+  for leaf in leaves:
+    if isinstance(leaf, jax.Array):
+      mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
+      if mesh is not None and not mesh.empty and _explicit_axes(mesh):
+        return mesh.abstract_mesh if hasattr(mesh, "abstract_mesh") else mesh
+  return None
+
+
+def on_any_mesh(fn):
+  """`fn` (pure, arrays in, arrays out) made to run on arrays sharded over a
+  mesh with Explicit axes, as it runs on an Auto mesh.
+
+  Under Explicit axes (`jax.make_mesh`'s default) every op must say how its
+  result is sharded, and the pairwise [B, B] label and distance matrices of
+  a loss have no such sharding (`eq` of `y[:, None]` and `y[None, :]`, both
+  sharded on rows, is a `ShardingTypeError`). So when the arguments or the
+  context mesh have Explicit axes, `fn` runs under `jax.sharding.auto_axes`
+  over those axes: inside, XLA's partitioner places the intermediates as
+  it does on an Auto mesh, and the results come back replicated (`P()`),
+  which a scalar loss, a memory and a miner's [B, R] selection are. The
+  gradient flows back through `auto_axes` to each input's own sharding.
+  On an Auto mesh, one device, or inside an `auto_axes` or `shard_map`,
+  `fn` runs as it is. Non-array arguments (hyperparameters) stay Python
+  values, so `fn` may branch on them.
+  """
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    mesh = explicit_mesh(leaves)
+    if mesh is None:
+      return fn(*args, **kwargs)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+
+    def body(*arrays):
+      full = list(leaves)
+      for i, array in zip(where, arrays):
+        full[i] = array
+      inner_args, inner_kwargs = jax.tree.unflatten(treedef, full)
+      return fn(*inner_args, **inner_kwargs)
+
+    with jax.sharding.use_abstract_mesh(mesh):
+      return jax.sharding.auto_axes(body, axes=_explicit_axes(mesh), out_sharding=P())(
+          *(leaves[i] for i in where))
+  return run
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
