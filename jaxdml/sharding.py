@@ -175,10 +175,12 @@ def _explicit_axes(mesh) -> tuple:
 
 
 def explicit_mesh(leaves):
-  """The abstract mesh whose Explicit axes the arrays in `leaves` are typed
-  on, or None: the context's mesh (`jax.set_mesh`) when it has one, else
-  the first array's. A context mesh without Explicit axes (Auto, or Manual
-  inside shard_map or `auto_axes`) is None: nothing to switch."""
+  """The mesh whose Explicit axes the arrays in `leaves` are typed on, or
+  None: the context's (`jax.set_mesh`) when there is one, else the first
+  such array's: its abstract mesh under a trace, its concrete `Mesh` when
+  it is a concrete array (eager code needs the devices). A context mesh
+  without Explicit axes (Auto, or Manual inside shard_map or `auto_axes`)
+  is None: nothing to switch."""
   context = jax.sharding.get_abstract_mesh()
   if not context.empty:
     return context if _explicit_axes(context) else None
@@ -186,7 +188,8 @@ def explicit_mesh(leaves):
     if isinstance(leaf, jax.Array):
       mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
       if mesh is not None and not mesh.empty and _explicit_axes(mesh):
-        return mesh.abstract_mesh if hasattr(mesh, "abstract_mesh") else mesh
+        concrete = getattr(leaf, "sharding", None)  # a tracer has none
+        return concrete.mesh if isinstance(concrete, NamedSharding) else mesh
   return None
 
 
@@ -222,10 +225,53 @@ def on_any_mesh(fn):
       inner_args, inner_kwargs = jax.tree.unflatten(treedef, full)
       return fn(*inner_args, **inner_kwargs)
 
-    with jax.sharding.use_abstract_mesh(mesh):
+    context = (jax.set_mesh(mesh) if isinstance(mesh, Mesh)
+               else jax.sharding.use_abstract_mesh(mesh))
+    with context:
       return jax.sharding.auto_axes(body, axes=_explicit_axes(mesh), out_sharding=P())(
           *(leaves[i] for i in where))
   return run
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+  """`mesh` with every axis Auto: the same devices, names and shape.
+
+  The train step, the embedding functions and exact search are whole
+  programs whose shardings the library chooses (the batch on `data`, the
+  state by `state_shardings`); their model code (reshapes, pooling, top-k)
+  leaves the intermediates to XLA's partitioner, which Explicit axes
+  (`jax.make_mesh`'s default) forbid. So a user's Explicit mesh is taken
+  for its devices and run as this Auto twin, the same program as the
+  config's mesh.
+  """
+  if all(t == AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+
+
+def in_context_mesh(mesh: Mesh, jitted):
+  """`jitted` (a `jax.jit` function; `.lower` too) called with `mesh` as
+  the context mesh, whatever the caller's: under a user's
+  `jax.set_mesh(explicit_mesh)`, a program on `auto_mesh(explicit_mesh)`
+  would otherwise be traced against the wrong mesh."""
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return jitted(*args, **kwargs)
+
+  def lower(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args, **kwargs)
+  call.lower = lower
+  return call
+
+
+def placed(tree, target: NamedSharding):
+  """The arrays of `tree` on `target`, moved only where they are not: a
+  batch a user put on the Explicit twin of the mesh is retagged, not
+  rejected by the jitted step."""
+  return jax.tree.map(
+      lambda x: jax.device_put(x, target)
+      if isinstance(x, jax.Array) and x.sharding != target else x, tree)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

@@ -36,7 +36,9 @@ def make_train_step(parts: build_lib.Parts):
   `data` axis and the state keeps the parts' shardings. A step whose loss
   or gradients are not finite leaves the state as it was (only `step`
   moves on) and reports `finite = False`; the loop stops the run on it, so
-  the last checkpoint stays a good one.
+  the last checkpoint stays a good one. The step runs on `parts.mesh`
+  (Auto axes) under any context mesh, and takes a batch put on the
+  Explicit twin of that mesh (`jax.make_mesh`'s default axes) too.
   """
   task, model, teacher, tx = parts.task, parts.model, parts.teacher, parts.tx
   objective = parts.objective
@@ -77,11 +79,17 @@ def make_train_step(parts: build_lib.Parts):
     metrics["lr"] = parts.schedule(state["step"])
     return new_state, metrics
 
-  return jax.jit(
+  jitted = sharding.in_context_mesh(parts.mesh, jax.jit(
       step_fn,
       in_shardings=(parts.shardings, sharding.batch_sharding(parts.mesh)),
       out_shardings=(parts.shardings, sharding.replicated(parts.mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,)))
+  batch_sharding = sharding.batch_sharding(parts.mesh)
+
+  def step(state, batch):
+    return jitted(state, sharding.placed(batch, batch_sharding))
+  step.lower = lambda state, batch: jitted.lower(state, sharding.placed(batch, batch_sharding))
+  return step
 
 
 def _select(finite, new, old):

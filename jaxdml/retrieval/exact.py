@@ -29,7 +29,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxdml import sharding
 
 SIMILARITIES = ("cosine", "dot", "euclidean")
 # Elements of the [block, tile] score matrix per device: 64 MiB of float32
@@ -145,16 +147,7 @@ def _build(mesh, k, similarity, exclude_self):
 
   # Replicated results: every process reads its own copy (`_fetch`).
   replicated = NamedSharding(mesh, P())
-  return _in_own_mesh(mesh, jax.jit(fn, out_shardings=(replicated, replicated)))
-
-
-def _in_own_mesh(mesh, jitted):
-  """`jitted`, called with `mesh` as the context mesh: the caller's own
-  (`jax.set_mesh` of an Explicit mesh) would not match its `shard_map`."""
-  def call(*args):
-    with jax.set_mesh(mesh):
-      return jitted(*args)
-  return call
+  return sharding.in_context_mesh(mesh, jax.jit(fn, out_shardings=(replicated, replicated)))
 
 
 def tiling(num_gallery, num_devices):
@@ -218,17 +211,14 @@ def search_blocks(query, gallery, k, *, exclude_self=False,
 
 
 def _check_mesh(mesh):
-  """The mesh's devices as a 1-D Auto mesh: the search places its own
-  arrays and merges the devices' lists with a `top_k` across them, which
-  Explicit axes (`jax.make_mesh`'s default) would refuse, so a user's
-  Explicit mesh gives its devices only."""
+  """The mesh as a 1-D Auto mesh (`sharding.auto_mesh`): the search places
+  its own arrays and merges the devices' lists with a `top_k` across them,
+  which Explicit axes would refuse."""
   mesh = default_mesh() if mesh is None else mesh
   if mesh.axis_names != ("data",):
     raise ValueError(f"Exact search needs a 1-D mesh with axis 'data', got "
                      f"axes {mesh.axis_names}.")
-  if mesh.axis_types != (AxisType.Auto,):
-    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,))
-  return mesh
+  return sharding.auto_mesh(mesh)
 
 
 def _tiled(rows: np.ndarray, mesh, fill=0) -> np.ndarray:
@@ -326,7 +316,7 @@ def _build_first_hit(mesh, similarity, num_valid):
   sharded = jax.shard_map(local, mesh=mesh,
                           in_specs=(P(), P(), P(), P("data"), P("data"), P("data")),
                           out_specs=P(), check_vma=False)
-  return _in_own_mesh(mesh, jax.jit(sharded, out_shardings=NamedSharding(mesh, P())))
+  return sharding.in_context_mesh(mesh, jax.jit(sharded, out_shardings=NamedSharding(mesh, P())))
 
 
 def first_hit_ranks(query, gallery, query_labels, gallery_labels, *, self_rows=None,
