@@ -2,6 +2,17 @@
 
 One code path from a laptop CPU to a pod: the batch is sharded on mesh axis
 `data`; parameters are replicated, or FSDP-sharded over `data` by config.
+
+Any mesh works, the config's (Auto axes) or a user's, from `jax.make_mesh`
+with its default Explicit axes or with `AxisType.Auto`, inside
+`jax.set_mesh` or not:
+- `on_any_mesh(fn)`: a function of arrays (the losses through their
+  registry, the miners, the memory's functions) run under
+  `jax.sharding.auto_axes` when its arrays or the context mesh have
+  Explicit axes, results replicated; on Auto axes it is `fn` itself.
+- `auto_mesh(mesh)`: the Auto twin of a mesh, what the train step
+  (`build.build(config, mesh=...)`), the embed functions and exact search
+  run on, with `in_context_mesh` making it the context mesh of each call.
 """
 
 from __future__ import annotations

@@ -71,6 +71,31 @@ def test_every_loss_matches_one_device(types, use_set_mesh):
     _close(got[key], want[key], key)
 
 
+def _wrapped_losses(e, second_view, y):
+  """value_and_grad of PML's wrappers: two views joined, and two terms,
+  one with its miner."""
+  views = losses.self_supervised("ntxent")
+  both = losses.multiple(["triplet", "contrastive"], weights=[1.0, 0.5],
+                         miners=[{"name": "multi_similarity"}, None])
+  return {
+      "self_supervised": jax.value_and_grad(
+          lambda e: views(embeddings=e, ref_embeddings=second_view)[0])(e),
+      "multiple": jax.value_and_grad(lambda e: both(embeddings=e, labels=y)[0])(e)}
+
+
+@pytest.mark.parametrize("types,use_set_mesh", MODES[:2], ids=MODE_IDS[:2])
+def test_loss_wrappers_match_one_device(types, use_set_mesh):
+  batch = test_losses._fake_batch(0)
+  arrays = (batch["embeddings"], batch["teacher"], batch["labels"])
+  want = jax.jit(_wrapped_losses)(*arrays)
+  mesh = _mesh(types)
+  with _context(mesh, use_set_mesh):
+    got = jax.jit(_wrapped_losses)(*jax.device_put(arrays, NamedSharding(mesh, P("data"))))
+  for key in want:
+    _close(got[key], want[key], key)
+    assert float(want[key][0]) > 0, key
+
+
 def test_a_loss_runs_eagerly_on_explicit_arrays():
   """Without jit, on the sharded arrays themselves, with and without
   jax.set_mesh (the sweep above checks the gradients under jit)."""

@@ -509,6 +509,7 @@ def with_miner(loss_fn, miner):
                        f"jaxdml.losses.miners.{name}(rng=...) and pass mined=.")
   refs = ("embeddings", "labels", "ref_embeddings", "ref_labels", "ref_valid", "ref_self_index")
 
+  @sharding.on_any_mesh  # a miner function of the user's too
   def mined_loss(**kwargs):
     mined = mine(**{k: kwargs[k] for k in refs if k in kwargs}, **spec)
     return loss_fn(mined=mined, **kwargs)
