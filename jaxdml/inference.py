@@ -107,7 +107,7 @@ class Towers:
     mesh = sharding.auto_mesh(mesh)
     if mesh not in self._jitted:
       self._jitted[mesh] = {
-          name: sharding.in_context_mesh(mesh, jax.jit(
+          name: sharding.InContextMesh(mesh, jax.jit(
               fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
               out_shardings=sharding.replicated(mesh)))
           for name, fn in self.fns().items()}

@@ -12,7 +12,7 @@ with its default Explicit axes or with `AxisType.Auto`, inside
   Explicit axes, results replicated; on Auto axes it is `fn` itself.
 - `auto_mesh(mesh)`: the Auto twin of a mesh, what the train step
   (`build.build(config, mesh=...)`), the embed functions and exact search
-  run on, with `in_context_mesh` making it the context mesh of each call.
+  run on, with `InContextMesh` making it the context mesh of each call.
 """
 
 from __future__ import annotations
@@ -260,20 +260,37 @@ def auto_mesh(mesh: Mesh) -> Mesh:
   return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
 
 
-def in_context_mesh(mesh: Mesh, jitted):
-  """`jitted` (a `jax.jit` function; `.lower` too) called with `mesh` as
-  the context mesh, whatever the caller's: under a user's
+class InContextMesh:
+  """A `jax.jit` function called, traced and lowered with `mesh` as the
+  context mesh, whatever the caller's: under a user's
   `jax.set_mesh(explicit_mesh)`, a program on `auto_mesh(explicit_mesh)`
-  would otherwise be traced against the wrong mesh."""
-  def call(*args, **kwargs):
-    with jax.set_mesh(mesh):
-      return jitted(*args, **kwargs)
+  would otherwise be traced against the wrong mesh. `prepare(*args)`, if
+  given, maps the arguments first (`placed`). Other attributes are the
+  jitted function's."""
 
-  def lower(*args, **kwargs):
-    with jax.set_mesh(mesh):
-      return jitted.lower(*args, **kwargs)
-  call.lower = lower
-  return call
+  def __init__(self, mesh: Mesh, jitted, prepare=None):
+    self._mesh, self._jitted = mesh, jitted
+    self._prepare = prepare or (lambda *args: args)
+
+  def _in_mesh(self, fn, args, kwargs):
+    args = self._prepare(*args)
+    context = jax.sharding.get_abstract_mesh()
+    if context.empty or context == self._mesh.abstract_mesh:
+      return fn(*args, **kwargs)  # nothing to replace: as a plain jit call
+    with jax.set_mesh(self._mesh):
+      return fn(*args, **kwargs)
+
+  def __call__(self, *args, **kwargs):
+    return self._in_mesh(self._jitted, args, kwargs)
+
+  def trace(self, *args, **kwargs):
+    return self._in_mesh(self._jitted.trace, args, kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self._in_mesh(self._jitted.lower, args, kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._jitted, name)
 
 
 def placed(tree, target: NamedSharding):

@@ -79,17 +79,13 @@ def make_train_step(parts: build_lib.Parts):
     metrics["lr"] = parts.schedule(state["step"])
     return new_state, metrics
 
-  jitted = sharding.in_context_mesh(parts.mesh, jax.jit(
-      step_fn,
-      in_shardings=(parts.shardings, sharding.batch_sharding(parts.mesh)),
-      out_shardings=(parts.shardings, sharding.replicated(parts.mesh)),
-      donate_argnums=(0,)))
   batch_sharding = sharding.batch_sharding(parts.mesh)
-
-  def step(state, batch):
-    return jitted(state, sharding.placed(batch, batch_sharding))
-  step.lower = lambda state, batch: jitted.lower(state, sharding.placed(batch, batch_sharding))
-  return step
+  return sharding.InContextMesh(
+      parts.mesh,
+      jax.jit(step_fn, in_shardings=(parts.shardings, batch_sharding),
+              out_shardings=(parts.shardings, sharding.replicated(parts.mesh)),
+              donate_argnums=(0,)),
+      prepare=lambda state, batch: (state, sharding.placed(batch, batch_sharding)))
 
 
 def _select(finite, new, old):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxdml import build, losses, memory, sharding, train
+from jaxdml import build, inference, losses, memory, sharding, train
 from jaxdml.losses import miners
 from jaxdml.retrieval import Index, exact
 import test_losses
@@ -201,7 +201,8 @@ def test_exact_search_on_an_explicit_mesh(use_set_mesh):
 
 def test_a_train_step_on_an_explicit_mesh_equals_the_default_mesh_step():
   """build(mesh=) with jax.make_mesh's mesh, under jax.set_mesh, the batch
-  put on that mesh: the same step as the config's own mesh."""
+  put on that mesh: the same step as the config's own mesh; and the same
+  embeddings from towers bound on that mesh."""
   config = load_config("sop_xbn.py", "smoke,adapt=kalman")  # memory, adapted: the most parts
   parts = build.build(config)
   batch = next(parts.train_batches(0))
@@ -216,3 +217,12 @@ def test_a_train_step_on_an_explicit_mesh_equals_the_default_mesh_step():
   np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5)
   assert float(metrics["loss"]) > 0 and "memory_fill" in metrics
   _close(jax.device_get(got), jax.device_get(want), "state after one step")
+  # What evaluation embeds with: the towers bound on the user's mesh.
+  size = int(config.data.image_size)
+  images = np.random.default_rng(0).integers(0, 256, (12, size, size, 3), dtype=np.uint8)
+  want_embedded = inference.embed_all(parts.embed_fns(want)["gallery"], images, 8, parts.mesh)
+  with jax.set_mesh(mesh):
+    bound = parts.towers.bind(mesh, build.model_variables(want))["gallery"]
+    embedded = inference.embed_all(bound, images, 8, mesh)
+  np.testing.assert_allclose(embedded, want_embedded, rtol=1e-5, atol=1e-6)
+  assert embedded.shape[0] == 12 and np.abs(embedded).sum() > 0

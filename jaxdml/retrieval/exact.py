@@ -147,7 +147,7 @@ def _build(mesh, k, similarity, exclude_self):
 
   # Replicated results: every process reads its own copy (`_fetch`).
   replicated = NamedSharding(mesh, P())
-  return sharding.in_context_mesh(mesh, jax.jit(fn, out_shardings=(replicated, replicated)))
+  return sharding.InContextMesh(mesh, jax.jit(fn, out_shardings=(replicated, replicated)))
 
 
 def tiling(num_gallery, num_devices):
@@ -316,7 +316,7 @@ def _build_first_hit(mesh, similarity, num_valid):
   sharded = jax.shard_map(local, mesh=mesh,
                           in_specs=(P(), P(), P(), P("data"), P("data"), P("data")),
                           out_specs=P(), check_vma=False)
-  return sharding.in_context_mesh(mesh, jax.jit(sharded, out_shardings=NamedSharding(mesh, P())))
+  return sharding.InContextMesh(mesh, jax.jit(sharded, out_shardings=NamedSharding(mesh, P())))
 
 
 def first_hit_ranks(query, gallery, query_labels, gallery_labels, *, self_rows=None,
