@@ -229,3 +229,13 @@ def test_a_train_step_on_an_explicit_mesh_equals_the_default_mesh_step():
     embedded = inference.embed_all(bound, images, 8, mesh)
   np.testing.assert_allclose(embedded, want_embedded, rtol=1e-5, atol=1e-6)
   assert embedded.shape[0] == 12 and np.abs(embedded).sum() > 0
+
+
+def test_a_run_takes_a_users_mesh(tmp_path):
+  """train.setup (as train_and_evaluate) with an Explicit mesh of 4 of the
+  8 devices: the run's parts live on those 4, with Auto axes."""
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[4:])
+  parts, ckpt = train.setup(load_config("sop_xbn.py", "smoke"), str(tmp_path), mesh=mesh)
+  ckpt.close()
+  assert parts.mesh.devices.tolist() == jax.devices()[4:]
+  assert parts.mesh.axis_types == AUTO
