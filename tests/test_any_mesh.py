@@ -1,8 +1,9 @@
 """Any mesh: `jax.make_mesh`'s Explicit axes (its default) and Auto axes.
 
-Every registered loss, every miner, the cross-batch memory, exact search and
-the train step give on a batch sharded over 8 devices of such a mesh what
-they give on one device: value and gradient. Explicit axes are checked both
+Every registered loss and its wrappers, every miner and the cross-batch
+memory give on a batch sharded over 8 devices of such a mesh what they give
+on one device, value and gradient; exact search, the train step and the
+embed functions what they give on the default mesh. Explicit axes are checked both
 inside `jax.set_mesh` and with the sharded arrays alone (their types carry
 the mesh); Auto axes inside `jax.set_mesh` (the suite's other sharded tests
 cover a Mesh built without one).
