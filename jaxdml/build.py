@@ -186,10 +186,14 @@ def teacher_image_size(config) -> int:
 def build(config, *, devices=None, mesh=None) -> Parts:
   """Resolves `config` (`jaxdml.config.resolve`: defaults filled in,
   validated) and builds its parts once; `devices` (default all) or `mesh`
-  overrides the mesh the config asks for."""
+  overrides the mesh the config asks for. `mesh` may be any mesh with a
+  `data` axis, `jax.make_mesh`'s Explicit axes too: the parts run on its
+  Auto twin (`sharding.auto_mesh`, `Parts.mesh`), so the step is the
+  config's own program on those devices."""
   config = config_lib.resolve(config)
   if mesh is None:
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  mesh = sharding.auto_mesh(mesh)  # a user's Explicit mesh: its devices, as config's
   model = build_model(config.model, mesh_platform(mesh))
   image_size = int(config.data.image_size)
   teacher = None

@@ -102,12 +102,14 @@ class Towers:
     return fns
 
   def jitted(self, mesh) -> dict:
-    """`fns()` jitted for `mesh`, once: every evaluation reuses them."""
+    """`fns()` jitted for `mesh` (any axis types: run on its Auto twin,
+    `sharding.auto_mesh`), once: every evaluation reuses them."""
+    mesh = sharding.auto_mesh(mesh)
     if mesh not in self._jitted:
       self._jitted[mesh] = {
-          name: jax.jit(fn, in_shardings=(sharding.replicated(mesh),
-                                          sharding.batch_sharding(mesh)),
-                        out_shardings=sharding.replicated(mesh))
+          name: sharding.InContextMesh(mesh, jax.jit(
+              fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+              out_shardings=sharding.replicated(mesh)))
           for name, fn in self.fns().items()}
     return self._jitted[mesh]
 
@@ -128,7 +130,8 @@ def embed_all(embed, images, batch_size: int, mesh, between=None) -> np.ndarray:
   """Embeds every image with `embed` (a bound tower function); the last
   batch is padded to keep one compiled shape. Each process feeds its share
   of every batch. `between()`, if given, runs before each batch (it may
-  raise to abandon the work)."""
+  raise to abandon the work). `mesh`: as `Towers.jitted`'s."""
+  mesh = sharding.auto_mesh(mesh)
   n_data = mesh.shape[sharding.DATA_AXIS]
   batch_size = max(n_data, batch_size // n_data * n_data)
   outputs = []

@@ -14,6 +14,9 @@ enqueued, so that the batch's detached copies do not pair with themselves):
     loss, aux = loss_fn(embeddings=emb, labels=labels, **ref)
     memory = enqueue(memory, emb, labels)
 
+Every function here takes arrays sharded over any mesh, Explicit axes too
+(`jaxdml.sharding.on_any_mesh`); the memory comes back replicated.
+
 References: Wang et al. CVPR 2020 (XBM); Ajanthan et al. 2023, arXiv
 2303.17127 (Adaptive Cross Batch Normalization). See PAPERS.md section 2.
 """
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml import config as config_lib
+from jaxdml import sharding
 from jaxdml.config import defaults
 
 _KEYS = ("embeddings", "labels", "valid", "pointer", "kalman")
@@ -74,6 +78,7 @@ def _check_adapted(memory, adapted_embeddings):
         "the first output of memory.adapt.")
 
 
+@sharding.on_any_mesh
 def enqueue(memory, embeddings, labels):
   """Writes a batch into the FIFO ring buffer and returns the new memory.
 
@@ -227,6 +232,7 @@ def _adapt_kalman(memory, batch_embeddings, *, process_noise=1e-3,
   return adapted, {**memory, "kalman": new_state}
 
 
+@sharding.on_any_mesh
 def kalman_innovations(memory, batch_embeddings, *, process_noise=1e-3,
                        measurement_noise=1.0, adaptive=True, eps=1e-6):
   """The filter's normalised innovation squared (NIS) before this update.
@@ -260,6 +266,7 @@ _METHODS = {
 }
 
 
+@sharding.on_any_mesh
 def adapt(memory, batch_embeddings, method="none", **hparams):
   """Aligns the stored embeddings with the current batch (XBN).
 
@@ -321,6 +328,7 @@ def adapt(memory, batch_embeddings, method="none", **hparams):
   return fn(memory, batch_embeddings, **hparams)
 
 
+@sharding.on_any_mesh
 def reference_set(memory, adapted_embeddings, batch_embeddings, batch_labels):
   """Batch + adapted memory as a loss reference set (batch-vs-(batch+memory)).
 
@@ -348,6 +356,7 @@ def reference_set(memory, adapted_embeddings, batch_embeddings, batch_labels):
   }
 
 
+@sharding.on_any_mesh
 def enqueued_reference_set(memory, adapted_embeddings, batch_embeddings, batch_labels):
   """The memory as XBM's code pairs the batch with it: the batch enqueued first.
 
@@ -407,6 +416,7 @@ class Settings:
 LOSS_FORMS = defaults.MEMORY_LOSS_FORMS
 
 
+@sharding.on_any_mesh
 def loss_with_memory(settings: Settings, loss_fn, hparams, embeddings, labels, memory, step,
                      batch_keys):
   """The ranking loss with the cross-batch memory; returns (loss, aux, memory).

@@ -2,11 +2,23 @@
 
 One code path from a laptop CPU to a pod: the batch is sharded on mesh axis
 `data`; parameters are replicated, or FSDP-sharded over `data` by config.
+
+Any mesh works, the config's (Auto axes) or a user's, from `jax.make_mesh`
+with its default Explicit axes or with `AxisType.Auto`, inside
+`jax.set_mesh` or not:
+- `on_any_mesh(fn)`: a function of arrays (the losses through their
+  registry, the miners, the memory's functions) run under
+  `jax.sharding.auto_axes` when its arrays or the context mesh have
+  Explicit axes, results replicated; on Auto axes it is `fn` itself.
+- `auto_mesh(mesh)`: the Auto twin of a mesh, what the train step
+  (`build.build(config, mesh=...)`), the embed functions and exact search
+  run on, with `InContextMesh` making it the context mesh of each call.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
 import urllib.request
@@ -16,7 +28,7 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdml import host
 
@@ -167,6 +179,127 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
         f"but {len(devices)} are available; use -1 for the data axis.")
   grid = np.array(devices).reshape(tuple(sizes.values()))
   return Mesh(grid, tuple(sizes))
+
+
+def _explicit_axes(mesh) -> tuple:
+  return tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+
+
+def explicit_mesh(leaves):
+  """The mesh whose Explicit axes the arrays in `leaves` are typed on, or
+  None: the context's (`jax.set_mesh`) when there is one, else the first
+  such array's: its abstract mesh under a trace, its concrete `Mesh` when
+  it is a concrete array (eager code needs the devices). A context mesh
+  without Explicit axes (Auto, or Manual inside shard_map or `auto_axes`)
+  is None: nothing to switch."""
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty:
+    return context if _explicit_axes(context) else None
+  for leaf in leaves:
+    if isinstance(leaf, jax.Array):
+      mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
+      if mesh is not None and not mesh.empty and _explicit_axes(mesh):
+        concrete = getattr(leaf, "sharding", None)  # a tracer has none
+        return concrete.mesh if isinstance(concrete, NamedSharding) else mesh
+  return None
+
+
+def on_any_mesh(fn):
+  """`fn` (pure, arrays in, arrays out) made to run on arrays sharded over a
+  mesh with Explicit axes, as it runs on an Auto mesh.
+
+  Under Explicit axes (`jax.make_mesh`'s default) every op must say how its
+  result is sharded, and the pairwise [B, B] label and distance matrices of
+  a loss have no such sharding (`eq` of `y[:, None]` and `y[None, :]`, both
+  sharded on rows, is a `ShardingTypeError`). So when the arguments or the
+  context mesh have Explicit axes, `fn` runs under `jax.sharding.auto_axes`
+  over those axes: inside, XLA's partitioner places the intermediates as
+  it does on an Auto mesh, and the results come back replicated (`P()`),
+  which a scalar loss, a memory and a miner's [B, R] selection are. The
+  gradient flows back through `auto_axes` to each input's own sharding.
+  On an Auto mesh, one device, or inside an `auto_axes` or `shard_map`,
+  `fn` runs as it is. Non-array arguments (hyperparameters) stay Python
+  values, so `fn` may branch on them.
+  """
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    mesh = explicit_mesh(leaves)
+    if mesh is None:
+      return fn(*args, **kwargs)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
+
+    def body(*arrays):
+      full = list(leaves)
+      for i, array in zip(where, arrays):
+        full[i] = array
+      inner_args, inner_kwargs = jax.tree.unflatten(treedef, full)
+      return fn(*inner_args, **inner_kwargs)
+
+    context = (jax.set_mesh(mesh) if isinstance(mesh, Mesh)
+               else jax.sharding.use_abstract_mesh(mesh))
+    with context:
+      return jax.sharding.auto_axes(body, axes=_explicit_axes(mesh), out_sharding=P())(
+          *(leaves[i] for i in where))
+  return run
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+  """`mesh` with every axis Auto: the same devices, names and shape.
+
+  The train step, the embedding functions and exact search are whole
+  programs whose shardings the library chooses (the batch on `data`, the
+  state by `state_shardings`); their model code (reshapes, pooling, top-k)
+  leaves the intermediates to XLA's partitioner, which Explicit axes
+  (`jax.make_mesh`'s default) forbid. So a user's Explicit mesh is taken
+  for its devices and run as this Auto twin, the same program as the
+  config's mesh.
+  """
+  if all(t == AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+
+
+class InContextMesh:
+  """A `jax.jit` function called, traced and lowered with `mesh` as the
+  context mesh, whatever the caller's: under a user's
+  `jax.set_mesh(explicit_mesh)`, a program on `auto_mesh(explicit_mesh)`
+  would otherwise be traced against the wrong mesh. `prepare(*args)`, if
+  given, maps the arguments first (`placed`). Other attributes are the
+  jitted function's."""
+
+  def __init__(self, mesh: Mesh, jitted, prepare=None):
+    self._mesh, self._jitted = mesh, jitted
+    self._prepare = prepare or (lambda *args: args)
+
+  def _in_mesh(self, fn, args, kwargs):
+    args = self._prepare(*args)
+    context = jax.sharding.get_abstract_mesh()
+    if context.empty or context == self._mesh.abstract_mesh:
+      return fn(*args, **kwargs)  # nothing to replace: as a plain jit call
+    with jax.set_mesh(self._mesh):
+      return fn(*args, **kwargs)
+
+  def __call__(self, *args, **kwargs):
+    return self._in_mesh(self._jitted, args, kwargs)
+
+  def trace(self, *args, **kwargs):
+    return self._in_mesh(self._jitted.trace, args, kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self._in_mesh(self._jitted.lower, args, kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._jitted, name)
+
+
+def placed(tree, target: NamedSharding):
+  """The arrays of `tree` on `target`, moved only where they are not: a
+  batch a user put on the Explicit twin of the mesh is retagged, not
+  rejected by the jitted step."""
+  return jax.tree.map(
+      lambda x: jax.device_put(x, target)
+      if isinstance(x, jax.Array) and x.sharding != target else x, tree)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

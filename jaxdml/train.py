@@ -39,7 +39,9 @@ def make_train_step(parts: build_lib.Parts):
   shardings. A step whose loss
   or gradients are not finite leaves the state as it was (only `step`
   moves on) and reports `finite = False`; the loop stops the run on it, so
-  the last checkpoint stays a good one.
+  the last checkpoint stays a good one. The step runs on `parts.mesh`
+  (Auto axes) under any context mesh, and takes a batch put on the
+  Explicit twin of that mesh (`jax.make_mesh`'s default axes) too.
   """
   task, model, teacher, tx = parts.task, parts.model, parts.teacher, parts.tx
   objective = parts.objective
@@ -83,11 +85,13 @@ def make_train_step(parts: build_lib.Parts):
     metrics["lr"] = parts.schedule(state["step"])
     return new_state, metrics
 
-  return jax.jit(
-      step_fn,
-      in_shardings=(parts.shardings, sharding.batch_sharding(parts.mesh)),
-      out_shardings=(parts.shardings, sharding.replicated(parts.mesh)),
-      donate_argnums=(0,))
+  batch_sharding = sharding.batch_sharding(parts.mesh)
+  return sharding.InContextMesh(
+      parts.mesh,
+      jax.jit(step_fn, in_shardings=(parts.shardings, batch_sharding),
+              out_shardings=(parts.shardings, sharding.replicated(parts.mesh)),
+              donate_argnums=(0,)),
+      prepare=lambda state, batch: (state, sharding.placed(batch, batch_sharding)))
 
 
 def _select(finite, new, old):
@@ -165,11 +169,11 @@ class Preemption:
       signal.signal(signum, previous)
 
 
-def _build(config, workdir: str) -> build_lib.Parts:
+def _build(config, workdir: str, mesh=None) -> build_lib.Parts:
   """The run's parts, the config checked; nothing written."""
   paths.check_reachable(workdir, folder=True)
   sharding.maybe_initialize_distributed()
-  parts = build_lib.build(config)
+  parts = build_lib.build(config, mesh=mesh)
   sharding.check_batch_size(parts.loop.batch_size, parts.mesh)
   return parts
 
@@ -183,10 +187,11 @@ def _checkpointer(parts: build_lib.Parts, workdir: str) -> checkpoint_lib.Checkp
       teacher_model=None if parts.teacher is None else parts.teacher.describe_model())
 
 
-def setup(config, workdir: str):
+def setup(config, workdir: str, *, mesh=None):
   """`(parts, checkpointer)`: everything a run needs before its first step
-  (for code that reads a run: a training run takes its workdir first)."""
-  parts = _build(config, workdir)
+  (for code that reads a run: a training run takes its workdir first).
+  `mesh`: as `train_and_evaluate`'s."""
+  parts = _build(config, workdir, mesh)
   return parts, _checkpointer(parts, workdir)
 
 
@@ -206,7 +211,8 @@ def step_of(state) -> int:
   return int(np.asarray(state["step"].addressable_data(0)))
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       mesh=None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
   `stop_after` ends this run after that many steps, checkpointing first, as
@@ -214,8 +220,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
   On SIGTERM (`Preemption`) it saves the step it is at, flushes the
   metrics and returns; rerunning the same command resumes.
   Returns the last evaluation's metrics (empty without evaluation).
+  `mesh` (default: `config.mesh`'s) is any mesh with a `data` axis, e.g.
+  `jax.make_mesh((n,), ("data",))` with its Explicit axes (`build.build`).
   """
-  parts = _build(config, workdir)  # the config checked: nothing written yet
+  parts = _build(config, workdir, mesh)  # the config checked: nothing written yet
   with contextlib.ExitStack() as cleanup:
     claim = cleanup.enter_context(workdir_lib.Start(workdir))
     ckpt = _checkpointer(parts, workdir)

@@ -579,13 +579,13 @@ SHARD_CONFIGS = [
 SHARD_GROUPS = 5
 
 
-def _every_loss(batch, group):
+def _every_loss(batch, group, groups=SHARD_GROUPS):
   """value_and_grad of every registered loss in `group` (every
-  SHARD_GROUPS-th of SHARD_CONFIGS), plus, in group 0, a memory variant."""
+  `groups`-th of SHARD_CONFIGS), plus, in group 0, a memory variant."""
   e, y, t = batch["embeddings"], batch["labels"], batch["teacher"]
   out = {}
   for i, (name, hp) in enumerate(SHARD_CONFIGS):
-    if i % SHARD_GROUPS != group:
+    if i % groups != group:
       continue
     # What each loss consumes, as the train step offers it (losses.inputs_for).
     kw = dict(hp, **losses.inputs_for(name, {

@@ -145,7 +145,9 @@ class Registered:
 
   @property
   def fn(self) -> Callable:
-    return _load(self.target)
+    # Run as on an Auto mesh when the arrays' mesh has Explicit axes.
+    from jaxdml import sharding  # pylint: disable=g-import-not-at-top
+    return sharding.on_any_mesh(_load(self.target))
 
 
 _REGISTRY: dict[str, Registered] = {}

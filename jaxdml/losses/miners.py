@@ -9,7 +9,8 @@ A miner takes the loss's arguments (`ref_embeddings`, `ref_labels`,
 ones) and PML's hyperparameter names and defaults. PML returns index tuples
 (pairs a1, p, a2, n or triplets a, p, n) whose length depends on the data;
 here a selection is a fixed-shape `Mined`, so mining is jit-safe, and no
-[B, R, R] triplet tensor is ever built:
+[B, R, R] triplet tensor is ever built. Every miner takes arrays sharded
+over any mesh, Explicit axes too (`jaxdml.sharding.on_any_mesh`):
 
 - `pos`, `neg`: how many times each (anchor, candidate) pair occurs in the
   miner's output as a pair loss sees it (PML's `convert_to_pairs`: a triplet
@@ -38,6 +39,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxdml import sharding
 from jaxdml.losses import distances
 from jaxdml.losses import pairs
 
@@ -125,6 +127,7 @@ def _in_range(mat, allowed):
   return True if allowed is None else (mat >= allowed[0]) & (mat <= allowed[1])
 
 
+@sharding.on_any_mesh
 def batch_easy_hard(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
                     ref_valid=None, ref_self_index=None, pos_strategy="easy",
                     neg_strategy="semihard", allowed_pos_range=None, allowed_neg_range=None,
@@ -169,6 +172,7 @@ def batch_easy_hard(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
   return from_pairs(pos, neg)
 
 
+@sharding.on_any_mesh
 def batch_hard(*, allowed_pos_range=None, allowed_neg_range=None, distance="euclidean", **kw):
   """PML's `BatchHardMiner`: per anchor its farthest positive and closest
   negative, one triplet per anchor that has both."""
@@ -177,6 +181,7 @@ def batch_hard(*, allowed_pos_range=None, allowed_neg_range=None, distance="eucl
                          allowed_neg_range=allowed_neg_range, distance=distance, **kw)
 
 
+@sharding.on_any_mesh
 def pair_margin(*, pos_margin=0.2, neg_margin=0.8, distance="euclidean", **kw):
   """PML's `PairMarginMiner`: positives farther than `pos_margin`, negatives
   closer than `neg_margin` (for a similarity: less / more similar)."""
@@ -186,6 +191,7 @@ def pair_margin(*, pos_margin=0.2, neg_margin=0.8, distance="euclidean", **kw):
   return from_pairs(p.pos & (mat > pos_margin), p.neg & (mat < neg_margin))
 
 
+@sharding.on_any_mesh
 def triplet_margin(*, margin=0.2, type_of_triplets="all", distance="euclidean", **kw):
   """PML's `TripletMarginMiner`: with m = dis(a, n) - dis(a, p), the
   triplets with m <= margin ("all"), also m <= 0 ("hard"), also m > 0
@@ -198,6 +204,7 @@ def triplet_margin(*, margin=0.2, type_of_triplets="all", distance="euclidean", 
   return _from_triplets(p.pos, p.neg, dis, window, distance)
 
 
+@sharding.on_any_mesh
 def multi_similarity(*, epsilon=0.1, distance="cosine", **kw):
   """PML's `MultiSimilarityMiner`: a positive is kept when it is less similar
   than the anchor's most similar negative plus epsilon, a negative when it
@@ -217,6 +224,7 @@ def multi_similarity_select(dis, pos, neg, epsilon):
           neg & (dis - epsilon < max_pos) & any_pairs)
 
 
+@sharding.on_any_mesh
 def distance_weighted_probabilities(*, embeddings, labels, ref_embeddings=None,
                                     ref_labels=None, ref_valid=None, ref_self_index=None,
                                     cutoff=0.5, nonzero_loss_cutoff=1.4):
@@ -240,6 +248,7 @@ def distance_weighted_probabilities(*, embeddings, labels, ref_embeddings=None,
   return jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
 
 
+@sharding.on_any_mesh
 def distance_weighted(*, rng, cutoff=0.5, nonzero_loss_cutoff=1.4, **kw):
   """PML's `DistanceWeightedMiner`: triplets whose negative is drawn from
   `distance_weighted_probabilities`. PML draws n_p random positives (with
@@ -278,6 +287,7 @@ def _listed_counts(rows, cols, shape):
   return jnp.zeros(shape[0] * shape[1]).at[flat].add(1.0, mode="drop").reshape(shape)
 
 
+@sharding.on_any_mesh
 def from_triplets(triplets: jax.Array, *, shape: tuple[int, int]) -> Mined:
   """Listed triplets, int [T, 3] rows (a, p, n) into anchors and reference
   set (the batch without one), -1 (out of range) in unused slots, as a
@@ -297,6 +307,7 @@ def from_triplets(triplets: jax.Array, *, shape: tuple[int, int]) -> Mined:
                triplets=triplets)
 
 
+@sharding.on_any_mesh
 def from_indices(indices: tuple, *, shape: tuple[int, int]) -> Mined:
   """PML's index tuple, pairs (a1, p, a2, n) or triplets (a, p, n) as 1-D int
   arrays with -1 in unused slots (static lengths under jit), as a selection
@@ -316,6 +327,7 @@ def from_indices(indices: tuple, *, shape: tuple[int, int]) -> Mined:
   return from_pairs(_listed_counts(*indices[:2], shape), _listed_counts(*indices[2:], shape))
 
 
+@sharding.on_any_mesh
 def already_packaged_as_triplets(*, embeddings, labels=None, ref_embeddings=None,
                                  ref_labels=None, ref_valid=None, ref_self_index=None) -> Mined:
   """PML's `EmbeddingsAlreadyPackagedAsTriplets`: rows 3i, 3i + 1, 3i + 2 are a
@@ -331,6 +343,7 @@ def already_packaged_as_triplets(*, embeddings, labels=None, ref_embeddings=None
   return from_triplets(jnp.arange(b).reshape(-1, 3), shape=(b, b))
 
 
+@sharding.on_any_mesh
 def angular(*, angle: float = 20, **kw) -> Mined:
   """PML's `AngularMiner`: the triplets (a, p, n) whose angle at n,
   atan(||a - p|| / (2 ||n - (a + p) / 2||)), exceeds `angle` degrees, on the
@@ -399,6 +412,7 @@ def _hardest_share(dis, counts, fraction, largest):
   return jnp.zeros_like(counts).at[order].set(kept).reshape(dis.shape)
 
 
+@sharding.on_any_mesh
 def hdc(*, filter_percentage: float = 0.5, distance: distances.DistanceLike = "euclidean",
         mined: Mined | None = None, **kw) -> Mined:
   """PML's `HDCMiner` (hard-aware deeply cascaded): the farthest
@@ -432,6 +446,7 @@ def _uniform_over_bins(rng, mat, mask, num_bins, per_bin):
   return jnp.zeros(flat.size).at[chosen.reshape(-1)].add(1.0, mode="drop").reshape(mat.shape)
 
 
+@sharding.on_any_mesh
 def uniform_histogram(*, rng: jax.Array, num_bins: int = 100, pos_per_bin: int = 10,
                       neg_per_bin: int = 10, distance: distances.DistanceLike = "euclidean",
                       **kw) -> Mined:
@@ -494,6 +509,7 @@ def with_miner(loss_fn, miner):
                        f"jaxdml.losses.miners.{name}(rng=...) and pass mined=.")
   refs = ("embeddings", "labels", "ref_embeddings", "ref_labels", "ref_valid", "ref_self_index")
 
+  @sharding.on_any_mesh  # a miner function of the user's too
   def mined_loss(**kwargs):
     mined = mine(**{k: kwargs[k] for k in refs if k in kwargs}, **spec)
     return loss_fn(mined=mined, **kwargs)

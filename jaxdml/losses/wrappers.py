@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax.numpy as jnp
 
+from jaxdml import sharding
 from jaxdml.losses import miners as miners_lib
 
 LossLike = Union[str, Mapping[str, Any], Callable]
@@ -69,6 +70,7 @@ def self_supervised(loss: LossLike, symmetric: bool = True) -> Callable:
     raise ValueError(f"self_supervised does not support loss {name!r} (PML's "
                      f"SelfSupervisedLoss neither); use one of {SELF_SUPERVISED_LOSSES}.")
 
+  @sharding.on_any_mesh  # a function loss too: the views are joined here
   def self_supervised_loss(*, embeddings, ref_embeddings=None, labels=None, ref_labels=None,
                            ref_valid=None, ref_self_index=None, **kwargs):
     del labels  # the views' rows say which items match
@@ -149,6 +151,7 @@ def multiple(losses: Union[Sequence[LossLike], Mapping[str, LossLike]],
                    miners_lib.with_miner(fn, miner)))
   has_miners = any(m is not None for m in miner_of.values())
 
+  @sharding.on_any_mesh
   def multiple_losses(*, embeddings, labels, **kwargs):
     if kwargs.get("mined", 0) is None:
       del kwargs["mined"]

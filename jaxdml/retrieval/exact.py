@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxdml import sharding
+
 SIMILARITIES = ("cosine", "dot", "euclidean")
 # Elements of the [block, tile] score matrix per device: 64 MiB of float32
 # (on CPU at SOP size 4M- and 8M-element blocks were no faster).
@@ -145,7 +147,7 @@ def _build(mesh, k, similarity, exclude_self):
 
   # Replicated results: every process reads its own copy (`_fetch`).
   replicated = NamedSharding(mesh, P())
-  return jax.jit(fn, out_shardings=(replicated, replicated))
+  return sharding.InContextMesh(mesh, jax.jit(fn, out_shardings=(replicated, replicated)))
 
 
 def tiling(num_gallery, num_devices):
@@ -209,11 +211,14 @@ def search_blocks(query, gallery, k, *, exclude_self=False,
 
 
 def _check_mesh(mesh):
+  """The mesh as a 1-D Auto mesh (`sharding.auto_mesh`): the search places
+  its own arrays and merges the devices' lists with a `top_k` across them,
+  which Explicit axes would refuse."""
   mesh = default_mesh() if mesh is None else mesh
   if mesh.axis_names != ("data",):
     raise ValueError(f"Exact search needs a 1-D mesh with axis 'data', got "
                      f"axes {mesh.axis_names}.")
-  return mesh
+  return sharding.auto_mesh(mesh)
 
 
 def _tiled(rows: np.ndarray, mesh, fill=0) -> np.ndarray:
@@ -311,7 +316,7 @@ def _build_first_hit(mesh, similarity, num_valid):
   sharded = jax.shard_map(local, mesh=mesh,
                           in_specs=(P(), P(), P(), P("data"), P("data"), P("data")),
                           out_specs=P(), check_vma=False)
-  return jax.jit(sharded, out_shardings=NamedSharding(mesh, P()))
+  return sharding.InContextMesh(mesh, jax.jit(sharded, out_shardings=NamedSharding(mesh, P())))
 
 
 def first_hit_ranks(query, gallery, query_labels, gallery_labels, *, self_rows=None,
