@@ -789,3 +789,10 @@ def test_make_binds_hyperparameters_for_jit_grad_and_vmap():
     losses.make("triplet", margn=0.3)
   with pytest.raises(ValueError, match="Unknown loss 'triplets'"):
     losses.make("triplets")
+
+
+def test_get_returns_one_function_per_loss_so_jit_caches_hit():
+  # jax.jit caches by function identity: a new wrapper per call would
+  # recompile a user's `jax.jit(losses.get(name))` every time.
+  for name in ("triplet", "arcface", "vicreg"):
+    assert losses.get(name) is losses.get(name)

@@ -186,10 +186,10 @@ def get(name):
   `weight_regularizer=`, `weight_reg_weight=`): PML's regularizers added as
   weighted terms (jaxdml.losses.regularizers).
   """
-  fn = _entry(name).fn
-  key = (name, fn)
+  entry = _entry(name)
+  key = (name, entry.target)  # a loss registered again under the name is a new key
   if key not in _WRAPPED:  # one function per loss, so jax.jit's cache keeps hitting
-    _WRAPPED[key] = _with_regularizers(name, fn)
+    _WRAPPED[key] = _with_regularizers(name, entry.fn)
   return _WRAPPED[key]
 
 
