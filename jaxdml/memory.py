@@ -20,7 +20,10 @@ Every function here takes arrays sharded over any mesh, Explicit axes too
 References: Wang et al. CVPR 2020 (XBM); Ajanthan et al. 2023, arXiv
 2303.17127 (Adaptive Cross Batch Normalization). See PAPERS.md section 2.
 """
+from __future__ import annotations
+
 import dataclasses
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +35,7 @@ from jaxdml.config import defaults
 _KEYS = ("embeddings", "labels", "valid", "pointer", "kalman")
 
 
-def init(size, dim, dtype=jnp.float32):
+def init(size: int, dim: int, dtype: jnp.dtype | type = jnp.float32) -> dict[str, Any]:
   """Returns an empty memory of `size` slots holding `dim`-d embeddings.
 
   Keys: `embeddings` [size, dim] `dtype` (zeros), `labels` [size] int32 (-1),
@@ -79,7 +82,7 @@ def _check_adapted(memory, adapted_embeddings):
 
 
 @sharding.on_any_mesh
-def enqueue(memory, embeddings, labels):
+def enqueue(memory: Mapping[str, Any], embeddings: jax.Array, labels: jax.Array) -> dict[str, Any]:
   """Writes a batch into the FIFO ring buffer and returns the new memory.
 
   The batch goes to slots `pointer, pointer+1, ...` modulo `size` (one
@@ -233,8 +236,9 @@ def _adapt_kalman(memory, batch_embeddings, *, process_noise=1e-3,
 
 
 @sharding.on_any_mesh
-def kalman_innovations(memory, batch_embeddings, *, process_noise=1e-3,
-                       measurement_noise=1.0, adaptive=True, eps=1e-6):
+def kalman_innovations(memory: Mapping[str, Any], batch_embeddings: jax.Array, *,
+                       process_noise: float = 1e-3, measurement_noise: float = 1.0,
+                       adaptive: bool = True, eps: float = 1e-6) -> dict[str, jax.Array]:
   """The filter's normalised innovation squared (NIS) before this update.
 
   Per dimension (y - x)^2 / (p + q + r): the squared surprise of the new
@@ -267,7 +271,8 @@ _METHODS = {
 
 
 @sharding.on_any_mesh
-def adapt(memory, batch_embeddings, method="none", **hparams):
+def adapt(memory: Mapping[str, Any], batch_embeddings: jax.Array, method: str = "none",
+          **hparams: Any) -> tuple[jax.Array, dict[str, Any]]:
   """Aligns the stored embeddings with the current batch (XBN).
 
   Returns `(embeddings, memory)`: the adapted [size, dim] embeddings (memory
@@ -329,7 +334,8 @@ def adapt(memory, batch_embeddings, method="none", **hparams):
 
 
 @sharding.on_any_mesh
-def reference_set(memory, adapted_embeddings, batch_embeddings, batch_labels):
+def reference_set(memory: Mapping[str, Any], adapted_embeddings: jax.Array,
+                  batch_embeddings: jax.Array, batch_labels: jax.Array) -> dict[str, jax.Array]:
   """Batch + adapted memory as a loss reference set (batch-vs-(batch+memory)).
 
   Returns a dict to pass as keyword arguments to a `jaxdml.losses` function:
@@ -357,7 +363,9 @@ def reference_set(memory, adapted_embeddings, batch_embeddings, batch_labels):
 
 
 @sharding.on_any_mesh
-def enqueued_reference_set(memory, adapted_embeddings, batch_embeddings, batch_labels):
+def enqueued_reference_set(memory: Mapping[str, Any], adapted_embeddings: jax.Array,
+                           batch_embeddings: jax.Array,
+                           batch_labels: jax.Array) -> dict[str, jax.Array]:
   """The memory as XBM's code pairs the batch with it: the batch enqueued first.
 
   XBM (msight-tech/research-xbm, `engine/trainer.py`) writes the detached
@@ -400,7 +408,7 @@ class Settings:
   weight: float = 1.0
 
   @classmethod
-  def from_config(cls, cfg) -> "Settings":
+  def from_config(cls, cfg: Any) -> "Settings":
     given = config_lib.as_dict(cfg)
     config_lib.check_fields("config.memory", given, defaults.MEMORY)
     given = {**defaults.MEMORY, **given}
@@ -417,8 +425,11 @@ LOSS_FORMS = defaults.MEMORY_LOSS_FORMS
 
 
 @sharding.on_any_mesh
-def loss_with_memory(settings: Settings, loss_fn, hparams, embeddings, labels, memory, step,
-                     batch_keys):
+def loss_with_memory(settings: Settings, loss_fn: Callable[..., Any], hparams: Mapping[str, Any],
+                     embeddings: jax.Array, labels: jax.Array, memory: Mapping[str, Any],
+                     step: jax.Array | int,
+                     batch_keys: jax.Array
+                     ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
   """The ranking loss with the cross-batch memory; returns (loss, aux, memory).
 
   `settings.loss_form` says how the memory's pairs enter the loss:

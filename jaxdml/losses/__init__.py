@@ -101,9 +101,14 @@ stateful dynamic_soft_margin.
 See each function's docstring for its hyperparameters and the choices that
 are ours.
 """
+from __future__ import annotations
+
 import dataclasses
 import importlib
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:  # annotations only: the registry loads without JAX
+  import jax
 
 # Submodules load when first used (`losses.get`, `jaxdml.losses.triplet`):
 # the registry itself is plain data, so a config is checked without JAX.
@@ -153,7 +158,7 @@ class Registered:
 _REGISTRY: dict[str, Registered] = {}
 
 
-def names():
+def names() -> tuple[str, ...]:
   """Sorted names of the registered losses."""
   return tuple(sorted(_REGISTRY))
 
@@ -167,7 +172,7 @@ def _entry(name) -> Registered:
     ) from None
 
 
-def check_name(name) -> None:
+def check_name(name: str) -> None:
   """ValueError naming the registered losses unless `name` is one."""
   _entry(name)
 
@@ -178,7 +183,7 @@ WEIGHT_REGULARIZED = frozenset(("proxy_anchor", "proxy_nca", "normalized_softmax
                                 "large_margin_softmax", "sphereface"))
 
 
-def get(name):
+def get(name: str) -> Callable[..., Any]:
   """The loss function registered under `name`; ValueError if unknown.
 
   It takes the loss's own keywords plus `embedding_regularizer=`,
@@ -238,7 +243,7 @@ def _with_regularizers(name, fn):
   return loss
 
 
-def make(name: str, *, with_aux: bool = True, **hparams) -> Callable:
+def make(name: str, *, with_aux: bool = True, **hparams: Any) -> Callable:
   """The loss `name` with its hyperparameters bound: a function of arrays
   only, so `jax.jit`, `jax.grad` and `jax.vmap` take it as it is (PML's
   `TripletMarginLoss(margin=0.1)` is `make("triplet", margin=0.1)`).
@@ -274,7 +279,7 @@ def make(name: str, *, with_aux: bool = True, **hparams) -> Callable:
   return value
 
 
-def consumes(name, hparams=None) -> frozenset:
+def consumes(name: str, hparams: Mapping[str, Any] | None = None) -> frozenset:
   """What the loss `name` takes beyond embeddings and labels (keys of INPUTS);
   with `hparams`, for that setting (margin takes parameters only with
   learn_beta=True)."""
@@ -284,7 +289,7 @@ def consumes(name, hparams=None) -> frozenset:
   return entry.consumes
 
 
-def inputs_for(name, available: dict, hparams=None) -> dict:
+def inputs_for(name: str, available: dict, hparams: Mapping[str, Any] | None = None) -> dict:
   """The keywords of `available` (INPUTS key -> value) that loss `name` consumes.
 
   The train step offers every input it has; a consumed input that is None
@@ -303,7 +308,7 @@ def inputs_for(name, available: dict, hparams=None) -> dict:
   return kwargs
 
 
-def init_params(name, rng, *, num_classes: int, dim: int, **hparams):
+def init_params(name: str, rng: jax.Array, *, num_classes: int, dim: int, **hparams: Any) -> Any:
   """The learnable parameters of loss `name` (a pytree) for `num_classes`
   classes of `dim`-wide embeddings; `hparams` are the loss's own."""
   entry = _entry(name)
@@ -312,7 +317,7 @@ def init_params(name, rng, *, num_classes: int, dim: int, **hparams):
   return _load(entry.init_params)(rng, num_classes=int(num_classes), dim=int(dim), **hparams)
 
 
-def init_state(name, **hparams):
+def init_state(name: str, **hparams: Any) -> Any:
   """The initial running state of loss `name` (a pytree) for its `hparams`;
   the loss returns the next one as the third element of its result."""
   entry = _entry(name)
@@ -321,8 +326,11 @@ def init_state(name, **hparams):
   return _load(entry.init_state)(**hparams)
 
 
-def register(name, fn, *, consumes=("reference_set",), init_params=None,  # pylint: disable=redefined-outer-name
-             params_when=None, init_state=None):
+def register(name: str, fn: Callable[..., Any] | str, *,  # pylint: disable=redefined-outer-name
+             consumes: Sequence[str] = ("reference_set",),
+             init_params: Callable[..., Any] | str | None = None,
+             params_when: Callable[[Mapping[str, Any]], bool] | None = None,
+             init_state: Callable[..., Any] | str | None = None) -> None:
   """Adds `fn` under `name`; `consumes` lists the keys of INPUTS it takes.
 
   A distillation loss says `consumes=("teacher",)` and is given

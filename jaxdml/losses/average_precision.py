@@ -5,6 +5,8 @@ mean of 1 - AP over the anchors that have one), and Smooth-AP (Brown et al.
 when a batch has as many classes as samples per class (`smooth_ap`).
 In-batch only, as in PML.
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
@@ -13,7 +15,8 @@ from jaxdml.losses import reducers
 from jaxdml.losses import pairs
 
 
-def fast_ap(*, embeddings, labels, num_bins=10, reduction="mean"):
+def fast_ap(*, embeddings: jax.Array, labels: jax.Array, num_bins: int = 10,
+            reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """FastAP: AP from soft histograms of squared distances between
   L2-normalised rows (PML asserts `LpDistance(normalize_embeddings=True)`;
   here the rows are normalised inside), `num_bins` triangular bins on
@@ -50,7 +53,8 @@ def fast_ap(*, embeddings, labels, num_bins=10, reduction="mean"):
 
 
 def smooth_ap(*, embeddings: jax.Array, labels: jax.Array, temperature: float = 0.01,
-              anchor_chunk: int = 32, reduction="mean") -> tuple[jax.Array, dict]:
+              anchor_chunk: int = 32,
+              reduction: reducers.Reduction = "mean") -> tuple[jax.Array, dict]:
   """Smooth-AP: AP with each rank replaced by a sum of sigmoids of cosine
   similarity differences / temperature. For anchor i and positive j
   (its own class, i itself included, as the authors' code does), AP_i =

@@ -19,6 +19,8 @@ of being averaged away. XBM's code charges an active negative s rather than
 s - neg_margin: the same gradient, a value higher by neg_margin per active
 negative / B (IRT writes [s - beta]_+, as here). No degenerate-batch rule.
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
@@ -28,10 +30,13 @@ from jaxdml.losses import pairs
 from jaxdml.losses import reducers
 
 
-def contrastive(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
-                ref_valid=None, ref_self_index=None, pos_margin=0.0,
-                neg_margin=1.0, distance="euclidean",
-                reduction="avg_nonzero", mined=None):
+def contrastive(*, embeddings: jax.Array, labels: jax.Array,
+                ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                pos_margin: float = 0.0, neg_margin: float = 1.0,
+                distance: distances.DistanceLike = "euclidean",
+                reduction: reducers.Reduction = "avg_nonzero",
+                mined: miners.Mined | None = None) -> reducers.LossAndAux:
   """Contrastive loss; defaults are PML's `ContrastiveLoss()` numbers.
 
   Args:

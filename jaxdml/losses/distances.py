@@ -38,6 +38,7 @@ from typing import Any, Mapping, Union
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 KINDS = ("lp", "dot", "snr")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -73,14 +74,14 @@ class Distance:
   def __str__(self) -> str:
     return self.name or repr(self)
 
-  def normalize(self, x):
+  def normalize(self, x: jax.Array) -> jax.Array:
     """`x / max(||x||_p, 1e-12)` along the last axis (torch's F.normalize)."""
     if float(self.p) == 2.0:
       return l2_normalize(x)
     norm = safe_pow(jnp.sum(jnp.abs(x) ** self.p, axis=-1, keepdims=True), 1.0 / self.p)
     return x / jnp.maximum(norm, _EPS)
 
-  def matrix(self, x, y):
+  def matrix(self, x: jax.Array, y: jax.Array) -> jax.Array:
     """[N, D] x [M, D] -> [N, M]."""
     x, y = as_float(x), as_float(y)
     if self.normalize_embeddings:
@@ -178,13 +179,13 @@ def is_similarity(distance: DistanceLike) -> bool:
   return resolve(distance).is_inverted
 
 
-def as_float(x):
+def as_float(x: ArrayLike) -> jax.Array:
   """At least float32: bfloat16 embeddings lose the margins entirely."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def l2_normalize(x, eps=_EPS):
+def l2_normalize(x: jax.Array, eps: float = _EPS) -> jax.Array:
   """x / max(||x||, eps) along the last axis, as torch F.normalize.
 
   Written with a clamped rsqrt so a zero row has a zero (not NaN) gradient.
@@ -193,27 +194,27 @@ def l2_normalize(x, eps=_EPS):
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
-def safe_pow(x, exponent):
+def safe_pow(x: jax.Array, exponent: float) -> jax.Array:
   """x ** exponent for x >= 0, with gradient 0 (not inf/NaN) where x <= 0."""
   pos = x > 0
   return jnp.where(pos, jnp.where(pos, x, 1.0) ** exponent, 0.0)
 
 
-def safe_sqrt(x):
+def safe_sqrt(x: jax.Array) -> jax.Array:
   """sqrt with gradient 0 (not inf/NaN) where x <= 0, e.g. duplicate rows."""
   pos = x > 0
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
-def safe_norm(x, axis=-1):
+def safe_norm(x: jax.Array, axis: int = -1) -> jax.Array:
   return safe_sqrt(jnp.sum(x * x, axis=axis))
 
 
-def cosine_matrix(x, y):
+def cosine_matrix(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.matmul(l2_normalize(x), l2_normalize(y).T, precision=_HIGHEST)
 
 
-def squared_euclidean_matrix(x, y):
+def squared_euclidean_matrix(x: jax.Array, y: jax.Array) -> jax.Array:
   xx = jnp.sum(x * x, axis=-1)[:, None]
   yy = jnp.sum(y * y, axis=-1)[None, :]
   xy = jnp.matmul(x, y.T, precision=_HIGHEST)
@@ -221,7 +222,7 @@ def squared_euclidean_matrix(x, y):
   return jnp.maximum(xx + yy - 2.0 * xy, 0.0)
 
 
-def snr_matrix(x, y):
+def snr_matrix(x: jax.Array, y: jax.Array) -> jax.Array:
   """Var(x_i - y_j) / Var(x_i) with unbiased variances over the D axis
   (torch.var's default), from sums: no [N, M, D] tensor."""
   d = x.shape[-1]
@@ -234,7 +235,8 @@ def snr_matrix(x, y):
   return jnp.maximum(pair_var, 0.0) / anchor_var[:, None]
 
 
-def pairwise(x, y, *, distance: DistanceLike, chunk_size: int | None = None):
+def pairwise(x: jax.Array, y: jax.Array, *, distance: DistanceLike,
+             chunk_size: int | None = None) -> jax.Array:
   """[N, D] x [M, D] -> [N, M] matrix of `distance` (a similarity for
   "cosine" and "dot"). `chunk_size`: see `batched`."""
   if chunk_size is not None:
@@ -242,7 +244,8 @@ def pairwise(x, y, *, distance: DistanceLike, chunk_size: int | None = None):
   return resolve(distance).matrix(x, y)
 
 
-def batched(x, y, *, distance: DistanceLike, chunk_size: int = 4096):
+def batched(x: jax.Array, y: jax.Array, *, distance: DistanceLike,
+            chunk_size: int = 4096) -> jax.Array:
   """`pairwise(x, y)` computed `chunk_size` reference rows (of `y`) at a
   time, for large reference sets: every intermediate is [N, chunk_size]
   (or [N, chunk_size, D] for an Lp distance with p != 2) instead of [N, M],
@@ -265,7 +268,7 @@ def batched(x, y, *, distance: DistanceLike, chunk_size: int = 4096):
   return jnp.moveaxis(blocks, 0, 1).reshape(x.shape[0], chunks * chunk_size)[:, :m]
 
 
-def dissimilarity(mat, *, distance: DistanceLike):
+def dissimilarity(mat: jax.Array, *, distance: DistanceLike) -> jax.Array:
   """Map the matrix to "smaller is closer" so one code path serves all.
 
   For a similarity this is -s; PML's `distance.margin(ap, an)` (= an - ap for a

@@ -3,11 +3,14 @@
 The teacher is frozen: its embeddings always pass through stop_gradient, so a
 caller may hand in any array (e.g. a teacher forward pass in the same jit).
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 
 DISTILL_MODES = ("mse", "cosine", "relational")
 
@@ -33,9 +36,10 @@ def _offdiag_mse(a, b):
   return jnp.sum(sq, axis=(-2, -1)) / (v * (v - 1))
 
 
-def embedding_distill(*, embeddings, labels=None, ref_embeddings=None,
-                      ref_labels=None, ref_valid=None, ref_self_index=None,
-                      teacher_embeddings, mode="mse"):
+def embedding_distill(*, embeddings: jax.Array, labels: jax.Array | None = None,
+                      ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                      ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                      teacher_embeddings: jax.Array, mode: str = "mse") -> reducers.LossAndAux:
   """Student embeddings regress the frozen teacher's (PAPERS.md section 1).
 
   Args:
@@ -71,10 +75,11 @@ def embedding_distill(*, embeddings, labels=None, ref_embeddings=None,
   return loss, {"cosine": jnp.mean(cos)}
 
 
-def raml(*, embeddings, labels=None, ref_embeddings=None, ref_labels=None,
-         ref_valid=None, ref_self_index=None, teacher_embeddings,
-         views_per_image=8, lambda1=0.7718, lambda2=0.6684,
-         reduction="mean"):
+def raml(*, embeddings: jax.Array, labels: jax.Array | None = None,
+         ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+         ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+         teacher_embeddings: jax.Array, views_per_image: int = 8, lambda1: float = 0.7718,
+         lambda2: float = 0.6684, reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """RAML asymmetric student/teacher loss (PAPERS.md section 3).
 
   With s, t the L2-normalised student (low resolution) and teacher (high

@@ -17,6 +17,10 @@ buffer detached between calls it computes what this does. In the label-free
 mode PML writes into the distance matrix that its backward needs, so it
 cannot backward at all; ours has the gradient of PML's formula.
 """
+from __future__ import annotations
+
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -25,7 +29,8 @@ from jaxdml.losses import reducers
 from jaxdml.losses import pairs
 
 
-def init_state(*, min_val=-2.0, num_bins=10, momentum=0.01, **hparams):
+def init_state(*, min_val: float = -2.0, num_bins: int = 10, momentum: float = 0.01,
+               **hparams: Any) -> dict[str, jax.Array]:
   """The empty histogram (PML's `hist_` before the first call): zeros [num_bins]."""
   del min_val, momentum, hparams
   return {"hist": jnp.zeros((int(num_bins),), jnp.float32)}
@@ -66,9 +71,14 @@ def _updated_histogram(hist, margins, weight, min_val, delta, momentum):
   return new / jnp.where(total > 0, total, 1.0)  # empty: stays 0, not NaN
 
 
-def dynamic_soft_margin(*, embeddings, loss_state, labels=None, ref_embeddings=None,
-                        ref_labels=None, ref_valid=None, ref_self_index=None, min_val=-2.0,
-                        num_bins=10, momentum=0.01, distance="euclidean", reduction="mean"):
+def dynamic_soft_margin(*, embeddings: jax.Array, loss_state: Mapping[str, jax.Array],
+                        labels: jax.Array | None = None, ref_embeddings: jax.Array | None = None,
+                        ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+                        ref_self_index: jax.Array | None = None, min_val: float = -2.0,
+                        num_bins: int = 10, momentum: float = 0.01,
+                        distance: distances.DistanceLike = "euclidean",
+                        reduction: reducers.Reduction = "mean"
+                        ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
   """PML's `DynamicSoftMarginLoss(min_val, num_bins, momentum)`.
 
   Args:

@@ -8,15 +8,18 @@ its gradient flows to both points. Our choice: DINOv2 adds eps inside the
 pairwise distance; we use a safe norm instead, so exact duplicates get a zero
 (finite) gradient rather than one along an arbitrary (1, ..., 1) direction.
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import contrastive as contrastive_lib
 from jaxdml.losses import distances
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 
 
-def koleo_term(embeddings, eps=1e-8):
+def koleo_term(embeddings: jax.Array, eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
   """The KoLeo value and the mean nearest-neighbour distance of a [B, D] batch."""
   z = distances.l2_normalize(distances.as_float(embeddings))
   b = z.shape[0]
@@ -34,8 +37,10 @@ def _check_batch(embeddings, loss_name):
         f" neighbour), got shape {embeddings.shape}.")
 
 
-def koleo(*, embeddings, labels=None, ref_embeddings=None, ref_labels=None,
-          ref_valid=None, ref_self_index=None, eps=1e-8):
+def koleo(*, embeddings: jax.Array, labels: jax.Array | None = None,
+          ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+          ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+          eps: float = 1e-8) -> reducers.LossAndAux:
   """KoLeo regulariser on the batch; `labels` are accepted and unused.
 
   Returns:
@@ -51,11 +56,13 @@ def koleo(*, embeddings, labels=None, ref_embeddings=None, ref_labels=None,
   return loss, {"mean_nn_distance": nn_dist}
 
 
-def contrastive_koleo(*, embeddings, labels, ref_embeddings=None,
-                      ref_labels=None, ref_valid=None, ref_self_index=None,
-                      pos_margin=1.0, neg_margin=0.5, distance="cosine",
-                      reduction="avg_nonzero", koleo_weight=0.7,
-                      koleo_eps=1e-8):
+def contrastive_koleo(*, embeddings: jax.Array, labels: jax.Array,
+                      ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                      ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                      pos_margin: float = 1.0, neg_margin: float = 0.5,
+                      distance: distances.DistanceLike = "cosine",
+                      reduction: reducers.Reduction = "avg_nonzero", koleo_weight: float = 0.7,
+                      koleo_eps: float = 1e-8) -> reducers.LossAndAux:
   """IRT's loss: `contrastive` + koleo_weight * KoLeo(batch).
 
   Defaults are IRT's (PAPERS.md section 5: cosine, 1 - s on positives,

@@ -6,6 +6,8 @@ Equal to pytorch-metric-learning 2.9.0's `LiftedStructureLoss` and
 which L2-normalises the rows first). Both allocate [B, R] and nothing
 larger.
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
@@ -16,9 +18,13 @@ from jaxdml.losses import reducers
 from jaxdml.losses.softmax_pairs import masked_logsumexp
 
 
-def lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
-                     ref_valid=None, ref_self_index=None, pos_margin=0.0, neg_margin=1.0,
-                     distance="euclidean", mined=None, reduction="mean"):
+def lifted_structure(*, embeddings: jax.Array, labels: jax.Array,
+                     ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                     ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                     pos_margin: float = 0.0, neg_margin: float = 1.0,
+                     distance: distances.DistanceLike = "euclidean",
+                     mined: miners.Mined | None = None,
+                     reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """Each positive pair (i, j): [logsumexp over the negatives of i and of j
   of (neg_margin - d) + d_ij - pos_margin]_+^2 / 2, averaged over positive
   pairs (both orders, as PML). In-batch only: the negatives of j need j's
@@ -42,10 +48,15 @@ def lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None
   return value, {}
 
 
-def generalized_lifted_structure(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
-                                 ref_valid=None, ref_self_index=None, pos_margin=0.0,
-                                 neg_margin=1.0, distance="euclidean", mined=None,
-                                 reduction="mean"):
+def generalized_lifted_structure(*, embeddings: jax.Array, labels: jax.Array,
+                                 ref_embeddings: jax.Array | None = None,
+                                 ref_labels: jax.Array | None = None,
+                                 ref_valid: jax.Array | None = None,
+                                 ref_self_index: jax.Array | None = None, pos_margin: float = 0.0,
+                                 neg_margin: float = 1.0,
+                                 distance: distances.DistanceLike = "euclidean",
+                                 mined: miners.Mined | None = None,
+                                 reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """Per anchor: [logsumexp_p (d_p - pos_margin) + logsumexp_n (neg_margin
   - d_n)]_+, a missing side counting 0; averaged over anchors. `mined`: a
   miner's pairs, as a set. `reduction`: any of jaxdml.losses.reducers over

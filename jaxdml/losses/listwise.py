@@ -8,6 +8,8 @@ Angular and NCA pair anchors with a reference set as PML's `ref_emb` does
 and Instance are in-batch only, as in PML. Where PML's code departs from the
 paper, PML is followed and the docstring says so.
 """
+from __future__ import annotations
+
 import math
 
 import jax
@@ -21,7 +23,7 @@ from jaxdml.losses.softmax_pairs import masked_logsumexp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 Array = jax.Array
-LossAndAux = tuple[jax.Array, dict[str, jax.Array]]
+LossAndAux = reducers.LossAndAux
 
 
 def _matmul_t(x, y):
@@ -32,7 +34,7 @@ def angular(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = 
             ref_labels: Array | None = None, ref_valid: Array | None = None,
             ref_self_index: Array | None = None, alpha: float = 40.0,
             mined: miners.Mined | None = None, anchor_chunk: int = 32,
-            reduction="mean") -> LossAndAux:
+            reduction: reducers.Reduction = "mean") -> LossAndAux:
   """Angular loss (Wang et al. 2017, "Deep Metric Learning with Angular
   Loss"; PML's `AngularLoss()`), `alpha` in degrees.
 
@@ -93,7 +95,8 @@ def angular(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = 
 def nca(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = None,
         ref_labels: Array | None = None, ref_valid: Array | None = None,
         ref_self_index: Array | None = None, softmax_scale: float = 1.0,
-        distance: distances.DistanceLike = "squared_euclidean", reduction="mean") -> LossAndAux:
+        distance: distances.DistanceLike = "squared_euclidean",
+        reduction: reducers.Reduction = "mean") -> LossAndAux:
   """Neighbourhood Components Analysis (Goldberger et al. 2004; PML's
   `NCALoss()`).
 
@@ -142,9 +145,10 @@ def nca(*, embeddings: Array, labels: Array, ref_embeddings: Array | None = None
 
 def ranked_list(*, embeddings: Array, labels: Array, margin: float, Tn: float,  # pylint: disable=invalid-name
                 imbalance: float = 0.5, alpha: float | None = None, Tp: float = 0.0,
-                distance: distances.DistanceLike = "euclidean", ref_embeddings=None,
-                ref_labels=None, ref_valid=None, ref_self_index=None,
-                reduction="mean") -> LossAndAux:
+                distance: distances.DistanceLike = "euclidean", ref_embeddings: Array | None = None,
+                ref_labels: Array | None = None, ref_valid: Array | None = None,
+                ref_self_index: Array | None = None,
+                reduction: reducers.Reduction = "mean") -> LossAndAux:
   """Ranked List Loss (Wang et al. 2019; PML's `RankedListLoss(margin, Tn)`).
 
   `margin` and `Tn` are required, as in PML. With boundary alpha (default
@@ -213,9 +217,10 @@ def _dense_class_ids(labels):
   return jnp.sum(first[None, :] & (labels[None, :] < labels[:, None]), axis=1)
 
 
-def instance(*, embeddings: Array, labels: Array, gamma: float = 64.0, ref_embeddings=None,
-             ref_labels=None, ref_valid=None, ref_self_index=None,
-             reduction="mean") -> LossAndAux:
+def instance(*, embeddings: Array, labels: Array, gamma: float = 64.0,
+             ref_embeddings: Array | None = None, ref_labels: Array | None = None,
+             ref_valid: Array | None = None, ref_self_index: Array | None = None,
+             reduction: reducers.Reduction = "mean") -> LossAndAux:
   """Instance loss as PML's `InstanceLoss()` computes it (after Zheng et al.
   2020, "Dual-Path Convolutional Image-Text Embeddings with Instance Loss").
 

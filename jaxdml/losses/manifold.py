@@ -15,7 +15,10 @@ torch's global generator; ours from the key it is given.
 
 Allocates [B + K, B + K] and inverts it (O((B + K)^3)).
 """
+from __future__ import annotations
+
 import math
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +30,7 @@ from jaxdml.losses import pairs
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def draw_meta_classes(rng, batch_size: int, num_proxies: int):
+def draw_meta_classes(rng: jax.Array, batch_size: int, num_proxies: int) -> jax.Array:
   """PML's draw: [0, K) once each, then B - K uniform draws, shuffled; int32 [B]."""
   if batch_size < num_proxies:
     raise ValueError(f"manifold: a batch of {batch_size} cannot be spread over K="
@@ -51,10 +54,13 @@ def _hinge_log_sum_exp(scores, own, margin):
   return jnp.mean(jnp.log1p(jnp.sum(terms, axis=1)))
 
 
-def manifold(*, embeddings, loss_params, labels=None, rng=None, meta_classes=None, K=50,
-             lambdaC=1.0, alpha=0.8, margin=5e-4, distance="cosine",
-             ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
-             reduction="mean"):
+def manifold(*, embeddings: jax.Array, loss_params: Mapping[str, jax.Array],
+             labels: jax.Array | None = None, rng: jax.Array | None = None,
+             meta_classes: jax.Array | None = None, K: int = 50, lambdaC: float = 1.0,
+             alpha: float = 0.8, margin: float = 5e-4, distance: distances.DistanceLike = "cosine",
+             ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+             ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+             reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """PML's `ManifoldLoss(l=D, K, lambdaC, alpha, margin)`.
 
   Args:
@@ -128,7 +134,8 @@ def manifold(*, embeddings, loss_params, labels=None, rng=None, meta_classes=Non
   return loss, {"intrinsic": intrinsic, "context": context}
 
 
-def init_manifold(rng, *, num_classes: int, dim: int, K=50, **hparams):
+def init_manifold(rng: jax.Array, *, num_classes: int, dim: int, K: int = 50,
+                  **hparams: Any) -> dict[str, jax.Array]:
   """PML's `torch.randn(K, l)`: K proxies of N(0, 1) entries, [K, dim];
   `num_classes` is unused (the loss has no classes)."""
   del num_classes, hparams

@@ -1,5 +1,9 @@
 """Margin loss and N-pairs, equal to pytorch-metric-learning 2.9.0's
 `MarginLoss` (all or mined triplets, fixed or learned beta) and `NPairsLoss`."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
 
@@ -9,10 +13,14 @@ from jaxdml.losses import pairs
 from jaxdml.losses import reducers
 
 
-def margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, margin=0.2, beta=1.2, distance="euclidean", mined=None,  # pylint: disable=redefined-outer-name
-           learn_beta=False, nu=0.0, beta_per_class=False, loss_params=None,
-           reduction="divisor"):
+def margin(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array | None = None,
+           ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+           ref_self_index: jax.Array | None = None,
+           margin: float = 0.2,  # pylint: disable=redefined-outer-name
+           beta: float = 1.2, distance: distances.DistanceLike = "euclidean",
+           mined: miners.Mined | None = None, learn_beta: bool = False, nu: float = 0.0,
+           beta_per_class: bool = False, loss_params: Mapping[str, jax.Array] | None = None,
+           reduction: reducers.Reduction = "divisor") -> reducers.LossAndAux:
   """Margin loss (Wu et al. 2017), PML's `MarginLoss()`: over every triplet
   (a, p, n), or a miner's (`mined=`), [d_ap - beta + margin]_+ +
   [beta - d_an + margin]_+, summed and divided by the number of non-zero
@@ -91,8 +99,9 @@ def _per_triplet(p, d, beta, margin, nu, beta_per_class, labels, mined,  # pylin
   return value
 
 
-def init_beta(rng, *, num_classes, dim, beta=1.2, learn_beta=False, beta_per_class=False,
-              **_):
+def init_beta(rng: jax.Array, *, num_classes: int, dim: int, beta: float = 1.2,
+              learn_beta: bool = False, beta_per_class: bool = False,
+              **_: Any) -> dict[str, jax.Array]:
   """The learned beta of `margin(learn_beta=True)`: [num_classes] or [1]."""
   del rng, dim
   if not learn_beta:
@@ -100,8 +109,10 @@ def init_beta(rng, *, num_classes, dim, beta=1.2, learn_beta=False, beta_per_cla
   return {"beta": jnp.full((num_classes if beta_per_class else 1,), beta, jnp.float32)}
 
 
-def npairs(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, reduction="mean"):
+def npairs(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array | None = None,
+           ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+           ref_self_index: jax.Array | None = None,
+           reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """N-pairs loss (Sohn 2016), PML's `NPairsLoss()`: one positive pair per
   label (its first sample and that sample's first positive, in batch
   order), then cross-entropy of each anchor against all pairs' positives

@@ -8,7 +8,10 @@ vectors are `loss_params["proxies"]` [num_classes, dim]: PML's `W` / `weight`
 [dim, num_classes] transposed. Labels must lie in [0, num_classes). Each
 allocates [B, C] and rejects a reference set, as PML does.
 """
+from __future__ import annotations
+
 import math
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -60,9 +63,12 @@ def _large_margin(name, embeddings, labels, loss_params, margin, scale, class_no
   return loss, {"avg_angle": jnp.degrees(jnp.mean(angles))}
 
 
-def large_margin_softmax(*, embeddings, labels, loss_params, margin=4, scale=1.0,
-                         ref_embeddings=None, ref_labels=None, ref_valid=None,
-                         ref_self_index=None, reduction="mean"):
+def large_margin_softmax(*, embeddings: jax.Array, labels: jax.Array,
+                         loss_params: Mapping[str, jax.Array], margin: float = 4,
+                         scale: float = 1.0, ref_embeddings: jax.Array | None = None,
+                         ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+                         ref_self_index: jax.Array | None = None,
+                         reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """Large-margin softmax (Liu et al. 2016), PML's `LargeMarginSoftmaxLoss`.
 
   Args:
@@ -88,9 +94,11 @@ def large_margin_softmax(*, embeddings, labels, loss_params, margin=4, scale=1.0
                                               ref_self_index), reduction)
 
 
-def sphereface(*, embeddings, labels, loss_params, margin=4, scale=1.0,
-               ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
-               reduction="mean"):
+def sphereface(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[str, jax.Array],
+               margin: float = 4, scale: float = 1.0, ref_embeddings: jax.Array | None = None,
+               ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+               ref_self_index: jax.Array | None = None,
+               reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """SphereFace / A-Softmax (Liu et al. 2017), PML's `SphereFaceLoss`.
 
   `large_margin_softmax` with the class vectors' norms left out of the
@@ -102,8 +110,10 @@ def sphereface(*, embeddings, labels, loss_params, margin=4, scale=1.0,
                                                ref_self_index), reduction)
 
 
-def p2s_grad(*, embeddings, labels, loss_params, ref_embeddings=None, ref_labels=None,
-             ref_valid=None, ref_self_index=None, reduction="mean"):
+def p2s_grad(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[str, jax.Array],
+             ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+             ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+             reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """P2SGrad (Zhang et al. 2019), PML's `P2SGradLoss`; no hyperparameters.
 
   The mean over [B, C] of (cos theta_ic - [c == y_i])^2, cosines clipped to
@@ -132,7 +142,8 @@ def p2s_grad(*, embeddings, labels, loss_params, ref_embeddings=None, ref_labels
   return jnp.mean(jnp.square(jnp.clip(cos, -1.0, 1.0) - one_hot)), {}
 
 
-def init_p2s_grad(rng, *, num_classes: int, dim: int, **hparams):
+def init_p2s_grad(rng: jax.Array, *, num_classes: int, dim: int,
+                  **hparams: Any) -> dict[str, jax.Array]:
   """PML's P2SGrad init: U(-1, 1) entries, each class vector scaled to unit
   length (`uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`)."""
   del hparams

@@ -32,8 +32,11 @@ generalized_lifted_structure) use the set, as PML's masks do. Distances are
 PML's (`distance=`, jaxdml.losses.distances): the default "euclidean" is
 `LpDistance()`, which L2-normalises the rows first.
 """
+from __future__ import annotations
+
 import functools
 import math
+from typing import Any, Callable, Mapping
 
 import flax.struct
 import jax
@@ -82,7 +85,8 @@ def _sorted_keys(dis, mask):
   return jnp.sort(jnp.where(mask, dis, jnp.inf), axis=1)
 
 
-def window_counts(dis, t_pos, t_neg, window):
+def window_counts(dis: jax.Array, t_pos: jax.Array, t_neg: jax.Array,
+                  window: tuple[float, float]) -> tuple[jax.Array, jax.Array]:
   """Per (a, p): the negatives n with lo < dis_an - dis_ap <= hi; per
   (a, n): the positives with the same. O(B R log R) time, [B, R] memory."""
   lo, hi = window
@@ -97,7 +101,7 @@ def window_counts(dis, t_pos, t_neg, window):
           jnp.where(t_neg, jnp.maximum(per_neg, 0), 0).astype(jnp.float32))
 
 
-def from_pairs(pos, neg):
+def from_pairs(pos: jax.Array, neg: jax.Array) -> Mined:
   """A pair miner's selection from [B, R] masks or counts (how many times
   each pair is listed); triplets per anchor are its listed positives x its
   listed negatives, as PML's `convert_to_triplets`."""
@@ -128,10 +132,13 @@ def _in_range(mat, allowed):
 
 
 @sharding.on_any_mesh
-def batch_easy_hard(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
-                    ref_valid=None, ref_self_index=None, pos_strategy="easy",
-                    neg_strategy="semihard", allowed_pos_range=None, allowed_neg_range=None,
-                    distance="euclidean"):
+def batch_easy_hard(*, embeddings: jax.Array, labels: jax.Array,
+                    ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                    ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                    pos_strategy: str = "easy", neg_strategy: str = "semihard",
+                    allowed_pos_range: tuple[float, float] | None = None,
+                    allowed_neg_range: tuple[float, float] | None = None,
+                    distance: distances.DistanceLike = "euclidean") -> Mined:
   """PML's `BatchEasyHardMiner`: per anchor one positive and one negative
   chosen by strategy ("hard": the farthest positive / closest negative,
   "easy": the reverse, "semihard": the hard one on the right side of the
@@ -173,7 +180,9 @@ def batch_easy_hard(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
 
 
 @sharding.on_any_mesh
-def batch_hard(*, allowed_pos_range=None, allowed_neg_range=None, distance="euclidean", **kw):
+def batch_hard(*, allowed_pos_range: tuple[float, float] | None = None,
+               allowed_neg_range: tuple[float, float] | None = None,
+               distance: distances.DistanceLike = "euclidean", **kw: Any) -> Mined:
   """PML's `BatchHardMiner`: per anchor its farthest positive and closest
   negative, one triplet per anchor that has both."""
   return batch_easy_hard(pos_strategy="hard", neg_strategy="hard",
@@ -182,7 +191,8 @@ def batch_hard(*, allowed_pos_range=None, allowed_neg_range=None, distance="eucl
 
 
 @sharding.on_any_mesh
-def pair_margin(*, pos_margin=0.2, neg_margin=0.8, distance="euclidean", **kw):
+def pair_margin(*, pos_margin: float = 0.2, neg_margin: float = 0.8,
+                distance: distances.DistanceLike = "euclidean", **kw: Any) -> Mined:
   """PML's `PairMarginMiner`: positives farther than `pos_margin`, negatives
   closer than `neg_margin` (for a similarity: less / more similar)."""
   p, mat, _ = _prepared(kw, "pair_margin", distance)
@@ -192,7 +202,8 @@ def pair_margin(*, pos_margin=0.2, neg_margin=0.8, distance="euclidean", **kw):
 
 
 @sharding.on_any_mesh
-def triplet_margin(*, margin=0.2, type_of_triplets="all", distance="euclidean", **kw):
+def triplet_margin(*, margin: float = 0.2, type_of_triplets: str = "all",
+                   distance: distances.DistanceLike = "euclidean", **kw: Any) -> Mined:
   """PML's `TripletMarginMiner`: with m = dis(a, n) - dis(a, p), the
   triplets with m <= margin ("all"), also m <= 0 ("hard"), also m > 0
   ("semihard"), or m > margin ("easy"). Counted by sorting, never built."""
@@ -205,7 +216,8 @@ def triplet_margin(*, margin=0.2, type_of_triplets="all", distance="euclidean", 
 
 
 @sharding.on_any_mesh
-def multi_similarity(*, epsilon=0.1, distance="cosine", **kw):
+def multi_similarity(*, epsilon: float = 0.1, distance: distances.DistanceLike = "cosine",
+                     **kw: Any) -> Mined:
   """PML's `MultiSimilarityMiner`: a positive is kept when it is less similar
   than the anchor's most similar negative plus epsilon, a negative when it
   is more similar than the least similar positive minus epsilon; nothing
@@ -214,7 +226,8 @@ def multi_similarity(*, epsilon=0.1, distance="cosine", **kw):
   return from_pairs(*multi_similarity_select(dis, p.pos, p.neg, epsilon))
 
 
-def multi_similarity_select(dis, pos, neg, epsilon):
+def multi_similarity_select(dis: jax.Array, pos: jax.Array, neg: jax.Array,
+                            epsilon: float) -> tuple[jax.Array, jax.Array]:
   """The MS miner's (pos, neg) masks on a [B, R] dissimilarity."""
   dis = jax.lax.stop_gradient(dis)
   min_neg = jnp.min(jnp.where(neg, dis, jnp.inf), axis=1, keepdims=True)
@@ -225,9 +238,12 @@ def multi_similarity_select(dis, pos, neg, epsilon):
 
 
 @sharding.on_any_mesh
-def distance_weighted_probabilities(*, embeddings, labels, ref_embeddings=None,
-                                    ref_labels=None, ref_valid=None, ref_self_index=None,
-                                    cutoff=0.5, nonzero_loss_cutoff=1.4):
+def distance_weighted_probabilities(*, embeddings: jax.Array, labels: jax.Array,
+                                    ref_embeddings: jax.Array | None = None,
+                                    ref_labels: jax.Array | None = None,
+                                    ref_valid: jax.Array | None = None,
+                                    ref_self_index: jax.Array | None = None, cutoff: float = 0.5,
+                                    nonzero_loss_cutoff: float = 1.4) -> jax.Array:
   """PML's `DistanceWeightedMiner` sampling distribution over each anchor's
   negatives (Wu et al. 2017: the inverse of the density of distances on
   the unit sphere, cut at `cutoff`, zero past `nonzero_loss_cutoff`);
@@ -249,7 +265,8 @@ def distance_weighted_probabilities(*, embeddings, labels, ref_embeddings=None,
 
 
 @sharding.on_any_mesh
-def distance_weighted(*, rng, cutoff=0.5, nonzero_loss_cutoff=1.4, **kw):
+def distance_weighted(*, rng: jax.Array, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4,
+                      **kw: Any) -> Mined:
   """PML's `DistanceWeightedMiner`: triplets whose negative is drawn from
   `distance_weighted_probabilities`. PML draws n_p random positives (with
   replacement) per anchor and a negative for each; here every positive
@@ -328,8 +345,11 @@ def from_indices(indices: tuple, *, shape: tuple[int, int]) -> Mined:
 
 
 @sharding.on_any_mesh
-def already_packaged_as_triplets(*, embeddings, labels=None, ref_embeddings=None,
-                                 ref_labels=None, ref_valid=None, ref_self_index=None) -> Mined:
+def already_packaged_as_triplets(*, embeddings: jax.Array, labels: jax.Array | None = None,
+                                 ref_embeddings: jax.Array | None = None,
+                                 ref_labels: jax.Array | None = None,
+                                 ref_valid: jax.Array | None = None,
+                                 ref_self_index: jax.Array | None = None) -> Mined:
   """PML's `EmbeddingsAlreadyPackagedAsTriplets`: rows 3i, 3i + 1, 3i + 2 are a
   triplet (a, p, n), in-batch, B a multiple of 3. Losses still read the
   labels: give a and p one label and n another (PML takes the rows as given)."""
@@ -344,7 +364,7 @@ def already_packaged_as_triplets(*, embeddings, labels=None, ref_embeddings=None
 
 
 @sharding.on_any_mesh
-def angular(*, angle: float = 20, **kw) -> Mined:
+def angular(*, angle: float = 20, **kw: Any) -> Mined:
   """PML's `AngularMiner`: the triplets (a, p, n) whose angle at n,
   atan(||a - p|| / (2 ||n - (a + p) / 2||)), exceeds `angle` degrees, on the
   raw rows as PML's (its `pairwise_distance` does not normalise; torch adds
@@ -414,7 +434,7 @@ def _hardest_share(dis, counts, fraction, largest):
 
 @sharding.on_any_mesh
 def hdc(*, filter_percentage: float = 0.5, distance: distances.DistanceLike = "euclidean",
-        mined: Mined | None = None, **kw) -> Mined:
+        mined: Mined | None = None, **kw: Any) -> Mined:
   """PML's `HDCMiner` (hard-aware deeply cascaded): the farthest
   ceil(filter_percentage * n) of the n positive pairs, the closest share of
   the negatives. Cascade with `mined=` (PML's `set_idx_externally`): the
@@ -449,7 +469,7 @@ def _uniform_over_bins(rng, mat, mask, num_bins, per_bin):
 @sharding.on_any_mesh
 def uniform_histogram(*, rng: jax.Array, num_bins: int = 100, pos_per_bin: int = 10,
                       neg_per_bin: int = 10, distance: distances.DistanceLike = "euclidean",
-                      **kw) -> Mined:
+                      **kw: Any) -> Mined:
   """PML's `UniformHistogramMiner`: the positive pairs' distances (or
   similarities) are cut into `num_bins` equal bins between their min and
   max, and `pos_per_bin` pairs are drawn uniformly, with replacement, from
@@ -469,18 +489,18 @@ _MINERS = {"batch_easy_hard": batch_easy_hard, "batch_hard": batch_hard,
 SAMPLING = ("distance_weighted", "uniform_histogram")  # they take an rng: not with_miner
 
 
-def names():
+def names() -> tuple[str, ...]:
   return tuple(sorted(_MINERS))
 
 
-def get(name):
+def get(name: str) -> Callable[..., Mined]:
   """The miner registered under `name`; ValueError naming the miners."""
   if name not in _MINERS:
     raise ValueError(f"Unknown miner {name!r}; miners: {', '.join(names())}.")
   return _MINERS[name]
 
 
-def restrict(p, mined):
+def restrict(p: pairs.Pairs, mined: Mined) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """`Pairs` p narrowed to a miner's selection, with its pair weights:
   (pos mask, neg mask, pos weights, neg weights)."""
   if mined is None:
@@ -493,7 +513,8 @@ def restrict(p, mined):
   return pos_w > 0, neg_w > 0, pos_w, neg_w
 
 
-def with_miner(loss_fn, miner):
+def with_miner(loss_fn: Callable[..., Any],
+               miner: str | Mapping[str, Any] | Callable[..., Mined]) -> Callable[..., Any]:
   """`loss_fn` mining each call's pairs first: `miner` is a name, a dict
   {"name": ..., **hparams} (config.loss.miner) or a function with the
   miners' arguments. The miner sees the loss's embeddings and reference

@@ -13,6 +13,8 @@ miner returns nothing and the loss is 0. Like PML's GenericPairLoss the loss
 is also 0 when at most one positive and one negative pair remain. Other
 distances follow PML's `distance.margin` sign convention.
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
@@ -29,10 +31,14 @@ def _log1p_sum_exp(x, mask):
   return jax.nn.logsumexp(x, axis=1)
 
 
-def multi_similarity(*, embeddings, labels, ref_embeddings=None,
-                     ref_labels=None, ref_valid=None, ref_self_index=None,
-                     alpha=2.0, beta=50.0, base=0.5, miner_epsilon=None,
-                     distance="cosine", reduction="mean", mined=None):
+def multi_similarity(*, embeddings: jax.Array, labels: jax.Array,
+                     ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                     ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                     alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
+                     miner_epsilon: float | None = None,
+                     distance: distances.DistanceLike = "cosine",
+                     reduction: reducers.Reduction = "mean",
+                     mined: miners.Mined | None = None) -> reducers.LossAndAux:
   """Multi-Similarity loss; defaults are PML's `MultiSimilarityLoss()`.
 
   Args:

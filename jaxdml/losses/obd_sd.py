@@ -15,14 +15,18 @@ This is only the distillation term: the ranking loss (Multi-Similarity in the
 paper) is computed and added by the caller. `progress` is epoch / epochs in
 [0, 1] and may be a traced scalar.
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 
 
-def diffusion_target(teacher_sim, *, tau, tau_d, omega):
+def diffusion_target(teacher_sim: jax.Array, *, tau: float, tau_d: float,
+                     omega: float) -> jax.Array:
   """(1 - omega) (I - omega W)^{-1} softmax(T / tau), rows summing to 1."""
   b = teacher_sim.shape[0]
   eye = jnp.eye(b, dtype=teacher_sim.dtype)
@@ -31,9 +35,11 @@ def diffusion_target(teacher_sim, *, tau, tau_d, omega):
   return (1.0 - omega) * jnp.linalg.solve(eye - omega * w, p)
 
 
-def obd_sd(*, embeddings, labels=None, ref_embeddings=None, ref_labels=None,
-           ref_valid=None, ref_self_index=None, teacher_embeddings, progress,
-           tau=1.0, tau_d=1.0, omega=0.3, lambda_=1000.0):
+def obd_sd(*, embeddings: jax.Array, labels: jax.Array | None = None,
+           ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+           ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+           teacher_embeddings: jax.Array, progress: jax.Array | float, tau: float = 1.0,
+           tau_d: float = 1.0, omega: float = 0.3, lambda_: float = 1000.0) -> reducers.LossAndAux:
   """OBD-SD distillation term (the ranking loss is added by the caller).
 
   Args:

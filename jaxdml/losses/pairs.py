@@ -8,6 +8,8 @@ with itself, as in PML), otherwise `ref_embeddings` ([R, D]) only, as PML's
 batch is part of the reference set. Masks are static-shape [B, R] booleans, so
 everything stays jit-safe.
 """
+from __future__ import annotations
+
 from typing import NamedTuple
 
 import jax
@@ -29,7 +31,7 @@ class Pairs(NamedTuple):
   neg: jax.Array  # bool [B, R] different label, valid
 
 
-def check_reduction(reduction, allowed=REDUCTIONS):
+def check_reduction(reduction: reducers.Reduction, allowed: tuple[str, ...] = REDUCTIONS) -> None:
   if reduction not in allowed:
     raise ValueError(
         f"reduction={reduction!r} is not supported; use one of {allowed}.")
@@ -51,8 +53,9 @@ def _check_labels(name, y, n, loss_name):
         f"{loss_name}: {name} must be integer class ids, got {y.dtype}.")
 
 
-def prepare(*, embeddings, labels, ref_embeddings, ref_labels, ref_valid,
-            ref_self_index, loss_name):
+def prepare(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array | None,
+            ref_labels: jax.Array | None, ref_valid: jax.Array | None,
+            ref_self_index: jax.Array | None, loss_name: str) -> Pairs:
   """Checks shapes and returns the anchors, candidates and pair masks."""
   query = distances.as_float(embeddings)
   _check_2d("embeddings", query, loss_name)
@@ -104,7 +107,7 @@ def prepare(*, embeddings, labels, ref_embeddings, ref_labels, ref_valid,
   return Pairs(query, ref, same & valid, ~same & valid)
 
 
-def reject_ref(loss_name, **refs):
+def reject_ref(loss_name: str, **refs: jax.Array | None) -> None:
   """For losses defined on the batch alone: a reference set is a config bug."""
   given = [k for k, v in refs.items() if v is not None]
   if given:
@@ -113,7 +116,8 @@ def reject_ref(loss_name, **refs):
         f" set, but got {', '.join(given)}; drop the memory for this loss.")
 
 
-def reduce(losses, mask, reduction, weight=None):
+def reduce(losses: jax.Array, mask: jax.Array, reduction: reducers.Reduction,
+           weight: jax.Array | None = None) -> jax.Array:
   """PML AvgNonZeroReducer ("avg_nonzero"), MeanReducer ("mean") or XBM's sum.
 
   The PML two average over the entries where `mask` holds ("avg_nonzero"
@@ -129,5 +133,5 @@ def reduce(losses, mask, reduction, weight=None):
   return reducers.reduce_term(term, reducers.parse(reduction))
 
 
-def count(mask):
+def count(mask: jax.Array) -> jax.Array:
   return jnp.sum(mask).astype(jnp.float32)

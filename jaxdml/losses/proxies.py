@@ -15,7 +15,10 @@ jaxdml.losses.reducers over PML's per-element losses: one per sample
 (kind "element"), for proxy_anchor one per proxy in "pos_loss" and
 "neg_loss" with PML's divisors (the proxies with a positive, all proxies).
 """
+from __future__ import annotations
+
 import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +43,10 @@ init_normal = _normal_init(lambda c, d: 1.0)
 init_kaiming_fan_out = _normal_init(lambda c, d: math.sqrt(2.0 / c))
 
 
-def prepare(name, embeddings, labels, loss_params, ref_set):
+def prepare(name: str, embeddings: jax.Array, labels: jax.Array,
+            loss_params: Mapping[str, jax.Array],
+            ref_set: Mapping[str, jax.Array | None]
+            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Checks the inputs of a loss with class vectors: (embeddings [B, D] at
   least float32, proxies [C, D], labels [B], their one-hot [B, C]).
   `ref_set` (`refs(...)`) must be empty."""
@@ -57,7 +63,7 @@ def prepare(name, embeddings, labels, loss_params, ref_set):
   return x, proxies, labels, one_hot
 
 
-def cross_entropy(logits, one_hot):
+def cross_entropy(logits: jax.Array, one_hot: jax.Array) -> jax.Array:
   """Per-row softmax cross-entropy (torch.nn.CrossEntropyLoss, no reduction)."""
   return -jnp.sum(one_hot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
@@ -69,14 +75,18 @@ def _finish(name, losses, reduction, labels):
   return reducers.finish({"loss": term}, reduction, labels=labels, loss_name=name)[0], {}
 
 
-def refs(ref_embeddings, ref_labels, ref_valid, ref_self_index):
+def refs(ref_embeddings: jax.Array | None, ref_labels: jax.Array | None,
+         ref_valid: jax.Array | None,
+         ref_self_index: jax.Array | None) -> dict[str, jax.Array | None]:
   return dict(ref_embeddings=ref_embeddings, ref_labels=ref_labels, ref_valid=ref_valid,
               ref_self_index=ref_self_index)
 
 
-def proxy_anchor(*, embeddings, labels, loss_params, margin=0.1, alpha=32.0,
-                 ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
-                 reduction="divisor"):
+def proxy_anchor(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[str, jax.Array],
+                 margin: float = 0.1, alpha: float = 32.0, ref_embeddings: jax.Array | None = None,
+                 ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+                 ref_self_index: jax.Array | None = None,
+                 reduction: reducers.Reduction = "divisor") -> reducers.LossAndAux:
   """Proxy-Anchor (Kim et al. 2020), PML's `ProxyAnchorLoss`.
 
   For each proxy c with cosine s_ic to the batch: log(1 + sum over its
@@ -103,9 +113,11 @@ def proxy_anchor(*, embeddings, labels, loss_params, margin=0.1, alpha=32.0,
   return value, parts
 
 
-def proxy_nca(*, embeddings, labels, loss_params, softmax_scale=1.0,
-              ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
-                 reduction="mean"):
+def proxy_nca(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[str, jax.Array],
+              softmax_scale: float = 1.0, ref_embeddings: jax.Array | None = None,
+              ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+              ref_self_index: jax.Array | None = None,
+              reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """ProxyNCA (Movshovitz-Attias et al. 2017), PML's `ProxyNCALoss`.
 
   Softmax over minus the squared distances of the L2-normalised embedding to
@@ -123,9 +135,11 @@ def proxy_nca(*, embeddings, labels, loss_params, softmax_scale=1.0,
   return _finish("proxy_nca", reducers.Term(-log_p, "element", mask=keep), reduction, labels)
 
 
-def normalized_softmax(*, embeddings, labels, loss_params, temperature=0.05,
-                       ref_embeddings=None, ref_labels=None, ref_valid=None,
-                       ref_self_index=None, reduction="mean"):
+def normalized_softmax(*, embeddings: jax.Array, labels: jax.Array,
+                       loss_params: Mapping[str, jax.Array], temperature: float = 0.05,
+                       ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                       ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                       reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """Normalized softmax (Zhai & Wu 2018), PML's `NormalizedSoftmaxLoss`:
   cross-entropy over cosine / temperature, averaged. Allocates [B, C]."""
   x, proxies, _, one_hot = prepare(
@@ -135,9 +149,11 @@ def normalized_softmax(*, embeddings, labels, loss_params, temperature=0.05,
   return _finish("normalized_softmax", cross_entropy(logits, one_hot), reduction, labels)
 
 
-def cosface(*, embeddings, labels, loss_params, margin=0.35, scale=64.0,
-            ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
-                 reduction="mean"):
+def cosface(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[str, jax.Array],
+            margin: float = 0.35, scale: float = 64.0, ref_embeddings: jax.Array | None = None,
+            ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+            ref_self_index: jax.Array | None = None,
+            reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """CosFace (Wang et al. 2018), PML's `CosFaceLoss`: cross-entropy over
   scale * (cosine - margin at the own class). Allocates [B, C]."""
   x, proxies, _, one_hot = prepare("cosface", embeddings, labels, loss_params,
@@ -160,9 +176,11 @@ def _arcface_loss(cos, one_hot, margin, scale):
   return cross_entropy(scale * logits, one_hot)
 
 
-def arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
-            ref_embeddings=None, ref_labels=None, ref_valid=None, ref_self_index=None,
-                 reduction="mean"):
+def arcface(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[str, jax.Array],
+            margin: float = 28.6, scale: float = 64.0, ref_embeddings: jax.Array | None = None,
+            ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+            ref_self_index: jax.Array | None = None,
+            reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """ArcFace (Deng et al. 2019), PML's `ArcFaceLoss`; `margin` in degrees.
 
   The own class's cosine becomes cos(theta + m), or cos(theta) - m sin(m)
@@ -195,9 +213,12 @@ def _init_per_class(draw, key, default):
   return init
 
 
-def subcenter_arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.0,
-                      sub_centers=3, ref_embeddings=None, ref_labels=None, ref_valid=None,
-                      ref_self_index=None, reduction="mean"):
+def subcenter_arcface(*, embeddings: jax.Array, labels: jax.Array,
+                      loss_params: Mapping[str, jax.Array], margin: float = 28.6,
+                      scale: float = 64.0, sub_centers: int = 3,
+                      ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                      ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                      reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """Sub-center ArcFace (Deng et al. 2020), PML's `SubCenterArcFaceLoss`:
   ArcFace on each class's best-matching of its `sub_centers` centres
   (`loss_params["proxies"]` [C * sub_centers, D], class-major). Allocates
@@ -209,9 +230,12 @@ def subcenter_arcface(*, embeddings, labels, loss_params, margin=28.6, scale=64.
                                                     scale), reduction, labels)
 
 
-def soft_triple(*, embeddings, labels, loss_params, centers_per_class=10, la=20.0, gamma=0.1,
-                margin=0.01, ref_embeddings=None, ref_labels=None, ref_valid=None,
-                ref_self_index=None, reduction="mean"):
+def soft_triple(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[str, jax.Array],
+                centers_per_class: int = 10, la: float = 20.0, gamma: float = 0.1,
+                margin: float = 0.01, ref_embeddings: jax.Array | None = None,
+                ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+                ref_self_index: jax.Array | None = None,
+                reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """SoftTriple (Qian et al. 2019), PML's `SoftTripleLoss`.
 
   A class's similarity is the softmax(cos / gamma)-weighted mean of its

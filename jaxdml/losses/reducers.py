@@ -31,10 +31,17 @@ the proxies for proxy_anchor).
   summed, the sums averaged over anchors (XBM's code, IRT's equation).
 An "already_reduced" sub-loss is passed through by every reducer, as in PML.
 """
-from typing import NamedTuple
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+
+# What `reduction=` takes: a reducer's name, or a dict with it under "name".
+Reduction = Union[str, Mapping[str, Any]]
+# What a loss returns: the scalar loss and its diagnostics by name.
+LossAndAux = tuple[jax.Array, dict[str, jax.Array]]
 
 KINDS = ("element", "pos_pair", "neg_pair", "triplet", "already_reduced")
 NAMES = ("avg_nonzero", "class_weighted", "divisor", "do_nothing", "mean", "multiple",
@@ -52,7 +59,7 @@ class Term(NamedTuple):
   anchors: jax.Array | None = None  # int, losses' shape: the batch row whose label weighs it
 
 
-def parse(reduction) -> dict:
+def parse(reduction: Reduction) -> dict:
   """`reduction=` as a dict {"name": ..., **params}, checked; ValueError
   naming the problem otherwise."""
   spec = {"name": reduction} if isinstance(reduction, str) else dict(reduction or {})
@@ -87,7 +94,8 @@ def _anchor_rows(term):
   return jnp.broadcast_to(rows, term.losses.shape)
 
 
-def reduce_term(term: Term, spec: dict, labels=None, loss_name="loss"):
+def reduce_term(term: Term, spec: dict, labels: jax.Array | None = None,
+                loss_name: str = "loss") -> jax.Array:
   """One sub-loss reduced by one (parsed) reducer to a scalar."""
   if term.kind not in KINDS:
     raise ValueError(f"{loss_name}: reduction type {term.kind!r} is not one of {KINDS}.")
@@ -138,7 +146,8 @@ def reduce_term(term: Term, spec: dict, labels=None, loss_name="loss"):
   raise ValueError(f"{loss_name}: reducer {name!r} reduces several sub-losses; use finish().")
 
 
-def finish(terms: dict, reduction, *, labels=None, loss_name="loss", zero=None):
+def finish(terms: dict, reduction: Reduction, *, labels: jax.Array | None = None,
+           loss_name: str = "loss", zero: jax.Array | None = None) -> tuple[Any, dict[str, Any]]:
   """(value, parts): every sub-loss of `terms` reduced by `reduction` and
   summed, and the reduced sub-losses by name. `zero` (a bool scalar): PML
   returns no losses at all for this batch (value 0). With "do_nothing" the
@@ -165,7 +174,8 @@ def finish(terms: dict, reduction, *, labels=None, loss_name="loss", zero=None):
   return sum(parts.values()), parts
 
 
-def check_reducible(reduction, default, loss_name, why="PML computes it already reduced"):
+def check_reducible(reduction: Reduction, default: str, loss_name: str,
+                    why: str = "PML computes it already reduced") -> None:
   """For a loss PML gives no per-element losses: only its default reduction."""
   if reduction != default:
     raise ValueError(f"{loss_name}: reduction={reduction!r} is not available ({why}, so "

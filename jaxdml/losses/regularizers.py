@@ -30,6 +30,10 @@ Regularizers (PML's class; its per-row losses, reduced by its own reducer,
 Their distances are PML's defaults (cosine for the last two, the L2 norm
 for center_invariant), the only ones PML accepts for three of the five.
 """
+from __future__ import annotations
+
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +51,7 @@ REGULARIZERS = {
 }
 
 
-def parse(spec, what="embedding_regularizer") -> dict:
+def parse(spec: str | Mapping[str, Any], what: str = "embedding_regularizer") -> dict:
   """The regularizer dict with its defaults filled in; ValueError naming the
   problem otherwise."""
   spec = {"name": spec} if isinstance(spec, str) else dict(spec)
@@ -86,7 +90,7 @@ def _same_class_pairs(num_classes, centers_per_class):
   return np.kron(np.eye(num_classes, dtype=bool), block)
 
 
-def terms(spec: dict, x) -> reducers.Term:
+def terms(spec: dict, x: jax.Array) -> reducers.Term:
   """The regularizer's per-element losses on rows `x` [N, D], as PML lists them."""
   x = distances.as_float(x)
   name = spec["name"]
@@ -115,7 +119,8 @@ def terms(spec: dict, x) -> reducers.Term:
                        divisor=2.0 * float(same.sum()))
 
 
-def value(spec, x, what="embedding_regularizer"):
+def value(spec: str | Mapping[str, Any], x: jax.Array,
+          what: str = "embedding_regularizer") -> jax.Array:
   """The regularizer's value on rows `x`, reduced by its reducer."""
   spec = parse(spec, what)
   term = terms(spec, x)

@@ -21,17 +21,21 @@ label. Choices that are ours where the paper is silent:
   triplets by distance alone, unweighted.
 `weighting="none"` is exactly `triplet` with the same mining (the ablation).
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
 from jaxdml.losses import pairs
+from jaxdml.losses import reducers
 from jaxdml.losses import triplet as triplet_lib
 
 WEIGHTINGS = ("anchor_dissimilarity", "none")
 
 
-def anchor_dissimilarity_weights(anchors, anchor_labels, candidate_labels):
+def anchor_dissimilarity_weights(anchors: jax.Array, anchor_labels: jax.Array,
+                                 candidate_labels: jax.Array) -> jax.Array:
   """[B, R] weights 1 - max(0, cos(a_i, c_n)), 1 where label(n) has no anchor."""
   same = candidate_labels[:, None] == anchor_labels[None, :]  # [R, B]
   counts = jnp.sum(same, axis=1)
@@ -43,11 +47,12 @@ def anchor_dissimilarity_weights(anchors, anchor_labels, candidate_labels):
   return jax.lax.stop_gradient(w)
 
 
-def relative_triplet(*, embeddings, labels, ref_embeddings=None,
-                     ref_labels=None, ref_valid=None, ref_self_index=None,
-                     margin=0.05, distance="euclidean", mining="all",
-                     weighting="anchor_dissimilarity",
-                     reduction="avg_nonzero"):
+def relative_triplet(*, embeddings: jax.Array, labels: jax.Array,
+                     ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                     ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                     margin: float = 0.05, distance: distances.DistanceLike = "euclidean",
+                     mining: str = "all", weighting: str = "anchor_dissimilarity",
+                     reduction: reducers.Reduction = "avg_nonzero") -> reducers.LossAndAux:
   """Relative Triplet Loss; arguments as `triplet` plus `weighting`.
 
   Args:

@@ -9,6 +9,8 @@ everywhere in jaxdml.losses); Histogram and PNP are in-batch only, as in
 PML. Where PML's code departs from the paper, PML is followed and the
 docstring says so.
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
@@ -19,7 +21,7 @@ from jaxdml.losses import pairs
 
 PNP_VARIANTS = ("Ds", "Dq", "Iu", "Ib", "O")
 Array = jax.Array
-LossAndAux = tuple[jax.Array, dict[str, jax.Array]]
+LossAndAux = reducers.LossAndAux
 
 
 def _histogram_nodes(n_bins, delta):
@@ -59,8 +61,9 @@ def _unordered(pair_mask):
 
 def histogram(*, embeddings: Array, labels: Array, n_bins: int | None = None,
               delta: float | None = None, mined: miners.Mined | None = None,
-              ref_embeddings=None, ref_labels=None, ref_valid=None,
-              ref_self_index=None, reduction="mean") -> LossAndAux:
+              ref_embeddings: Array | None = None, ref_labels: Array | None = None,
+              ref_valid: Array | None = None, ref_self_index: Array | None = None,
+              reduction: reducers.Reduction = "mean") -> LossAndAux:
   """Histogram loss (Ustinova & Lempitsky 2016; PML's `HistogramLoss()`).
   PML computes it already reduced: `reduction` stays "mean".
 
@@ -115,8 +118,10 @@ def _clamped_sigmoid(x, temperature):
 
 
 def pnp(*, embeddings: Array, labels: Array, b: float = 2.0, alpha: float = 1.0,
-        anneal: float = 0.01, variant: str = "O", anchor_chunk: int = 32, ref_embeddings=None,
-        ref_labels=None, ref_valid=None, ref_self_index=None, reduction="mean") -> LossAndAux:
+        anneal: float = 0.01, variant: str = "O", anchor_chunk: int = 32,
+        ref_embeddings: Array | None = None, ref_labels: Array | None = None,
+        ref_valid: Array | None = None, ref_self_index: Array | None = None,
+        reduction: reducers.Reduction = "mean") -> LossAndAux:
   """PNP loss (Li et al. 2022, "Rethinking the Optimization of Average
   Precision: Only Penalizing Negative Instances before Positive Ones is
   Enough"; PML's `PNPLoss()`).
@@ -180,7 +185,7 @@ def intra_pair_variance(*, embeddings: Array, labels: Array,
                         pos_eps: float = 0.01, neg_eps: float = 0.01,
                         distance: distances.DistanceLike = "cosine",
                         mined: miners.Mined | None = None,
-                        reduction="mean") -> LossAndAux:
+                        reduction: reducers.Reduction = "mean") -> LossAndAux:
   """Intra-pair variance loss (Yu & Tao 2019, "Deep Metric Learning with
   Tuplet Margin Loss"; PML's `IntraPairVarianceLoss()`).
 
@@ -240,7 +245,7 @@ def threshold_consistent_margin(*, embeddings: Array, labels: Array,
                                 lambda_minus: float = 1.0, margin_plus: float = 0.9,
                                 margin_minus: float = 0.5,
                                 mined: miners.Mined | None = None,
-                                reduction="mean") -> LossAndAux:
+                                reduction: reducers.Reduction = "mean") -> LossAndAux:
   """Threshold-consistent margin loss (Zhang et al. 2023, "Threshold-Consistent
   Margin Loss for Open-World Deep Metric Learning"; PML's
   `ThresholdConsistentMarginLoss()`).

@@ -9,10 +9,12 @@ larger; PML's NT-Xent and Tuplet margin build a [positive pairs, negative
 pairs] matrix, which is what runs out of memory for large batches (PML
 issue #547).
 """
+from __future__ import annotations
+
 import math
 
-import jax.numpy as jnp
 import jax
+import jax.numpy as jnp
 
 from jaxdml.losses import distances
 from jaxdml.losses import miners
@@ -20,7 +22,8 @@ from jaxdml.losses import pairs
 from jaxdml.losses import reducers
 
 
-def masked_logsumexp(z, mask, axis=-1, weight=None):
+def masked_logsumexp(z: jax.Array, mask: jax.Array, axis: int = -1,
+                     weight: jax.Array | None = None) -> jax.Array:
   """logsumexp of `z` where `mask` holds; -inf (with zero gradient) where
   nothing does. `weight` (> 0 where `mask`): log sum weight * exp(z), a
   term repeated that many times."""
@@ -36,8 +39,11 @@ def masked_logsumexp(z, mask, axis=-1, weight=None):
                    -jnp.inf)
 
 
-def ntxent(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, temperature=0.07, mined=None, reduction="mean"):
+def ntxent(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array | None = None,
+           ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+           ref_self_index: jax.Array | None = None, temperature: float = 0.07,
+           mined: miners.Mined | None = None,
+           reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """NT-Xent / InfoNCE with labels (PML's `NTXentLoss`).
   `mined`: a miner's pairs, each counted as often as it was mined.
 
@@ -61,8 +67,11 @@ def ntxent(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   return value, {"pos_pairs": jnp.sum(pos_w)}
 
 
-def supcon(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, temperature=0.1, mined=None, reduction="avg_nonzero"):
+def supcon(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array | None = None,
+           ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+           ref_self_index: jax.Array | None = None, temperature: float = 0.1,
+           mined: miners.Mined | None = None,
+           reduction: reducers.Reduction = "avg_nonzero") -> reducers.LossAndAux:
   """Supervised contrastive loss (Khosla et al. 2020; PML's `SupConLoss`).
   `mined`: a miner's pairs, as a set.
 
@@ -87,8 +96,11 @@ def supcon(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   return value, {"anchors_with_positives": jnp.sum(n_pos > 0).astype(jnp.float32)}
 
 
-def circle(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-           ref_self_index=None, m=0.4, gamma=80.0, mined=None, reduction="avg_nonzero"):
+def circle(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array | None = None,
+           ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+           ref_self_index: jax.Array | None = None, m: float = 0.4, gamma: float = 80.0,
+           mined: miners.Mined | None = None,
+           reduction: reducers.Reduction = "avg_nonzero") -> reducers.LossAndAux:
   """Circle loss (Sun et al. 2020; PML's `CircleLoss`), pairwise labels.
 
   Per anchor: softplus(logsumexp_p -gamma a_p (s_p - (1 - m)) +
@@ -114,8 +126,11 @@ def circle(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_vali
   return value, {}
 
 
-def tuplet_margin(*, embeddings, labels, ref_embeddings=None, ref_labels=None, ref_valid=None,
-                  ref_self_index=None, margin=5.73, scale=64.0, mined=None, reduction="mean"):
+def tuplet_margin(*, embeddings: jax.Array, labels: jax.Array,
+                  ref_embeddings: jax.Array | None = None, ref_labels: jax.Array | None = None,
+                  ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
+                  margin: float = 5.73, scale: float = 64.0, mined: miners.Mined | None = None,
+                  reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """Tuplet margin loss (Yu & Tao 2019; PML's `TupletMarginLoss`); `margin`
   in degrees.
 

@@ -25,6 +25,8 @@ positive, the active negatives form a contiguous run whose hinge sum is read
 off prefix sums. Cost O(B R log R) time and O(B R) memory, so a cross-batch
 memory of 50k entries is as cheap as a batch.
 """
+from __future__ import annotations
+
 import functools
 import math
 
@@ -32,13 +34,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxdml.losses import distances
+from jaxdml.losses import miners
 from jaxdml.losses import pairs
 from jaxdml.losses import reducers
 
 MININGS = ("all", "hard", "semihard")
 
 
-def check_mining(mining):
+def check_mining(mining: str) -> None:
   if mining not in MININGS:
     raise ValueError(
         f"mining={mining!r} is not supported; use one of {MININGS}.")
@@ -154,8 +157,12 @@ def _triplet_term(dis, pos, neg, weight, margin, mining, mined, window, repeats)
   return reducers.Term(jax.nn.relu(margin - gap), "triplet", mask=mask, weight=count)
 
 
-def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction, mined=None,
-                     distance=None, labels=None):
+def weighted_triplet(*, dis: jax.Array, pos: jax.Array, neg: jax.Array, weight: jax.Array,
+                     margin: float, mining: str, reduction: reducers.Reduction,
+                     mined: miners.Mined | None = None,
+                     distance: distances.DistanceLike | None = None,
+                     labels: jax.Array | None = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
   """Shared core: sum(w * hinge) / sum(w) over the reduced set of triplets.
 
   `weight` is [B, R], indexed by (anchor, negative), under stop_gradient.
@@ -211,9 +218,12 @@ def weighted_triplet(*, dis, pos, neg, weight, margin, mining, reduction, mined=
   return loss, aux, den
 
 
-def triplet(*, embeddings, labels, ref_embeddings=None, ref_labels=None,
-            ref_valid=None, ref_self_index=None, margin=0.05,
-            distance="euclidean", mining="all", reduction="avg_nonzero", mined=None):
+def triplet(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array | None = None,
+            ref_labels: jax.Array | None = None, ref_valid: jax.Array | None = None,
+            ref_self_index: jax.Array | None = None, margin: float = 0.05,
+            distance: distances.DistanceLike = "euclidean", mining: str = "all",
+            reduction: reducers.Reduction = "avg_nonzero",
+            mined: miners.Mined | None = None) -> reducers.LossAndAux:
   """Triplet margin loss; defaults are PML's `TripletMarginLoss()` numbers.
 
   Args:

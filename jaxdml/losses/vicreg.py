@@ -7,6 +7,8 @@ The two views are `embeddings` and `ref_embeddings` (PML's `embeddings` and
 candidates: the loss consumes no cross-batch memory, and the caller passes
 the second view.
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
@@ -31,8 +33,10 @@ def _covariance_term(z):
   return jnp.sum(off_diagonal * off_diagonal) / d
 
 
-def vicreg(*, embeddings, ref_embeddings=None, labels=None, invariance_lambda=25.0,
-           variance_mu=25.0, covariance_v=1.0, eps=1e-4, reduction="mean"):
+def vicreg(*, embeddings: jax.Array, ref_embeddings: jax.Array | None = None,
+           labels: jax.Array | None = None, invariance_lambda: float = 25.0,
+           variance_mu: float = 25.0, covariance_v: float = 1.0, eps: float = 1e-4,
+           reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')] on the raw rows.
 
   Args:

@@ -10,8 +10,10 @@ from `module.apply(variables, images, train=...)`. Common kwargs:
 `compute_dtype`). Parameters, BatchNorm statistics and normalisation and
 the embedding head stay float32 whatever it is.
 """
+from __future__ import annotations
+
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -113,7 +115,7 @@ def architecture(name: str) -> str:
   return "two_tower" if name == "two_tower" else "custom"
 
 
-def get(name: str, *, platform: str | None = None, **kwargs) -> nn.Module:
+def get(name: str, *, platform: str | None = None, **kwargs: Any) -> nn.Module:
   """The module registered as `name`, built with `kwargs` (e.g. embed_dim=512, pooling="gem").
 
   `dtype="auto"` is resolved for `platform` (default: JAX's default backend).

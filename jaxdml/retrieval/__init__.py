@@ -16,9 +16,14 @@ metrics with its options (``k``, ``avg_of_avgs``, ``return_per_class``,
 ``label_comparison_fn``, ``exclude``, custom metrics; ``scoring``) from one
 search consumed block by block.
 """
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxdml.retrieval import clustering
 from jaxdml.retrieval import exact
@@ -50,8 +55,10 @@ def _check_embeddings(name, x):
   return x
 
 
-def search(query, gallery, k, *, exclude_self=False, backend="exact",
-           similarity="cosine", scann_config=None, mesh=None):
+def search(query: ArrayLike, gallery: ArrayLike, k: int, *, exclude_self: bool = False,
+           backend: str = "exact", similarity: str = "cosine",
+           scann_config: Mapping[str, Any] | None = None,
+           mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Top-k gallery items for each query, best first.
 
   One search: ``backend="scann"`` builds (and audits) a ScaNN searcher for
@@ -89,8 +96,12 @@ def search(query, gallery, k, *, exclude_self=False, backend="exact",
   return scores, indices
 
 
-def search_and_audit(query, gallery, k, *, exclude_self=False, backend="exact",
-                     similarity="cosine", scann_config=None, mesh=None, labels=None):
+def search_and_audit(query: ArrayLike, gallery: ArrayLike, k: int, *, exclude_self: bool = False,
+                     backend: str = "exact", similarity: str = "cosine",
+                     scann_config: Mapping[str, Any] | None = None,
+                     mesh: jax.sharding.Mesh | None = None,
+                     labels: tuple[ArrayLike, ArrayLike] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """``search``, plus ScaNN's audit report (``scann/...``, empty for exact).
 
   ``labels``: ``(query_labels, gallery_labels)`` make the audit's target the
@@ -154,12 +165,17 @@ def _broadcast_names(names: list, size: int = 4096) -> list:
   return text.split("\n") if text else []
 
 
-def evaluate(query_embeddings, query_labels, gallery_embeddings=None,
-             gallery_labels=None, *, ks=(1, 2, 4, 8), backend="exact",
-             metrics=("recall", "r_precision", "map@r", "mrr"), scann_config=None,
-             similarity="cosine", mesh=None, exclude_self=None, label_sets=None,
-             k=None, exclude=(), avg_of_avgs=False, return_per_class=False,
-             label_comparison_fn=None, custom_metrics=None, kmeans_seed=0, rerank=None):
+def evaluate(query_embeddings: ArrayLike, query_labels: ArrayLike,
+             gallery_embeddings: ArrayLike | None = None, gallery_labels: ArrayLike | None = None,
+             *, ks: Sequence[int] = (1, 2, 4, 8), backend: str = "exact",
+             metrics: Sequence[str] = ("recall", "r_precision", "map@r", "mrr"),
+             scann_config: Mapping[str, Any] | None = None, similarity: str = "cosine",
+             mesh: jax.sharding.Mesh | None = None, exclude_self: bool | None = None,
+             label_sets: Mapping[str, tuple[ArrayLike, ArrayLike]] | None = None,
+             k: int | str | None = None, exclude: Sequence[str] = (), avg_of_avgs: bool = False,
+             return_per_class: bool = False, label_comparison_fn: Callable[..., Any] | None = None,
+             custom_metrics: Mapping[str, Callable[..., Any]] | None = None, kmeans_seed: int = 0,
+             rerank: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Retrieval metrics of queries against a gallery.
 
   With the exact backend the values equal pytorch-metric-learning's

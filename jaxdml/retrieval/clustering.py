@@ -16,12 +16,16 @@ k-means costs O(N x clusters x dim) per iteration: fine for CUB or Cars,
 minutes for SOP's 11k classes, which is why `evaluate` computes these only
 when asked (`metrics=(..., "nmi", "ami")`).
 """
+from __future__ import annotations
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxdml import extras
 
 
-def cluster_scores(embeddings, labels, *, seed: int = 0, n_init: int = 3) -> dict:
+def cluster_scores(embeddings: ArrayLike, labels: ArrayLike, *, seed: int = 0,
+                   n_init: int = 3) -> dict:
   """`{"nmi": ..., "ami": ...}` of k-means on `embeddings` [N, D] against int
   `labels` [N]; `seed` fixes the k-means (`evaluate`'s `kmeans_seed`)."""
   cluster = extras.require("sklearn.cluster", "NMI and AMI (k-means)")

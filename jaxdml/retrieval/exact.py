@@ -23,13 +23,17 @@ gallery; each puts only its own devices' shards on them
 multi-process sharding would first check, with a cross-process gather of
 the whole array, that every process passed the same value.
 """
+from __future__ import annotations
+
 import collections
 import functools
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxdml import sharding
 
@@ -43,7 +47,7 @@ _CHUNK = 32
 _INDEX_PAD = np.iinfo(np.int32).max
 
 
-def prepare(x, similarity):
+def prepare(x: ArrayLike, similarity: str) -> np.ndarray:
   """float32 copy; rows L2-normalised for cosine (zero rows stay zero)."""
   x = np.asarray(x, np.float32)
   if similarity == "cosine":
@@ -51,7 +55,7 @@ def prepare(x, similarity):
   return x
 
 
-def scores_numpy(query, gallery, similarity) -> np.ndarray:
+def scores_numpy(query: ArrayLike, gallery: ArrayLike, similarity: str) -> np.ndarray:
   """[Q, G] scores (larger is better) on the host: for a handful of queries."""
   q, g = prepare(query, similarity), prepare(gallery, similarity)
   dot = q @ g.T
@@ -150,7 +154,7 @@ def _build(mesh, k, similarity, exclude_self):
   return sharding.InContextMesh(mesh, jax.jit(fn, out_shardings=(replicated, replicated)))
 
 
-def tiling(num_gallery, num_devices):
+def tiling(num_gallery: int, num_devices: int) -> tuple[int, int]:
   """``(tile, tiles per device)`` for a gallery sharded over the devices.
 
   Tiles split the gallery evenly over devices and tiles, so little is
@@ -161,20 +165,21 @@ def tiling(num_gallery, num_devices):
   return _round_up(-(-per_device // n_tiles), 256), n_tiles
 
 
-def query_block_size(num_gallery, k, num_devices):
+def query_block_size(num_gallery: int, k: int, num_devices: int) -> int:
   """Queries per block: a [block, tile] score matrix of ~4M elements."""
   tile, _ = tiling(num_gallery, num_devices)
   # The carry is [block, k] too: a deep k (full ranking for mAP) shrinks it.
   return max(8, min(_SCORE_BUDGET // max(tile, k), 4096))
 
 
-def default_mesh():
+def default_mesh() -> Mesh:
   """A 1-D mesh named ``data`` over this process's devices."""
   return Mesh(np.array(jax.local_devices()), ("data",))
 
 
-def search_blocks(query, gallery, k, *, exclude_self=False,
-                  similarity="cosine", mesh=None, block_size=None):
+def search_blocks(query: ArrayLike, gallery: ArrayLike, k: int, *, exclude_self: bool = False,
+                  similarity: str = "cosine", mesh: Mesh | None = None,
+                  block_size: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
   """Yields ``(start, scores [b, k], indices [b, k])`` per query block.
 
   Arguments as ``search``; ``block_size`` overrides the number of queries
@@ -250,8 +255,8 @@ def _fetch(start, result, num_q):
   return start, np.asarray(s[:n]), np.asarray(i[:n], np.int64)
 
 
-def search(query, gallery, k, *, exclude_self=False, similarity="cosine",
-           mesh=None):
+def search(query: ArrayLike, gallery: ArrayLike, k: int, *, exclude_self: bool = False,
+           similarity: str = "cosine", mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Exact top-k; see ``jaxdml.retrieval.search`` for the arguments."""
   q_num = np.shape(query)[0]
   scores = np.empty((q_num, k), np.float32)
@@ -319,8 +324,10 @@ def _build_first_hit(mesh, similarity, num_valid):
   return sharding.InContextMesh(mesh, jax.jit(sharded, out_shardings=NamedSharding(mesh, P())))
 
 
-def first_hit_ranks(query, gallery, query_labels, gallery_labels, *, self_rows=None,
-                    similarity="cosine", mesh=None, block_size=None) -> np.ndarray:
+def first_hit_ranks(query: ArrayLike, gallery: ArrayLike, query_labels: ArrayLike,
+                    gallery_labels: ArrayLike, *, self_rows: ArrayLike | None = None,
+                    similarity: str = "cosine", mesh: Mesh | None = None,
+                    block_size: int | None = None) -> np.ndarray:
   """Rank of each query's first relevant gallery item in the whole ranking.
 
   The ranking is `search`'s at full depth (score descending, ties to the
@@ -368,8 +375,10 @@ def first_hit_ranks(query, gallery, query_labels, gallery_labels, *, self_rows=N
   return ranks
 
 
-def first_hit_ranks_numpy(query, gallery, relevant_fn, *, self_rows=None,
-                          similarity="cosine", block_size=None) -> np.ndarray:
+def first_hit_ranks_numpy(query: ArrayLike, gallery: ArrayLike,
+                          relevant_fn: Callable[[np.ndarray], np.ndarray], *,
+                          self_rows: ArrayLike | None = None, similarity: str = "cosine",
+                          block_size: int | None = None) -> np.ndarray:
   """`first_hit_ranks` on the host for any relevance: ``relevant_fn(rows)``
   gives bool [len(rows), G] for the query positions ``rows`` (a custom
   ``label_comparison_fn``). Scores in float32 numpy, as `scores_numpy`;

@@ -44,10 +44,11 @@ damaged or mixed one fails to load with the file it found wrong.
 from __future__ import annotations
 
 import os
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 from absl import logging
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxdml.retrieval import exact
 from jaxdml.retrieval import index_files
@@ -101,8 +102,8 @@ class Index:
     self._dba = (None, None)  # ((k, alpha, count), DBA's augmented rows) of the last use
 
   @classmethod
-  def build(cls, embeddings, *, similarity: str = "cosine", backend: str = "auto",
-            scann_config: dict | None = None, ids=None) -> "Index":
+  def build(cls, embeddings: ArrayLike, *, similarity: str = "cosine", backend: str = "auto",
+            scann_config: dict | None = None, ids: ArrayLike | None = None) -> "Index":
     """An index of `embeddings` (numeric [N, D], kept as float32).
 
     Args:
@@ -166,7 +167,8 @@ class Index:
   def __repr__(self) -> str:
     return f"Index({self.count} x {self.dim}, {self.similarity}, {self.backend})"
 
-  def search(self, queries, k: int, *, rerank=None):
+  def search(self, queries: ArrayLike, k: int, *,
+             rerank: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The `k` best rows for each query, best first.
 
     Args:
@@ -227,7 +229,7 @@ class Index:
                                                     alpha=spec["alpha"]))
     return self._dba[1]
 
-  def match(self, queries, threshold: float) -> Match:
+  def match(self, queries: ArrayLike, threshold: float) -> Match:
     """Whether each query is an item of the index: its nearest row scores at
     least `threshold`, on the similarity's scale (cosine: -1 to 1, an exact
     duplicate ~1 give or take float rounding, so ask a little less; dot:
@@ -245,7 +247,7 @@ class Index:
     scores, ids = self.search(queries, 1)
     return Match(matched=scores[:, 0] >= threshold, ids=ids[:, 0], scores=scores[:, 0])
 
-  def add(self, embeddings, ids=None) -> None:
+  def add(self, embeddings: ArrayLike, ids: ArrayLike | None = None) -> None:
     """Appends rows (numeric [n, D]); `ids` (int [n]) is required when the
     index was given ids, else the new rows are numbered on. A ScaNN index
     is rebuilt once the rows added since it was built pass
@@ -261,7 +263,7 @@ class Index:
         and self.count - len(self._indexed) > REBUILD_FRACTION * len(self._indexed)):
       self._index_with_scann()
 
-  def save(self, path, *, metadata: Mapping | None = None,
+  def save(self, path: str, *, metadata: Mapping | None = None,
            attachments: Mapping[str, bytes] | None = None) -> dict:
     """Writes the index to the folder or URL `path`, replacing an index
     there (never another folder: `check_replaceable`).
@@ -299,7 +301,7 @@ class Index:
     return index_files.write_folder(path, fill, {**manifest, **(metadata or {})})
 
   @classmethod
-  def load(cls, path) -> "Index":
+  def load(cls, path: str) -> "Index":
     """The index `save` wrote at `path`, every file checked (`read`)."""
     return read(path).index
 
@@ -417,7 +419,7 @@ class Saved(NamedTuple):
   attachments: dict
 
 
-def read(path, *, rebuild: str = REBUILD) -> Saved:
+def read(path: str, *, rebuild: str = REBUILD) -> Saved:
   """The index `Index.save` wrote at `path` (a folder or a URL), after
   checking its format, its manifest and every file the manifest lists
   (size and sha256): any mismatch is one `IndexFileError` naming the file

@@ -35,7 +35,7 @@ class IndexFileError(ValueError):
   another format."""
 
 
-def check_replaceable(path) -> None:
+def check_replaceable(path: str) -> None:
   """An existing `path` is replaced only when it is an index (or empty):
   never someone's folder of photos."""
   target = paths.as_path(path)
@@ -44,7 +44,7 @@ def check_replaceable(path) -> None:
                           "folder, or remove it first.")
 
 
-def write_folder(path, fill: Callable[[str], None], manifest: dict) -> dict:
+def write_folder(path: str, fill: Callable[[str], None], manifest: dict) -> dict:
   """Writes an index to the folder or URL `path`, replacing one there.
 
   `fill(folder)` writes the files into a local temporary folder; the
@@ -108,7 +108,7 @@ class Folder:
       raise self.error(f"the manifest lists no {name}")
     return os.path.join(self.local, *name.split("/"))
 
-  def array(self, name: str, dtype, shape: tuple) -> np.ndarray:
+  def array(self, name: str, dtype: np.dtype | type, shape: tuple) -> np.ndarray:
     """The .npy file `name`, which must hold `dtype` [shape]."""
     try:
       array = np.load(self.file(name), allow_pickle=False)
@@ -125,7 +125,7 @@ class Folder:
 
 
 @contextlib.contextmanager
-def opened(path, *, rebuild: str, required: tuple = ()) -> Iterator[Folder]:
+def opened(path: str, *, rebuild: str, required: tuple = ()) -> Iterator[Folder]:
   """The index at `path`, its manifest and every file it lists checked.
 
   Args:

@@ -14,9 +14,12 @@ The metrics only see which neighbours are relevant, so one search can serve
 several label sets: the Sketchy protocol scores the same ranking once with
 instance labels and once with category labels.
 """
-from typing import Callable, Optional
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 METRICS = ("recall", "r_precision", "map@r", "map", "mrr")
 # Scores of a clustering of the queries, not of a ranking (retrieval.clustering).
@@ -33,7 +36,8 @@ PML_NAMES = {"precision_at_1": "recall", "r_precision": "r_precision",
 _LABEL_CHUNK = 256
 
 
-def check_metrics(metrics, ks, *, allow_empty=False):
+def check_metrics(metrics: Sequence[str], ks: Sequence[int], *,
+                  allow_empty: bool = False) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """Validates metric names and ks; returns them as tuples."""
   if isinstance(metrics, str):
     metrics = (metrics,)
@@ -51,7 +55,8 @@ def check_metrics(metrics, ks, *, allow_empty=False):
   return metrics, ks
 
 
-def relevance(query_labels, neighbor_labels, label_comparison_fn: Optional[Callable] = None):
+def relevance(query_labels: ArrayLike, neighbor_labels: ArrayLike,
+              label_comparison_fn: Optional[Callable] = None) -> np.ndarray:
   """Which neighbours are relevant to their query: bool [Q, k].
 
   Args:
@@ -82,8 +87,8 @@ def _unique_rows(labels):
   return uniq, np.asarray(inverse).reshape(-1)
 
 
-def count_relevant(query_labels, gallery_labels, *, same_set,
-                   label_comparison_fn: Optional[Callable] = None):
+def count_relevant(query_labels: ArrayLike, gallery_labels: ArrayLike, *, same_set: bool,
+                   label_comparison_fn: Optional[Callable] = None) -> np.ndarray:
   """Number of gallery items relevant to each query (R).
 
   Args:
@@ -119,20 +124,22 @@ def count_relevant(query_labels, gallery_labels, *, same_set,
   return counts[inverse]
 
 
-def first_hits(hits) -> np.ndarray:
+def first_hits(hits: ArrayLike) -> np.ndarray:
   """1-based rank of each row's first relevant neighbour, 0 without one: int64 [Q]."""
   hits = np.asarray(hits, bool)
   return np.where(hits.any(1), hits.argmax(1) + 1, 0).astype(np.int64)
 
 
-def reciprocal_ranks(first_hit, depth) -> np.ndarray:
+def reciprocal_ranks(first_hit: ArrayLike, depth: int | None) -> np.ndarray:
   """1 / the first hit's rank if it is within ``depth``, else 0: float64 [Q]."""
   first_hit = np.asarray(first_hit, np.int64)
   found = (first_hit >= 1) & (first_hit <= depth)
   return np.where(found, 1.0 / np.maximum(first_hit, 1), 0.0)
 
 
-def per_query(hits, relevant_counts, ks, metrics, *, depth=None):
+def per_query(hits: np.ndarray, relevant_counts: np.ndarray, ks: Sequence[int],
+              metrics: Sequence[str], *,
+              depth: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Per-query metric values (float64 [Q] each) for later averaging.
 
   Args:
@@ -199,7 +206,7 @@ def per_query(hits, relevant_counts, ks, metrics, *, depth=None):
   return out, valid
 
 
-def custom_values(custom_metrics: dict, **inputs) -> dict:
+def custom_values(custom_metrics: dict, **inputs: Any) -> dict:
   """Each custom metric's per-query values: float64 [Q] per name.
 
   ``custom_metrics``: ``{name: fn}``, each called with keyword arguments
@@ -219,14 +226,16 @@ def custom_values(custom_metrics: dict, **inputs) -> dict:
   return out
 
 
-def nn_distances(queries, nearest) -> np.ndarray:
+def nn_distances(queries: ArrayLike, nearest: ArrayLike) -> np.ndarray:
   """Euclidean distances between L2-normalised rows and their neighbours' [Q]."""
   unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
   return np.linalg.norm(unit(np.asarray(queries, np.float32))
                         - unit(np.asarray(nearest, np.float32)), axis=1)
 
 
-def average(values, valid, *, labels=None, avg_of_avgs=False, return_per_class=False):
+def average(values: Mapping[str, np.ndarray], valid: np.ndarray, *,
+            labels: np.ndarray | None = None, avg_of_avgs: bool = False,
+            return_per_class: bool = False) -> dict[str, float | list[float]]:
   """Averages of per-query values over the valid queries.
 
   Args:
@@ -261,9 +270,10 @@ def average(values, valid, *, labels=None, avg_of_avgs=False, return_per_class=F
   return out
 
 
-def metrics_from_neighbors(neighbor_labels, query_labels, relevant_counts, ks=(
-    1, 2, 4, 8), metrics=("recall", "r_precision", "map@r"), *,
-                           label_comparison_fn: Optional[Callable] = None):
+def metrics_from_neighbors(neighbor_labels: ArrayLike, query_labels: ArrayLike,
+                           relevant_counts: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8),
+                           metrics: Sequence[str] = ("recall", "r_precision", "map@r"), *,
+                           label_comparison_fn: Optional[Callable] = None) -> dict[str, float]:
   """Retrieval metrics from the labels of each query's ranked neighbours.
 
   Args:

@@ -1,8 +1,11 @@
 """A PNG of queries and their top-k results, hits framed green, misses red
 (neutral frames where there are no labels to judge them by, as at search time)."""
+from __future__ import annotations
+
 import io
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxdml import extras
 from jaxdml import paths
@@ -16,11 +19,11 @@ GAP = 4         # pixels between tiles
 QUERY_GAP = 16  # extra space between the query column and its results
 
 
-def frame_width(tile):
+def frame_width(tile: int) -> int:
   return max(2, tile // 16)
 
 
-def grid_size(num_rows, k, tile):
+def grid_size(num_rows: int, k: int, tile: int) -> tuple[int, int]:
   """(width, height) in pixels of a grid of ``num_rows`` queries x top-k."""
   width = GAP + (tile + GAP) * (k + 1) + QUERY_GAP
   height = GAP + (tile + GAP) * num_rows
@@ -55,8 +58,9 @@ def _tile(image, tile, colour):
   return out
 
 
-def save_retrieval_grid(path, query_images, gallery_images, indices, hits, *,
-                        max_queries=8, tile=96):
+def save_retrieval_grid(path: str, query_images: ArrayLike, gallery_images: ArrayLike,
+                        indices: ArrayLike, hits: ArrayLike | None, *, max_queries: int = 8,
+                        tile: int = 96) -> str:
   """Writes a PNG grid: each row a query, then its top-k gallery results.
 
   Args:

@@ -31,9 +31,12 @@ scipy.sparse (scipy comes with JAX).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike
 import scipy.sparse
 
 from jaxdml.retrieval import exact
@@ -114,7 +117,8 @@ def _rescore(x, table, candidates):
   return jnp.take_along_axis(s, order, 1), jnp.take_along_axis(candidates, order, 1)
 
 
-def rescore(query, gallery, indices) -> tuple[np.ndarray, np.ndarray]:
+def rescore(query: ArrayLike, gallery: ArrayLike,
+            indices: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
   """Each query's candidates re-sorted by cosine similarity.
 
   Args:
@@ -136,7 +140,8 @@ def rescore(query, gallery, indices) -> tuple[np.ndarray, np.ndarray]:
   return scores.astype(np.float32), order.astype(np.int64)
 
 
-def expand_queries(query, gallery, indices, *, n: int = 2, alpha: float = 3.0) -> np.ndarray:
+def expand_queries(query: ArrayLike, gallery: ArrayLike, indices: ArrayLike, *, n: int = 2,
+                   alpha: float = 3.0) -> np.ndarray:
   """alpha-QE query vectors: normalise(q + sum_{i<=n} max(s_i, 0)^alpha d_i).
 
   Args:
@@ -163,7 +168,7 @@ def expand_queries(query, gallery, indices, *, n: int = 2, alpha: float = 3.0) -
   return out.astype(np.float32)
 
 
-def alpha_qe(query, gallery, indices, *, n: int = 2,
+def alpha_qe(query: ArrayLike, gallery: ArrayLike, indices: ArrayLike, *, n: int = 2,
              alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
   """alpha-weighted query expansion, then the candidates re-scored.
 
@@ -179,7 +184,7 @@ def alpha_qe(query, gallery, indices, *, n: int = 2,
   return rescore(expanded, gallery, indices)
 
 
-def augment_database(gallery, gallery_indices, *, k: int = 2,
+def augment_database(gallery: ArrayLike, gallery_indices: ArrayLike, *, k: int = 2,
                      alpha: float = 3.0) -> np.ndarray:
   """DBA: each gallery item becomes normalise(g + sum_{i<=k} max(s_i, 0)^alpha g_i).
 
@@ -213,8 +218,8 @@ def augment_database(gallery, gallery_indices, *, k: int = 2,
   return out.astype(np.float32)
 
 
-def dba(query, gallery, indices, gallery_indices, *, k: int = 2,
-        alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+def dba(query: ArrayLike, gallery: ArrayLike, indices: ArrayLike, gallery_indices: ArrayLike, *,
+        k: int = 2, alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
   """Database-side augmentation, then the query's candidates re-scored.
 
   Args:
@@ -232,7 +237,8 @@ def dba(query, gallery, indices, gallery_indices, *, k: int = 2,
                  indices)
 
 
-def union_neighbors(query, gallery, depth: int, **search_kwargs) -> np.ndarray:
+def union_neighbors(query: ArrayLike, gallery: ArrayLike | None, depth: int,
+                    **search_kwargs: Any) -> np.ndarray:
   """Each item's top-`depth` neighbours over `concat(query, gallery)`.
 
   What `k_reciprocal` wants as `neighbors` (the item itself included);
@@ -347,8 +353,9 @@ def _encodings(x, lists, scale, k1):
       shape=(n, n), dtype=np.float32)
 
 
-def k_reciprocal(query, gallery, indices, neighbors, *, k1: int = 20, k2: int = 6,
-                 lambda_value: float = 0.3, similarity: str = "cosine",
+def k_reciprocal(query: ArrayLike, gallery: ArrayLike | None, indices: ArrayLike,
+                 neighbors: ArrayLike, *, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                 similarity: str = "cosine",
                  normalization: str = "farthest") -> tuple[np.ndarray, np.ndarray]:
   """k-reciprocal re-ranking (Zhong et al. 2017) of each query's candidates.
 

@@ -20,9 +20,10 @@ item in their union) run on the same backend through the caller's
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxdml.retrieval import rerank
 
@@ -37,7 +38,7 @@ METHODS = {
 DEPTH = 100
 
 
-def check(spec, similarity: str = "cosine") -> dict | None:
+def check(spec: Mapping[str, Any] | None, similarity: str = "cosine") -> dict | None:
   """`spec` with every hyperparameter filled in, or None for no re-ranking
   (None or an empty dict); anything else wrong is one ValueError naming it.
 
@@ -84,8 +85,8 @@ def depth(spec: dict, k: int, available: int) -> int:
 Search = Callable[..., tuple]  # (query, gallery, k, exclude_self) -> (scores, indices)
 
 
-def apply(spec: dict, query, gallery, indices, *, search: Search, same_set: bool,
-          similarity: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+def apply(spec: dict, query: ArrayLike, gallery: ArrayLike, indices: ArrayLike, *, search: Search,
+          same_set: bool, similarity: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
   """Each query's candidates `indices` [Q, d] reordered by `spec` (`check`ed).
 
   `same_set`: the gallery is the query set itself (leave-one-out; `gallery`

@@ -9,10 +9,13 @@ Only MRR's deep first hits need more than the searched columns
 (`deep_first_hits`: exact search for the queries that missed, never a
 [Q, G] matrix).
 """
+from __future__ import annotations
+
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 import warnings
 
+import jax
 import numpy as np
 
 from jaxdml.retrieval import exact
@@ -43,8 +46,10 @@ class Request:
     return bool(self.ranked or self.custom or self.nn_distance)
 
 
-def request(metrics, ks, *, exclude=(), custom_metrics=None, avg_of_avgs=False,
-            return_per_class=False, label_comparison_fn=None) -> Request:
+def request(metrics: Sequence[str], ks: Sequence[int], *, exclude: Sequence[str] = (),
+            custom_metrics: Mapping[str, Callable[..., Any]] | None = None,
+            avg_of_avgs: bool = False, return_per_class: bool = False,
+            label_comparison_fn: Callable[..., Any] | None = None) -> Request:
   """Checks `evaluate`'s metric choices; one clear error per mistake."""
   custom = dict(custom_metrics or {})
   for name, fn in custom.items():
@@ -76,7 +81,8 @@ def request(metrics, ks, *, exclude=(), custom_metrics=None, avg_of_avgs=False,
                  label_comparison_fn=label_comparison_fn)
 
 
-def check_labels(name: str, embeddings, labels, label_comparison_fn) -> None:
+def check_labels(name: str, embeddings: np.ndarray, labels: np.ndarray,
+                 label_comparison_fn: Callable[..., Any] | None) -> None:
   num = embeddings.shape[0]
   if label_comparison_fn is None and labels.shape != (num,):
     raise ValueError(f"{name}_labels must have shape [{num}] to match {name}_embeddings "
@@ -86,7 +92,7 @@ def check_labels(name: str, embeddings, labels, label_comparison_fn) -> None:
                      f"shape {labels.shape}.")
 
 
-def depth(k, relevant_counts, available: int) -> int:
+def depth(k: int | str | None, relevant_counts: np.ndarray, available: int) -> int:
   """AccuracyCalculator's `k` as a depth: None the whole gallery
   (`available`), "max_bin_count" the largest R, or a positive int."""
   if k is None:
@@ -102,7 +108,7 @@ def depth(k, relevant_counts, available: int) -> int:
                    "'max_bin_count' (the largest relevant count) or a positive int.")
 
 
-def warn_if_short(k, req: Request, largest_r: int) -> None:
+def warn_if_short(k: int | str | None, req: Request, largest_r: int) -> None:
   """AccuracyCalculator's warning: an int k below R cuts r_precision and map@r."""
   if (isinstance(k, (int, np.integer)) and k < largest_r
       and any(m in metrics_lib.NEEDS_R for m in req.ranked)):
@@ -132,7 +138,7 @@ class Labelling:
     self.first = np.zeros(len(query_labels), np.int64)  # 0: no hit in the searched columns
     self.chunks = []
 
-  def add(self, start: int, scores, indices) -> None:
+  def add(self, start: int, scores: np.ndarray, indices: np.ndarray) -> None:
     """Scores a block of queries from their ranked neighbours [b, searched]."""
     end = start + indices.shape[0]
     req, d = self.req, self.depth
@@ -151,7 +157,7 @@ class Labelling:
           query_labels=self.query_labels[start:end], relevant_counts=rel))
     self.chunks.append(values)
 
-  def result(self, first_hit_ranks=None) -> dict:
+  def result(self, first_hit_ranks: np.ndarray | None = None) -> dict:
     """Averages (per class as asked); `first_hit_ranks`: every query's
     first-hit rank at full depth, for `mrr` (`deep_first_hits`)."""
     names = self.chunks[0] if self.chunks else {}
@@ -162,7 +168,9 @@ class Labelling:
                                avg_of_avgs=self.req.avg_of_avgs,
                                return_per_class=self.req.return_per_class)
 
-  def deep_first_hits(self, searched: int, query, gallery, *, same_set, similarity, mesh):
+  def deep_first_hits(self, searched: int, query: np.ndarray, gallery: np.ndarray, *,
+                      same_set: bool, similarity: str,
+                      mesh: jax.sharding.Mesh | None) -> np.ndarray:
     """Each query's first-hit rank (0: none relevant): the searched columns'
     where they hold one; else, where the depth reaches past them, exact
     search over the whole gallery for those queries only."""
