@@ -92,6 +92,8 @@ def enqueue(memory: Mapping[str, Any], embeddings: jax.Array, labels: jax.Array)
   the pointer still advances by the full batch size, so it always points at
   the oldest entry once the memory is full. Embeddings are stop_gradient'ed
   and cast to the memory dtype; labels to int32.
+
+  Shapes: `embeddings` float [B, dim], `labels` int [B].
   """
   _check_memory(memory, embeddings)
   if labels.shape != embeddings.shape[:1]:
@@ -249,6 +251,8 @@ def kalman_innovations(memory: Mapping[str, Any], batch_embeddings: jax.Array, *
   the noise settings say, so a fixed-noise filter trusts its stale estimate
   too much. Returns `{"mean", "log_std"}`, averaged over dimensions (0
   before the first update).
+
+  `batch_embeddings` float [B, dim]; both values float32 scalars.
   """
   del adaptive  # Accepted so `adapt_hparams` can be passed as they are.
   _check_memory(memory, batch_embeddings)
@@ -409,6 +413,8 @@ class Settings:
 
   @classmethod
   def from_config(cls, cfg: Any) -> "Settings":
+    """The settings in `config.memory` (a dict or ConfigDict), defaults filled in; ValueError on
+    an unknown field or loss form."""
     given = config_lib.as_dict(cfg)
     config_lib.check_fields("config.memory", given, defaults.MEMORY)
     given = {**defaults.MEMORY, **given}
@@ -448,6 +454,9 @@ def loss_with_memory(settings: Settings, loss_fn: Callable[..., Any], hparams: M
   enqueued: the embeddings themselves, or a momentum encoder's. Before
   `start_step` the memory slots are masked out rather than skipped, so the
   step compiles once and its shapes never change.
+
+  Shapes: `embeddings` and `batch_keys` float [B, D], `labels` int [B], `step` an int scalar,
+  `memory` as `init` makes it; the loss is a float scalar.
   """
   adapt_hparams = dict(settings.adapt_hparams)
   diagnostics = {}

@@ -151,6 +151,8 @@ class Registered:
   @property
   def fn(self) -> Callable:
     # Run as on an Auto mesh when the arrays' mesh has Explicit axes.
+    """The registered loss (a "module:function" target imported now), wrapped to run on any
+    mesh."""
     from jaxdml import sharding  # pylint: disable=g-import-not-at-top
     return sharding.on_any_mesh(_load(self.target))
 
@@ -310,7 +312,11 @@ def inputs_for(name: str, available: dict, hparams: Mapping[str, Any] | None = N
 
 def init_params(name: str, rng: jax.Array, *, num_classes: int, dim: int, **hparams: Any) -> Any:
   """The learnable parameters of loss `name` (a pytree) for `num_classes`
-  classes of `dim`-wide embeddings; `hparams` are the loss's own."""
+  classes of `dim`-wide embeddings; `hparams` are the loss's own.
+
+  `rng`: a jax.random key. The pytree holds float32 arrays, e.g. `{"proxies": [num_classes,
+  dim]}`.
+  """
   entry = _entry(name)
   if entry.init_params is None:
     raise ValueError(f"loss {name!r} has no learnable parameters.")

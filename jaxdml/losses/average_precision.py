@@ -24,6 +24,9 @@ def fast_ap(*, embeddings: jax.Array, labels: jax.Array, num_bins: int = 10,
   averaged. Allocates [B, B] per bin (PML: [bins + 1, B, B] at once).
   `reduction`: any of jaxdml.losses.reducers over the anchors' ("element")
   losses.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None, ref_labels=None,
                     ref_valid=None, ref_self_index=None, loss_name="fast_ap")

@@ -105,6 +105,9 @@ def snr_contrastive(*, embeddings: jax.Array, labels: jax.Array,
   `distance` must be an SNR distance, as PML asserts; e.g.
   `dict(name="snr", normalize_embeddings=False)` for raw rows. Arguments,
   reductions and aux are `contrastive`'s.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
   """
   if distances.resolve(distance).kind != "snr":
     raise ValueError(f"snr_contrastive: distance={distance!r} is not an SNR distance; use "

@@ -75,14 +75,20 @@ class Distance:
     return self.name or repr(self)
 
   def normalize(self, x: jax.Array) -> jax.Array:
-    """`x / max(||x||_p, 1e-12)` along the last axis (torch's F.normalize)."""
+    """`x / max(||x||_p, 1e-12)` along the last axis (torch's F.normalize).
+
+    `x` float [..., D]; the result has its shape and dtype.
+    """
     if float(self.p) == 2.0:
       return l2_normalize(x)
     norm = safe_pow(jnp.sum(jnp.abs(x) ** self.p, axis=-1, keepdims=True), 1.0 / self.p)
     return x / jnp.maximum(norm, _EPS)
 
   def matrix(self, x: jax.Array, y: jax.Array) -> jax.Array:
-    """[N, D] x [M, D] -> [N, M]."""
+    """[N, D] x [M, D] -> [N, M].
+
+    Float, the rows' dtype.
+    """
     x, y = as_float(x), as_float(y)
     if self.normalize_embeddings:
       x, y = self.normalize(x), self.normalize(y)
@@ -171,6 +177,7 @@ def resolve(distance: DistanceLike) -> Distance:
 
 
 def check_distance(distance: DistanceLike) -> Distance:
+  """`resolve(distance)`: the `Distance`, or one ValueError naming the choices."""
   return resolve(distance)
 
 
@@ -180,7 +187,10 @@ def is_similarity(distance: DistanceLike) -> bool:
 
 
 def as_float(x: ArrayLike) -> jax.Array:
-  """At least float32: bfloat16 embeddings lose the margins entirely."""
+  """At least float32: bfloat16 embeddings lose the margins entirely.
+
+  Any shape; float32 unless `x` is already a wider float.
+  """
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
@@ -189,32 +199,43 @@ def l2_normalize(x: jax.Array, eps: float = _EPS) -> jax.Array:
   """x / max(||x||, eps) along the last axis, as torch F.normalize.
 
   Written with a clamped rsqrt so a zero row has a zero (not NaN) gradient.
+
+  `x` float [..., D]; the result has its shape and dtype.
   """
   sq = jnp.sum(x * x, axis=-1, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def safe_pow(x: jax.Array, exponent: float) -> jax.Array:
-  """x ** exponent for x >= 0, with gradient 0 (not inf/NaN) where x <= 0."""
+  """x ** exponent for x >= 0, with gradient 0 (not inf/NaN) where x <= 0.
+
+  Elementwise: float `x` of any shape, the result the same.
+  """
   pos = x > 0
   return jnp.where(pos, jnp.where(pos, x, 1.0) ** exponent, 0.0)
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
-  """sqrt with gradient 0 (not inf/NaN) where x <= 0, e.g. duplicate rows."""
+  """sqrt with gradient 0 (not inf/NaN) where x <= 0, e.g. duplicate rows.
+
+  Elementwise: float `x` of any shape, the result the same.
+  """
   pos = x > 0
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
 def safe_norm(x: jax.Array, axis: int = -1) -> jax.Array:
+  """Euclidean norm of float `x` along `axis` ([..., D] -> [...]), gradient 0 at a zero row."""
   return safe_sqrt(jnp.sum(x * x, axis=axis))
 
 
 def cosine_matrix(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Cosine similarities of the L2-normalised rows: float x [N, D], y [M, D] -> float [N, M]."""
   return jnp.matmul(l2_normalize(x), l2_normalize(y).T, precision=_HIGHEST)
 
 
 def squared_euclidean_matrix(x: jax.Array, y: jax.Array) -> jax.Array:
+  """Squared distances of the raw rows, clamped at 0: float x [N, D], y [M, D] -> float [N, M]."""
   xx = jnp.sum(x * x, axis=-1)[:, None]
   yy = jnp.sum(y * y, axis=-1)[None, :]
   xy = jnp.matmul(x, y.T, precision=_HIGHEST)
@@ -224,7 +245,10 @@ def squared_euclidean_matrix(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def snr_matrix(x: jax.Array, y: jax.Array) -> jax.Array:
   """Var(x_i - y_j) / Var(x_i) with unbiased variances over the D axis
-  (torch.var's default), from sums: no [N, M, D] tensor."""
+  (torch.var's default), from sums: no [N, M, D] tensor.
+
+  Float [N, D] x [M, D] -> float [N, M].
+  """
   d = x.shape[-1]
   mean_x, mean_y = jnp.mean(x, -1), jnp.mean(y, -1)
   gap = mean_x[:, None] - mean_y[None, :]
@@ -238,7 +262,10 @@ def snr_matrix(x: jax.Array, y: jax.Array) -> jax.Array:
 def pairwise(x: jax.Array, y: jax.Array, *, distance: DistanceLike,
              chunk_size: int | None = None) -> jax.Array:
   """[N, D] x [M, D] -> [N, M] matrix of `distance` (a similarity for
-  "cosine" and "dot"). `chunk_size`: see `batched`."""
+  "cosine" and "dot"). `chunk_size`: see `batched`.
+
+  Float, the rows' dtype.
+  """
   if chunk_size is not None:
     return batched(x, y, distance=distance, chunk_size=chunk_size)
   return resolve(distance).matrix(x, y)
@@ -273,5 +300,7 @@ def dissimilarity(mat: jax.Array, *, distance: DistanceLike) -> jax.Array:
 
   For a similarity this is -s; PML's `distance.margin(ap, an)` (= an - ap for a
   similarity) then equals dis_ap - dis_an bit for bit, negation being exact.
+
+  `mat` float [N, M]; the result has its shape and dtype.
   """
   return -mat if is_similarity(distance) else mat

@@ -31,7 +31,10 @@ from jaxdml.losses import pairs
 
 def init_state(*, min_val: float = -2.0, num_bins: int = 10, momentum: float = 0.01,
                **hparams: Any) -> dict[str, jax.Array]:
-  """The empty histogram (PML's `hist_` before the first call): zeros [num_bins]."""
+  """The empty histogram (PML's `hist_` before the first call): zeros [num_bins].
+
+  float32.
+  """
   del min_val, momentum, hparams
   return {"hist": jnp.zeros((int(num_bins),), jnp.float32)}
 

@@ -20,7 +20,10 @@ from jaxdml.losses import reducers
 
 
 def koleo_term(embeddings: jax.Array, eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
-  """The KoLeo value and the mean nearest-neighbour distance of a [B, D] batch."""
+  """The KoLeo value and the mean nearest-neighbour distance of a [B, D] batch.
+
+  `embeddings` float [B, D]; both values are float32 scalars.
+  """
   z = distances.l2_normalize(distances.as_float(embeddings))
   b = z.shape[0]
   dots = jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST)
@@ -42,6 +45,8 @@ def koleo(*, embeddings: jax.Array, labels: jax.Array | None = None,
           ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
           eps: float = 1e-8) -> reducers.LossAndAux:
   """KoLeo regulariser on the batch; `labels` are accepted and unused.
+
+  Shapes: `embeddings` float [B, D] (B >= 2); the loss is a float32 scalar.
 
   Returns:
     (loss, aux) with aux `mean_nn_distance`.
@@ -69,6 +74,9 @@ def contrastive_koleo(*, embeddings: jax.Array, labels: jax.Array,
   [s - 0.5]_+ on negatives, KoLeo weight 0.7). The contrastive part uses the
   reference set when given (cross-batch memory); KoLeo sees the batch
   embeddings only.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
 
   Returns:
     (loss, aux): the contrastive aux plus `contrastive` and `koleo` (the

@@ -29,7 +29,11 @@ def lifted_structure(*, embeddings: jax.Array, labels: jax.Array,
   of (neg_margin - d) + d_ij - pos_margin]_+^2 / 2, averaged over positive
   pairs (both orders, as PML). In-batch only: the negatives of j need j's
   row. `mined`: a miner's pairs, each counted as often as mined.
-  `reduction`: any of jaxdml.losses.reducers over these pos_pair losses."""
+  `reduction`: any of jaxdml.losses.reducers over these pos_pair losses.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
+  """
   pairs.reject_ref("lifted_structure", ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                    ref_valid=ref_valid, ref_self_index=ref_self_index)
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None,
@@ -60,7 +64,11 @@ def generalized_lifted_structure(*, embeddings: jax.Array, labels: jax.Array,
   """Per anchor: [logsumexp_p (d_p - pos_margin) + logsumexp_n (neg_margin
   - d_n)]_+, a missing side counting 0; averaged over anchors. `mined`: a
   miner's pairs, as a set. `reduction`: any of jaxdml.losses.reducers over
-  the anchors' ("element") losses."""
+  the anchors' ("element") losses.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
+  """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
                     loss_name="generalized_lifted_structure")

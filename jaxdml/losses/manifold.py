@@ -137,6 +137,9 @@ def manifold(*, embeddings: jax.Array, loss_params: Mapping[str, jax.Array],
 def init_manifold(rng: jax.Array, *, num_classes: int, dim: int, K: int = 50,
                   **hparams: Any) -> dict[str, jax.Array]:
   """PML's `torch.randn(K, l)`: K proxies of N(0, 1) entries, [K, dim];
-  `num_classes` is unused (the loss has no classes)."""
+  `num_classes` is unused (the loss has no classes).
+
+  float32.
+  """
   del num_classes, hparams
   return {"proxies": jax.random.normal(rng, (int(K), dim), jnp.float32)}

@@ -39,6 +39,9 @@ def margin(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Arra
   any other reducer of jaxdml.losses.reducers reduces PML's per-triplet
   losses ("margin_loss", kind triplet, from the dense [B, R, R] tensor) and
   its "beta_reg_loss", and needs `mined=None`.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
@@ -102,7 +105,10 @@ def _per_triplet(p, d, beta, margin, nu, beta_per_class, labels, mined,  # pylin
 def init_beta(rng: jax.Array, *, num_classes: int, dim: int, beta: float = 1.2,
               learn_beta: bool = False, beta_per_class: bool = False,
               **_: Any) -> dict[str, jax.Array]:
-  """The learned beta of `margin(learn_beta=True)`: [num_classes] or [1]."""
+  """The learned beta of `margin(learn_beta=True)`: [num_classes] or [1].
+
+  float32.
+  """
   del rng, dim
   if not learn_beta:
     raise ValueError("margin has learnable parameters only with learn_beta=True.")
@@ -118,7 +124,11 @@ def npairs(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Arra
   order), then cross-entropy of each anchor against all pairs' positives
   over cosine similarities, averaged. Allocates [B, B]; in-batch only.
   `reduction`: any of jaxdml.losses.reducers over the anchors' ("element")
-  losses."""
+  losses.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
+  """
   pairs.reject_ref("npairs", ref_embeddings=ref_embeddings, ref_labels=ref_labels,
                    ref_valid=ref_valid, ref_self_index=ref_self_index)
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=None, ref_labels=None,

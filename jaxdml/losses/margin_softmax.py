@@ -104,6 +104,9 @@ def sphereface(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping
   `large_margin_softmax` with the class vectors' norms left out of the
   logits: ||x_i|| psi_ic * scale (PML's subclass overrides only that).
   Same arguments and aux.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] in [0, C), `loss_params["proxies"]` float
+  (shape above, [C, D] unless said); the loss is a float scalar.
   """
   return _large_margin("sphereface", embeddings, labels, loss_params, margin, scale,
                        False, proxies_lib.refs(ref_embeddings, ref_labels, ref_valid,
@@ -145,7 +148,10 @@ def p2s_grad(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[s
 def init_p2s_grad(rng: jax.Array, *, num_classes: int, dim: int,
                   **hparams: Any) -> dict[str, jax.Array]:
   """PML's P2SGrad init: U(-1, 1) entries, each class vector scaled to unit
-  length (`uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`)."""
+  length (`uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`).
+
+  `{"proxies": float32 [num_classes, dim]}`, unit rows.
+  """
   del hparams
   table = jax.random.uniform(rng, (num_classes, dim), jnp.float32, -1.0, 1.0)
   return {"proxies": distances.l2_normalize(table)}

@@ -88,7 +88,10 @@ def _sorted_keys(dis, mask):
 def window_counts(dis: jax.Array, t_pos: jax.Array, t_neg: jax.Array,
                   window: tuple[float, float]) -> tuple[jax.Array, jax.Array]:
   """Per (a, p): the negatives n with lo < dis_an - dis_ap <= hi; per
-  (a, n): the positives with the same. O(B R log R) time, [B, R] memory."""
+  (a, n): the positives with the same. O(B R log R) time, [B, R] memory.
+
+  `dis` float [B, R], `t_pos`, `t_neg` bool [B, R]; two float32 [B, R] counts.
+  """
   lo, hi = window
   search = lambda keys, q, side: jax.vmap(functools.partial(jnp.searchsorted, side=side))(keys, q)
   neg_keys, pos_keys = _sorted_keys(dis, t_neg), _sorted_keys(dis, t_pos)
@@ -104,7 +107,10 @@ def window_counts(dis: jax.Array, t_pos: jax.Array, t_neg: jax.Array,
 def from_pairs(pos: jax.Array, neg: jax.Array) -> Mined:
   """A pair miner's selection from [B, R] masks or counts (how many times
   each pair is listed); triplets per anchor are its listed positives x its
-  listed negatives, as PML's `convert_to_triplets`."""
+  listed negatives, as PML's `convert_to_triplets`.
+
+  `pos`, `neg`: bool masks or float counts, [B, R] each.
+  """
   pos_f, neg_f = pos.astype(jnp.float32), neg.astype(jnp.float32)
   tpos = pos_f * jnp.sum(neg_f, axis=1, keepdims=True)
   tneg = neg_f * jnp.sum(pos_f, axis=1, keepdims=True)
@@ -143,7 +149,10 @@ def batch_easy_hard(*, embeddings: jax.Array, labels: jax.Array,
   chosen by strategy ("hard": the farthest positive / closest negative,
   "easy": the reverse, "semihard": the hard one on the right side of the
   other pair, "all": every pair). `allowed_*_range` = (min, max) of the
-  distance (or similarity) a pair may have. Allocates [B, R]."""
+  distance (or similarity) a pair may have. Allocates [B, R].
+
+  Shapes: `embeddings` float [B, D], `labels` int [B]; the selection's masks are bool [B, R].
+  """
   for which, s in (("pos_strategy", pos_strategy), ("neg_strategy", neg_strategy)):
     if s not in STRATEGIES:
       raise ValueError(f"{which}={s!r}: expected one of {STRATEGIES}.")
@@ -228,7 +237,10 @@ def multi_similarity(*, epsilon: float = 0.1, distance: distances.DistanceLike =
 
 def multi_similarity_select(dis: jax.Array, pos: jax.Array, neg: jax.Array,
                             epsilon: float) -> tuple[jax.Array, jax.Array]:
-  """The MS miner's (pos, neg) masks on a [B, R] dissimilarity."""
+  """The MS miner's (pos, neg) masks on a [B, R] dissimilarity.
+
+  `dis` float [B, R], `pos`, `neg` bool [B, R]; returns bool [B, R] masks.
+  """
   dis = jax.lax.stop_gradient(dis)
   min_neg = jnp.min(jnp.where(neg, dis, jnp.inf), axis=1, keepdims=True)
   max_pos = jnp.max(jnp.where(pos, dis, -jnp.inf), axis=1, keepdims=True)
@@ -247,7 +259,10 @@ def distance_weighted_probabilities(*, embeddings: jax.Array, labels: jax.Array,
   """PML's `DistanceWeightedMiner` sampling distribution over each anchor's
   negatives (Wu et al. 2017: the inverse of the density of distances on
   the unit sphere, cut at `cutoff`, zero past `nonzero_loss_cutoff`);
-  [B, R], rows sum to 1, or 0 where no negative qualifies."""
+  [B, R], rows sum to 1, or 0 where no negative qualifies.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B]; the result float32 [B, R].
+  """
   kw = dict(embeddings=distances.l2_normalize(distances.as_float(embeddings)), labels=labels,
             ref_embeddings=(None if ref_embeddings is None else
                             distances.l2_normalize(distances.as_float(ref_embeddings))),
@@ -271,7 +286,11 @@ def distance_weighted(*, rng: jax.Array, cutoff: float = 0.5, nonzero_loss_cutof
   `distance_weighted_probabilities`. PML draws n_p random positives (with
   replacement) per anchor and a negative for each; here every positive
   pair gets one negative (the same distribution over negatives, without
-  the positives' sampling noise). Inverse-CDF sampling, [B, R] memory."""
+  the positives' sampling noise). Inverse-CDF sampling, [B, R] memory.
+
+  `rng`: a jax.random key; `kw`: the loss's arrays (`embeddings` float [B, D], `labels` int [B],
+  reference set).
+  """
   prob = distance_weighted_probabilities(cutoff=cutoff, nonzero_loss_cutoff=nonzero_loss_cutoff,
                                          **kw)
   p = _prepare(kw, "distance_weighted")
@@ -352,7 +371,10 @@ def already_packaged_as_triplets(*, embeddings: jax.Array, labels: jax.Array | N
                                  ref_self_index: jax.Array | None = None) -> Mined:
   """PML's `EmbeddingsAlreadyPackagedAsTriplets`: rows 3i, 3i + 1, 3i + 2 are a
   triplet (a, p, n), in-batch, B a multiple of 3. Losses still read the
-  labels: give a and p one label and n another (PML takes the rows as given)."""
+  labels: give a and p one label and n another (PML takes the rows as given).
+
+  `embeddings` float [3T, D]; `labels` int [3T] or None.
+  """
   del labels
   if any(r is not None for r in (ref_embeddings, ref_labels, ref_valid, ref_self_index)):
     raise ValueError("already_packaged_as_triplets mines the batch; drop the reference set.")
@@ -490,6 +512,7 @@ SAMPLING = ("distance_weighted", "uniform_histogram")  # they take an rng: not w
 
 
 def names() -> tuple[str, ...]:
+  """Sorted names of the registered miners."""
   return tuple(sorted(_MINERS))
 
 
@@ -502,7 +525,10 @@ def get(name: str) -> Callable[..., Mined]:
 
 def restrict(p: pairs.Pairs, mined: Mined) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """`Pairs` p narrowed to a miner's selection, with its pair weights:
-  (pos mask, neg mask, pos weights, neg weights)."""
+  (pos mask, neg mask, pos weights, neg weights).
+
+  `pos`, `neg` bool [B, R]; the weights float32 [B, R].
+  """
   if mined is None:
     return p.pos, p.neg, p.pos.astype(jnp.float32), p.neg.astype(jnp.float32)
   if mined.pos.shape != p.pos.shape:

@@ -27,7 +27,10 @@ from jaxdml.losses import reducers
 
 def diffusion_target(teacher_sim: jax.Array, *, tau: float, tau_d: float,
                      omega: float) -> jax.Array:
-  """(1 - omega) (I - omega W)^{-1} softmax(T / tau), rows summing to 1."""
+  """(1 - omega) (I - omega W)^{-1} softmax(T / tau), rows summing to 1.
+
+  `teacher_sim` float [B, B]; the result float [B, B].
+  """
   b = teacher_sim.shape[0]
   eye = jnp.eye(b, dtype=teacher_sim.dtype)
   w = jax.nn.softmax((teacher_sim - 1e9 * eye) / tau_d, axis=1)

@@ -32,6 +32,7 @@ class Pairs(NamedTuple):
 
 
 def check_reduction(reduction: reducers.Reduction, allowed: tuple[str, ...] = REDUCTIONS) -> None:
+  """ValueError naming the choices unless `reduction` is one of `allowed`."""
   if reduction not in allowed:
     raise ValueError(
         f"reduction={reduction!r} is not supported; use one of {allowed}.")
@@ -56,7 +57,13 @@ def _check_labels(name, y, n, loss_name):
 def prepare(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Array | None,
             ref_labels: jax.Array | None, ref_valid: jax.Array | None,
             ref_self_index: jax.Array | None, loss_name: str) -> Pairs:
-  """Checks shapes and returns the anchors, candidates and pair masks."""
+  """Checks shapes and returns the anchors, candidates and pair masks.
+
+  `embeddings` float [B, D], `labels` int [B]; optional `ref_embeddings` float [R, D],
+  `ref_labels` int [R], `ref_valid` bool [R], `ref_self_index` int [B]. Returns `Pairs`: query
+  float [B, D], ref float [R, D] (at least float32), pos and neg bool [B, R]; R = B without a
+  reference set.
+  """
   query = distances.as_float(embeddings)
   _check_2d("embeddings", query, loss_name)
   if labels is None:
@@ -127,6 +134,8 @@ def reduce(losses: jax.Array, mask: jax.Array, reduction: reducers.Reduction,
   `weight`: how many times each entry counts (a miner's pair counts, as
   PML's index lists repeat a pair); 1 where None. Any reducer of
   jaxdml.losses.reducers is accepted; these are the ones losses use here.
+
+  Returns a float scalar.
   """
   kind = "pos_pair" if jnp.ndim(losses) == 2 else "element"
   term = reducers.Term(losses, kind, mask=mask, weight=weight)
@@ -134,4 +143,5 @@ def reduce(losses: jax.Array, mask: jax.Array, reduction: reducers.Reduction,
 
 
 def count(mask: jax.Array) -> jax.Array:
+  """The number of True entries of a bool mask, as a float32 scalar."""
   return jnp.sum(mask).astype(jnp.float32)

@@ -64,7 +64,10 @@ def prepare(name: str, embeddings: jax.Array, labels: jax.Array,
 
 
 def cross_entropy(logits: jax.Array, one_hot: jax.Array) -> jax.Array:
-  """Per-row softmax cross-entropy (torch.nn.CrossEntropyLoss, no reduction)."""
+  """Per-row softmax cross-entropy (torch.nn.CrossEntropyLoss, no reduction).
+
+  `logits`, `one_hot` float [B, C]; the result float [B].
+  """
   return -jnp.sum(one_hot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
@@ -78,6 +81,7 @@ def _finish(name, losses, reduction, labels):
 def refs(ref_embeddings: jax.Array | None, ref_labels: jax.Array | None,
          ref_valid: jax.Array | None,
          ref_self_index: jax.Array | None) -> dict[str, jax.Array | None]:
+  """The reference-set arguments as one dict, for `prepare` (which rejects a non-empty one)."""
   return dict(ref_embeddings=ref_embeddings, ref_labels=ref_labels, ref_valid=ref_valid,
               ref_self_index=ref_self_index)
 
@@ -93,6 +97,9 @@ def proxy_anchor(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mappi
   positives of exp(-alpha (s_ic - margin))), averaged over the proxies that
   have a positive in the batch, plus log(1 + sum over its negatives of
   exp(alpha (s_ic + margin))), averaged over all proxies. Allocates [B, C].
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] in [0, C), `loss_params["proxies"]` float
+  (shape above, [C, D] unless said); the loss is a float scalar.
   """
   x, proxies, _, pos = prepare("proxy_anchor", embeddings, labels, loss_params,
                                refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
@@ -125,6 +132,9 @@ def proxy_nca(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[
   `softmax_scale`; minus the log-probability of the own class, averaged
   over the batch (rows whose probability underflows to 0 are dropped, as in
   PML). Allocates [B, C].
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] in [0, C), `loss_params["proxies"]` float
+  (shape above, [C, D] unless said); the loss is a float scalar.
   """
   x, proxies, _, one_hot = prepare("proxy_nca", embeddings, labels, loss_params,
                                    refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
@@ -141,7 +151,11 @@ def normalized_softmax(*, embeddings: jax.Array, labels: jax.Array,
                        ref_valid: jax.Array | None = None, ref_self_index: jax.Array | None = None,
                        reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """Normalized softmax (Zhai & Wu 2018), PML's `NormalizedSoftmaxLoss`:
-  cross-entropy over cosine / temperature, averaged. Allocates [B, C]."""
+  cross-entropy over cosine / temperature, averaged. Allocates [B, C].
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] in [0, C), `loss_params["proxies"]` float
+  (shape above, [C, D] unless said); the loss is a float scalar.
+  """
   x, proxies, _, one_hot = prepare(
       "normalized_softmax", embeddings, labels, loss_params,
       refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
@@ -155,7 +169,11 @@ def cosface(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[st
             ref_self_index: jax.Array | None = None,
             reduction: reducers.Reduction = "mean") -> reducers.LossAndAux:
   """CosFace (Wang et al. 2018), PML's `CosFaceLoss`: cross-entropy over
-  scale * (cosine - margin at the own class). Allocates [B, C]."""
+  scale * (cosine - margin at the own class). Allocates [B, C].
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] in [0, C), `loss_params["proxies"]` float
+  (shape above, [C, D] unless said); the loss is a float scalar.
+  """
   x, proxies, _, one_hot = prepare("cosface", embeddings, labels, loss_params,
                                    refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   cos = distances.cosine_matrix(x, proxies)
@@ -188,6 +206,9 @@ def arcface(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mapping[st
   cross-entropy over scale * logits. Computed as c cos m - sqrt(1 - c^2)
   sin m rather than through arccos, the same value with a finite gradient
   at c = +-1. Allocates [B, C].
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] in [0, C), `loss_params["proxies"]` float
+  (shape above, [C, D] unless said); the loss is a float scalar.
   """
   x, proxies, _, one_hot = prepare("arcface", embeddings, labels, loss_params,
                                    refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
@@ -222,7 +243,11 @@ def subcenter_arcface(*, embeddings: jax.Array, labels: jax.Array,
   """Sub-center ArcFace (Deng et al. 2020), PML's `SubCenterArcFaceLoss`:
   ArcFace on each class's best-matching of its `sub_centers` centres
   (`loss_params["proxies"]` [C * sub_centers, D], class-major). Allocates
-  [B, C * sub_centers]."""
+  [B, C * sub_centers].
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] in [0, C), `loss_params["proxies"]` float
+  (shape above, [C, D] unless said); the loss is a float scalar.
+  """
   x, proxies, labels, _ = prepare("subcenter_arcface", embeddings, labels, loss_params,
                                   refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))
   cos, one_hot = _per_class("subcenter_arcface", x, proxies, labels, int(sub_centers))
@@ -242,6 +267,9 @@ def soft_triple(*, embeddings: jax.Array, labels: jax.Array, loss_params: Mappin
   centres' cosines; cross-entropy over la * (similarity - margin at the own
   class), averaged. `loss_params["proxies"]` is [C * centers_per_class, D],
   class-major. Allocates [B, C * centers_per_class].
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] in [0, C), `loss_params["proxies"]` float
+  (shape above, [C, D] unless said); the loss is a float scalar.
   """
   x, proxies, labels, _ = prepare("soft_triple", embeddings, labels, loss_params,
                                   refs(ref_embeddings, ref_labels, ref_valid, ref_self_index))

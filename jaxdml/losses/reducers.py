@@ -96,7 +96,10 @@ def _anchor_rows(term):
 
 def reduce_term(term: Term, spec: dict, labels: jax.Array | None = None,
                 loss_name: str = "loss") -> jax.Array:
-  """One sub-loss reduced by one (parsed) reducer to a scalar."""
+  """One sub-loss reduced by one (parsed) reducer to a scalar.
+
+  `labels` int [B] (for "class_weighted"); the result a float scalar.
+  """
   if term.kind not in KINDS:
     raise ValueError(f"{loss_name}: reduction type {term.kind!r} is not one of {KINDS}.")
   name = spec["name"]
@@ -151,7 +154,10 @@ def finish(terms: dict, reduction: Reduction, *, labels: jax.Array | None = None
   """(value, parts): every sub-loss of `terms` reduced by `reduction` and
   summed, and the reduced sub-losses by name. `zero` (a bool scalar): PML
   returns no losses at all for this batch (value 0). With "do_nothing" the
-  value is PML's dict of per-element losses (`mask` in place of indices)."""
+  value is PML's dict of per-element losses (`mask` in place of indices).
+
+  `terms`: sub-loss name -> `Term` (float losses, bool mask of their shape); `labels` int [B].
+  """
   spec = parse(reduction)
   if zero is not None:
     terms = {k: t._replace(

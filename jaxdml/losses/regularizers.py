@@ -91,7 +91,10 @@ def _same_class_pairs(num_classes, centers_per_class):
 
 
 def terms(spec: dict, x: jax.Array) -> reducers.Term:
-  """The regularizer's per-element losses on rows `x` [N, D], as PML lists them."""
+  """The regularizer's per-element losses on rows `x` [N, D], as PML lists them.
+
+  Float rows; the losses float [N].
+  """
   x = distances.as_float(x)
   name = spec["name"]
   if name == "lp":
@@ -121,7 +124,10 @@ def terms(spec: dict, x: jax.Array) -> reducers.Term:
 
 def value(spec: str | Mapping[str, Any], x: jax.Array,
           what: str = "embedding_regularizer") -> jax.Array:
-  """The regularizer's value on rows `x`, reduced by its reducer."""
+  """The regularizer's value on rows `x`, reduced by its reducer.
+
+  `x` float [N, D]; the result a float scalar.
+  """
   spec = parse(spec, what)
   term = terms(spec, x)
   rows = jnp.arange(x.shape[0])  # PML hands the regularizer's reducer arange(N) as labels

@@ -36,7 +36,10 @@ WEIGHTINGS = ("anchor_dissimilarity", "none")
 
 def anchor_dissimilarity_weights(anchors: jax.Array, anchor_labels: jax.Array,
                                  candidate_labels: jax.Array) -> jax.Array:
-  """[B, R] weights 1 - max(0, cos(a_i, c_n)), 1 where label(n) has no anchor."""
+  """[B, R] weights 1 - max(0, cos(a_i, c_n)), 1 where label(n) has no anchor.
+
+  `anchors` float [B, D], `anchor_labels` int [B], `candidate_labels` int [R]; float [B, R].
+  """
   same = candidate_labels[:, None] == anchor_labels[None, :]  # [R, B]
   counts = jnp.sum(same, axis=1)
   centres = jnp.matmul(same.astype(anchors.dtype), anchors,

@@ -26,7 +26,11 @@ def masked_logsumexp(z: jax.Array, mask: jax.Array, axis: int = -1,
                      weight: jax.Array | None = None) -> jax.Array:
   """logsumexp of `z` where `mask` holds; -inf (with zero gradient) where
   nothing does. `weight` (> 0 where `mask`): log sum weight * exp(z), a
-  term repeated that many times."""
+  term repeated that many times.
+
+  `z` float, `mask` bool and `weight` float of `z`'s shape; `axis` is reduced ([..., N] ->
+  [...]).
+  """
   if weight is not None:
     z = z + jnp.log(jnp.where(mask, weight, 1.0))
   top = jnp.max(jnp.where(mask, z, -jnp.inf), axis=axis, keepdims=True)
@@ -52,6 +56,9 @@ def ntxent(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Arra
   averaged over positive pairs (MeanReducer). Written as
   softplus(logsumexp_n s_an - s_ap) per [B, R] entry. `reduction`: any of
   jaxdml.losses.reducers, over these pos_pair losses.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
@@ -80,6 +87,9 @@ def supcon(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Arra
   cosine / temperature; averaged over anchors with a non-zero loss
   (AvgNonZeroReducer). `reduction`: any of jaxdml.losses.reducers, over
   these per-anchor ("element") losses.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
@@ -109,6 +119,9 @@ def circle(*, embeddings: jax.Array, labels: jax.Array, ref_embeddings: jax.Arra
   or a negative; averaged over the non-zero anchors (AvgNonZeroReducer).
   `mined`: a miner's pairs, as a set. `reduction`: any of
   jaxdml.losses.reducers, over these per-anchor ("element") losses.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,
@@ -140,6 +153,9 @@ def tuplet_margin(*, embeddings: jax.Array, labels: jax.Array,
   sin m (PML goes through arccos: the same value, a finite gradient at
   c = 1 here). `mined`: a miner's pairs, each counted as often as mined.
   `reduction`: any of jaxdml.losses.reducers, over these pos_pair losses.
+
+  Shapes: `embeddings` float [B, D], `labels` int [B] (the reference set: `jaxdml.losses`); the
+  loss is a float scalar.
   """
   p = pairs.prepare(embeddings=embeddings, labels=labels, ref_embeddings=ref_embeddings,
                     ref_labels=ref_labels, ref_valid=ref_valid, ref_self_index=ref_self_index,

@@ -42,6 +42,7 @@ MININGS = ("all", "hard", "semihard")
 
 
 def check_mining(mining: str) -> None:
+  """ValueError naming the choices unless `mining` is one of MININGS."""
   if mining not in MININGS:
     raise ValueError(
         f"mining={mining!r} is not supported; use one of {MININGS}.")
@@ -172,6 +173,9 @@ def weighted_triplet(*, dis: jax.Array, pos: jax.Array, neg: jax.Array, weight: 
   `mining`. Reductions other than "avg_nonzero", "mean" and "sum" (any of
   jaxdml.losses.reducers; `labels` for "class_weighted") reduce the listed
   triplets, the dense [B, R, R] tensor for "all" and "semihard".
+
+  `dis` float [B, R], `pos`, `neg` bool [B, R]; returns (loss float scalar, aux, sum(w) float
+  scalar).
   """
   check_mining(mining)
   spec = reducers.parse(reduction)

@@ -107,6 +107,8 @@ def search_and_audit(query: ArrayLike, gallery: ArrayLike, k: int, *, exclude_se
   ``labels``: ``(query_labels, gallery_labels)`` make the audit's target the
   recall an evaluation reports; without them the exact neighbours are the
   truth (``scann_backend.audit``).
+
+  Returns `(scores float32 [Q, k], indices int64 [Q, k], report)`.
   """
   query = _check_embeddings("query", query)
   gallery = _check_embeddings("gallery", gallery)

@@ -48,7 +48,10 @@ _INDEX_PAD = np.iinfo(np.int32).max
 
 
 def prepare(x: ArrayLike, similarity: str) -> np.ndarray:
-  """float32 copy; rows L2-normalised for cosine (zero rows stay zero)."""
+  """float32 copy; rows L2-normalised for cosine (zero rows stay zero).
+
+  `x` [N, D] of any real dtype.
+  """
   x = np.asarray(x, np.float32)
   if similarity == "cosine":
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -56,7 +59,10 @@ def prepare(x: ArrayLike, similarity: str) -> np.ndarray:
 
 
 def scores_numpy(query: ArrayLike, gallery: ArrayLike, similarity: str) -> np.ndarray:
-  """[Q, G] scores (larger is better) on the host: for a handful of queries."""
+  """[Q, G] scores (larger is better) on the host: for a handful of queries.
+
+  `query` [Q, D], `gallery` [G, D]; float32.
+  """
   q, g = prepare(query, similarity), prepare(gallery, similarity)
   dot = q @ g.T
   if similarity != "euclidean":
@@ -186,6 +192,8 @@ def search_blocks(query: ArrayLike, gallery: ArrayLike, k: int, *, exclude_self:
   per block (default: a [block, tile] score matrix of ~4M elements).
   Results come back as numpy; the next block is dispatched before the
   current one is pulled to the host, so host and device work overlap.
+
+  Scores float32, indices int64.
   """
   if similarity not in SIMILARITIES:
     raise ValueError(f"similarity={similarity!r}; choose from {SIMILARITIES}.")
@@ -257,7 +265,10 @@ def _fetch(start, result, num_q):
 
 def search(query: ArrayLike, gallery: ArrayLike, k: int, *, exclude_self: bool = False,
            similarity: str = "cosine", mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Exact top-k; see ``jaxdml.retrieval.search`` for the arguments."""
+  """Exact top-k; see ``jaxdml.retrieval.search`` for the arguments.
+
+  Returns `(scores float32 [Q, k], indices int64 [Q, k])`, best first.
+  """
   q_num = np.shape(query)[0]
   scores = np.empty((q_num, k), np.float32)
   indices = np.empty((q_num, k), np.int64)

@@ -133,6 +133,7 @@ class Index:
 
   @property
   def count(self) -> int:
+    """The number of rows N."""
     return len(self._indexed) + sum(len(block) for block in self._added)
 
   def __len__(self) -> int:
@@ -140,6 +141,7 @@ class Index:
 
   @property
   def dim(self) -> int:
+    """The embedding width D."""
     return self._indexed.shape[1]
 
   @property
@@ -234,7 +236,10 @@ class Index:
     least `threshold`, on the similarity's scale (cosine: -1 to 1, an exact
     duplicate ~1 give or take float rounding, so ask a little less; dot:
     the inner product; euclidean: minus the squared distance, so within
-    distance r is `threshold=-r**2`)."""
+    distance r is `threshold=-r**2`).
+
+    `queries` numeric [Q, D]; `Match` holds bool, int64 and float32 [Q] arrays.
+    """
     threshold = float(threshold)
     bounds = {"cosine": (-1.0, 1.0), "euclidean": (-np.inf, 0.0)}.get(self.similarity,
                                                                      (-np.inf, np.inf))
@@ -348,6 +353,7 @@ class Index:
 
 
 def check_options(similarity: str, backend: str) -> None:
+  """ValueError naming the choices unless `similarity` and `backend` are known."""
   if similarity not in exact.SIMILARITIES:
     raise ValueError(f"similarity={similarity!r}: expected one of {exact.SIMILARITIES}.")
   if backend not in BACKENDS:

@@ -100,6 +100,7 @@ class Folder:
                           f"another index's files: {self.rebuild}.")
 
   def has(self, name: str) -> bool:
+    """Whether the manifest lists the file `name`."""
     return name in self.manifest["files"]
 
   def file(self, name: str) -> str:
@@ -120,6 +121,7 @@ class Folder:
     return array
 
   def read_bytes(self, name: str) -> bytes:
+    """The contents of the listed file `name`."""
     with open(self.file(name), "rb") as f:
       return f.read()
 

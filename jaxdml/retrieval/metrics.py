@@ -227,7 +227,10 @@ def custom_values(custom_metrics: dict, **inputs: Any) -> dict:
 
 
 def nn_distances(queries: ArrayLike, nearest: ArrayLike) -> np.ndarray:
-  """Euclidean distances between L2-normalised rows and their neighbours' [Q]."""
+  """Euclidean distances between L2-normalised rows and their neighbours' [Q].
+
+  `queries`, `nearest` [Q, D]; float32 [Q].
+  """
   unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
   return np.linalg.norm(unit(np.asarray(queries, np.float32))
                         - unit(np.asarray(nearest, np.float32)), axis=1)

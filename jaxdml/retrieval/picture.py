@@ -20,6 +20,7 @@ QUERY_GAP = 16  # extra space between the query column and its results
 
 
 def frame_width(tile: int) -> int:
+  """Width in pixels of the coloured frame around a `tile`-pixel image."""
   return max(2, tile // 16)
 
 

@@ -245,6 +245,8 @@ def union_neighbors(query: ArrayLike, gallery: ArrayLike | None, depth: int,
   `gallery=None` for the same-set protocol. `search_kwargs` go to
   `retrieval.search` (backend, similarity, mesh, ...). Costs one search of
   Q + G queries over Q + G items.
+
+  `query` [Q, D], `gallery` [G, D] or None; int64 [Q + G, depth] ([Q, depth] for gallery=None).
   """
   from jaxdml import retrieval  # pylint: disable=g-import-not-at-top
   union = query if gallery is None else np.concatenate(

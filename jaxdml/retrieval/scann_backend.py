@@ -102,7 +102,10 @@ def resolve_config(num_gallery: int, k: int, similarity: str,
 
 def build_searcher(gallery: np.ndarray, k: int, *, similarity: str = "cosine",
                    config: Mapping[str, Any]) -> Any:
-  """Builds a ScaNN searcher over the (prepared) float32 gallery."""
+  """Builds a ScaNN searcher over the (prepared) float32 gallery.
+
+  `gallery` float32 [G, D].
+  """
   ops = _import_scann()
   measure = "squared_l2" if similarity == "euclidean" else "dot_product"
   builder = ops.builder(gallery, k, measure)
@@ -129,7 +132,10 @@ def drop_self(scores: np.ndarray, indices: np.ndarray,
               self_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Removes each row's self hit (index == ``self_index``, default the row
   number); rows without one lose the last column. The same rule as
-  AccuracyCalculator after a k+1 search."""
+  AccuracyCalculator after a k+1 search.
+
+  `scores` float32 and `indices` int [Q, k1], `self_index` int [Q]; both results [Q, k1 - 1].
+  """
   q, k1 = indices.shape
   self_index = np.arange(q) if self_index is None else np.asarray(self_index)
   is_self = indices == self_index[:, None]
@@ -142,6 +148,8 @@ def audit(searcher: Any, q: np.ndarray, g: np.ndarray, k: int, *, exclude_self: 
           similarity: str, config: Mapping[str, Any],
           labels: tuple[ArrayLike, ArrayLike] | None = None, seed: int = 0) -> dict[str, Any]:
   """Deepens the search until a sample of the queries meets the target.
+
+  `q` float32 [Q, D], `g` float32 [G, D].
 
   Args:
     searcher: a ScaNN tree searcher over ``g``.
@@ -227,6 +235,8 @@ def search(query: ArrayLike, gallery: ArrayLike, k: int, *, exclude_self: bool =
            ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
   """ScaNN top-k and its audit; see ``jaxdml.retrieval.search`` for the
   arguments, ``audit`` for ``labels``.
+
+  Scores float32 [Q, k], indices int64 [Q, k].
 
   Returns:
     ``(scores, indices, report)``: the ``scann/`` audit report is empty for

@@ -43,6 +43,7 @@ class Request:
 
   @property
   def needs_ranking(self) -> bool:
+    """Whether any metric reads the ranked neighbours, so a search is needed."""
     return bool(self.ranked or self.custom or self.nn_distance)
 
 
@@ -83,6 +84,8 @@ def request(metrics: Sequence[str], ks: Sequence[int], *, exclude: Sequence[str]
 
 def check_labels(name: str, embeddings: np.ndarray, labels: np.ndarray,
                  label_comparison_fn: Callable[..., Any] | None) -> None:
+  """ValueError unless `labels` has one row per embedding: [N], or [N, ...] with a
+  `label_comparison_fn`."""
   num = embeddings.shape[0]
   if label_comparison_fn is None and labels.shape != (num,):
     raise ValueError(f"{name}_labels must have shape [{num}] to match {name}_embeddings "
@@ -94,7 +97,10 @@ def check_labels(name: str, embeddings: np.ndarray, labels: np.ndarray,
 
 def depth(k: int | str | None, relevant_counts: np.ndarray, available: int) -> int:
   """AccuracyCalculator's `k` as a depth: None the whole gallery
-  (`available`), "max_bin_count" the largest R, or a positive int."""
+  (`available`), "max_bin_count" the largest R, or a positive int.
+
+  `relevant_counts` int [Q].
+  """
   if k is None:
     return available
   if isinstance(k, str) and k == "max_bin_count":
@@ -139,7 +145,10 @@ class Labelling:
     self.chunks = []
 
   def add(self, start: int, scores: np.ndarray, indices: np.ndarray) -> None:
-    """Scores a block of queries from their ranked neighbours [b, searched]."""
+    """Scores a block of queries from their ranked neighbours [b, searched].
+
+    Scores float32 and indices int64, [b, searched].
+    """
     end = start + indices.shape[0]
     req, d = self.req, self.depth
     hits = metrics_lib.relevance(self.query_labels[start:end], self.gallery_labels[indices],
@@ -159,7 +168,10 @@ class Labelling:
 
   def result(self, first_hit_ranks: np.ndarray | None = None) -> dict:
     """Averages (per class as asked); `first_hit_ranks`: every query's
-    first-hit rank at full depth, for `mrr` (`deep_first_hits`)."""
+    first-hit rank at full depth, for `mrr` (`deep_first_hits`).
+
+    `first_hit_ranks` int64 [Q], 1-based (0: none).
+    """
     names = self.chunks[0] if self.chunks else {}
     values = {name: np.concatenate([c[name] for c in self.chunks]) for name in names}
     if "mrr" in self.req.ranked:
@@ -173,7 +185,10 @@ class Labelling:
                       mesh: jax.sharding.Mesh | None) -> np.ndarray:
     """Each query's first-hit rank (0: none relevant): the searched columns'
     where they hold one; else, where the depth reaches past them, exact
-    search over the whole gallery for those queries only."""
+    search over the whole gallery for those queries only.
+
+    `query` [Q, D], `gallery` [G, D] float32; returns int64 [Q].
+    """
     first = self.first.copy()
     if searched >= self.depth:
       return first
