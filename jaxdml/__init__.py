@@ -13,9 +13,10 @@ Subpackages load when first used, so `import jaxdml` is cheap:
 `models` (encoders and weight import), `retrieval` (search, metrics,
 `Index`, re-ranking), `data` (input pipelines; the `data` extra),
 `config` (recipes and their checks), `build`, `objective`, `train` and
-`inference` (the trainer's parts), `evaluators`, `teacher`, `apps`
-(export, the image index) and `tools` (benchmarks). `extras` says which
-optional dependencies each extra brings.
+`inference` (the trainer's parts), `sharding` (meshes, and
+`on_any_mesh` for your own functions of arrays), `evaluators`, `teacher`,
+`apps` (export, the image index) and `tools` (benchmarks). `extras` says
+which optional dependencies each extra brings.
 """
 
 import importlib
@@ -23,8 +24,8 @@ import importlib
 __version__ = "0.1.0"
 
 __all__ = ["apps", "build", "config", "data", "evaluators", "extras", "inference", "losses",
-           "memory", "models", "objective", "recipes", "retrieval", "teacher", "tools", "train",
-           "__version__"]
+           "memory", "models", "objective", "recipes", "retrieval", "sharding", "teacher", "tools",
+           "train", "__version__"]
 
 # Before any storage client starts: STORAGE_EMULATOR_HOST sends every gs://
 # access to a local server (jaxdml.paths).
