@@ -527,7 +527,7 @@ def restrict(p: pairs.Pairs, mined: Mined) -> tuple[jax.Array, jax.Array, jax.Ar
   """`Pairs` p narrowed to a miner's selection, with its pair weights:
   (pos mask, neg mask, pos weights, neg weights).
 
-  `pos`, `neg` bool [B, R]; the weights float32 [B, R].
+  `pos`, `neg` bool [B, R]; the weights float [B, R].
   """
   if mined is None:
     return p.pos, p.neg, p.pos.astype(jnp.float32), p.neg.astype(jnp.float32)
