@@ -6,7 +6,7 @@ import pytest
 
 from jaxdml import retrieval, sharding
 from jaxdml.evaluators import retrieval as retrieval_evaluator
-from jaxdml.retrieval import rerank, reranking
+from jaxdml.retrieval import rerank, rerank_spec
 
 KS = (1, 2, 4)
 DEPTH = 30
@@ -141,15 +141,15 @@ def test_index_reranks_its_scann_lists():
 ])
 def test_bad_specs_are_one_clear_error(spec, match):
   with pytest.raises(ValueError, match=match):
-    reranking.check(spec)
+    rerank_spec.check(spec)
 
 
 def test_k_reciprocal_needs_a_distance_and_no_spec_is_no_reranking():
   with pytest.raises(ValueError, match="needs a distance: similarity 'dot'"):
-    reranking.check({"name": "k_reciprocal"}, "dot")
-  assert reranking.check(None) is None and reranking.check({}) is None
-  assert reranking.check({"name": "dba"}) == {"name": "dba", "k": 2, "alpha": 3.0,
-                                              "depth": reranking.DEPTH}
+    rerank_spec.check({"name": "k_reciprocal"}, "dot")
+  assert rerank_spec.check(None) is None and rerank_spec.check({}) is None
+  assert rerank_spec.check({"name": "dba"}) == {"name": "dba", "k": 2, "alpha": 3.0,
+                                              "depth": rerank_spec.DEPTH}
   x, labels = clustered(4)
   index = retrieval.Index.build(x, similarity="dot", backend="exact")
   with pytest.raises(ValueError, match="needs a distance"):

@@ -102,7 +102,7 @@ RETRIEVAL = {
     "backend": "exact", "similarity": "cosine", "scann_config": None,
     "batch_size": 256, "picture": True, "prefix": "",
     # None, or a re-ranking of the search's lists before scoring, e.g.
-    # {"name": "alpha_qe", "n": 2, "alpha": 3.0} (jaxdml.retrieval.reranking).
+    # {"name": "alpha_qe", "n": 2, "alpha": 3.0} (jaxdml.retrieval.rerank_spec).
     "rerank": None,
 }
 EVALUATOR_TYPES = {

@@ -9,7 +9,7 @@ Protocols (`protocol`; "auto" picks the data set's own):
   gallery tower on the gallery (plus `category/...` where sets have them).
 Scores come from `jaxdml.retrieval.evaluate` (any metric it knows, plus
 `nn_distance`), under `prefix`, of the search's lists re-ranked first where
-`rerank` names a method (`jaxdml.retrieval.reranking`); `picture` draws `workdir/NAME_STEP.png`:
+`rerank` names a method (`jaxdml.retrieval.rerank_spec`); `picture` draws `workdir/NAME_STEP.png`:
 evenly spaced queries and their top results.
 """
 
@@ -47,9 +47,9 @@ class Retrieval(Evaluator):
     self.ks = tuple(int(k) for k in s["ks"])
     self.backend, self.similarity = s["backend"], s["similarity"]
     self.scann_config = s["scann_config"]
-    from jaxdml.retrieval import reranking  # pylint: disable=g-import-not-at-top
+    from jaxdml.retrieval import rerank_spec  # pylint: disable=g-import-not-at-top
     try:
-      self.rerank = reranking.check(s["rerank"], self.similarity)
+      self.rerank = rerank_spec.check(s["rerank"], self.similarity)
     except ValueError as e:
       raise ValueError(f"config.evals.{name}.rerank: {e}") from None
     self.picture, self.prefix = bool(s["picture"]), s["prefix"]

@@ -29,7 +29,7 @@ from jaxdml.retrieval import clustering
 from jaxdml.retrieval import exact
 from jaxdml.retrieval import metrics as metrics_lib
 from jaxdml.retrieval import scann_backend
-from jaxdml.retrieval import reranking
+from jaxdml.retrieval import rerank_spec
 from jaxdml.retrieval import scoring
 from jaxdml.retrieval.index import Index
 from jaxdml.retrieval.metrics import count_relevant
@@ -245,7 +245,7 @@ def evaluate(query_embeddings: ArrayLike, query_labels: ArrayLike,
       one result per labelling. They read ``k`` deep, so ``k=None``
       ranks the whole gallery: pass ``k`` to bound it.
     kmeans_seed: the seed of the k-means of ``nmi`` and ``ami``.
-    rerank: None, or a re-ranking spec (``reranking.check``: ``{"name":
+    rerank: None, or a re-ranking spec (``rerank_spec.check``: ``{"name":
       "alpha_qe" | "dba" | "k_reciprocal", **hyperparameters, "depth":
       first-search candidates}``): the search fetches ``depth`` candidates
       (at least the depth the metrics read), the method reorders them and
@@ -267,7 +267,7 @@ def evaluate(query_embeddings: ArrayLike, query_labels: ArrayLike,
   req = scoring.request(metrics, ks, exclude=exclude, custom_metrics=custom_metrics,
                         avg_of_avgs=avg_of_avgs, return_per_class=return_per_class,
                         label_comparison_fn=label_comparison_fn)
-  rerank = reranking.check(rerank, similarity)
+  rerank = rerank_spec.check(rerank, similarity)
   if (gallery_embeddings is None) != (gallery_labels is None):
     raise ValueError("Pass gallery_embeddings and gallery_labels together, or "
                      "neither for the same-set protocol.")
@@ -351,19 +351,19 @@ def evaluate(query_embeddings: ArrayLike, query_labels: ArrayLike,
 
 def _reranked(spec, query, gallery, k, available, *, same_set, backend, similarity,
               scann_config, mesh, labels):
-  """`evaluate`'s blocks under re-ranking: one search `reranking.depth` deep
+  """`evaluate`'s blocks under re-ranking: one search `rerank_spec.depth` deep
   on `backend`, reordered by `spec`, cut to the `k` the metrics read, with
   the first search's top 1 beside (for `nn_distance`); and ScaNN's audit."""
   def search_fn(q, g, depth_, exclude_self):
     return search(q, g, depth_, exclude_self=exclude_self, backend=backend,
                   similarity=similarity, scann_config=scann_config, mesh=mesh)
   scores, idx, report = search_and_audit(
-      query, gallery, reranking.depth(spec, k, available), exclude_self=same_set,
+      query, gallery, rerank_spec.depth(spec, k, available), exclude_self=same_set,
       backend=backend, similarity=similarity, scann_config=scann_config, mesh=mesh,
       labels=labels)
   # One set (leave-one-out): k-reciprocal's graph has each item once. The
   # same items embedded another way (a teacher's gallery) are two sets.
   one_set = same_set and (gallery is query or np.array_equal(gallery, query))
-  reordered, order = reranking.apply(spec, query, gallery, idx, search=search_fn,
+  reordered, order = rerank_spec.apply(spec, query, gallery, idx, search=search_fn,
                                      same_set=one_set, similarity=similarity)
   return [(0, reordered[:, :k], order[:, :k], idx[:, 0])], report

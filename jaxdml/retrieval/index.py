@@ -53,7 +53,7 @@ from numpy.typing import ArrayLike
 from jaxdml.retrieval import exact
 from jaxdml.retrieval import index_files
 from jaxdml.retrieval import rerank as rerank_lib
-from jaxdml.retrieval import reranking
+from jaxdml.retrieval import rerank_spec
 from jaxdml.retrieval import scann_backend
 from jaxdml.retrieval.index_files import FORMAT, IndexFileError, check_replaceable
 
@@ -176,7 +176,7 @@ class Index:
     Args:
       queries: numeric [Q, D].
       k: 1 <= k <= count.
-      rerank: None, or a re-ranking spec (`reranking.check`, e.g.
+      rerank: None, or a re-ranking spec (`rerank_spec.check`, e.g.
         `{"name": "alpha_qe", "n": 2, "alpha": 3.0}`): the index is
         searched `depth` deep (default 100, at least k), the method
         reorders those candidates and the top k are returned, with the
@@ -193,17 +193,17 @@ class Index:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.count:
       raise ValueError(f"k={k!r}: ask for 1 to {self.count} neighbours (the index's size).")
     k = int(k)
-    spec = reranking.check(rerank, self.similarity)
+    spec = rerank_spec.check(rerank, self.similarity)
     if spec is None:
       scores, rows = self._search_rows(queries, k)
     else:
-      _, candidates = self._search_rows(queries, reranking.depth(spec, k, self.count))
+      _, candidates = self._search_rows(queries, rerank_spec.depth(spec, k, self.count))
       if spec["name"] == "dba":
         scores, rows = rerank_lib.rescore(queries, self._augmented(spec), candidates)
       else:
         exact_search = lambda q, g, depth, exclude_self: exact.search(
             q, g, depth, exclude_self=exclude_self, similarity=self.similarity)
-        scores, rows = reranking.apply(spec, queries, self.embeddings, candidates,
+        scores, rows = rerank_spec.apply(spec, queries, self.embeddings, candidates,
                                        search=exact_search, same_set=False,
                                        similarity=self.similarity)
       scores, rows = scores[:, :k], rows[:, :k]
