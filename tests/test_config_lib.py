@@ -58,6 +58,23 @@ def test_unknown_loss_in_a_term_names_the_term_and_the_registered_losses():
     config_lib.validate(config)
 
 
+def test_a_bad_reduction_is_refused_at_validation_naming_the_reducers():
+  def with_reduction(reduction):
+    config = load_config("sop_xbn.py")
+    config.loss = ml_collections.ConfigDict(dict(config.loss.to_dict(), reduction=reduction))
+    return config
+  with pytest.raises(ValueError, match=r"config.loss: reduction='avg_nonzeroo'.*avg_nonzero"):
+    config_lib.validate(with_reduction("avg_nonzeroo"))
+  with pytest.raises(ValueError, match="needs 'low' or 'high'"):
+    config_lib.validate(with_reduction(dict(name="threshold")))
+  config_lib.validate(with_reduction(dict(name="threshold", low=0.1)))
+  code = ("import sys, ml_collections; from jaxdml import config;"
+          "c = config.load_config('sop_xbn', 'smoke');"
+          "c.loss = ml_collections.ConfigDict(dict(c.loss.to_dict(), reduction=dict(name='threshold', low=0.1)));"
+          "config.validate(c); assert 'jax' not in sys.modules, 'validation imported jax'")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_teacher_kind_and_fields_are_checked_at_validation():
   config = load_config("cub_obdsd.py")
   config.teacher.kind = "ema"

@@ -196,6 +196,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         losses.check_name(name)
       except ValueError as e:
         raise ValueError(f"config.loss: {e}") from None
+    if as_dict(config.loss).get("reduction") is not None:
+      from jaxdml.losses import reducer_spec  # pylint: disable=g-import-not-at-top
+      try:
+        reducer_spec.parse(as_dict(config.loss)["reduction"])
+      except ValueError as e:
+        raise ValueError(f"config.loss: {e}") from None
   for term, settings in terms.items():
     try:
       losses.check_name(as_dict(settings).get("loss", term))

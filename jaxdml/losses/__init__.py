@@ -115,8 +115,8 @@ if TYPE_CHECKING:  # annotations only: the registry loads without JAX
 _SUBMODULES = ("average_precision", "contrastive", "distances", "distill",
                "dynamic_soft_margin", "koleo", "lifted", "listwise", "manifold", "margin",
                "margin_softmax", "miners", "multi_similarity", "obd_sd", "pairs", "proxies",
-               "reducers", "regularizers", "relative_triplet", "similarity_distributions",
-               "softmax_pairs", "triplet", "vicreg", "wrappers")
+               "reducer_spec", "reducers", "regularizers", "relative_triplet",
+               "similarity_distributions", "softmax_pairs", "triplet", "vicreg", "wrappers")
 # Loss wrappers (`jaxdml.losses.wrappers`): PML's SelfSupervisedLoss and MultipleLosses.
 _WRAPPERS = ("self_supervised", "multiple")
 

@@ -33,21 +33,18 @@ An "already_reduced" sub-loss is passed through by every reducer, as in PML.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-# What `reduction=` takes: a reducer's name, or a dict with it under "name".
-Reduction = Union[str, Mapping[str, Any]]
+# The spec's names and checks import no JAX, so a config is checked without it.
+from jaxdml.losses.reducer_spec import NAMES, Reduction, parse  # pylint: disable=unused-import
+
 # What a loss returns: the scalar loss and its diagnostics by name.
 LossAndAux = tuple[jax.Array, dict[str, jax.Array]]
 
 KINDS = ("element", "pos_pair", "neg_pair", "triplet", "already_reduced")
-NAMES = ("avg_nonzero", "class_weighted", "divisor", "do_nothing", "mean", "multiple",
-         "per_anchor", "per_anchor_sum", "sum", "threshold")
-_PARAMS = {"class_weighted": ("weights",), "threshold": ("low", "high"),
-           "per_anchor": ("reducer",), "multiple": ("reducers", "default")}
 
 
 class Term(NamedTuple):
@@ -57,30 +54,6 @@ class Term(NamedTuple):
   weight: jax.Array | None = None  # how many times each entry is listed (a miner's repeats)
   divisor: jax.Array | None = None  # DivisorReducer's divisor, where PML's loss gives one
   anchors: jax.Array | None = None  # int, losses' shape: the batch row whose label weighs it
-
-
-def parse(reduction: Reduction) -> dict:
-  """`reduction=` as a dict {"name": ..., **params}, checked; ValueError
-  naming the problem otherwise."""
-  spec = {"name": reduction} if isinstance(reduction, str) else dict(reduction or {})
-  name = spec.get("name")
-  if name not in NAMES:
-    raise ValueError(f"reduction={reduction!r}: unknown reducer {name!r}; use one of {NAMES} "
-                     "(a name, or a dict with the name under 'name' and its parameters).")
-  extra = sorted(set(spec) - {"name"} - set(_PARAMS.get(name, ())))
-  if extra:
-    raise ValueError(f"reduction={reduction!r}: {name!r} takes no {extra}; it takes "
-                     f"{list(_PARAMS.get(name, ()))}.")
-  if name == "threshold" and spec.get("low") is None and spec.get("high") is None:
-    raise ValueError(f"reduction={reduction!r}: a threshold reducer needs 'low' or 'high'.")
-  if name == "class_weighted" and spec.get("weights") is None:
-    raise ValueError(f"reduction={reduction!r}: class_weighted needs 'weights', one per class.")
-  if name == "per_anchor":
-    spec["reducer"] = parse(spec.get("reducer") or "mean")
-  if name == "multiple":
-    spec["reducers"] = {k: parse(v) for k, v in dict(spec.get("reducers") or {}).items()}
-    spec["default"] = parse(spec.get("default") or "mean")
-  return spec
 
 
 def _ratio(num, den):
