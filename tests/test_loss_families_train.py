@@ -118,7 +118,9 @@ def test_stateful_ranking_loss_with_parametric_random_and_pair_terms(tmp_path):
 
 @pytest.mark.parametrize("loss", [
     dict(name="vicreg"),
-    dict(name="self_supervised", loss=dict(name="ntxent", temperature=0.1)),
+    # The same two-view path with PML's wrapper (~15 s more), in the slow suite.
+    pytest.param(dict(name="self_supervised", loss=dict(name="ntxent", temperature=0.1)),
+                 marks=pytest.mark.slow),
 ], ids=lambda loss: loss["name"])
 def test_two_view_losses_train_on_two_views_of_each_image(loss):
   """With data.views = dict(num=2) each image of the batch comes as two

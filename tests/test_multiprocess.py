@@ -146,6 +146,7 @@ def test_two_processes_train_like_one_and_one_process_resumes(tmp_path):
   assert_params_close(params_at(pair, config, 4), params_at(single, config, 4))
 
 
+@pytest.mark.slow  # ~35 s; one process's SIGTERM is test_preemption's, in the fast suite
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   """A preempted host gets SIGTERM; its peer does not. JAX's preemption sync
   point makes both stop after the same step, save it together and exit 0."""
