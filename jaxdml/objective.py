@@ -32,7 +32,6 @@ Settings that cannot work together are a ValueError in `from_config`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 from typing import Any
 
@@ -90,14 +89,6 @@ class Term:
     return self.fn_with()
 
   @property
-  def miner_samples(self) -> bool:
-    """Whether its miner draws random numbers (`miners.SAMPLING`)."""
-    if self.miner is None:
-      return False
-    spec = {"name": self.miner} if isinstance(self.miner, str) else dict(self.miner)
-    return spec.get("name") in miners.SAMPLING
-
-  @property
   def loss_fn(self):
     """The loss without its miner (a wrapper built from its arguments)."""
     if self.name in WRAPPERS:
@@ -107,16 +98,7 @@ class Term:
   def fn_with(self, rng=None):
     """The loss, mining first with its miner; a sampling miner draws from `rng`."""
     fn = self.loss_fn
-    if self.miner is None:
-      return fn
-    miner = self.miner
-    if self.miner_samples:
-      spec = {"name": miner} if isinstance(miner, str) else dict(miner)
-      name = spec.pop("name")
-      if rng is None:
-        raise ValueError(f"miner {name!r} samples: the objective needs the step's rng.")
-      miner = functools.partial(miners.get(name), rng=rng, **spec)
-    return miners.with_miner(fn, miner)
+    return fn if self.miner is None else miners.with_miner(fn, self.miner, rng=rng)
 
   @property
   def call_hparams(self) -> dict:
@@ -125,7 +107,7 @@ class Term:
 
   def consumes(self) -> frozenset:
     """What it takes (keys of `losses.INPUTS`); "rng" also for a sampling miner."""
-    return self._consumes() | ({"rng"} if self.miner_samples else frozenset())
+    return self._consumes() | ({"rng"} if miners.samples(self.miner) else frozenset())
 
   def _consumes(self) -> frozenset:
     if self.name == "self_supervised":

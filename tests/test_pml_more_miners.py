@@ -509,3 +509,23 @@ def test_new_miners_jit_to_what_they_mine_eagerly():
   for eager, jitted in zip(mine_all(*args), jax.jit(mine_all)(*args)):
     for field in ("pos", "neg", "tpos", "tneg", "triplets"):
       np.testing.assert_array_equal(getattr(jitted, field), getattr(eager, field))
+
+
+def test_with_miner_binds_a_sampling_miners_key():
+  # A user's loop: with_miner(..., rng=) draws what the miner itself draws
+  # with that key; without a key it refuses, naming rng=.
+  rng = np.random.default_rng(3)
+  e = rng.normal(size=(16, 8)).astype(np.float32)
+  y = np.arange(16) % 4
+  key = jax.random.key(7)
+  contrastive = losses.get("contrastive")
+  mined = miners.distance_weighted(rng=key, embeddings=e, labels=y, cutoff=0.5)
+  want, _ = contrastive(embeddings=e, labels=y, mined=mined)
+  got, _ = miners.with_miner(contrastive, {"name": "distance_weighted", "cutoff": 0.5},
+                             rng=key)(embeddings=e, labels=y)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  other, _ = miners.with_miner(contrastive, "distance_weighted",
+                               rng=jax.random.key(8))(embeddings=e, labels=y)
+  assert float(other) != float(want)
+  with pytest.raises(ValueError, match="pass rng="):
+    miners.with_miner(contrastive, "distance_weighted")

@@ -539,21 +539,35 @@ def restrict(p: pairs.Pairs, mined: Mined) -> tuple[jax.Array, jax.Array, jax.Ar
   return pos_w > 0, neg_w > 0, pos_w, neg_w
 
 
+def spec_of(miner: str | Mapping[str, Any]) -> dict:
+  """A miner named or given as {"name": ..., **hparams}, as a new dict."""
+  return {"name": miner} if isinstance(miner, str) else dict(miner)
+
+
+def samples(miner: str | Mapping[str, Any] | Callable[..., Mined] | None) -> bool:
+  """Whether the named miner draws random numbers (SAMPLING): it needs an rng."""
+  return miner is not None and not callable(miner) and spec_of(miner).get("name") in SAMPLING
+
+
 def with_miner(loss_fn: Callable[..., Any],
-               miner: str | Mapping[str, Any] | Callable[..., Mined]) -> Callable[..., Any]:
+               miner: str | Mapping[str, Any] | Callable[..., Mined],
+               *, rng: jax.Array | None = None) -> Callable[..., Any]:
   """`loss_fn` mining each call's pairs first: `miner` is a name, a dict
   {"name": ..., **hparams} (config.loss.miner) or a function with the
   miners' arguments. The miner sees the loss's embeddings and reference
-  set, so it also works against a memory."""
+  set, so it also works against a memory. A miner that samples (SAMPLING)
+  draws from `rng`, a JAX key: a new one per call for new draws."""
   if callable(miner):
     spec, mine = {}, miner
   else:
-    spec = {"name": miner} if isinstance(miner, str) else dict(miner)
+    spec = spec_of(miner)
     name = spec.pop("name", None)
     mine = get(name)
     if name in SAMPLING:
-      raise ValueError(f"miner {name!r} samples and needs an rng; call "
-                       f"jaxdml.losses.miners.{name}(rng=...) and pass mined=.")
+      if rng is None:
+        raise ValueError(f"miner {name!r} samples and needs an rng: pass rng= (a JAX key), "
+                         f"or call jaxdml.losses.miners.{name}(rng=...) and pass mined=.")
+      spec["rng"] = rng
   refs = ("embeddings", "labels", "ref_embeddings", "ref_labels", "ref_valid", "ref_self_index")
 
   @sharding.on_any_mesh  # a miner function of the user's too
